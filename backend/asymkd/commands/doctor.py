@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import json
+
+from ..doctor import doctor_report
+
+HELP = "print Python, torch, CUDA, onnxruntime versions and devices as JSON"
+
+
+def add_arguments(parser) -> None:  # noqa: ARG001 - no options
+    pass
+
+
+def run(args, events) -> int:  # noqa: ARG001
+    report = doctor_report()
+    events.emit("doctor", report=report)
+    if args.events != "-":
+        print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,1 @@
+"""Datasets: patch folders, map chips, synthetic world, normalisation, splits, augmentation."""

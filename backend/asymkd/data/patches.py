@@ -1,0 +1,184 @@
+"""Patch sets held in memory: folder datasets (EuroSAT layout) and explicit pairs.
+
+A folder dataset is `root/<Class>/*.tif|tiff|jpg|jpeg|png`; a folder with images and no
+class subfolders is an unlabeled set (labels -1). Patches are small (EuroSAT: 64x64), so a
+set is one (N, C, H, W) float32 array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .bands import default_band_names, parse_band_names
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png"}
+UNLABELED = -1
+
+
+@dataclasses.dataclass
+class PatchSet:
+    """Images (N, C, H, W) float32 in the file's units, labels (N,) with -1 = unlabeled."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    band_names: list[str]
+    stems: list[str]
+    paths: list[str]
+    modality: str = "rgb"
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError("images must be (N, C, H, W) with one label per image")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_bands(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def labeled(self) -> np.ndarray:
+        return self.labels >= 0
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "PatchSet":
+        index = np.asarray(index, dtype=np.int64)
+        return dataclasses.replace(
+            self, images=self.images[index], labels=self.labels[index],
+            stems=[self.stems[i] for i in index], paths=[self.paths[i] for i in index])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
+        return {c: int(n) for c, n in zip(self.class_names, counts)}
+
+
+def read_image(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """One image as (C, H, W) float32 and its band descriptions if the file has them."""
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import rasterio
+            with rasterio.open(path) as src:
+                data = src.read().astype(np.float32)
+                names = list(src.descriptions) if all(src.descriptions) else None
+            return data, names
+        from PIL import Image
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+        return arr.transpose(2, 0, 1), None
+    except Exception as exc:  # rasterio, PIL and OS errors all mean "cannot read this file"
+        raise DataError(f"cannot read image {path}: {exc}",
+                        "remove or replace the corrupt file") from exc
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (file, label) items of a folder dataset; labels -1 when unlabeled."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist",
+                        "give a folder laid out as root/<Class>/<image files>")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = _images_in(root)
+    if not class_dirs:
+        if not loose:
+            raise DataError(f"dataset folder {root} has no class folders and no images",
+                            "lay it out as root/<Class>/<image files> (or images directly for an unlabeled set)")
+        return [], [(p, UNLABELED) for p in loose]
+    items: list[tuple[Path, int]] = []
+    empty = []
+    for label, d in enumerate(class_dirs):
+        files = _images_in(d)
+        if not files:
+            empty.append(d.name)
+        items += [(f, label) for f in files]
+    if empty:
+        raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}",
+                        f"add .tif/.jpg/.png images or remove the empty folder(s)")
+    return [d.name for d in class_dirs], items
+
+
+def load_folder(root: str | Path, modality: str, bands: str | list[str] | None = None,
+                class_names: list[str] | None = None, workers: int = 8) -> PatchSet:
+    """Read a folder dataset into memory.
+
+    `class_names`, when given, fixes the label order (e.g. the teacher's); folder classes
+    not in it are an error.
+    """
+    root = Path(root)
+    found, items = scan_folder(root)
+    names = list(found) if class_names is None else list(class_names)
+    remap = {}
+    for i, c in enumerate(found):
+        if c not in names:
+            raise DataError(f"class '{c}' in {root} is not one of the model's classes {names}",
+                            "use the same class folder names for every dataset of one run")
+        remap[i] = names.index(c)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        read = list(pool.map(lambda it: read_image(it[0]), items))
+    shapes = {r[0].shape for r in read}
+    if len(shapes) > 1:
+        by_shape: dict[tuple, Path] = {}
+        for (p, _), (arr, _) in zip(items, read):
+            by_shape.setdefault(arr.shape, p)
+        detail = "; ".join(f"{s} e.g. {p.name}" for s, p in by_shape.items())
+        raise DataError(f"images in {root} differ in band count or size: {detail}",
+                        "every patch of one dataset needs the same bands and size")
+    images = np.stack([r[0] for r in read])
+    file_names = read[0][1]
+    band_names = parse_band_names(bands, images.shape[1]) or file_names or default_band_names(images.shape[1])
+    labels = np.array([remap.get(lab, UNLABELED) if lab >= 0 else UNLABELED for _, lab in items])
+    return PatchSet(images=images, labels=labels, class_names=names, band_names=band_names,
+                    stems=[p.stem for p, _ in items], paths=[str(p) for p, _ in items],
+                    modality=modality)
+
+
+def require_classes(data: PatchSet, minimum: int = 2) -> None:
+    present = [c for c, n in data.class_counts().items() if n > 0]
+    if len(present) < minimum:
+        raise DataError(f"{data.modality} dataset has {len(present)} class(es) with labeled samples "
+                        f"({', '.join(present) or 'none'}); at least {minimum} are needed",
+                        "add class folders with images")
+
+
+def check_rgb_classes_in_ms(rgb: PatchSet, ms: PatchSet) -> None:
+    """Every labeled RGB class needs MS samples of that class (pairing is same-class)."""
+    ms_counts = ms.class_counts()
+    missing = [c for c, n in rgb.class_counts().items() if n > 0 and ms_counts.get(c, 0) == 0]
+    if missing:
+        raise DataError(f"RGB classes with no MS sample: {', '.join(missing)}",
+                        "add MS patches of these classes or drop them from the RGB set")
+
+
+def union_class_names(*roots: str | Path) -> list[str]:
+    """Sorted union of class folder names over datasets (one label space for a run)."""
+    names: set[str] = set()
+    for r in roots:
+        if r is not None:
+            names |= set(scan_folder(Path(r))[0])
+    return sorted(names)
+
+
+def match_pairs(ms: PatchSet, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
+    """Explicit same-target pairs: indices (ms_idx, rgb_idx) of files sharing a stem."""
+    rgb_by_stem = {s: i for i, s in enumerate(rgb.stems)}
+    pairs = [(i, rgb_by_stem[s]) for i, s in enumerate(ms.stems) if s in rgb_by_stem]
+    if not pairs:
+        raise DataError("no file stems shared between the MS and the paired RGB folders",
+                        "paired files must share a stem, e.g. ms/Forest/F_1.tif and rgb/Forest/F_1.jpg")
+    arr = np.array(pairs, dtype=np.int64)
+    return arr[:, 0], arr[:, 1]

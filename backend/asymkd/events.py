@@ -1,0 +1,126 @@
+"""JSON-lines event stream and terminal progress.
+
+Every long job reports through an `Events` object. With `--events FILE|-` each event is
+one JSON object per line (the protocol the QGIS plugin reads, see README); on a terminal a
+tqdm bar is shown as well. Events are flushed at once so a reader sees them live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from typing import Any, Iterable, Iterator, TextIO, TypeVar
+
+T = TypeVar("T")
+
+PROTOCOL_VERSION = 1
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy scalars/arrays and paths into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class Events:
+    """Emits events to an optional JSON-lines stream and an optional terminal bar."""
+
+    def __init__(self, stream: TextIO | None = None, progress_bars: bool | None = None,
+                 min_interval_s: float = 0.5):
+        self.stream = stream
+        if progress_bars is None:
+            progress_bars = sys.stderr.isatty()
+        self.progress_bars = progress_bars
+        self.min_interval_s = min_interval_s
+        self._last_progress: dict[str, float] = {}
+
+    # -- raw -------------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.stream is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **_jsonable(fields)}
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    # -- typed helpers ---------------------------------------------------------------
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+        if self.stream is not sys.stdout and level != "debug":
+            print(message, file=sys.stderr, flush=True)
+
+    def warning(self, message: str) -> None:
+        self.emit("warning", message=message)
+        if self.stream is not sys.stdout:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def metrics(self, step: str, metrics: dict[str, Any]) -> None:
+        self.emit("metrics", step=step, metrics=metrics)
+
+    def result(self, step: str, **paths: Any) -> None:
+        self.emit("result", step=step, paths={k: str(v) for k, v in paths.items()})
+
+    def error(self, message: str, kind: str = "error", hint: str | None = None) -> None:
+        self.emit("error", kind=kind, message=message, hint=hint)
+
+    def progress(self, step: str, done: int, total: int, started: float,
+                 unit: str = "it", force: bool = False, **extra: Any) -> None:
+        """Emit a progress event, throttled to one per `min_interval_s` per step."""
+        now = time.time()
+        if not force and done < total and now - self._last_progress.get(step, 0.0) < self.min_interval_s:
+            return
+        self._last_progress[step] = now
+        elapsed = max(now - started, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 and total else None
+        self.emit("progress", step=step, done=done, total=total,
+                  fraction=(done / total if total else 1.0), rate=round(rate, 3), unit=unit,
+                  elapsed_s=round(elapsed, 2), eta_s=(round(eta, 1) if eta is not None else None),
+                  **extra)
+
+    @contextlib.contextmanager
+    def step(self, name: str, **fields: Any) -> Iterator[None]:
+        """Bracket a job step with `step` started/finished (or failed) events."""
+        start = time.time()
+        self.emit("step", step=name, status="started", **fields)
+        try:
+            yield
+        except BaseException as exc:
+            self.emit("step", step=name, status="failed", error=str(exc) or type(exc).__name__,
+                      elapsed_s=round(time.time() - start, 2))
+            raise
+        self.emit("step", step=name, status="finished", elapsed_s=round(time.time() - start, 2))
+
+    def track(self, items: Iterable[T], total: int, step: str, unit: str = "it",
+              desc: str | None = None) -> Iterator[T]:
+        """Iterate with progress events and, on a terminal, a tqdm bar."""
+        start = time.time()
+        bar = None
+        if self.progress_bars:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc=desc or step, unit=unit, leave=False, file=sys.stderr)
+        done = 0
+        try:
+            for item in items:
+                yield item
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+                self.progress(step, done, total, start, unit=unit, force=done == total)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+NULL_EVENTS = Events(stream=None, progress_bars=False)

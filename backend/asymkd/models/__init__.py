@@ -1,0 +1,1 @@
+"""Models: timm backbones with feature maps, cross-modal attention, losses, model files."""
