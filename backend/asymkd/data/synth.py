@@ -1,0 +1,664 @@
+"""A synthetic Sentinel-2-like world for the 10 EuroSAT classes (the embedded default data).
+
+Every patch is built as surface reflectance from a few *materials* (each a 13-band spectral
+signature) laid out by a class-specific texture (field stripes, canopy blobs, road lines,
+building blocks, meandering rivers...), then passed through a simple atmosphere (gain,
+wavelength-dependent path radiance and haze) and the sensor (20 m / 60 m bands blurred, noise).
+
+The classes are built so that MS separates what RGB alone confuses: the four vegetation
+classes share one visible colour (they differ in red edge, NIR and SWIR) and water shares
+its visible colour with dark forest (they differ in NIR). Texture still gives RGB some signal.
+
+Outputs mirror ../shared/data/eurosat and ../shared/data/eurosat_map (see `make_world`).
+Every random draw comes from a generator seeded by (seed, set, class, index), so a world is
+byte-identical on rerun and a patch does not change when other counts change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from affine import Affine
+
+from ..errors import ConfigError, DataError
+from ..events import NULL_EVENTS, Events
+from .bands import SENTINEL2_EUROSAT, SENTINEL2_WAVELENGTH_NM, true_colour_indices
+
+CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+           "PermanentCrop", "Residential", "River", "SeaLake"]
+BAND_NAMES = list(SENTINEL2_EUROSAT)
+CRS = "EPSG:32632"
+GSD = 10.0
+RGB_MAX_DN = 2750.0  # EuroSAT JPEGs: 8-bit = DN * 255 / 2750 (fitted on the real pairs), clipped
+SCENE_ORIGIN = (500000.0, 5200000.0)
+MARKER = "world.json"
+
+# -- spectra ---------------------------------------------------------------------------
+# Surface reflectance per material, bands in wavelength order (B10 is the cirrus band: it
+# sees the atmosphere, not the ground, so it is 0 here and set by the atmosphere model).
+_WAVE_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
+               "B11", "B12"]
+_MATERIALS_BY_WAVE: dict[str, list[float]] = {
+    # vegetation: one visible colour, different red edge / NIR plateau / SWIR (water content)
+    "grass":     [.030, .040, .075, .050, .120, .300, .380, .400, .410, .400, 0, .200, .090],
+    "crop":      [.030, .040, .075, .050, .140, .350, .450, .490, .500, .480, 0, .240, .110],
+    "crop_row":  [.032, .042, .072, .056, .120, .220, .270, .290, .300, .300, 0, .310, .200],
+    "herb":      [.030, .040, .075, .050, .105, .210, .260, .280, .290, .285, 0, .310, .190],
+    "dry_herb":  [.034, .044, .078, .056, .115, .190, .225, .240, .250, .250, 0, .340, .230],
+    "orchard":   [.030, .040, .075, .050, .115, .260, .320, .340, .350, .340, 0, .270, .150],
+    "inter_row": [.034, .044, .074, .055, .125, .240, .280, .295, .305, .300, 0, .330, .210],
+    # dark group: forest and water look alike in RGB, not in NIR/SWIR
+    "forest":    [.020, .030, .045, .028, .075, .200, .260, .280, .290, .280, 0, .130, .055],
+    "water":     [.034, .035, .048, .030, .022, .014, .011, .009, .008, .006, 0, .004, .002],
+    "river":     [.038, .040, .054, .036, .030, .020, .015, .012, .011, .008, 0, .005, .003],
+    # built-up: flat spectra
+    "asphalt":   [.070, .075, .085, .095, .100, .105, .110, .115, .115, .115, 0, .130, .120],
+    "concrete":  [.160, .180, .200, .220, .230, .235, .240, .250, .250, .250, 0, .290, .260],
+    "roof_red":  [.050, .060, .080, .170, .210, .230, .250, .260, .265, .260, 0, .310, .260],
+    "roof_metal": [.220, .240, .260, .270, .275, .280, .285, .290, .290, .290, 0, .260, .220],
+    "soil":      [.080, .100, .130, .170, .190, .210, .230, .250, .260, .260, 0, .330, .270],
+}
+_TO_EUROSAT = [_WAVE_ORDER.index(b) for b in BAND_NAMES]
+MATERIALS: dict[str, np.ndarray] = {k: np.asarray(v, np.float64)[_TO_EUROSAT]
+                                    for k, v in _MATERIALS_BY_WAVE.items()}
+_WAVELENGTH = np.array([SENTINEL2_WAVELENGTH_NM[b] for b in BAND_NAMES], np.float64)
+# Top-of-atmosphere path radiance (Rayleigh-like, strongest in blue), as in L1C EuroSAT.
+_PATH = 0.055 * (490.0 / _WAVELENGTH) ** 3
+_B09, _B10 = BAND_NAMES.index("B09"), BAND_NAMES.index("B10")
+_BLUR = {BAND_NAMES.index(b): 2 for b in ("B05", "B06", "B07", "B8A", "B11", "B12")}  # 20 m
+_BLUR.update({BAND_NAMES.index(b): 6 for b in ("B01", "B09", "B10")})  # 60 m
+
+
+@dataclasses.dataclass(frozen=True)
+class Place:
+    """Acquisition conditions of a set of patches (MS and RGB come from different places)."""
+
+    gain: tuple[float, float]  # illumination (sun angle, slope) multiplies the surface
+    haze: tuple[float, float]  # extra path radiance, relative to the clear-sky path
+    noise: float  # sensor noise, reflectance units
+
+
+MS_PLACE = Place(gain=(0.93, 1.07), haze=(0.0, 0.3), noise=0.003)
+RGB_PLACE = Place(gain=(0.86, 1.14), haze=(0.1, 0.7), noise=0.004)
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """What `make_world` writes. Counts are per class unless said otherwise."""
+
+    seed: int = 0
+    size: int = 32
+    ms_per_class: int = 24
+    rgb_per_class: int = 40
+    test_per_class: int = 20
+    unlabeled_per_class: int = 10
+    paired: int = 30  # total number of MS patches also rendered as same-target RGB
+    classes: int | str = "all"  # "all" or the first N EuroSAT classes
+    overlap_cols: int = 1  # columns of MS-scene cells the RGB scene also covers
+
+    def class_names(self) -> list[str]:
+        if self.classes in ("all", None):
+            return list(CLASSES)
+        try:
+            n = int(self.classes)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--classes must be 'all' or a number, not {self.classes!r}") from None
+        if not 2 <= n <= len(CLASSES):
+            raise ConfigError(f"--classes {n} is out of range", f"use 2..{len(CLASSES)} or 'all'")
+        return CLASSES[:n]
+
+    def validate(self) -> None:
+        self.class_names()
+        if not 8 <= self.size <= 512:
+            raise ConfigError(f"--size {self.size} is out of range", "use 8..512 pixels (EuroSAT: 64)")
+        counts = {"--ms-per-class": self.ms_per_class, "--rgb-per-class": self.rgb_per_class,
+                  "--test-per-class": self.test_per_class}
+        for flag, n in counts.items():
+            if n < 1:
+                raise ConfigError(f"{flag} must be at least 1, not {n}")
+        if self.unlabeled_per_class < 0 or self.paired < 0 or self.overlap_cols < 0:
+            raise ConfigError("--unlabeled-per-class, --paired and overlap columns cannot be negative")
+
+
+# -- textures --------------------------------------------------------------------------
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    return yy, xx
+
+
+def smooth_noise(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """Gaussian-correlated noise (correlation length `scale` px), zero mean, unit std."""
+    white = rng.standard_normal((size, size))
+    f = np.fft.fftfreq(size)
+    k2 = f[:, None] ** 2 + f[None, :] ** 2
+    out = np.fft.ifft2(np.fft.fft2(white) * np.exp(-2.0 * (np.pi * scale) ** 2 * k2)).real
+    out -= out.mean()
+    return out / (out.std() + 1e-9)
+
+
+def _soft(x: np.ndarray, sharpness: float = 4.0) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-sharpness * x))
+
+
+def stripes(rng: np.random.Generator, size: int, period: float, duty: float = 0.5,
+            angle: float | None = None) -> np.ndarray:
+    """Parallel rows (crop rows, ploughing) as a soft 0/1 mask."""
+    yy, xx = _grid(size)
+    a = rng.uniform(0, np.pi) if angle is None else angle
+    s = (xx * np.cos(a) + yy * np.sin(a)) / period + rng.uniform(0, 1)
+    wave = np.cos(2 * np.pi * s)
+    return _soft(wave - np.cos(np.pi * duty), 6.0)
+
+
+def line_distance(rng: np.random.Generator, size: int, meander: float = 0.0) -> np.ndarray:
+    """Distance (px) to a line crossing the patch near its centre (meandering if `meander`)."""
+    yy, xx = _grid(size)
+    a = rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    along = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+    across = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+    if meander:
+        wavelength = rng.uniform(1.0, 2.0) * size
+        across = across - meander * np.sin(2 * np.pi * along / wavelength + rng.uniform(0, 2 * np.pi))
+    return np.abs(across)
+
+
+def band_mask(distance: np.ndarray, width: float) -> np.ndarray:
+    """Anti-aliased band of `width` px around a line (road, river)."""
+    return np.clip(width / 2 - distance + 0.5, 0.0, 1.0)
+
+
+def parcels(rng: np.random.Generator, size: int, cuts: int) -> np.ndarray:
+    """Integer parcel id per pixel from `cuts` straight field boundaries."""
+    yy, xx = _grid(size)
+    ids = np.zeros((size, size), np.int64)
+    for k in range(cuts):
+        a = rng.uniform(0, np.pi)
+        c = rng.uniform(0.2, 0.8, 2) * size
+        side = ((xx - c[0]) * np.cos(a) + (yy - c[1]) * np.sin(a)) > 0
+        ids += side.astype(np.int64) << k
+    return ids
+
+
+def rectangles(rng: np.random.Generator, size: int, count: int, lo: int, hi: int) -> Iterator[tuple[slice, slice]]:
+    for _ in range(count):
+        h, w = rng.integers(lo, hi + 1, 2)
+        y, x = rng.integers(0, max(1, size - h + 1)), rng.integers(0, max(1, size - w + 1))
+        yield slice(int(y), int(y + h)), slice(int(x), int(x + w))
+
+
+# -- composition -----------------------------------------------------------------------
+class Canvas:
+    """Surface reflectance (13, H, W) painted material by material."""
+
+    def __init__(self, rng: np.random.Generator, size: int):
+        self.rng = rng
+        self.size = size
+        self._sigs: dict[str, np.ndarray] = {}
+        self.cube = np.zeros((len(BAND_NAMES), size, size))
+
+    def sig(self, name: str) -> np.ndarray:
+        """The material's signature with this patch's natural variation (same inside a patch)."""
+        if name not in self._sigs:
+            overall = 1.0 + 0.06 * self.rng.standard_normal()
+            per_band = 1.0 + 0.025 * self.rng.standard_normal(len(BAND_NAMES))
+            self._sigs[name] = MATERIALS[name] * overall * per_band
+        return self._sigs[name]
+
+    def _layer(self, name: str, texture: np.ndarray | None, amp: float) -> np.ndarray:
+        sig = self.sig(name)[:, None, None]
+        if texture is None:
+            return np.broadcast_to(sig, self.cube.shape)
+        return sig * np.clip(1.0 + amp * texture, 0.2, 2.0)[None]
+
+    def fill(self, name: str, texture: np.ndarray | None = None, amp: float = 0.0) -> "Canvas":
+        self.cube = np.array(self._layer(name, texture, amp))
+        return self
+
+    def paint(self, name: str, mask: np.ndarray, texture: np.ndarray | None = None,
+              amp: float = 0.0) -> "Canvas":
+        m = np.clip(mask, 0.0, 1.0)[None]
+        self.cube = self.cube * (1.0 - m) + self._layer(name, texture, amp) * m
+        return self
+
+    def noise(self, scale: float) -> np.ndarray:
+        return smooth_noise(self.rng, self.size, scale)
+
+
+def _veg_background(c: Canvas, choices: tuple[str, ...]) -> None:
+    name = choices[int(c.rng.integers(0, len(choices)))]
+    c.fill(name, c.noise(c.rng.uniform(2, 5)), 0.08)
+
+
+def _annual_crop(c: Canvas) -> None:
+    ids = parcels(c.rng, c.size, int(c.rng.integers(1, 4)))
+    c.fill("crop", c.noise(4), 0.04)
+    for pid in np.unique(ids):
+        mask = (ids == pid).astype(np.float64)
+        rows = stripes(c.rng, c.size, c.rng.uniform(2.5, 6.0), c.rng.uniform(0.3, 0.6))
+        c.paint("crop_row", mask * rows * c.rng.uniform(0.3, 0.8))
+
+
+def _forest(c: Canvas) -> None:
+    c.fill("forest", c.noise(c.rng.uniform(0.8, 1.6)), 0.22)  # crowns and their shadows
+    if c.rng.random() < 0.3:  # a clearing
+        c.paint("grass", _soft(c.noise(5) - 1.2, 3.0))
+
+
+def _herbaceous(c: Canvas) -> None:
+    c.fill("herb", c.noise(c.rng.uniform(1.5, 4.0)), 0.10)
+    c.paint("dry_herb", _soft(c.noise(c.rng.uniform(2, 5)), 2.0) * 0.7)
+    c.paint("forest", _soft(c.noise(1.2) - 1.8, 4.0) * 0.6)  # shrubs
+
+
+def _highway(c: Canvas) -> None:
+    _veg_background(c, ("herb", "dry_herb", "crop_row"))
+    d = line_distance(c.rng, c.size)
+    width = c.rng.uniform(2.0, 4.0)
+    c.paint("concrete", band_mask(d, width + 2.0) * 0.4)  # shoulders
+    c.paint("asphalt", band_mask(d, width))
+    if c.rng.random() < 0.35:  # a side road
+        c.paint("asphalt", band_mask(line_distance(c.rng, c.size), c.rng.uniform(1.0, 2.0)))
+
+
+def _industrial(c: Canvas) -> None:
+    c.fill("concrete", c.noise(3), 0.1)
+    c.paint("asphalt", _soft(c.noise(4), 2.0))
+    for name in ("roof_metal", "concrete", "roof_metal", "asphalt", "roof_red"):
+        for ys, xs in rectangles(c.rng, c.size, int(c.rng.integers(1, 3)), c.size // 6, c.size // 2):
+            mask = np.zeros((c.size, c.size))
+            mask[ys, xs] = 1.0
+            c.paint(name, mask)
+    c.paint("grass", _soft(c.noise(2) - 1.5, 3.0) * 0.8)
+
+
+def _residential(c: Canvas) -> None:
+    c.fill("grass", c.noise(1.5), 0.12)
+    period = c.rng.uniform(6.0, 10.0)
+    angle = c.rng.uniform(0, np.pi / 2)
+    streets = np.maximum(stripes(c.rng, c.size, period, 0.22, angle),
+                         stripes(c.rng, c.size, period, 0.22, angle + np.pi / 2))
+    houses = _soft(c.noise(0.7) + 0.3, 4.0) * (1.0 - streets)
+    roof = "roof_red" if c.rng.random() < 0.6 else "concrete"
+    c.paint(roof, houses * 0.85)
+    c.paint("forest", _soft(c.noise(1.0) - 1.3, 4.0) * (1.0 - streets) * 0.8)  # garden trees
+    c.paint("asphalt", streets)
+
+
+def _pasture(c: Canvas) -> None:
+    c.fill("grass", c.noise(c.rng.uniform(3.0, 7.0)), 0.07)
+    if c.rng.random() < 0.4:  # a hedgerow along a field edge
+        c.paint("forest", band_mask(line_distance(c.rng, c.size), c.rng.uniform(1.0, 2.0)) * 0.8)
+    c.paint("herb", _soft(c.noise(3.0) - 1.0, 2.0) * 0.5)
+
+
+def _permanent_crop(c: Canvas) -> None:
+    c.fill("inter_row", c.noise(3), 0.05)
+    period = c.rng.uniform(2.5, 5.0)
+    angle = c.rng.uniform(0, np.pi)
+    rows = stripes(c.rng, c.size, period, c.rng.uniform(0.35, 0.6), angle)
+    trees = stripes(c.rng, c.size, period * c.rng.uniform(0.8, 1.5), 0.6, angle + np.pi / 2)
+    c.paint("orchard", rows * (0.5 + 0.5 * trees))
+
+
+def _river(c: Canvas) -> None:
+    _veg_background(c, ("grass", "forest"))
+    d = line_distance(c.rng, c.size, meander=c.rng.uniform(1.0, 0.12 * c.size))
+    c.paint("river", band_mask(d, c.rng.uniform(3.0, 0.25 * c.size)), c.noise(3), 0.06)
+
+
+def _sea_lake(c: Canvas) -> None:
+    c.fill("water", c.noise(c.rng.uniform(1.5, 5.0)), 0.10)  # waves, sediment, glint
+    if c.rng.random() < 0.3:  # a shore in one corner
+        yy, xx = _grid(c.size)
+        a = c.rng.uniform(0, 2 * np.pi)
+        d = (xx - c.size / 2) * np.cos(a) + (yy - c.size / 2) * np.sin(a) - c.rng.uniform(0.3, 0.45) * c.size
+        c.paint(["forest", "grass"][int(c.rng.integers(0, 2))], np.clip(d + 0.5 + 2 * c.noise(4), 0, 1))
+
+
+RENDERERS: dict[str, Callable[[Canvas], None]] = {
+    "AnnualCrop": _annual_crop, "Forest": _forest, "HerbaceousVegetation": _herbaceous,
+    "Highway": _highway, "Industrial": _industrial, "Pasture": _pasture,
+    "PermanentCrop": _permanent_crop, "Residential": _residential, "River": _river,
+    "SeaLake": _sea_lake,
+}
+
+
+def _box_blur(img: np.ndarray, width: int) -> np.ndarray:
+    """Separable box filter (a coarser band's pixel footprint), edges replicated."""
+    out = img
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (width // 2, width - 1 - width // 2)
+        p = np.pad(out, pad, mode="edge")
+        c = np.cumsum(p, axis=axis)
+        c = np.insert(c, 0, 0.0, axis=axis)
+        n = out.shape[axis]
+        out = (np.take(c, np.arange(width, width + n), axis=axis)
+               - np.take(c, np.arange(0, n), axis=axis)) / width
+    return out
+
+
+def render_patch(class_name: str, rng: np.random.Generator, size: int, place: Place) -> np.ndarray:
+    """One MS patch as uint16 DN (reflectance x 10000), shape (13, size, size)."""
+    canvas = Canvas(rng, size)
+    RENDERERS[class_name](canvas)
+    gain = rng.uniform(*place.gain)
+    haze = rng.uniform(*place.haze)
+    toa = canvas.cube * gain
+    toa[_B09] *= 0.35  # water-vapour absorption
+    toa += (_PATH * (1.0 + haze))[:, None, None]
+    toa[_B10] = 0.0008 + 0.0004 * haze + 0.0002 * smooth_noise(rng, size, 6)
+    for band, width in _BLUR.items():
+        toa[band] = _box_blur(toa[band], width)
+    toa += place.noise * rng.standard_normal(toa.shape)
+    return np.clip(np.rint(toa * 10000.0), 1, 65535).astype(np.uint16)
+
+
+def render_rgb(ms: np.ndarray, band_names: list[str] = BAND_NAMES) -> np.ndarray:
+    """8-bit true colour (3, H, W) from MS DN the way EuroSAT's JPEGs were made (B04/B03/B02
+    x 255/2750). Values are kept >= 1 so 0 stays free for nodata in scenes."""
+    r, g, b = true_colour_indices(band_names)
+    rgb = ms[[r, g, b]].astype(np.float64) * (255.0 / RGB_MAX_DN)
+    return np.clip(np.rint(rgb), 1, 255).astype(np.uint8)
+
+
+# -- a quick separability check --------------------------------------------------------
+def patch_mean_features(images: np.ndarray) -> np.ndarray:
+    """Per-band patch means (N, C) of (N, C, H, W) images."""
+    return images.reshape(images.shape[0], images.shape[1], -1).mean(-1)
+
+
+def nearest_mean_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                          test_y: np.ndarray) -> float:
+    """Nearest class mean on features standardised by the pooled within-class std."""
+    classes = np.unique(train_y)
+    means = np.stack([train_x[train_y == k].mean(0) for k in classes])
+    within = np.concatenate([train_x[train_y == k] - means[i] for i, k in enumerate(classes)])
+    scale = within.std(0) + 1e-9
+    d = (((test_x[:, None, :] - means[None]) / scale) ** 2).sum(-1)
+    return float((classes[d.argmin(1)] == test_y).mean())
+
+
+# -- writing ---------------------------------------------------------------------------
+_SET_CODES = {"ms": 1, "rgb_train": 2, "rgb_test": 3, "rgb_unlabeled": 4, "shuffle": 10}
+
+
+def _rng(seed: int, set_name: str, class_index: int = 0, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, _SET_CODES[set_name], class_index, index])
+
+
+@dataclasses.dataclass
+class _Patch:
+    class_name: str
+    stem: str
+    data: np.ndarray  # (13, H, W) uint16 for MS, (3, H, W) uint8 for RGB
+
+
+def _patches(cfg: SynthConfig, set_name: str, per_class: int, first_index: int,
+             place: Place) -> Iterator[_Patch]:
+    for name in cfg.class_names():
+        ci = CLASSES.index(name)
+        for i in range(per_class):
+            ms = render_patch(name, _rng(cfg.seed, set_name, ci, i), cfg.size, place)
+            data = ms if set_name == "ms" else render_rgb(ms)
+            yield _Patch(name, f"{name}_{first_index + i}", data)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).save(path, format="PNG", optimize=False)
+
+
+def _write_ms_tif(path: Path, ms: np.ndarray, transform) -> None:
+    import rasterio
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(driver="GTiff", dtype="uint16", count=ms.shape[0], width=ms.shape[2],
+                   height=ms.shape[1], crs=CRS, transform=transform, interleave="pixel")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(ms)
+        dst.descriptions = tuple(BAND_NAMES)
+
+
+@dataclasses.dataclass
+class _SceneGrid:
+    origin: tuple[float, float]
+    rows: int
+    cols: int
+    size: int
+
+    @property
+    def cell_m(self) -> float:
+        return self.size * GSD
+
+    def transform(self) -> Affine:
+        return Affine(GSD, 0.0, self.origin[0], 0.0, -GSD, self.origin[1])
+
+    def cell_transform(self, row: int, col: int) -> Affine:
+        return Affine(GSD, 0.0, self.origin[0] + col * self.cell_m, 0.0, -GSD,
+                      self.origin[1] - row * self.cell_m)
+
+    def cell_polygon_wkb(self, row: int, col: int) -> bytes:
+        import shapely
+        x0 = self.origin[0] + col * self.cell_m
+        y1 = self.origin[1] - row * self.cell_m
+        return shapely.to_wkb(shapely.box(x0, y1 - self.cell_m, x0 + self.cell_m, y1))
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        return (self.origin[0], self.origin[1] - self.rows * self.cell_m,
+                self.origin[0] + self.cols * self.cell_m, self.origin[1])
+
+
+def _square_grid(n: int) -> tuple[int, int]:
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    return int(np.ceil(n / cols)), cols
+
+
+def _write_scene(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Patch]) -> None:
+    """A tiled GeoTIFF scene written cell by cell (nodata 0 where no cell)."""
+    import rasterio
+    from rasterio.enums import ColorInterp
+    from rasterio.windows import Window
+    sample = next(iter(cells.values())).data
+    profile = dict(driver="GTiff", dtype=sample.dtype.name, count=sample.shape[0],
+                   width=grid.cols * grid.size, height=grid.rows * grid.size, crs=CRS,
+                   transform=grid.transform(), nodata=0, tiled=True, blockxsize=256,
+                   blockysize=256, compress="deflate", interleave="pixel")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        for (row, col), patch in sorted(cells.items()):
+            dst.write(patch.data, window=Window(col * grid.size, row * grid.size, grid.size, grid.size))
+        if sample.shape[0] == 3:
+            dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+        else:
+            dst.descriptions = tuple(BAND_NAMES)
+
+
+def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Patch]) -> None:
+    """One polygon per cell, fields class, source, row, col (layer `labels`), like eurosat_map."""
+    from pyogrio.raw import write
+    keys = sorted(cells)
+    geometry = np.array([grid.cell_polygon_wkb(r, c) for r, c in keys], dtype=object)
+    fields = [np.array([cells[k].class_name for k in keys], dtype=object),
+              np.array([cells[k].stem for k in keys], dtype=object),
+              np.array([k[0] for k in keys], dtype=np.int32),
+              np.array([k[1] for k in keys], dtype=np.int32)]
+    if path.exists():
+        path.unlink()
+    write(str(path), geometry, fields, ["class", "source", "row", "col"], layer="labels",
+          driver="GPKG", geometry_type="Polygon", crs=CRS)
+
+
+def _layout(patches: list[_Patch], rng: np.random.Generator, rows: int, cols: int,
+            skip: set[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], _Patch]:
+    """Patches placed in shuffled order over the free cells of a rows x cols grid."""
+    free = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in skip]
+    order = rng.permutation(len(patches))
+    return {free[k]: patches[int(i)] for k, i in enumerate(order)}
+
+
+def _prepare_out(out: Path) -> None:
+    """Replace a world written before; refuse to touch a folder that is not one."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DataError(f"{out} is not empty and is not a synthetic world",
+                            "choose a new or empty folder for --out")
+        for name in ("ms", "rgb_train", "rgb_test", "rgb_unlabeled", "rgb_paired", "map", MARKER):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
+               events: Events = NULL_EVENTS) -> dict[str, str]:
+    """Write the synthetic world under `out_dir`; return its paths (also in world.json).
+
+    Layout (as ../shared/data/eurosat and ../shared/data/eurosat_map):
+      ms/<Class>/<Class>_<i>.tif            13-band uint16 GeoTIFF, B01..B12,B8A, EPSG:32632, 10 m
+      rgb_paired/<Class>/<same stem>.png    the same target as an MS patch, true colour
+      rgb_train|rgb_test/<Class>/*.png      RGB of other places; rgb_unlabeled/*.png unlabeled
+      map/ms_scene.tif + ms_labels.gpkg     the MS patches as cells of a scene (nodata 0)
+      map/rgb_scene.tif + rgb_labels.gpkg   rgb_train cells, plus `overlap_cols` columns over
+                                            the MS scene showing the same targets (co-registered)
+      map/rgb_test_scene.tif + rgb_test_labels.gpkg   rgb_test cells, elsewhere
+    """
+    cfg = cfg or SynthConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    _prepare_out(out)
+    names = cfg.class_names()
+    import pyogrio
+    # GeoPackages carry a timestamp; pin it so a rerun writes the same bytes.
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00Z"})
+    sets: dict[str, list[_Patch]] = {}
+    with events.step("synth", out=str(out)):
+        plan = [("ms", cfg.ms_per_class, 0, MS_PLACE),
+                ("rgb_train", cfg.rgb_per_class, cfg.ms_per_class, RGB_PLACE),
+                ("rgb_test", cfg.test_per_class, cfg.ms_per_class + cfg.rgb_per_class, RGB_PLACE)]
+        total = len(names) * (cfg.ms_per_class + cfg.rgb_per_class + cfg.test_per_class
+                              + cfg.unlabeled_per_class)
+        progress = events.track(iter(range(total)), total, "synth", unit="patch")
+        for set_name, per_class, first, place in plan:
+            sets[set_name] = []
+            for patch in _patches(cfg, set_name, per_class, first, place):
+                sets[set_name].append(patch)
+                next(progress, None)
+        unlabeled = []
+        for i in range(len(names) * cfg.unlabeled_per_class):
+            name = names[i % len(names)]
+            ms = render_patch(name, _rng(cfg.seed, "rgb_unlabeled", CLASSES.index(name), i),
+                              cfg.size, RGB_PLACE)
+            unlabeled.append(_Patch(name, f"unlabeled_{i}", render_rgb(ms)))
+            next(progress, None)
+        for _ in progress:  # finish the progress stream
+            pass
+        paths = _write_all(out, cfg, names, sets, unlabeled)
+    events.result("synth", **paths)
+    return paths
+
+
+def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, list[_Patch]],
+               unlabeled: list[_Patch]) -> dict[str, str]:
+    ms_patches = sets["ms"]
+    rows, cols = _square_grid(len(ms_patches))
+    ms_grid = _SceneGrid(SCENE_ORIGIN, rows, cols, cfg.size)
+    ms_cells = _layout(ms_patches, _rng(cfg.seed, "shuffle", 0), rows, cols)
+    cell_of = {p.stem: rc for rc, p in ms_cells.items()}
+    # MS patches carry the georeference of their scene cell (the scene is made of them).
+    for p in ms_patches:
+        _write_ms_tif(out / "ms" / p.class_name / f"{p.stem}.tif", p.data,
+                      ms_grid.cell_transform(*cell_of[p.stem]))
+    for set_name in ("rgb_train", "rgb_test"):
+        for p in sets[set_name]:
+            _write_png(out / set_name / p.class_name / f"{p.stem}.png", p.data)
+    for p in unlabeled:
+        _write_png(out / "rgb_unlabeled" / f"{p.stem}.png", p.data)
+    paired = _paired_stems(ms_patches, names, cfg.paired)
+    for p in ms_patches:
+        if p.stem in paired:
+            _write_png(out / "rgb_paired" / p.class_name / f"{p.stem}.png", render_rgb(p.data))
+
+    # RGB scene: starts `overlap_cols` cell columns before the MS scene's right edge, same rows.
+    k = min(cfg.overlap_cols, cols)
+    rgb_cols = k + max(1, int(np.ceil(len(sets["rgb_train"]) / rows)))
+    rgb_grid = _SceneGrid((SCENE_ORIGIN[0] + (cols - k) * ms_grid.cell_m, SCENE_ORIGIN[1]),
+                          rows, rgb_cols, cfg.size)
+    overlap = {(r, c - (cols - k)): _Patch(p.class_name, p.stem, render_rgb(p.data))
+               for (r, c), p in ms_cells.items() if c >= cols - k}
+    rgb_cells = _layout(sets["rgb_train"], _rng(cfg.seed, "shuffle", 1), rows, rgb_cols,
+                        skip={(r, c) for r in range(rows) for c in range(k)})
+    rgb_cells.update(overlap)
+    t_rows, t_cols = _square_grid(len(sets["rgb_test"]))
+    test_origin = (SCENE_ORIGIN[0], ms_grid.bounds()[1] - 10 * ms_grid.cell_m)
+    test_grid = _SceneGrid(test_origin, t_rows, t_cols, cfg.size)
+    test_cells = _layout(sets["rgb_test"], _rng(cfg.seed, "shuffle", 2), t_rows, t_cols)
+
+    m = out / "map"
+    for stem, grid, cells in (("ms", ms_grid, ms_cells), ("rgb", rgb_grid, rgb_cells),
+                              ("rgb_test", test_grid, test_cells)):
+        _write_scene(m / f"{stem}_scene.tif", grid, cells)
+        _write_labels(m / f"{stem}_labels.gpkg", grid, cells)
+
+    paths = {"root": str(out), "ms": str(out / "ms"), "rgb_train": str(out / "rgb_train"),
+             "rgb_test": str(out / "rgb_test"), "rgb_unlabeled": str(out / "rgb_unlabeled"),
+             "rgb_paired": str(out / "rgb_paired"),
+             "ms_scene": str(m / "ms_scene.tif"), "ms_labels": str(m / "ms_labels.gpkg"),
+             "rgb_scene": str(m / "rgb_scene.tif"), "rgb_labels": str(m / "rgb_labels.gpkg"),
+             "rgb_test_scene": str(m / "rgb_test_scene.tif"),
+             "rgb_test_labels": str(m / "rgb_test_labels.gpkg"), "world": str(out / MARKER)}
+    if not unlabeled:
+        del paths["rgb_unlabeled"]
+    if not paired:
+        del paths["rgb_paired"]
+
+    def per_class(patches: list[_Patch]) -> dict[str, int]:
+        return {n: sum(p.class_name == n for p in patches) for n in names}
+
+    world = {
+        "generator": "asymkd synth", "config": dataclasses.asdict(cfg), "classes": names,
+        "band_names": BAND_NAMES, "crs": CRS, "gsd_m": GSD, "patch_size": cfg.size,
+        "rgb_scale": f"8-bit = DN * 255 / {RGB_MAX_DN:g} of B04, B03, B02",
+        "counts": {"ms": per_class(ms_patches), "rgb_train": per_class(sets["rgb_train"]),
+                   "rgb_test": per_class(sets["rgb_test"]), "rgb_unlabeled": len(unlabeled),
+                   "rgb_paired": len(paired)},
+        "map": {
+            "ms_scene": {"origin": ms_grid.origin, "rows": rows, "cols": cols, "cells": len(ms_cells)},
+            "rgb_scene": {"origin": rgb_grid.origin, "rows": rows, "cols": rgb_cols,
+                          "cells": len(rgb_cells), "overlap_cells": len(overlap),
+                          "overlap_bounds": _overlap_bounds(ms_grid, rgb_grid)},
+            "rgb_test_scene": {"origin": test_grid.origin, "rows": t_rows, "cols": t_cols,
+                               "cells": len(test_cells)},
+        },
+        "paths": {k: os.path.relpath(v, out) for k, v in paths.items()},
+    }
+    (out / MARKER).write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _paired_stems(ms_patches: list[_Patch], names: list[str], total: int) -> set[str]:
+    """`total` MS stems spread round-robin over the classes (first patches of each class)."""
+    by_class = {n: [p.stem for p in ms_patches if p.class_name == n] for n in names}
+    chosen: list[str] = []
+    depth = 0
+    while len(chosen) < total and depth < max(len(v) for v in by_class.values()):
+        for n in names:
+            if len(chosen) < total and depth < len(by_class[n]):
+                chosen.append(by_class[n][depth])
+        depth += 1
+    return set(chosen)
+
+
+def _overlap_bounds(a: _SceneGrid, b: _SceneGrid) -> list[float] | None:
+    ab, bb = a.bounds(), b.bounds()
+    box = [max(ab[0], bb[0]), max(ab[1], bb[1]), min(ab[2], bb[2]), min(ab[3], bb[3])]
+    return box if box[0] < box[2] and box[1] < box[3] else None
