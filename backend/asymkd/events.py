@@ -45,14 +45,28 @@ class Events:
         self.progress_bars = progress_bars
         self.min_interval_s = min_interval_s
         self._last_progress: dict[str, float] = {}
+        self.copies: list[TextIO] = []  # e.g. RUN/events.jsonl beside the user's stream
 
     # -- raw -------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
-        if self.stream is None:
+        targets = ([self.stream] if self.stream is not None else []) + self.copies
+        if not targets:
             return
         record = {"event": event, "time": round(time.time(), 3), **_jsonable(fields)}
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.stream.flush()
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        for target in targets:
+            target.write(line)
+            target.flush()
+
+    @contextlib.contextmanager
+    def copy_to(self, path: Any) -> Iterator[None]:
+        """Also append every event to `path` while the block runs."""
+        with open(path, "a", encoding="utf-8") as f:
+            self.copies.append(f)
+            try:
+                yield
+            finally:
+                self.copies.remove(f)
 
     # -- typed helpers ---------------------------------------------------------------
     def log(self, message: str, level: str = "info") -> None:

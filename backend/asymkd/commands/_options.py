@@ -1,0 +1,50 @@
+"""Options shared by the training commands, mapped onto config keys."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..config import merge, parse_set
+
+# flag dest -> dotted config key
+DATA_FLAGS = {"ms": "data.ms", "rgb": "data.rgb", "rgb_unlabeled": "data.rgb_unlabeled",
+              "rgb_paired": "data.rgb_paired", "rgb_test": "data.rgb_test", "bands": "data.bands",
+              "seed": "seed", "device": "device"}
+
+
+def add_run_options(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    p.add_argument("--run", required=run_required, metavar="DIR", help="run folder (created if missing)")
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="override config keys, e.g. --set distill.epochs=5 teacher.folds=0")
+    p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+
+
+def add_data_options(p: argparse.ArgumentParser, *names: str) -> None:
+    helps = {"ms": "MS folder dataset root/<Class>/*.tif", "rgb": "labeled RGB folder dataset",
+             "rgb_unlabeled": "folder of unlabeled RGB images", "rgb_paired":
+             "RGB images of the same targets as the MS set (same file stems)",
+             "rgb_test": "labeled RGB test folder", "bands": "MS band names: sentinel2 or B01,B02,..."}
+    for n in names:
+        p.add_argument("--" + n.replace("_", "-"), dest=n, help=helps[n])
+
+
+def overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """Config overrides from the flags that were given, then --set (which wins)."""
+    out: dict[str, Any] = {}
+    for dest, key in {**DATA_FLAGS, **flags}.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and dest in DATA_FLAGS and key.startswith("data.") and key != "data.bands":
+            value = str(Path(value).resolve())  # runs can be resumed from another folder
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return merge(out, parse_set(args.set))

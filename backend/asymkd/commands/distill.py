@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from ..pipeline import resolve_config, step_distill
+from ._options import add_data_options, add_run_options, overrides
+
+HELP = "distill the teacher into the RGB student (with optional baseline)"
+FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size": "distill.batch_size",
+         "lr": "distill.lr", "repair_every": "distill.repair_every", "w_feat": "distill.w_feat",
+         "w_pseudo": "distill.w_pseudo", "w_gt": "distill.w_gt", "pseudo": "distill.pseudo",
+         "temperature": "distill.temperature", "domain_loss": "distill.domain_loss",
+         "baseline": "distill.baseline"}
+
+
+def add_arguments(p) -> None:
+    add_run_options(p)
+    add_data_options(p, "ms", "bands", "rgb", "rgb_unlabeled", "rgb_test")
+    p.add_argument("--backbone", help="student timm model name (default resnet18_w32)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--repair-every", type=int, metavar="K", help="re-pair every K steps (0 = every epoch)")
+    p.add_argument("--w-feat", type=float, help="weight of the domain-shift (CORAL/MMD) term")
+    p.add_argument("--w-pseudo", type=float, help="weight of the teacher pseudo-label term")
+    p.add_argument("--w-gt", type=float, help="weight of the ground-truth term")
+    p.add_argument("--pseudo", choices=["kl", "ce"], help="pseudo-label term: KL at temperature or hard CE")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--domain-loss", choices=["coral", "mmd"])
+    p.add_argument("--baseline", action="store_true", default=None,
+                   help="also train the same student without distillation (default on)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false")
+
+
+def run(args, events) -> int:
+    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
+    results = step_distill(cfg, args.run, events, args.resume)
+    for name, m in results.items():
+        part = m.get("test") or m.get("val")
+        which = "test" if "test" in m else "validation"
+        print(f"{name}: {which} OA {part['overall_accuracy']:.4f}, macro-F1 {part['macro_f1']:.4f}")
+    print(f"report: {args.run}/report.html")
+    return 0

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from ..pipeline import resolve_config, step_matcher
+from ._options import add_data_options, add_run_options, overrides
+
+HELP = "train the MS/RGB matcher (contrastive, same-target positives)"
+FLAGS = {"epochs": "matcher.epochs", "positives": "matcher.positives", "embed_dim": "matcher.embed_dim"}
+
+
+def add_arguments(p) -> None:
+    add_run_options(p)
+    add_data_options(p, "ms", "bands", "rgb_paired")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--positives", choices=["auto", "pairs", "pseudo-rgb"],
+                   help="same-target positives: explicit pairs, or pseudo-RGB from MS bands")
+    p.add_argument("--embed-dim", type=int)
+
+
+def run(args, events) -> int:
+    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
+    metrics = step_matcher(cfg, args.run, events, args.resume)
+    s = metrics["summary"]
+    print(f"matcher written to {args.run}/matcher ({s['positives']}, {s['pairs']} positives, "
+          f"top-1 retrieval {s['retrieval_top1']:.3f})")
+    return 0

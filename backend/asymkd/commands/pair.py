@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from ..pipeline import resolve_config, step_pair
+from ._options import add_data_options, add_run_options, overrides
+
+HELP = "pair every RGB sample with an MS sample of its class"
+FLAGS = {"method": "pairing.method"}
+
+
+def add_arguments(p) -> None:
+    add_run_options(p)
+    add_data_options(p, "ms", "bands", "rgb", "rgb_unlabeled")
+    p.add_argument("--method", choices=["balanced", "nearest"],
+                   help="balanced (Sinkhorn, no hubs; default) or nearest neighbour")
+
+
+def run(args, events) -> int:
+    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
+    s = step_pair(cfg, args.run, events)
+    print(f"paired {s['rgb_samples']} RGB samples with MS samples: {args.run}/pairs/pairs.npz")
+    return 0

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import merge
+from ..pipeline import resolve_config, run_all
+from ._options import add_run_options, overrides
+
+HELP = "all steps from one config file (YAML or TOML)"
+
+
+def add_arguments(p) -> None:
+    add_run_options(p, run_required=False)
+    p.add_argument("--out", dest="out", metavar="DIR", help="run folder (same as --run)")
+    p.add_argument("--demo", action="store_true",
+                   help="the embedded default: generate the synthetic world and run every step on it")
+
+
+def run(args, events) -> int:
+    from ..errors import ConfigError
+    run_dir = Path(args.run or args.out or "")
+    if not (args.run or args.out):
+        raise ConfigError("no run folder given", "pass --out DIR (e.g. --out runs/demo)")
+    if not args.config and not args.demo and not (run_dir / "config.yaml").is_file():
+        raise ConfigError("nothing to run: give --config FILE, or --demo for the synthetic world")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with events.copy_to(run_dir / "events.jsonl"):
+        values = overrides(args, {})
+        if args.demo:
+            from ..demo import DEMO_CONFIG, demo_world
+            values = merge(merge(DEMO_CONFIG, {"data": demo_world(run_dir, events)}), values)
+        cfg = resolve_config(run_dir, args.config, values)
+        report = run_all(cfg, run_dir, events, resume=args.resume)
+        if args.demo:
+            from ..demo import demo_classify
+            demo_classify(run_dir, events)
+    print(f"report: {report.resolve()}")
+    return 0

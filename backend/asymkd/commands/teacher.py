@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from ..pipeline import resolve_config, step_teacher
+from ._options import add_data_options, add_run_options, overrides
+
+HELP = "train the MS teacher"
+FLAGS = {"backbone": "teacher.backbone", "epochs": "teacher.epochs", "batch_size": "teacher.batch_size",
+         "lr": "teacher.lr", "folds": "teacher.folds", "weights": "teacher.weights"}
+
+
+def add_arguments(p) -> None:
+    add_run_options(p)
+    add_data_options(p, "ms", "bands")
+    p.add_argument("--backbone", help="timm model name (default resnet18_w32)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--folds", type=int, help="out-of-fold teachers for soft labels (0 = none)")
+    p.add_argument("--weights", help="local backbone weights file to start from")
+
+
+def run(args, events) -> int:
+    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
+    metrics = step_teacher(cfg, args.run, events, args.resume)
+    acc = metrics["summary"].get("out_of_fold_accuracy")
+    print(f"teacher written to {args.run}/teacher" + (f" (out-of-fold accuracy {acc:.3f})" if acc is not None else ""))
+    return 0

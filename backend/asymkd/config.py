@@ -1,0 +1,236 @@
+"""Run configuration: dataclasses validated at the edge (config file, CLI flags, --set).
+
+A run's resolved config is written to RUN/config.yaml; later steps of the same run start
+from it, so `asymkd teacher` then `asymkd distill --run RUN` share data paths and seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    ms: str | None = None              # MS folder dataset root/<Class>/*.tif
+    rgb: str | None = None             # labeled RGB training folder
+    rgb_unlabeled: str | None = None   # RGB images without class folders (pseudo-labels only)
+    rgb_paired: str | None = None      # RGB of the same targets as `ms` (same file stems)
+    rgb_test: str | None = None        # held-out labeled RGB test folder
+    bands: str | None = None           # MS band names: preset (sentinel2) or comma list
+    val_fraction: float = 0.15         # stratified, seeded validation split of labeled RGB
+    rgb_limit_per_class: int = 0       # use at most N labeled RGB per class (0 = all)
+
+
+@dataclass
+class TeacherConfig:
+    backbone: str = "resnet18_w32"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    folds: int = 5                     # out-of-fold soft labels (0 or 1 = in-sample)
+    weights: str | None = None         # local backbone weights to start from
+
+
+@dataclass
+class MatcherConfig:
+    backbone_ms: str = "resnet18_w16"
+    backbone_rgb: str = "resnet18_w16"
+    embed_dim: int = 64
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    temperature: float = 0.1
+    positives: Literal["auto", "pairs", "pseudo-rgb"] = "auto"
+
+
+@dataclass
+class PairingConfig:
+    method: Literal["balanced", "nearest"] = "balanced"
+    sinkhorn_iters: int = 50
+    epsilon: float = 0.05
+
+
+@dataclass
+class DistillConfig:
+    backbone: str = "resnet18_w32"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    w_feat: float = 0.05               # domain-shift (CORAL/MMD) on attention-aligned features
+    w_pseudo: float = 1.0              # teacher pseudo-label term
+    w_gt: float = 1.0                  # ground-truth CE for labeled RGB
+    pseudo: Literal["kl", "ce"] = "kl"
+    temperature: float = 3.0
+    domain_loss: Literal["coral", "mmd"] = "coral"
+    attention_dim: int = 64
+    attention_heads: int = 4
+    repair_every: int = 0              # re-pair every K steps (0 = once per epoch quarter)
+    trust: bool = True                 # weight pseudo-labels by teacher confidence/agreement
+    baseline: bool = True              # also train the same student without distillation
+    label_smoothing: float = 0.0
+    weights: str | None = None
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: bool = True                   # mixed precision on CUDA
+    checkpoint_every: int = 1          # epochs between resumable checkpoints
+    workers: int = 0                   # torch threads (0 = torch default)
+
+
+SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "matcher": MatcherConfig,
+            "pairing": PairingConfig, "distill": DistillConfig}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check and convert one value to its field type (strings from --set included)."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, not {value!r}")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, not {value!r}") from None
+    return value
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{where}{key}'", hint)
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise _unknown(key, names, where)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' must be a section (a mapping of keys)")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    checks = [
+        (0 < cfg.data.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)"),
+        (cfg.teacher.epochs >= 1 and cfg.distill.epochs >= 1 and cfg.matcher.epochs >= 0,
+         "epochs must be >= 1 (matcher.epochs >= 0)"),
+        (min(cfg.teacher.batch_size, cfg.distill.batch_size, cfg.matcher.batch_size) >= 2,
+         "batch_size must be >= 2"),
+        (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),
+        (min(cfg.distill.w_feat, cfg.distill.w_pseudo, cfg.distill.w_gt) >= 0, "loss weights must be >= 0"),
+        (cfg.distill.temperature > 0 and cfg.matcher.temperature > 0, "temperatures must be > 0"),
+        (cfg.distill.repair_every >= 0, "distill.repair_every must be >= 0"),
+        (cfg.teacher.folds == 0 or cfg.teacher.folds >= 2, "teacher.folds must be 0 or >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
+    return cfg
+
+
+def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    cfg = from_plain(to_dict(base)) if base is not None else RunConfig()  # a deep copy
+    _apply(cfg, values or {}, "")
+    return validate(cfg)
+
+
+def from_plain(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, values, "")
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return values
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set distill.w_feat=0.1 seed=3` -> nested dict (values stay strings; coerced later)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}", "e.g. --set distill.epochs=5")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

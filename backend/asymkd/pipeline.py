@@ -1,0 +1,221 @@
+"""The job steps as the CLI, the QGIS plugin, Processing and the demo run them.
+
+Each step reads the run's resolved config (RUN/config.yaml), writes its own folder, and can
+be resumed: a finished step (its metrics.json exists) is skipped by `run --resume`, a step
+killed mid-way continues from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config as config_mod
+from .config import RunConfig
+from .data.patches import PatchSet, load_folder, require_classes, scan_folder
+from .errors import DataError
+from .events import NULL_EVENTS, Events
+
+CONFIG_FILE = "config.yaml"
+STEPS = ("teacher", "matcher", "pair", "distill")
+
+
+# -- configuration -------------------------------------------------------------------
+def resolve_config(run_dir: Path, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None, write: bool = True) -> RunConfig:
+    """Defaults <- RUN/config.yaml <- config file <- CLI overrides; written back to the run."""
+    run_dir = Path(run_dir)
+    existing = run_dir / CONFIG_FILE
+    base = config_mod.from_dict(config_mod.read_file(existing)) if existing.is_file() else None
+    values = config_mod.read_file(config_file) if config_file else {}
+    cfg = config_mod.from_dict(config_mod.merge(values, overrides or {}), base)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from .models.files import atomic_write_text
+        atomic_write_text(existing, config_mod.dump(cfg))
+    return cfg
+
+
+def _need(value: str | None, what: str, flag: str) -> str:
+    if not value:
+        raise DataError(f"no {what} given", f"pass {flag} DIR (or set it in the config file)")
+    return value
+
+
+# -- data ----------------------------------------------------------------------------
+def load_ms(cfg: RunConfig) -> PatchSet:
+    ms = load_folder(_need(cfg.data.ms, "MS dataset", "--ms"), "ms", bands=cfg.data.bands)
+    if not ms.labeled.all():
+        raise DataError(f"the MS dataset {cfg.data.ms} has no class folders",
+                        "the teacher needs labeled MS patches: root/<Class>/*.tif")
+    require_classes(ms)
+    if ms.num_bands <= 3:
+        raise DataError(f"the MS dataset has {ms.num_bands} bands; a multispectral teacher needs more than 3",
+                        "point --ms to the multispectral patches (e.g. 13 Sentinel-2 bands)")
+    return ms
+
+
+def check_rgb_classes(rgb_root: str, class_names: list[str]) -> None:
+    """Every RGB class needs MS samples of that class (pairing is same-class)."""
+    rgb_classes, _ = scan_folder(Path(rgb_root))
+    missing = [c for c in rgb_classes if c not in class_names]
+    if missing:
+        raise DataError(f"RGB classes with no MS sample: {', '.join(missing)} (MS classes: {', '.join(class_names)})",
+                        "add MS patches of these classes, or remove these class folders from the RGB set")
+
+
+def _limit_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels[labels >= 0]):
+        idx = np.flatnonzero(labels == c)
+        keep.append(np.sort(rng.choice(idx, size=min(limit, len(idx)), replace=False)))
+    return np.sort(np.concatenate(keep))
+
+
+def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
+    """Labeled RGB (optionally at most N per class) followed by unlabeled RGB, one set."""
+    parts: list[PatchSet] = []
+    if cfg.data.rgb:
+        check_rgb_classes(cfg.data.rgb, class_names)
+        rgb = load_folder(cfg.data.rgb, "rgb", class_names=class_names)
+        if rgb.num_bands != 3:
+            raise DataError(f"RGB dataset {cfg.data.rgb} has {rgb.num_bands} bands, not 3")
+        if cfg.data.rgb_limit_per_class > 0:
+            rgb = rgb.subset(_limit_per_class(rgb.labels, cfg.data.rgb_limit_per_class, cfg.seed))
+        parts.append(rgb)
+    if cfg.data.rgb_unlabeled:
+        unl = load_folder(cfg.data.rgb_unlabeled, "rgb", class_names=class_names)
+        unl.labels[:] = -1  # a labeled folder given as unlabeled is used without its labels
+        parts.append(unl)
+    if not parts:
+        raise DataError("no RGB training data given", "pass --rgb DIR (labeled) and/or --rgb-unlabeled DIR")
+    if len(parts) == 1:
+        return parts[0]
+    a, b = parts
+    if a.images.shape[1:] != b.images.shape[1:]:
+        raise DataError(f"labeled and unlabeled RGB patches differ in shape: {a.images.shape[1:]} vs {b.images.shape[1:]}")
+    return PatchSet(images=np.concatenate([a.images, b.images]), labels=np.concatenate([a.labels, b.labels]),
+                    class_names=class_names, band_names=a.band_names, stems=a.stems + b.stems,
+                    paths=a.paths + b.paths, modality="rgb")
+
+
+def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
+    if not cfg.data.rgb_test:
+        return None
+    check_rgb_classes(cfg.data.rgb_test, class_names)
+    return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names)
+
+
+def teacher_classes(run_dir: Path) -> list[str]:
+    from .models.files import read_meta
+    return read_meta(Path(run_dir) / "teacher")["class_names"]
+
+
+# -- steps ---------------------------------------------------------------------------
+def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
+    from .train.teacher import train_teacher
+    with events.step("teacher"):
+        ms = load_ms(cfg)
+        events.log(f"teacher: {len(ms)} MS patches, {ms.num_bands} bands, classes {ms.class_counts()}")
+        metrics = train_teacher(cfg, ms, Path(run_dir) / "teacher", events, resume)
+        events.result("teacher", model=Path(run_dir) / "teacher")
+    return metrics
+
+
+def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
+    from .train.matcher import train_matcher
+    with events.step("matcher"):
+        ms = load_ms(cfg)
+        paired = load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names) if cfg.data.rgb_paired else None
+        metrics = train_matcher(cfg, ms, paired, Path(run_dir) / "matcher", events, resume)
+        events.result("matcher", model=Path(run_dir) / "matcher")
+    return metrics
+
+
+def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
+    import torch
+
+    from .models.files import atomic_write_text
+    from .train import common
+    from .train.matcher import embed, load_matcher
+    from .train.pairing import assign_pairs, pairing_stats
+    run_dir = Path(run_dir)
+    with events.step("pair"):
+        ms = load_ms(cfg)
+        rgb = load_rgb_train(cfg, ms.class_names)
+        model, meta = load_matcher(run_dir / "matcher")
+        device = common.resolve_device(cfg.device)
+        model = model.to(device)
+        z_ms = embed(model.ms, common.normalize(ms.images, meta["ms_mean"], meta["ms_std"]), device)
+        rgb_mean, rgb_std = common.band_stats(rgb.images)  # each RGB set standardised on itself
+        z_rgb = embed(model.rgb, common.normalize(rgb.images, rgb_mean, rgb_std), device)
+        sim = (z_rgb @ z_ms.T).numpy()
+        assign = assign_pairs(sim, rgb.labels, ms.labels, method=cfg.pairing.method,
+                              sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
+        out = run_dir / "pairs"
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "pairs.npz", ms_index=assign, rgb_stems=np.array(rgb.stems),
+                 score=sim[np.arange(len(assign)), assign])
+        stats = pairing_stats(assign, ms.labels)
+        unl = rgb.labels < 0
+        summary = {"rgb_samples": len(rgb), "unlabeled": int(unl.sum()), "ms_samples": len(ms),
+                   "method": cfg.pairing.method, **stats}
+        atomic_write_text(out / "metrics.json", json.dumps({"step": "pairs", "summary": summary}, indent=2))
+        events.metrics("pair", summary)
+        events.result("pair", pairs=out / "pairs.npz")
+    return summary
+
+
+def load_pairs(run_dir: Path, rgb: PatchSet) -> np.ndarray:
+    path = Path(run_dir) / "pairs" / "pairs.npz"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist", "run `asymkd pair --run RUN` first")
+    data = np.load(path)
+    if list(data["rgb_stems"]) != rgb.stems:
+        raise DataError("the RGB training set differs from the one that was paired",
+                        "run `asymkd pair` again with the same RGB folders")
+    return data["ms_index"]
+
+
+def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False,
+                 skip_done: bool = False) -> dict:
+    from .report import write_report
+    from .train.distill import train_student
+    run_dir = Path(run_dir)
+    ms = load_ms(cfg)
+    rgb = load_rgb_train(cfg, ms.class_names)
+    test = load_rgb_test(cfg, ms.class_names)
+    results = {}
+    if not (skip_done and (run_dir / "student" / "metrics.json").is_file()):
+        with events.step("distill"):
+            pairs = load_pairs(run_dir, rgb)
+            results["student"] = train_student(cfg, rgb, run_dir / "student", baseline=False,
+                                               teacher_dir=run_dir / "teacher", ms=ms, pairs=pairs,
+                                               rgb_test=test, events=events, resume=resume)
+            events.result("distill", model=run_dir / "student")
+    if cfg.distill.baseline and not (skip_done and (run_dir / "baseline" / "metrics.json").is_file()):
+        with events.step("baseline"):
+            results["baseline"] = train_student(cfg, rgb, run_dir / "baseline", baseline=True,
+                                                rgb_test=test, events=events, resume=resume)
+            events.result("baseline", model=run_dir / "baseline")
+    report = write_report(run_dir)
+    events.result("report", report=report)
+    return results
+
+
+def run_all(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> Path:
+    """teacher -> matcher -> pair -> distill (+ baseline) -> report."""
+    run_dir = Path(run_dir)
+    done = lambda step: resume and (run_dir / step / "metrics.json").is_file()  # noqa: E731
+    if not done("teacher"):
+        step_teacher(cfg, run_dir, events, resume)
+    if not done("matcher"):
+        step_matcher(cfg, run_dir, events, resume)
+    if not done("pairs"):
+        step_pair(cfg, run_dir, events)
+    step_distill(cfg, run_dir, events, resume, skip_done=resume)
+    return run_dir / "report.html"

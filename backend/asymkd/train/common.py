@@ -1,0 +1,188 @@
+"""Shared training pieces: device, seeding, normalisation, splits, augmentation, batches,
+optimisers, and resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelFileError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available",
+                          "use --device cpu, or install the CUDA build of torch on a machine with an NVIDIA GPU")
+    return torch.device(name)
+
+
+def generator(seed: int) -> torch.Generator:
+    """One seeded CPU generator drives shuffling and augmentation (saved in checkpoints)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def band_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-band mean and std over a training set (N, C, H, W); std floored for flat bands."""
+    x = images.astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    std = np.maximum(x.std(axis=(0, 2, 3)), 1e-3 * np.maximum(np.abs(mean), 1.0))
+    return mean.tolist(), std.tolist()
+
+
+def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    x = torch.as_tensor(images, dtype=torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of labeled samples; unlabeled (-1) all go to training."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        if c < 0:
+            train.append(idx)
+            continue
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(train), cat(val)
+
+
+def kfold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Stratified k folds (held-out index arrays)."""
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in range(folds)]
+    offset = 0
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        for i, j in enumerate(idx):
+            out[(i + offset) % folds].append(int(j))
+        offset += len(idx)
+    return [np.sort(np.array(f, dtype=np.int64)) for f in out]
+
+
+def dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random rotation by k*90 degrees and flip per sample (scenes have no 'up')."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=gen)
+    out = x.clone()
+    for code in range(1, 8):
+        sel = (k == code).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        v = x[sel]
+        if code >= 4:
+            v = v.flip(-1)
+        out[sel] = torch.rot90(v, code % 4, dims=(-2, -1))
+    return out
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
+    """Index batches; the last short batch is merged into the previous one (no size-1 batch)."""
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    parts = list(order.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) < max(2, batch_size // 2):
+        parts[-2] = torch.cat([parts[-2], parts.pop()])
+    return parts
+
+
+def optimizer_and_schedule(params, lr: float, weight_decay: float, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1),
+                                                pct_start=0.15, anneal_strategy="cos")
+    return opt, sched
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Checkpoint:
+    """Resumable training state in one file, written atomically each epoch and loaded with
+    `weights_only=True` (tensors, numbers, strings, lists, dicts only)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, epoch: int, modules: dict[str, Any], gen: torch.Generator,
+             extra: dict[str, Any] | None = None) -> None:
+        state = {"epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "modules": {k: v.state_dict() for k, v in modules.items()}, "extra": extra or {}}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, modules: dict[str, Any], gen: torch.Generator) -> tuple[int, dict[str, Any]]:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            for k, v in modules.items():
+                v.load_state_dict(state["modules"][k])
+        except Exception as exc:
+            raise ModelFileError(f"cannot resume from {self.path}: {exc}",
+                                 "delete the checkpoint to start this step afresh") from exc
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["epoch"]), state["extra"]
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def iterate_eval(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256,
+                   amp: bool = True, tta: bool = False) -> torch.Tensor:
+    """Logits (or TTA-averaged log-probs when tta) for normalised inputs, on the CPU."""
+    model.eval()
+    outs = []
+    for xb in iterate_eval(x, batch_size):
+        xb = xb.to(device)
+        with autocast(device, amp):
+            if tta:
+                views = [torch.rot90(xb.flip(-1) if f else xb, k, dims=(-2, -1)) for f in (0, 1) for k in range(4)]
+                p = torch.stack([model(v).float().softmax(-1) for v in views]).mean(0)
+                outs.append(p.clamp_min(1e-8).log().cpu())
+            else:
+                outs.append(model(xb).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    labels = torch.as_tensor(labels)
+    if len(labels) == 0:
+        return float("nan")
+    return float((logits.argmax(-1) == labels).float().mean())

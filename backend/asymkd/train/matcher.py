@@ -1,0 +1,150 @@
+"""Step 2: the matcher, two encoders (MS, RGB) with projection heads trained with InfoNCE.
+
+Positives are one RGB and one MS image of the same target: explicit pairs (files sharing a
+stem) or, when there are none, a pseudo-RGB rendered from the MS true-colour bands (chosen
+from band metadata). Negatives are pairs of different classes; same-class non-targets are
+masked out, since they may look alike for good reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import RunConfig
+from ..data.bands import true_colour_indices
+from ..data.patches import PatchSet, match_pairs
+from ..errors import DataError, ModelFileError
+from ..events import NULL_EVENTS, Events
+from ..models.losses import masked_info_nce
+from ..models.files import atomic_write_text, save_state
+from . import common
+
+
+class Encoder(nn.Module):
+    """timm body, global average pool and a 2-layer projection to a unit-length embedding."""
+
+    def __init__(self, backbone: str, in_chans: int, embed_dim: int):
+        super().__init__()
+        import timm
+        from ..models.backbones import resolve_backbone
+        base, kwargs = resolve_backbone(backbone)
+        self.body = timm.create_model(base, pretrained=False, in_chans=in_chans, num_classes=0, **kwargs)
+        width = int(self.body.num_features)
+        self.proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.body(x)).float(), dim=-1)
+
+
+class Matcher(nn.Module):
+    def __init__(self, ms_backbone: str, rgb_backbone: str, ms_chans: int, embed_dim: int):
+        super().__init__()
+        self.ms = Encoder(ms_backbone, ms_chans, embed_dim)
+        self.rgb = Encoder(rgb_backbone, 3, embed_dim)
+
+
+def pseudo_rgb(ms: PatchSet) -> np.ndarray:
+    """The MS patches' true-colour bands (R, G, B order) picked by wavelength."""
+    r, g, b = true_colour_indices(ms.band_names)
+    return ms.images[:, [r, g, b]]
+
+
+def positive_pairs(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None,
+                   events: Events) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ms_index, rgb_images) of same-target positives, and which source was used."""
+    mode = cfg.matcher.positives
+    if mode == "pairs" and rgb_paired is None:
+        raise DataError("matcher.positives is 'pairs' but no paired RGB folder was given",
+                        "give --rgb-paired DIR (same file stems as the MS set) or use positives=auto")
+    if rgb_paired is not None and mode != "pseudo-rgb":
+        ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
+        keep = ms.labels[ms_idx] >= 0
+        events.log(f"matcher: {int(keep.sum())} explicit same-target pairs")
+        return ms_idx[keep], rgb_paired.images[rgb_idx[keep]], "pairs"
+    idx = np.flatnonzero(ms.labeled)
+    events.log(f"matcher: pseudo-RGB positives from MS bands {true_colour_indices(ms.band_names)}")
+    return idx, pseudo_rgb(ms)[idx], "pseudo-rgb"
+
+
+def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out_dir: Path,
+                  events: Events = NULL_EVENTS, resume: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mc = cfg.matcher
+    device = common.resolve_device(cfg.device)
+    ms_idx, rgb_images, source = positive_pairs(cfg, ms, rgb_paired, events)
+    ms_mean, ms_std = common.band_stats(ms.images)
+    rgb_mean, rgb_std = common.band_stats(rgb_images)
+    x_ms = common.normalize(ms.images[ms_idx], ms_mean, ms_std)
+    x_rgb = common.normalize(rgb_images, rgb_mean, rgb_std)
+    labels = torch.as_tensor(ms.labels[ms_idx])
+    model = common.prepare_model(Matcher(mc.backbone_ms, mc.backbone_rgb, ms.num_bands, mc.embed_dim), device)
+    gen = common.generator(cfg.seed + 7)
+    steps_per_epoch = len(common.batches(len(x_ms), mc.batch_size, torch.Generator()))
+    opt, sched = common.optimizer_and_schedule(model.parameters(), mc.lr, 1e-4, max(mc.epochs, 1) * steps_per_epoch)
+    ckpt = common.Checkpoint(out_dir / "checkpoint.pt")
+    start, history = 0, []
+    if resume and ckpt.exists():
+        start, extra = ckpt.load({"model": model, "opt": opt, "sched": sched}, gen)
+        history = json.loads(extra.get("history", "[]"))
+    started = time.time()
+    for epoch in range(start, mc.epochs):
+        model.train()
+        losses = []
+        for b in common.batches(len(x_ms), mc.batch_size, gen):
+            # independent views: a scene is the same target under any rotation/flip
+            zm = model.ms(common.dihedral(x_ms[b], gen).to(device))
+            zr = model.rgb(common.dihedral(x_rgb[b], gen).to(device))
+            lb = labels[b].to(device)
+            loss = masked_info_nce(zr, zm, lb, lb, temperature=mc.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses))})
+        events.progress("matcher", (epoch + 1) * steps_per_epoch, mc.epochs * steps_per_epoch,
+                        started, unit="step", epoch=epoch + 1, loss=history[-1]["train_loss"])
+        ckpt.save(epoch + 1, {"model": model, "opt": opt, "sched": sched}, gen,
+                  {"history": json.dumps(history)})
+    # Top-1 retrieval of the true partner among all positives: how well the matcher matches.
+    with torch.no_grad():
+        zm_all, zr_all = embed(model.ms, x_ms, device), embed(model.rgb, x_rgb, device)
+        retrieval = float((( zr_all @ zm_all.T).argmax(1) == torch.arange(len(zr_all))).float().mean())
+        same_class = float((labels[(zr_all @ zm_all.T).argmax(1)] == labels).float().mean())
+    summary = {"positives": source, "pairs": len(ms_idx), "retrieval_top1": retrieval,
+               "retrieval_same_class": same_class}
+    meta = {"ms_backbone": mc.backbone_ms, "rgb_backbone": mc.backbone_rgb, "ms_chans": ms.num_bands,
+            "embed_dim": mc.embed_dim, "ms_mean": ms_mean, "ms_std": ms_std, "rgb_mean": rgb_mean,
+            "rgb_std": rgb_std, "band_names": ms.band_names, "summary": summary}
+    save_state(out_dir / "model.safetensors", model.cpu().state_dict())
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+    metrics = {"step": "matcher", "history": history, "summary": summary}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    ckpt.remove()
+    events.metrics("matcher", summary)
+    return metrics
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    encoder.eval()
+    return torch.cat([encoder(xb.to(device)).cpu() for xb in common.iterate_eval(x, batch_size)])
+
+
+def load_matcher(folder: Path) -> tuple[Matcher, dict]:
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise ModelFileError(f"{folder} holds no trained matcher", "run `asymkd matcher` first")
+    meta = json.loads((folder / "meta.json").read_text())
+    model = Matcher(meta["ms_backbone"], meta["rgb_backbone"], meta["ms_chans"], meta["embed_dim"])
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval(), meta
