@@ -1,0 +1,398 @@
+"""The HTML report of a run: one self-contained file (inline CSS, figures as base64 PNG, no
+network) built only from what the run folder holds.
+
+Read: `RUN/config.yaml` and `RUN/<step>/metrics.json` for the steps teacher, matcher, pairs,
+baseline, student. metrics.json: `{"step", "test": metrics, "val": metrics, "history":
+[{"epoch", ...}], "summary": {key: value}}` where metrics is a dict from
+`train.evaluate.classification_metrics`; every part may be missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .models.files import atomic_write_text
+
+STEPS = ("teacher", "matcher", "pairs", "baseline", "student")
+STEP_TITLES = {"teacher": "MS teacher", "matcher": "Matcher", "pairs": "Pairing",
+               "baseline": "Baseline student (no distillation)", "student": "Distilled student"}
+REPORT_FILE = "report.html"
+CONFIG_FILE = "config.yaml"
+SPLITS = (("test", "test"), ("val", "validation"))
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
+ background:#f6f7f9;color:#1f2328;line-height:1.45}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 48px}
+h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:32px 0 10px;
+ border-bottom:2px solid #d0d7de;padding-bottom:4px}h3{font-size:1.05em;margin:18px 0 8px}
+.sub{color:#57606a;font-size:.9em}
+table{border-collapse:collapse;background:#fff;margin:6px 0 12px;font-size:.92em}
+th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:right}
+td{white-space:nowrap}
+th{background:#eef1f4;font-weight:600}td.l,th.l{text-align:left}
+tr:nth-child(even) td{background:#fafbfc}
+table.headline td,table.headline th{font-size:1.1em;padding:8px 16px}
+.pos{color:#1a7f37;font-weight:600}.neg{color:#cf222e;font-weight:600}
+.figs{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+figure{margin:0;background:#fff;border:1px solid #d0d7de;padding:8px}
+figure img{max-width:540px;height:auto;display:block}
+figcaption{font-size:.85em;color:#57606a;text-align:center;margin-top:4px}
+pre{background:#fff;border:1px solid #d0d7de;padding:12px;overflow:auto;font-size:.85em}
+.note{color:#57606a;font-style:italic}.warn{color:#9a6700}
+"""
+
+
+@dataclass
+class Step:
+    """One step folder's metrics.json, or why it could not be read."""
+
+    name: str
+    folder: Path
+    doc: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def title(self) -> str:
+        return STEP_TITLES.get(self.name, self.name)
+
+    def scores(self, split: str) -> dict[str, Any] | None:
+        value = self.doc.get(split)
+        return value if isinstance(value, dict) and "overall_accuracy" in value else None
+
+    def best_split(self) -> tuple[str, dict[str, Any]] | None:
+        """The test scores, else the validation scores, else None."""
+        for split, _ in SPLITS:
+            scores = self.scores(split)
+            if scores is not None:
+                return split, scores
+        return None
+
+
+def _read_step(run_dir: Path, name: str) -> Step | None:
+    folder = run_dir / name
+    if not folder.is_dir():
+        return None
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return Step(name, folder, error=f"{name}/metrics.json is missing (step not finished?)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return Step(name, folder, error=f"{name}/metrics.json could not be read: {exc}")
+    if not isinstance(doc, dict):
+        return Step(name, folder, error=f"{name}/metrics.json is not a JSON object")
+    return Step(name, folder, doc=doc)
+
+
+# -- small HTML helpers ------------------------------------------------------------------
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """A summary value as short text."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "—"
+        if value == int(value) and abs(value) < 1e15:
+            return f"{int(value):,}"
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 240 else text[:237] + "..."
+    return str(value)
+
+
+def pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+
+
+def gain(new: Any, old: Any) -> str:
+    """Difference in percentage points, coloured."""
+    if not all(isinstance(v, (int, float)) for v in (new, old)):
+        return "—"
+    points = 100 * (new - old)
+    cls = "pos" if points > 0.05 else "neg" if points < -0.05 else ""
+    return f'<span class="{cls}">{points:+.1f} pts</span>'
+
+
+def table(header: list[str], rows: list[list[str]], cls: str = "", left_cols: int = 1) -> str:
+    """An HTML table; cells are already-escaped HTML; the first `left_cols` align left."""
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f'<{tag}{" class=l" if i < left_cols else ""}>{v}</{tag}>'
+                       for i, v in enumerate(values))
+    head = f"<tr>{cells('th', header)}</tr>"
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    cls_attr = f' class="{cls}"' if cls else ""
+    return f"<table{cls_attr}>{head}{body}</table>"
+
+
+def png_img(data: bytes, alt: str) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img src="data:image/png;base64,{encoded}" alt="{esc(alt)}">'
+
+
+def figure(data: bytes | None, caption: str) -> str:
+    if data is None:
+        return ""
+    return f"<figure>{png_img(data, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def note(text: str, cls: str = "note") -> str:
+    return f'<p class="{cls}">{esc(text)}</p>'
+
+
+# -- figures from metrics ----------------------------------------------------------------
+
+def _confusion_png(step: Step, split: str, scores: dict[str, Any]) -> bytes | None:
+    from .train.evaluate import confusion_png_bytes
+    names = scores.get("class_names") or list(scores.get("per_class", {}))
+    try:
+        return confusion_png_bytes(scores["confusion"], names,
+                                   f"{step.title} ({split}): OA {pct(scores['overall_accuracy'])}")
+    except (KeyError, TypeError, ValueError):
+        # A metrics file without a usable matrix: fall back to the PNG the trainer wrote.
+        fallback = step.folder / "confusion.png"
+        return fallback.read_bytes() if fallback.is_file() else None
+
+
+def _curves_png(step: Step) -> bytes | None:
+    from .train.evaluate import curves_png_bytes
+    history = step.doc.get("history")
+    if not isinstance(history, list):
+        return None
+    rows = [h for h in history if isinstance(h, dict)]
+    try:
+        return curves_png_bytes(rows, step.title)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- sections ----------------------------------------------------------------------------
+
+def _split_name(split: str) -> str:
+    return dict(SPLITS).get(split, split)
+
+
+def _comparable(baseline: Step | None, student: Step | None) -> tuple[str, dict, dict] | None:
+    """The split both students were scored on (test first)."""
+    if baseline is None or student is None:
+        return None
+    for split, _ in SPLITS:
+        b, s = baseline.scores(split), student.scores(split)
+        if b is not None and s is not None:
+            return split, b, s
+    return None
+
+
+def section_headline(baseline: Step | None, student: Step | None) -> str:
+    pair = _comparable(baseline, student)
+    if pair is not None:
+        split, b, s = pair
+        rows = [[esc(label), pct(b[key]), pct(s[key]), gain(s[key], b[key])]
+                for label, key in (("Overall accuracy", "overall_accuracy"), ("Macro-F1", "macro_f1"))]
+        n_text = f"n = {b.get('n', '?')}" if b.get("n") == s.get("n") else \
+            f"n = {b.get('n', '?')} / {s.get('n', '?')}"
+        return ("<h2>Baseline vs distilled student</h2>"
+                f'<p class="sub">Scores on the {esc(_split_name(split))} set ({esc(n_text)}). '
+                "The baseline is the same student trained on the same RGB labels without the teacher.</p>"
+                + table(["", "Baseline", "Distilled student", "Gain"], rows, cls="headline"))
+    for step in (student, baseline):
+        found = step.best_split() if step is not None else None
+        if found is not None:
+            split, scores = found
+            rows = [["Overall accuracy", pct(scores["overall_accuracy"])],
+                    ["Macro-F1", pct(scores["macro_f1"])]]
+            missing = "baseline" if step is student else "distilled student"
+            return (f"<h2>{esc(step.title)}</h2>"
+                    f'<p class="sub">Scores on the {esc(_split_name(split))} set '
+                    f"(n = {esc(scores.get('n', '?'))}). No {esc(missing)} scores in this run to compare with.</p>"
+                    + table(["", esc(step.title)], [[esc(r[0]), r[1]] for r in rows], cls="headline"))
+    return "<h2>Students</h2>" + note("No student scores in this run yet.")
+
+
+def _per_class_rows(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    per_class = scores.get("per_class")
+    return per_class if isinstance(per_class, dict) else {}
+
+
+def section_per_class(baseline: Step | None, student: Step | None) -> str:
+    pair = _comparable(baseline, student)
+    if pair is None:
+        return ""
+    split, b, s = pair
+    bp, sp = _per_class_rows(b), _per_class_rows(s)
+    names = list(dict.fromkeys(list(bp) + list(sp)))
+    rows = []
+    for name in names:
+        brow, srow = bp.get(name, {}), sp.get(name, {})
+        rows.append([esc(name), fmt(srow.get("support", brow.get("support"))),
+                     pct(brow.get("precision")), pct(brow.get("recall")), pct(brow.get("f1")),
+                     pct(srow.get("precision")), pct(srow.get("recall")), pct(srow.get("f1")),
+                     gain(srow.get("f1"), brow.get("f1"))])
+    header = ["Class", "Support", "Baseline precision", "Baseline recall", "Baseline F1",
+              "Student precision", "Student recall", "Student F1", "F1 gain"]
+    return (f"<h2>Per class ({esc(_split_name(split))} set)</h2>" + table(header, rows))
+
+
+def section_confusions(baseline: Step | None, student: Step | None) -> str:
+    figs = []
+    for step in (baseline, student):
+        found = step.best_split() if step is not None else None
+        if found is not None:
+            split, scores = found
+            figs.append(figure(_confusion_png(step, split, scores),
+                               f"{step.title}, {_split_name(split)} set (rows: true class; colour: share of row)"))
+    figs = [f for f in figs if f]
+    if not figs:
+        return ""
+    return '<h2>Confusion matrices</h2><div class="figs">' + "".join(figs) + "</div>"
+
+
+def section_scores_overview(steps: list[Step]) -> str:
+    rows = []
+    for step in steps:
+        for split, label in SPLITS:
+            scores = step.scores(split)
+            if scores is not None:
+                rows.append([esc(step.title), esc(label), fmt(scores.get("n")),
+                             pct(scores.get("overall_accuracy")), pct(scores.get("macro_f1"))])
+    if not rows:
+        return ""
+    return ("<h2>All scores</h2>"
+            + table(["Step", "Set", "n", "Overall accuracy", "Macro-F1"], rows, left_cols=2))
+
+
+def section_curves(steps: list[Step]) -> str:
+    figs = [figure(_curves_png(step), f"{step.title}: training curves") for step in steps]
+    figs = [f for f in figs if f]
+    if not figs:
+        return ""
+    return '<h2>Training curves</h2><div class="figs">' + "".join(figs) + "</div>"
+
+
+def summary_table(summary: Any) -> str:
+    if not isinstance(summary, dict) or not summary:
+        return ""
+    rows = [[esc(key), esc(fmt(value))] for key, value in summary.items()]
+    return table(["Key", "Value"], rows)
+
+
+def section_pairing(matcher: Step | None, pairs: Step | None) -> str:
+    parts = []
+    for step in (pairs, matcher):
+        if step is None:
+            continue
+        parts.append(f"<h3>{esc(step.title)}</h3>")
+        if step.error:
+            parts.append(note(step.error, "warn"))
+            continue
+        parts.append(summary_table(step.doc.get("summary"))
+                     or note("No summary recorded for this step."))
+    if not parts:
+        return ""
+    return ("<h2>Matcher and pairing</h2>"
+            '<p class="sub">How RGB samples were paired with MS samples: a balanced pairing uses '
+            "many distinct MS samples and no MS sample takes a large share of the RGB set.</p>"
+            + "".join(parts))
+
+
+def section_teacher(teacher: Step | None) -> str:
+    if teacher is None:
+        return ""
+    parts = ["<h2>MS teacher</h2>"]
+    if teacher.error:
+        return parts[0] + note(teacher.error, "warn")
+    figs = []
+    for split, label in SPLITS:
+        scores = teacher.scores(split)
+        if scores is None:
+            continue
+        parts.append(f"<h3>{esc(label.capitalize())} set: OA {pct(scores['overall_accuracy'])}, "
+                     f"macro-F1 {pct(scores.get('macro_f1'))} (n = {esc(fmt(scores.get('n')))})</h3>")
+        rows = [[esc(name), pct(r.get("precision")), pct(r.get("recall")), pct(r.get("f1")),
+                 fmt(r.get("support"))] for name, r in _per_class_rows(scores).items()]
+        if rows:
+            parts.append(table(["Class", "Precision", "Recall", "F1", "Support"], rows))
+        figs.append(figure(_confusion_png(teacher, split, scores), f"MS teacher, {label} set"))
+    figs = [f for f in figs if f]
+    if figs:
+        parts.append('<div class="figs">' + "".join(figs) + "</div>")
+    summary = summary_table(teacher.doc.get("summary"))
+    if summary:
+        parts.append("<h3>Summary</h3>" + summary)
+    if len(parts) == 1:
+        parts.append(note("No teacher scores recorded."))
+    return "".join(parts)
+
+
+def section_student_summaries(baseline: Step | None, student: Step | None) -> str:
+    parts = []
+    for step in (baseline, student):
+        if step is not None and summary_table(step.doc.get("summary")):
+            parts.append(f"<h3>{esc(step.title)}</h3>" + summary_table(step.doc.get("summary")))
+    return "<h2>Student training summaries</h2>" + "".join(parts) if parts else ""
+
+
+def section_config(run_dir: Path) -> str:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return "<h2>Resolved configuration</h2>" + note(f"No {CONFIG_FILE} in the run folder.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return f"<h2>Resolved configuration</h2><pre>{esc(text)}</pre>"
+
+
+# -- the page ----------------------------------------------------------------------------
+
+def build_report_html(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    found = {name: _read_step(run_dir, name) for name in STEPS}
+    steps = [s for s in found.values() if s is not None]
+    problems = "".join(note(s.error, "warn") for s in steps if s.error)
+    baseline, student = found["baseline"], found["student"]
+    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    present = ", ".join(s.name for s in steps) or "none"
+    body = "".join([
+        f"<h1>AsymKD run: {esc(run_dir.resolve().name)}</h1>",
+        f'<p class="sub">{esc(run_dir.resolve())} · generated {esc(generated)} · steps: {esc(present)}</p>',
+        problems,
+        section_headline(baseline, student),
+        section_per_class(baseline, student),
+        section_confusions(baseline, student),
+        section_scores_overview(steps),
+        section_curves(steps),
+        section_pairing(found["matcher"], found["pairs"]),
+        section_teacher(found["teacher"]),
+        section_student_summaries(baseline, student),
+        section_config(run_dir),
+    ])
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>AsymKD report: {esc(run_dir.resolve().name)}</title>"
+            f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.html from the run folder's config and metrics; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run folder {run_dir} does not exist",
+                        "give the --out folder of a run (it holds config.yaml and the step folders)")
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, build_report_html(run_dir))
+    return path
