@@ -1,0 +1,92 @@
+"""Classify the tiles of a raster with an exported model into a styled GeoPackage.
+
+    from asymkd.classify import classify
+    result = classify("student.onnx", "scene.tif", "tiles.gpkg", xyz_zoom=None, events=events)
+
+One polygon per tile with class_id, class_name, confidence, second_id, second_name,
+second_prob, entropy (normalised, 0..1), tile_key ("row/col" or "z/x/y") and the key's
+integer parts, valid_fraction; a QML style beside it and inside it; optionally a class
+raster. Reads are prefetched in a background thread, inference is batched onnxruntime,
+memory stays bounded, and outputs appear only when the whole job has succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..events import NULL_EVENTS, Events
+
+__all__ = ["classify", "ClassifyOptions", "ClassifyResult"]
+
+
+@dataclasses.dataclass
+class ClassifyOptions:
+    bands: Sequence[int] | str | None = None      # 1-based raster bands for the model's bands
+    bbox: Sequence[float] | str | None = None     # minx, miny, maxx, maxy
+    bbox_crs: str | None = None                   # CRS of bbox (default: the raster's)
+    mask: str | Path | None = None                # polygon vector file limiting the area
+    mask_layer: str | None = None
+    tile: int | None = None                       # pixels (default: the model's patch size)
+    stride: int | None = None                     # pixels (default: tile)
+    xyz_zoom: int | None = None                   # use the XYZ web-map grid at this zoom instead
+    batch_size: int = 64
+    class_raster: str | Path | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
+    threads: int = 0                              # onnxruntime intra-op threads (0 = its default)
+    prefetch: int = 4                             # batches read ahead
+    max_strip_tiles: int = 256                    # tiles per window read
+    chunk: int = 20000                            # features per GeoPackage write
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size} must be at least 1", "e.g. --batch-size 64")
+        if not 0.0 <= self.min_valid <= 1.0:
+            raise ConfigError(f"--min-valid {self.min_valid} must be between 0 and 1", "e.g. --min-valid 0.5")
+        if self.xyz_zoom is not None and (self.stride is not None):
+            raise ConfigError("--stride does not apply to the XYZ grid", "drop --stride, or drop --xyz-zoom")
+        if self.threads < 0 or self.prefetch < 1:
+            raise ConfigError("threads must be >= 0 and prefetch >= 1", "e.g. --threads 0")
+
+
+@dataclasses.dataclass
+class ClassifyResult:
+    gpkg: Path
+    qml: Path
+    class_raster: Path | None
+    layer: str
+    provider: str
+    tiles_total: int
+    tiles_classified: int
+    tiles_skipped: int
+    seconds: float
+    tiles_per_s: float
+    crs: str
+    grid: str
+    bands: list[int]
+    timings: dict[str, float]
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def classify(model: str | Path, raster: str | Path, out: str | Path, *, events: Events = NULL_EVENTS,
+             options: ClassifyOptions | None = None, **kwargs: Any) -> ClassifyResult:
+    """Classify every tile of `raster` in the area with the ONNX `model` into `out` (.gpkg).
+
+    Options are a `ClassifyOptions` or its fields as keyword arguments. Raises the
+    engine's user errors (DataError, ConfigError, ModelFileError); on any error or cancel
+    no output file is left behind.
+    """
+    from .run import run_classify
+    opts = dataclasses.replace(options or ClassifyOptions(), **kwargs)
+    opts.check()
+    return run_classify(Path(model), Path(raster), Path(out), opts, events)

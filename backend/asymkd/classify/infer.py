@@ -1,0 +1,84 @@
+"""The onnxruntime session for an exported model: provider choice and per-tile summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, ModelFileError
+from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options, read_onnx_metadata
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers to try, in order: CUDA then CPU for auto."""
+    import onnxruntime as ort
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device '{device}'", f"use one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda was asked for but onnxruntime has no CUDA provider "
+                          f"(available: {', '.join(available)})",
+                          "install onnxruntime-gpu in the engine environment, or use --device auto/cpu")
+    if device == "cpu" or not has_cuda:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxClassifier:
+    """An exported model ready to classify raw-unit tiles (normalisation is in the graph)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = False):
+        import onnxruntime as ort
+        self.path = Path(path)
+        self.meta: dict[str, Any] = read_onnx_metadata(self.path)
+        if self.path.is_dir():
+            self.path = self.path / "model.onnx"
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=onnx_session_options(threads, spinning),
+                                                providers=providers_for(device))
+        except ConfigError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelFileError(f"onnxruntime cannot load {self.path}: {exc}",
+                                 "export the model again with `asymkd export`") from exc
+        inputs = [i.name for i in self.session.get_inputs()]
+        if INPUT_NAME not in inputs:
+            raise ModelFileError(f"{self.path} has input(s) {inputs}, not '{INPUT_NAME}'",
+                                 "export the model again with `asymkd export`")
+        self.provider = self.session.get_providers()[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, num_classes) for raw-unit tiles (n, C, H, W)."""
+        return self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images})[0]
+
+
+@dataclasses.dataclass
+class Summary:
+    class_id: np.ndarray
+    confidence: np.ndarray
+    second_id: np.ndarray
+    second_prob: np.ndarray
+    entropy: np.ndarray      # Shannon entropy / log(num_classes): 0 = certain, 1 = uniform
+
+
+def summarize(probs: np.ndarray) -> Summary:
+    probs = np.asarray(probs, np.float64)
+    n, k = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")
+    first = order[:, 0]
+    second = order[:, 1] if k > 1 else order[:, 0]
+    idx = np.arange(n)
+    p = np.clip(probs, 1e-12, 1.0)
+    ent = -(probs * np.log(p)).sum(axis=1) / (np.log(k) if k > 1 else 1.0)
+    return Summary(first.astype(np.int32), probs[idx, first], second.astype(np.int32),
+                   probs[idx, second] if k > 1 else np.zeros(n), np.clip(ent, 0.0, 1.0))

@@ -1,0 +1,288 @@
+"""Band mapping and the prefetching tile reader.
+
+A background thread reads row strips of tiles with one rasterio window read per strip
+(up to `max_strip_tiles` tiles wide), cuts them into tiles, drops tiles with too few
+valid pixels, and hands float32 batches to the consumer through a small queue, so reads
+overlap inference and memory stays bounded (queue size x batch size tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from ..data.bands import TRUE_COLOUR_NM, wavelength_nm
+from ..errors import ConfigError, DataError
+from .area import TilePlan
+from .grid import Grid
+
+_COLOUR_INTERP = {"R": ColorInterp.red, "G": ColorInterp.green, "B": ColorInterp.blue}
+
+
+def resolve_bands(src, band_names: Sequence[str], bands: Sequence[int] | str | None = None) -> tuple[list[int], str]:
+    """1-based raster bands feeding the model's bands, in the model's order, and how they
+    were chosen: explicit, band descriptions, colour interpretation, or band order."""
+    need = len(band_names)
+    wanted = ", ".join(band_names)
+    if bands is not None:
+        if isinstance(bands, str):
+            try:
+                bands = [int(b) for b in bands.split(",") if b.strip()]
+            except ValueError as exc:
+                raise ConfigError(f"--bands '{bands}' is not a list of band numbers", "write e.g. --bands 1,2,3") from exc
+        bands = [int(b) for b in bands]
+        if len(bands) != need:
+            raise ConfigError(f"--bands gives {len(bands)} band(s) but the model needs {need} ({wanted})",
+                              f"give {need} raster band numbers in the model's order")
+        bad = [b for b in bands if not 1 <= b <= src.count]
+        if bad:
+            raise DataError(f"raster has {src.count} band(s) but the band mapping needs band(s) {bad}",
+                            f"use band numbers 1..{src.count}, or a raster with the model's bands ({wanted})")
+        return bands, "given"
+    if src.count < need:
+        raise DataError(f"raster has {src.count} band(s) but the model needs {need} ({wanted})",
+                        "use a raster with these bands, or stack them into one (e.g. gdalbuildvrt -separate)")
+    desc = [(d or "").strip().lower() for d in src.descriptions]
+    if all(n.lower() in desc for n in band_names):
+        return [desc.index(n.lower()) + 1 for n in band_names], "band descriptions"
+    by_colour = _by_colour_interp(src, band_names)
+    if by_colour is not None:
+        return by_colour, "colour interpretation"
+    if src.count == need:
+        return list(range(1, need + 1)), "band order"
+    raise ConfigError(f"cannot tell which of the raster's {src.count} bands are the model's {wanted}",
+                      f"give them with --bands, e.g. --bands {','.join(str(i) for i in range(1, need + 1))}")
+
+
+def _by_colour_interp(src, band_names: Sequence[str]) -> list[int] | None:
+    interp = list(src.colorinterp)
+    out = []
+    for name in band_names:
+        wave = wavelength_nm(name)
+        colour = None if wave is None else min(TRUE_COLOUR_NM, key=lambda c: abs(TRUE_COLOUR_NM[c] - wave))
+        if colour is None or abs(TRUE_COLOUR_NM[colour] - wave) > 40 or _COLOUR_INTERP[colour] not in interp:
+            return None
+        out.append(interp.index(_COLOUR_INTERP[colour]) + 1)
+    return out if len(set(out)) == len(out) else None
+
+
+@dataclasses.dataclass
+class Batch:
+    images: np.ndarray   # (n, C, tile, tile) float32, invalid pixels filled with the model mean
+    rows: np.ndarray     # (n,) tile rows in the grid
+    cols: np.ndarray
+    valid: np.ndarray    # (n,) fraction of valid pixels
+    skipped: int = 0     # tiles skipped (nodata / outside) since the previous batch
+
+
+@dataclasses.dataclass
+class ReaderStats:
+    read_s: float = 0.0       # inside rasterio reads (I/O, decoding, warping)
+    cut_s: float = 0.0        # cutting strips into tiles, validity
+    put_wait_s: float = 0.0   # blocked because the consumer was busy (reader ahead: good)
+    strips: int = 0
+    skipped: int = 0
+
+
+class _Source:
+    """Reads (bands, valid) for a window of the grid from the raster, opened in the calling
+    thread (rasterio datasets are not shared between threads)."""
+
+    def __init__(self, path: str, grid: Grid, bands: list[int]):
+        self.src = rasterio.open(path)
+        self.grid = grid
+        self.bands = bands
+        self.vrt = None
+        if grid.warp:
+            self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
+                                 height=grid.height, resampling=grid.resampling, add_alpha=True)
+            self.alpha = self.vrt.count
+            self.mode = "alpha"
+        else:
+            flags = self.src.mask_flag_enums[bands[0] - 1]
+            nodata = [self.src.nodatavals[b - 1] for b in bands]
+            if MaskFlags.all_valid in flags and not any(v is not None for v in nodata):
+                self.mode = "none"
+            elif any(v is not None for v in nodata):
+                self.mode = "nodata"
+                self.nodata = nodata
+            else:
+                self.mode = "mask"  # alpha band or internal mask
+
+    def close(self) -> None:
+        if self.vrt is not None:
+            self.vrt.close()
+        self.src.close()
+
+    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.vrt is not None:  # the warped view spans every tile: no clipping needed
+            arr = self.vrt.read(self.bands + [self.alpha], window=Window(col, row, width, height))
+            data, valid = arr[:-1], arr[-1] > 0
+            return data, valid & _finite(data)
+        src = self.src
+        data = np.zeros((len(self.bands), height, width), dtype=src.dtypes[self.bands[0] - 1])
+        valid = np.zeros((height, width), dtype=bool)
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + height, src.height), min(col + width, src.width)
+        if r1 <= r0 or c1 <= c0:
+            return data, valid
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        part = src.read(self.bands, window=win)
+        ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+        data[:, ys, xs] = part
+        if self.mode == "none":
+            ok = np.ones(part.shape[1:], dtype=bool)
+        elif self.mode == "nodata":
+            is_nd = [(np.isnan(b) if nd is not None and np.isnan(nd) else b == nd)
+                     for b, nd in zip(part, self.nodata) if nd is not None]
+            ok = ~np.logical_and.reduce(is_nd)
+        else:
+            ok = src.read_masks(self.bands[0], window=win) > 0
+        valid[ys, xs] = ok & _finite(part)
+        return data, valid
+
+
+def _finite(data: np.ndarray) -> np.ndarray | bool:
+    if np.issubdtype(data.dtype, np.floating):
+        return np.isfinite(data).all(axis=0)
+    return True
+
+
+class PrefetchReader:
+    """Iterate over `Batch`es of the planned tiles, read ahead in a background thread."""
+
+    def __init__(self, path: str | Path, plan: TilePlan, bands: list[int], fill: Sequence[float],
+                 batch_size: int = 64, min_valid: float = 0.5, prefetch: int = 4,
+                 max_strip_tiles: int = 256):
+        self.path = str(path)
+        self.plan = plan
+        self.grid = plan.grid
+        self.bands = bands
+        self.fill = np.asarray(fill, np.float32).reshape(-1, 1, 1)
+        self.batch_size = int(batch_size)
+        self.min_valid = float(min_valid)
+        self.max_strip_tiles = max(1, int(max_strip_tiles))
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.stats = ReaderStats()
+        self._thread: threading.Thread | None = None
+
+    # -- consumer side ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        self._thread = threading.Thread(target=self._run, name="asymkd-tile-reader", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread (also on cancel) and wait for it, so the raster is closed."""
+        self.stop.set()
+        while self._thread is not None and self._thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.05)
+
+    # -- reader thread ---------------------------------------------------------------
+    def _put(self, item) -> bool:
+        start = time.perf_counter()
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                self.stats.put_wait_s += time.perf_counter() - start
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        source = None
+        try:
+            source = _Source(self.path, self.grid, self.bands)
+            self._produce(source)
+            self._put(None)
+        except BaseException as exc:  # hand every failure to the consumer thread
+            self._put(exc)
+        finally:
+            if source is not None:
+                source.close()
+
+    def _produce(self, source: _Source) -> None:
+        g = self.grid
+        T, S, B = g.tile, g.stride, self.batch_size
+        C = len(self.bands)
+        buf = np.empty((B, C, T, T), np.float32)
+        rows = np.empty(B, np.int64)
+        cols = np.empty(B, np.int64)
+        valid = np.empty(B, np.float32)
+        n, skipped = 0, 0
+        for r, row_cols in self.plan:
+            for chunk in _chunks(row_cols, self.max_strip_tiles):
+                if self.stop.is_set():
+                    return
+                t0 = time.perf_counter()
+                c0 = int(chunk[0])
+                width = (int(chunk[-1]) - c0) * S + T
+                data, ok = source.read(r * S, c0 * S, T, width)
+                t1 = time.perf_counter()
+                self.stats.read_s += t1 - t0
+                self.stats.strips += 1
+                offs = (chunk - c0) * S
+                csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
+                frac = (csum[offs + T] - csum[offs]) / float(T * T)
+                for off, c, f in zip(offs.tolist(), chunk.tolist(), frac.tolist()):
+                    if f < self.min_valid or f <= 0.0:
+                        skipped += 1
+                        continue
+                    tile = data[:, :, off:off + T]
+                    if f < 1.0:
+                        np.copyto(buf[n], np.where(ok[None, :, off:off + T], tile, self.fill))
+                    else:
+                        buf[n] = tile
+                    rows[n], cols[n], valid[n] = r, c, f
+                    n += 1
+                    if n == B:
+                        self.stats.cut_s += time.perf_counter() - t1
+                        if not self._put(Batch(buf, rows, cols, valid, skipped)):
+                            return
+                        self.stats.skipped += skipped
+                        t1 = time.perf_counter()
+                        buf = np.empty((B, C, T, T), np.float32)
+                        rows, cols, valid = np.empty(B, np.int64), np.empty(B, np.int64), np.empty(B, np.float32)
+                        n, skipped = 0, 0
+                self.stats.cut_s += time.perf_counter() - t1
+                if skipped >= 4 * B:  # keep progress moving through empty areas
+                    if not self._put(Batch(buf[:0], rows[:0], cols[:0], valid[:0], skipped)):
+                        return
+                    self.stats.skipped += skipped
+                    skipped = 0
+        if n or skipped:
+            self._put(Batch(buf[:n], rows[:n], cols[:n], valid[:n], skipped))
+            self.stats.skipped += skipped
+
+
+def _chunks(cols: np.ndarray, max_tiles: int) -> Iterator[np.ndarray]:
+    """Split sorted columns into runs spanning at most `max_tiles` columns each."""
+    start = 0
+    while start < len(cols):
+        end = int(np.searchsorted(cols, cols[start] + max_tiles, side="left"))
+        yield cols[start:end]
+        start = end

@@ -1,0 +1,190 @@
+"""The classify job: model, raster, grid, area, then the read -> infer -> write loop."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..events import Events
+from . import ClassifyOptions, ClassifyResult
+from .area import plan_tiles, resolve_area
+from .grid import Grid, pixel_grid, xyz_grid
+from .infer import OnnxClassifier, summarize
+from .reader import PrefetchReader, resolve_bands
+from .style import embed_style, write_qml
+from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_output_names
+
+
+def _open_raster(path: Path):
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    if not path.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+        raise DataError(f"raster {path} does not exist", "give a GeoTIFF, VRT or any raster GDAL opens")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise DataError(f"cannot open raster {path}: {exc}", "give a GeoTIFF, VRT or any raster GDAL opens") from exc
+
+
+def _grid(src, meta: dict, opts: ClassifyOptions, events: Events) -> Grid:
+    patch = int(meta["patch_size"])
+    tile = int(opts.tile or patch)
+    if tile != patch:
+        events.warning(f"tile size {tile} px differs from the model's patch size {patch} px; "
+                       "the model sees a different ground extent than it was trained on")
+    gsd = meta.get("gsd")
+    if opts.xyz_zoom is not None:
+        return xyz_grid(src, int(opts.xyz_zoom), tile, gsd)
+    return pixel_grid(src, gsd, tile, int(opts.stride or tile))
+
+
+def _check_value_range(images: np.ndarray, meta: dict, events: Events) -> None:
+    """Warn once when the raster's values look unlike the training data (wrong bands or
+    scaling, e.g. 16-bit reflectance fed to a model trained on 8-bit images)."""
+    mean = np.asarray(meta.get("mean") or [], np.float64)
+    std = np.asarray(meta.get("std") or [], np.float64)
+    if mean.size != images.shape[1] or not len(images):
+        return
+    seen = images.mean(axis=(0, 2, 3), dtype=np.float64)
+    off = np.abs(seen - mean) / np.maximum(std, 1e-6)
+    if np.any(off > 4):
+        events.warning(f"raster band means {np.round(seen, 1).tolist()} are far from the training data's "
+                       f"{np.round(mean, 1).tolist()} (std {np.round(std, 1).tolist()}); check --bands and the "
+                       "raster's value scaling")
+
+
+def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> ClassifyResult:
+    t_setup = time.perf_counter()
+    class_raster = Path(opts.class_raster) if opts.class_raster else None
+    check_output_names(out, class_raster)
+    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads)
+    meta = model.meta
+    with _open_raster(raster) as src:
+        bands, how = resolve_bands(src, meta["band_names"], opts.bands)
+        grid = _grid(src, meta, opts, events)
+        area = resolve_area(src, grid, opts.bbox, opts.bbox_crs, opts.mask, opts.mask_layer, warn=events.warning)
+        small = src.width < grid.tile or src.height < grid.tile
+        size = f"{src.width}x{src.height}"
+    plan = plan_tiles(grid, area)
+    notes = list(grid.notes)
+    if how != "given":
+        notes.append(f"raster bands {bands} feed the model's {', '.join(meta['band_names'])} (from {how})")
+    if small and grid.kind == "pixel":
+        notes.append(f"the raster ({size} px) is smaller than one {grid.tile}-px tile: it is classified as one "
+                     f"padded tile if at least {opts.min_valid:.0%} of it is valid (--min-valid)")
+    for note in notes:
+        events.log(note)
+    qml = out.with_suffix(".qml")
+    finals = [out, qml] + ([class_raster] if class_raster else [])
+    with AtomicOutputs(finals, overwrite=opts.overwrite) as outputs:
+        try:
+            result = _loop(model, raster, plan, bands, opts, outputs, out, qml, class_raster, events,
+                           time.perf_counter() - t_setup)
+        except BaseException:
+            removed = outputs.discard()
+            events.log(f"classification stopped: no output was written to {out}"
+                       + (f" (removed {len(removed)} partial file(s))" if removed else ""), level="warning")
+            raise
+        outputs.commit()
+    result.notes = notes
+    if result.tiles_classified == 0:
+        why = ("the raster is smaller than one tile and too little of it is valid; lower --min-valid"
+               if small else "every tile is nodata or has fewer valid pixels than --min-valid")
+        events.warning(f"no tile was classified ({result.tiles_skipped} skipped): {why}; the layer is empty")
+    events.log(f"classified {result.tiles_classified} tiles ({result.tiles_skipped} skipped) in "
+               f"{result.seconds:.1f} s, {result.tiles_per_s:.0f} tiles/s on {result.provider}: {out}")
+    events.metrics("classify", {k: v for k, v in result.as_dict().items()
+                                if k in ("tiles_total", "tiles_classified", "tiles_skipped", "seconds",
+                                         "tiles_per_s", "provider", "timings")})
+    paths = {"gpkg": out, "qml": qml}
+    if class_raster:
+        paths["class_raster"] = class_raster
+    events.result("classify", **paths)
+    return result
+
+
+def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOptions, outputs: AtomicOutputs,
+          out: Path, qml: Path, class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
+    meta, grid = model.meta, plan.grid
+    names = model.class_names
+    colors = list(meta["class_colors"])
+    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk)
+    raster_out = ClassRaster(grid, names) if class_raster else None
+    reader = PrefetchReader(raster, plan, bands, fill=meta["mean"], batch_size=opts.batch_size,
+                            min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles)
+    started = time.time()
+    t0 = time.perf_counter()
+    wait_s = infer_s = post_s = 0.0
+    done = classified = skipped = 0
+    checked = False
+    bar = _bar(events, plan.total)
+    try:
+        batches = iter(reader)
+        while True:
+            tw = time.perf_counter()
+            batch = next(batches, None)
+            ti = time.perf_counter()
+            wait_s += ti - tw
+            if batch is None:
+                break
+            n = len(batch.rows)
+            if n:
+                if not checked:
+                    _check_value_range(batch.images, meta, events)
+                    checked = True
+                probs = model.predict(batch.images[:n])
+                tp = time.perf_counter()
+                infer_s += tp - ti
+                summary = summarize(probs)
+                writer.add(batch.rows, batch.cols, summary, batch.valid)
+                if raster_out is not None:
+                    raster_out.add(batch.rows, batch.cols, summary.class_id)
+                post_s += time.perf_counter() - tp
+            classified += n
+            skipped += batch.skipped
+            done += n + batch.skipped
+            if bar is not None:
+                bar.update(n + batch.skipped)
+            events.progress("classify", done, plan.total, started, unit="tile", skipped=skipped,
+                            classified=classified, provider=model.provider)
+    finally:
+        reader.close()
+        if bar is not None:
+            bar.close()
+    loop_s = time.perf_counter() - t0
+    tw = time.perf_counter()
+    writer.close()
+    text = write_qml(outputs.temp(qml), names, colors)
+    embed_style(outputs.temp(out), LAYER, text)
+    if raster_out is not None:
+        raster_out.write(outputs.temp(class_raster), colors)
+    write_s = time.perf_counter() - tw
+    events.progress("classify", done, plan.total, started, unit="tile", force=True, skipped=skipped,
+                    classified=classified, provider=model.provider)
+    seconds = time.perf_counter() - t0
+    st = reader.stats
+    timings = {"setup_s": setup_s, "loop_s": loop_s, "infer_s": infer_s, "wait_for_reader_s": wait_s,
+               "postprocess_s": post_s, "final_write_s": write_s, "reader_read_s": st.read_s,
+               "reader_cut_s": st.cut_s, "reader_blocked_s": st.put_wait_s}
+    return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=model.provider,
+                          tiles_total=plan.total, tiles_classified=classified, tiles_skipped=skipped,
+                          seconds=seconds, tiles_per_s=(classified / seconds if seconds > 0 else 0.0),
+                          crs=grid.crs.to_string(), grid=_describe(grid), bands=list(bands),
+                          timings={k: round(v, 4) for k, v in timings.items()}, notes=[])
+
+
+def _describe(grid: Grid) -> str:
+    if grid.kind == "xyz":
+        return f"xyz z={grid.zoom} x={grid.x0}..{grid.x0 + grid.cols - 1} y={grid.y0}..{grid.y0 + grid.rows - 1}"
+    return f"pixel tile={grid.tile} stride={grid.stride} res={grid.pixel_size:g} rows={grid.rows} cols={grid.cols}"
+
+
+def _bar(events: Events, total: int):
+    if not events.progress_bars:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="classify", unit="tile", leave=False, file=sys.stderr)

@@ -1,0 +1,72 @@
+"""QGIS style for the tile layer: a categorized renderer on `class_name`, one fill colour
+per class (the model's colours), as a .qml file beside the GeoPackage (QGIS loads a .qml
+with the layer file's name as the layer's default style) and inside the GeoPackage's
+`layer_styles` table (the default style QGIS applies when the layer is opened)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FILL_ALPHA = 200  # see the imagery through the tiles
+OUTLINE = "50,50,50,90"
+
+
+def _rgb(color: str, alpha: int) -> str:
+    s = color.lstrip("#")
+    return f"{int(s[0:2], 16)},{int(s[2:4], 16)},{int(s[4:6], 16)},{alpha}"
+
+
+def _fill_symbol(parent: ET.Element, name: str, color: str) -> None:
+    sym = ET.SubElement(parent, "symbol", {"type": "fill", "name": name, "alpha": "1",
+                                           "clip_to_extent": "1", "force_rhr": "0"})
+    layer = ET.SubElement(sym, "layer", {"class": "SimpleFill", "pass": "0", "locked": "0", "enabled": "1"})
+    props = {"color": _rgb(color, FILL_ALPHA), "style": "solid", "outline_color": OUTLINE,
+             "outline_style": "solid", "outline_width": "0.1", "outline_width_unit": "MM",
+             "joinstyle": "miter", "offset": "0,0", "offset_unit": "MM"}
+    opts = ET.SubElement(layer, "Option", {"type": "Map"})
+    for k, v in props.items():  # QGIS >= 3.26 reads Option, older versions read prop
+        ET.SubElement(opts, "Option", {"type": "QString", "name": k, "value": v})
+    for k, v in props.items():
+        ET.SubElement(layer, "prop", {"k": k, "v": v})
+
+
+def qml_text(class_names: Sequence[str], colors: Sequence[str], attr: str = "class_name") -> str:
+    root = ET.Element("qgis", {"version": "3.22.0", "styleCategories": "Symbology"})
+    renderer = ET.SubElement(root, "renderer-v2", {"type": "categorizedSymbol", "attr": attr,
+                                                   "symbollevels": "0", "enableorderby": "0",
+                                                   "forceraster": "0"})
+    cats = ET.SubElement(renderer, "categories")
+    syms = ET.SubElement(renderer, "symbols")
+    for i, (name, color) in enumerate(zip(class_names, colors)):
+        ET.SubElement(cats, "category", {"value": str(name), "label": str(name), "symbol": str(i), "render": "true"})
+        _fill_symbol(syms, str(i), color)
+    ET.SubElement(root, "layerOpacity").text = "1"
+    ET.SubElement(root, "layerGeometryType").text = "2"  # polygon
+    ET.indent(root)
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_qml(path: Path, class_names: Sequence[str], colors: Sequence[str]) -> str:
+    text = qml_text(class_names, colors)
+    Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+def embed_style(gpkg: Path, layer: str, qml: str, name: str = "asymkd classes") -> None:
+    """Store the style as the layer's default in the GeoPackage `layer_styles` table (the
+    table QGIS itself writes when a style is saved to the database)."""
+    import pyogrio.raw
+    fields = {
+        "f_table_catalog": "", "f_table_schema": "", "f_table_name": layer, "f_geometry_column": "geom",
+        "styleName": name, "styleQML": qml, "styleSLD": "", "useAsDefault": 1,
+        "description": "categorized by class, written by asymkd classify", "owner": "", "ui": "",
+        "update_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+    }
+    data = [np.array([v], dtype=np.int32 if isinstance(v, int) else object) for v in fields.values()]
+    pyogrio.raw.write(str(gpkg), geometry=None, field_data=data, fields=list(fields), layer="layer_styles",
+                      driver="GPKG", append=True)

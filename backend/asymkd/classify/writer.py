@@ -1,0 +1,183 @@
+"""Outputs written atomically: the tile GeoPackage (in chunks, through pyogrio), the
+optional class raster, and the style; each goes to a hidden temporary file beside its
+final path and is moved into place only when the whole job has succeeded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import shapely
+
+from ..errors import ConfigError, DataError
+from .grid import Grid
+from .infer import Summary
+
+_SIDECARS = ("-journal", "-wal", "-shm", ".aux.xml")
+LAYER = "tiles"
+
+
+class AtomicOutputs:
+    """Temporary paths for a set of outputs; `commit()` moves them all into place, and
+    leaving the `with` block without commit removes every temporary file."""
+
+    def __init__(self, finals: Sequence[Path], overwrite: bool = False):
+        self.finals = [Path(p) for p in finals]
+        self.temps = {p: p.with_name(f".{p.name}.{os.getpid()}.partial{p.suffix}") for p in self.finals}
+        self.committed = False
+        for p in self.finals:
+            if p.exists() and not overwrite:
+                raise ConfigError(f"output {p} already exists", "pass --overwrite to replace it, or choose another name")
+            if p.is_dir():
+                raise ConfigError(f"output {p} is a folder", "give a file name, e.g. tiles.gpkg")
+        for p in self.finals:
+            self._probe(p)
+
+    @staticmethod
+    def _probe(path: Path) -> None:
+        """Fail now, before any inference, when the output cannot be written."""
+        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(probe, "x"):
+                pass
+        except OSError as exc:
+            raise DataError(f"cannot write output {path}: {exc.strerror or exc}",
+                            "choose a folder you can write to") from exc
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+
+    def temp(self, final: Path) -> Path:
+        return self.temps[Path(final)]
+
+    def commit(self) -> None:
+        for final, tmp in self.temps.items():
+            for side in _SIDECARS:  # an old database's journal must not meet the new file
+                Path(str(final) + side).unlink(missing_ok=True)
+            if tmp.exists():
+                os.replace(tmp, final)
+                aux = Path(str(tmp) + ".aux.xml")
+                if aux.exists():
+                    os.replace(aux, Path(str(final) + ".aux.xml"))
+        self.committed = True
+
+    def discard(self) -> list[Path]:
+        removed = []
+        for tmp in self.temps.values():
+            for p in (tmp, *(Path(str(tmp) + s) for s in _SIDECARS)):
+                if p.exists():
+                    p.unlink()
+                    removed.append(p)
+        return removed
+
+    def __enter__(self) -> "AtomicOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.discard()
+
+
+class TileLayerWriter:
+    """Appends tile polygons and their classes to a GeoPackage layer, `chunk` at a time."""
+
+    def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], chunk: int = 20000):
+        self.path = Path(path)
+        self.grid = grid
+        self.class_names = np.array(list(class_names), dtype=object)
+        self.chunk = chunk
+        self.crs = grid.crs.to_wkt()
+        self.count = 0
+        self._parts: list[dict[str, np.ndarray]] = []
+        self._pending = 0
+        self._started = False
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        self._parts.append({"rows": np.array(rows), "cols": np.array(cols), "class_id": summary.class_id,
+                            "confidence": summary.confidence, "second_id": summary.second_id,
+                            "second_prob": summary.second_prob, "entropy": summary.entropy,
+                            "valid_fraction": np.array(valid, np.float64)})
+        self._pending += len(rows)
+        if self._pending >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._parts and self._started:
+            return
+        cat = {k: np.concatenate([p[k] for p in self._parts]) if self._parts else np.array([])
+               for k in ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy",
+                         "valid_fraction")}
+        self._parts, self._pending = [], 0
+        rows, cols = cat["rows"].astype(np.int64), cat["cols"].astype(np.int64)
+        geoms = shapely.to_wkb(shapely.box(*self.grid.bounds(rows, cols))) if len(rows) else np.array([], dtype=object)
+        cid, sid = cat["class_id"].astype(np.int32), cat["second_id"].astype(np.int32)
+        fields = {
+            "class_id": cid,
+            "class_name": self.class_names[cid] if len(cid) else np.array([], dtype=object),
+            "confidence": cat["confidence"].astype(np.float64),
+            "second_id": sid,
+            "second_name": self.class_names[sid] if len(sid) else np.array([], dtype=object),
+            "second_prob": cat["second_prob"].astype(np.float64),
+            "entropy": cat["entropy"].astype(np.float64),
+            "tile_key": self.grid.key_strings(rows, cols),
+            **{k: v.astype(np.int32) for k, v in self.grid.keys(rows, cols).items()},
+            "valid_fraction": cat["valid_fraction"].astype(np.float64),
+        }
+        import pyogrio.raw
+        pyogrio.raw.write(str(self.path), geometry=geoms, field_data=list(fields.values()), fields=list(fields),
+                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs,
+                          append=self._started)
+        self._started = True
+        self.count += len(rows)
+
+    def close(self) -> int:
+        self.flush()
+        return self.count
+
+
+class ClassRaster:
+    """One pixel per tile step (stride), centred on its tile, holding the class id; kept in
+    memory (tiles / stride^2 is small) and written as a GeoTIFF with a colour table."""
+
+    def __init__(self, grid: Grid, class_names: Sequence[str]):
+        self.grid = grid
+        self.class_names = list(class_names)
+        self.dtype = "uint8" if len(class_names) < 255 else "uint16"
+        self.nodata = 255 if self.dtype == "uint8" else 65535
+        self.array = np.full((grid.rows, grid.cols), self.nodata, dtype=self.dtype)
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, class_id: np.ndarray) -> None:
+        self.array[rows, cols] = class_id
+
+    def write(self, path: Path, colors: Sequence[str]) -> None:
+        import rasterio
+        from affine import Affine
+        g = self.grid
+        shift = (g.tile - g.stride) / 2.0  # stride-sized pixels centred on their tiles
+        transform = g.transform * Affine.translation(shift, shift) * Affine.scale(g.stride)
+        with rasterio.open(path, "w", driver="GTiff", width=g.cols, height=g.rows, count=1, dtype=self.dtype,
+                           crs=g.crs, transform=transform, nodata=self.nodata, compress="deflate") as dst:
+            dst.write(self.array, 1)
+            dst.write_colormap(1, {i: _rgba(c) for i, c in enumerate(colors)})
+            dst.set_band_description(1, "class_id")
+            dst.update_tags(class_names=",".join(self.class_names))
+            dst.update_tags(1, **{f"class_{i}": n for i, n in enumerate(self.class_names)})
+
+
+def _rgba(color: str) -> tuple[int, int, int, int]:
+    s = color.lstrip("#")
+    return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16), 255
+
+
+def check_output_names(out: Path, class_raster: Path | None) -> None:
+    if out.suffix.lower() != ".gpkg":
+        raise ConfigError(f"output {out} is not a .gpkg file", "name the output e.g. tiles.gpkg")
+    if class_raster is not None and class_raster.suffix.lower() not in (".tif", ".tiff"):
+        raise ConfigError(f"class raster {class_raster} is not a .tif file", "name it e.g. classes.tif")

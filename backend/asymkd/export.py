@@ -1,0 +1,335 @@
+"""Export a model folder to one self-describing ONNX file, and read such files back.
+
+The ONNX graph takes raw band values (the units the model was trained on, shape
+(batch, bands, H, W), float32) and does the normalisation itself, so a caller never has to
+know mean/std; it returns `probabilities` (softmax) and `logits`. The batch axis is dynamic
+(and so are H and W: the backbones pool globally, but tiles should be `patch_size` pixels).
+
+Everything needed to use the file travels inside it as ONNX metadata: key `asymkd` holds a
+JSON object (see `build_metadata`), key `asymkd_format_version` its format version. Files
+without it, or of a newer format than this code reads, are refused.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import ConfigError, DataError, ModelFileError
+from .events import NULL_EVENTS, Events
+
+FORMAT_VERSION = 1
+META_KEY = "asymkd"
+VERSION_KEY = "asymkd_format_version"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probabilities", "logits")
+PARITY_TOLERANCE = 1e-4
+DEFAULT_OPSET = 17
+
+# Distinct colours for classes when neither the palette module nor meta.json gives one.
+_FALLBACK_COLORS = ["#1f78b4", "#33a02c", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928",
+                    "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99",
+                    "#8dd3c7", "#bebada", "#80b1d3", "#fccde5", "#d9d9d9", "#bc80bd"]
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    checked_samples: int
+    check_source: str
+    metadata: dict[str, Any]
+
+
+def _hex(color: Any) -> str | None:
+    """'#rrggbb' from '#rgb'/'#rrggbb'/'rrggbb' or an (r, g, b[, a]) sequence; None if unusable."""
+    if isinstance(color, str):
+        s = color.strip().lstrip("#")
+        if len(s) == 3:
+            s = "".join(c * 2 for c in s)
+        if len(s) in (6, 8) and all(c in "0123456789abcdefABCDEF" for c in s):
+            return "#" + s[:6].lower()
+        return None
+    if isinstance(color, (list, tuple)) and len(color) >= 3:
+        vals = [float(v) for v in color[:3]]
+        if all(0 <= v <= 1 for v in vals) and any(isinstance(v, float) for v in color[:3]):
+            vals = [v * 255 for v in vals]  # matplotlib-style 0..1 floats
+        return "#" + "".join(f"{int(round(min(max(v, 0), 255))):02x}" for v in vals)
+    return None
+
+
+def fallback_color(index: int) -> str:
+    """A fixed colour for class `index`: a qualitative palette, then golden-ratio hues."""
+    if index < len(_FALLBACK_COLORS):
+        return _FALLBACK_COLORS[index]
+    hue = (index * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.9)
+    return "#" + "".join(f"{int(round(v * 255)):02x}" for v in (r, g, b))
+
+
+def class_colors(meta: dict[str, Any]) -> list[str]:
+    """One '#rrggbb' per class: meta['colors'] (list or name->colour), else the shared
+    palette module when present, else a deterministic fallback."""
+    names = list(meta["class_names"])
+    given = meta.get("colors")
+    palette = None
+    try:  # the project's shared class palette, when installed
+        from . import palette as palette  # type: ignore[no-redef]
+    except ImportError:
+        palette = None
+    out = []
+    for i, name in enumerate(names):
+        color = None
+        if isinstance(given, dict):
+            color = _hex(given.get(name))
+        elif isinstance(given, (list, tuple)) and i < len(given):
+            color = _hex(given[i])
+        if color is None and palette is not None and hasattr(palette, "color_for"):
+            try:
+                color = _hex(palette.color_for(name, i))
+            except Exception:  # a palette problem must not block an export
+                color = None
+        out.append(color or fallback_color(i))
+    return out
+
+
+def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
+                   parity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON object stored in the ONNX file (format version FORMAT_VERSION)."""
+    for key in ("backbone", "class_names", "band_names", "mean", "std", "patch_size"):
+        if key not in meta:
+            raise ModelFileError(f"model metadata (meta.json) lacks '{key}'",
+                                 "re-save the model with asymkd.models.files.save_model")
+    summary = meta.get("summary")
+    return {
+        "format_version": FORMAT_VERSION,
+        "producer": f"asymkd {__version__}",
+        "model_name": meta.get("name") or (model_folder.name if model_folder else "model"),
+        "backbone": meta["backbone"],
+        "class_names": list(meta["class_names"]),
+        "class_colors": class_colors(meta),
+        "band_names": list(meta["band_names"]),
+        "in_chans": len(meta["band_names"]),
+        "num_classes": len(meta["class_names"]),
+        "mean": [float(v) for v in meta["mean"]],
+        "std": [float(v) for v in meta["std"]],
+        "normalization": "in_graph",  # the graph takes raw band values
+        "patch_size": int(meta["patch_size"]),
+        "gsd": (float(meta["gsd"]) if meta.get("gsd") is not None else None),
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "units": "raw"},
+        "outputs": list(OUTPUT_NAMES),
+        "summary": summary,
+        "metrics": meta.get("metrics"),
+        "parity": parity,
+    }
+
+
+class _Deployable:
+    """Builds the torch module that is exported: normalise -> model -> (softmax, logits)."""
+
+    @staticmethod
+    def wrap(model, mean: Sequence[float], std: Sequence[float]):
+        import torch
+        from torch import nn
+
+        class Deployable(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+                self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+                self.register_buffer("inv_std", 1.0 / torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+            def forward(self, x):
+                logits = self.model((x - self.mean) * self.inv_std)
+                return torch.softmax(logits, dim=1), logits
+
+        return Deployable().eval()
+
+
+def _synthetic_check_batch(meta: dict[str, Any], n: int, seed: int = 0) -> np.ndarray:
+    """Raw-unit inputs spread like the training data (mean +- 2 std, non-negative)."""
+    rng = np.random.default_rng(seed)
+    size = int(meta["patch_size"])
+    mean = np.asarray(meta["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(meta["std"], np.float32).reshape(1, -1, 1, 1)
+    x = mean + std * rng.standard_normal((n, len(meta["mean"]), size, size)).astype(np.float32) * 1.0
+    return np.clip(x, 0, None).astype(np.float32)
+
+
+def _check_batches(meta: dict[str, Any], data: np.ndarray | None, limit: int) -> tuple[np.ndarray, str]:
+    if data is None:
+        return _synthetic_check_batch(meta, limit), "synthetic (training mean/std)"
+    data = np.asarray(data, np.float32)
+    if data.ndim != 4 or data.shape[1] != len(meta["band_names"]):
+        raise DataError(f"check data has shape {data.shape}; the model needs (N, {len(meta['band_names'])}, H, W)",
+                        "give patches with the model's bands")
+    return data[:limit], "data"
+
+
+def onnx_session_options(threads: int = 0, spinning: bool = True):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    if not spinning:
+        # Idle intra-op threads otherwise busy-wait and steal the reader thread's core.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
+                check_data: np.ndarray | None = None, check_samples: int = 128,
+                opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                tolerance: float = PARITY_TOLERANCE, events: Events = NULL_EVENTS) -> ExportResult:
+    """Export the model in `model_folder` to ONNX (default `<folder>/model.onnx`).
+
+    The file is checked against torch on `check_data` (raw-unit patches; synthetic ones
+    drawn from the training statistics when None) at batch sizes 1 and up to 64; the
+    export fails and leaves no file when the probabilities differ by more than `tolerance`.
+    """
+    import torch
+    from .models.files import load_model
+
+    folder = Path(model_folder)
+    out = Path(out) if out is not None else folder / "model.onnx"
+    if out.suffix.lower() != ".onnx":
+        raise ConfigError(f"output {out} does not end in .onnx", "name the file e.g. student.onnx")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists", "pass --overwrite to replace it, or choose another name")
+    model, meta = load_model(folder)
+    batch, source = _check_batches(meta, check_data, check_samples)
+    size = int(meta["patch_size"])
+    if batch.shape[-2:] != (size, size):
+        events.warning(f"check patches are {batch.shape[-2]}x{batch.shape[-1]} pixels, the model's patch size is {size}")
+    deploy = _Deployable.wrap(model, meta["mean"], meta["std"])
+    with events.step("export", model=str(folder), out=str(out)):
+        blob = _to_onnx_bytes(deploy, batch[:2], opset)
+        diff = _parity(deploy, blob, batch, torch)
+        events.metrics("export", {"max_abs_prob_diff": diff, "samples": len(batch), "source": source})
+        if not diff <= tolerance:
+            raise ModelFileError(
+                f"ONNX and torch disagree: max abs probability difference {diff:.3g} > {tolerance:g}",
+                "try another --opset; the file was not written")
+        metadata = build_metadata(meta, folder, parity={"max_abs_prob_diff": diff, "samples": len(batch),
+                                                        "source": source, "tolerance": tolerance})
+        _write_with_metadata(blob, metadata, out)
+    events.log(f"exported {out} (max abs probability difference vs torch {diff:.2e} on {len(batch)} {source} patches)")
+    events.result("export", onnx=out)
+    return ExportResult(out, diff, len(batch), source, metadata)
+
+
+def _to_onnx_bytes(module, example: np.ndarray, opset: int) -> bytes:
+    import torch
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter needs no extra packages and handles these CNNs exactly.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.from_numpy(np.ascontiguousarray(example)),), buf, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                          dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                                        OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}})
+    return buf.getvalue()
+
+
+def _parity(module, blob: bytes, batch: np.ndarray, torch) -> float:
+    """Max abs difference of probabilities, ONNX (CPU, optimised graph) vs torch, at several
+    batch sizes so the dynamic axis is exercised."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(blob, sess_options=onnx_session_options(), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    # one single-sample batch, then batches of up to 64
+    bounds = [0, 1] + list(range(65, len(batch), 64)) + [len(batch)]
+    chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with torch.no_grad():
+        for a, b in chunks:
+            x = batch[a:b]
+            ref = module(torch.from_numpy(np.ascontiguousarray(x)))[0].numpy()
+            got = sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})[0]
+            if got.shape != ref.shape:
+                return float("inf")
+            worst = max(worst, float(np.max(np.abs(got - ref))))
+    return worst
+
+
+def _write_with_metadata(blob: bytes, metadata: dict[str, Any], out: Path) -> None:
+    import onnx
+    proto = onnx.load_from_string(blob)
+    del proto.metadata_props[:]
+    for key, value in ((META_KEY, json.dumps(metadata)), (VERSION_KEY, str(FORMAT_VERSION))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "asymkd"
+    proto.producer_version = __version__
+    proto.doc_string = (f"AsymKD scene classifier '{metadata['model_name']}' ({metadata['backbone']}); "
+                        f"classes: {', '.join(metadata['class_names'])}")
+    onnx.checker.check_model(proto)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The AsymKD metadata of an ONNX model file; ModelFileError when the file is not an
+    ONNX model, lacks the metadata, or is of a newer format version."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            path = path / "model.onnx"
+        else:
+            raise ModelFileError(f"{path} is a folder, not an ONNX model file",
+                                 f"export it first: asymkd export {path} --out model.onnx")
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist", "give the .onnx file written by asymkd export")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelFileError(f"{path} is not an ONNX model file ({type(exc).__name__})",
+                             "give the .onnx file written by asymkd export") from exc
+    if not proto.graph.node:
+        raise ModelFileError(f"{path} is not an ONNX model file (no graph)",
+                             "give the .onnx file written by asymkd export")
+    props = {p.key: p.value for p in proto.metadata_props}
+    return parse_metadata(props, str(path))
+
+
+def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
+    if META_KEY not in props:
+        raise ModelFileError(f"{where} is an ONNX model without AsymKD metadata (classes, bands, normalisation)",
+                             "export the model with `asymkd export MODEL_FOLDER`")
+    try:
+        meta = json.loads(props[META_KEY])
+        version = int(meta.get("format_version", props.get(VERSION_KEY, -1)))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"{where} has unreadable AsymKD metadata: {exc}",
+                             "export the model again with `asymkd export`") from exc
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{where} is AsymKD model format version {version}; this asymkd ({__version__}) "
+                             f"reads up to version {FORMAT_VERSION}",
+                             "update asymkd, or export the model again with this version")
+    if version < 1:
+        raise ModelFileError(f"{where} has an invalid AsymKD format version {version}",
+                             "export the model again with `asymkd export`")
+    missing = [k for k in ("class_names", "band_names", "patch_size") if k not in meta]
+    if missing:
+        raise ModelFileError(f"{where} AsymKD metadata lacks {', '.join(missing)}",
+                             "export the model again with `asymkd export`")
+    meta.setdefault("class_colors", [fallback_color(i) for i in range(len(meta["class_names"]))])
+    return meta
