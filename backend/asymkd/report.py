@@ -45,6 +45,7 @@ table.headline td,table.headline th{font-size:1.1em;padding:8px 16px}
 .figs{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 figure{margin:0;background:#fff;border:1px solid #d0d7de;padding:8px}
 figure img{max-width:540px;height:auto;display:block}
+figure.wide img{max-width:100%}
 figcaption{font-size:.85em;color:#57606a;text-align:center;margin-top:4px}
 pre{background:#fff;border:1px solid #d0d7de;padding:12px;overflow:auto;font-size:.85em}
 .note{color:#57606a;font-style:italic}.warn{color:#9a6700}
@@ -148,10 +149,11 @@ def png_img(data: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{encoded}" alt="{esc(alt)}">'
 
 
-def figure(data: bytes | None, caption: str) -> str:
+def figure(data: bytes | None, caption: str, wide: bool = False) -> str:
     if data is None:
         return ""
-    return f"<figure>{png_img(data, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+    cls = ' class="wide"' if wide else ""
+    return f"<figure{cls}>{png_img(data, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def note(text: str, cls: str = "note") -> str:
@@ -280,7 +282,7 @@ def section_scores_overview(steps: list[Step]) -> str:
 
 
 def section_curves(steps: list[Step]) -> str:
-    figs = [figure(_curves_png(step), f"{step.title}: training curves") for step in steps]
+    figs = [figure(_curves_png(step), f"{step.title}: training curves", wide=True) for step in steps]
     figs = [f for f in figs if f]
     if not figs:
         return ""
@@ -294,7 +296,10 @@ def summary_table(summary: Any) -> str:
     return table(["Key", "Value"], rows)
 
 
-def section_pairing(matcher: Step | None, pairs: Step | None) -> str:
+FINAL_PAIRS_PREFIX = "final_pairs_"
+
+
+def section_pairing(matcher: Step | None, pairs: Step | None, student: Step | None = None) -> str:
     parts = []
     for step in (pairs, matcher):
         if step is None:
@@ -305,6 +310,14 @@ def section_pairing(matcher: Step | None, pairs: Step | None) -> str:
             continue
         parts.append(summary_table(step.doc.get("summary"))
                      or note("No summary recorded for this step."))
+    # The distillation re-pairs as it trains; its last pairing is in the student's summary.
+    summary = student.doc.get("summary") if student is not None else None
+    if isinstance(summary, dict):
+        final = {k[len(FINAL_PAIRS_PREFIX):]: v for k, v in summary.items()
+                 if k.startswith(FINAL_PAIRS_PREFIX)}
+        if final:
+            parts.append("<h3>Pairs at the end of distillation (after re-pairing)</h3>"
+                         + summary_table(final))
     if not parts:
         return ""
     return ("<h2>Matcher and pairing</h2>"
@@ -345,8 +358,11 @@ def section_teacher(teacher: Step | None) -> str:
 def section_student_summaries(baseline: Step | None, student: Step | None) -> str:
     parts = []
     for step in (baseline, student):
-        if step is not None and summary_table(step.doc.get("summary")):
-            parts.append(f"<h3>{esc(step.title)}</h3>" + summary_table(step.doc.get("summary")))
+        summary = step.doc.get("summary") if step is not None else None
+        if isinstance(summary, dict):
+            summary = {k: v for k, v in summary.items() if not k.startswith(FINAL_PAIRS_PREFIX)}
+            if summary:
+                parts.append(f"<h3>{esc(step.title)}</h3>" + summary_table(summary))
     return "<h2>Student training summaries</h2>" + "".join(parts) if parts else ""
 
 
@@ -377,7 +393,7 @@ def build_report_html(run_dir: str | Path) -> str:
         section_confusions(baseline, student),
         section_scores_overview(steps),
         section_curves(steps),
-        section_pairing(found["matcher"], found["pairs"]),
+        section_pairing(found["matcher"], found["pairs"], student),
         section_teacher(found["teacher"]),
         section_student_summaries(baseline, student),
         section_config(run_dir),

@@ -39,7 +39,8 @@ def run_dir(tmp_path: Path) -> Path:
     _write(run, "baseline", {"step": "baseline", "test": baseline, "val": baseline,
                              "history": _history(3), "summary": {"epochs": 3}})
     _write(run, "student", {"step": "student", "test": student, "history": _history(4),
-                            "summary": {"w_feat": 0.003, "pseudo": "kl"}})
+                            "summary": {"w_feat": 0.003, "pseudo": "kl",
+                                                        "final_pairs_max_share": 0.0456}})
     _write(run, "teacher", {"step": "teacher", "val": _scores([0, 0, 0, 0, 1, 1, 1, 1, 2, 2]),
                             "history": _history(2), "summary": {"train_accuracy": 0.97}})
     _write(run, "pairs", {"step": "pairs", "summary": {"distinct_ms_used": 241, "max_share": 0.0123,
@@ -60,6 +61,8 @@ def test_report_shows_baseline_student_and_gain(run_dir: Path):
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 2 + 3 + 1  # two student confusions, three+ curves, teacher confusion
     assert "distinct_ms_used" in page and "241" in page and "0.0123" in page
+    after = page.split("after re-pairing", 1)[1].split("<h2>", 1)[0]
+    assert "max_share" in after and "0.0456" in after
     assert "MS teacher" in page and "100.0%" in page
     assert "resnet18_w32" in page
 

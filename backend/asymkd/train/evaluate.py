@@ -253,30 +253,51 @@ def _numeric_series(history: Sequence[dict[str, Any]]) -> tuple[list[float], dic
     return xs, series
 
 
-def _is_score(key: str) -> bool:
-    key = key.lower()
-    return any(word in key for word in ("acc", "f1", "precision", "recall", "agree"))
+# Keys of a history record that are bookkeeping, not curves worth a panel.
+_NOT_PLOTTED = ("lr", "time", "seconds", "step")
+
+
+def _panel_of(key: str) -> str | None:
+    """Which panel a history key goes to: loss (and per-term train averages), score, other."""
+    low = key.lower()
+    if any(word in low for word in ("acc", "f1", "precision", "recall", "agree")):
+        return "score"
+    if "loss" in low or low.startswith("train_"):
+        return "loss"
+    if low in _NOT_PLOTTED or low.endswith(tuple("_" + w for w in _NOT_PLOTTED)):
+        return None
+    return "other"
 
 
 def curves_png_bytes(history: Sequence[dict[str, Any]], title: str = "") -> bytes | None:
-    """Training curves as PNG: losses on the left, scores (accuracy, F1) on the right.
-    None when the history holds nothing to plot."""
+    """Training curves as PNG, one panel each for losses, scores (accuracy, F1) and other
+    numeric values (e.g. a teacher weight). None when the history holds nothing to plot."""
     if not history:
         return None
+    from matplotlib.ticker import MaxNLocator
     xs, series = _numeric_series(history)
-    losses = {k: v for k, v in series.items() if "loss" in k.lower()}
-    scores = {k: v for k, v in series.items() if _is_score(k) and k not in losses}
-    panels = [(name, group) for name, group in (("loss", losses), ("score", scores)) if group]
-    if not panels:
-        others = {k: v for k, v in series.items() if k not in losses and k not in scores}
-        panels = [("value", others)] if others else []
+    groups: dict[str, dict[str, list[float]]] = {"loss": {}, "score": {}, "other": {}}
+    for key, values in series.items():
+        panel = _panel_of(key)
+        if panel is not None:
+            groups[panel][key] = values
+    panels = [(name, group) for name, group in groups.items() if group]
     if not panels:
         return None
-    fig = _new_figure(5.0 * len(panels), 3.4)
+    fig = _new_figure(3.8 * len(panels), 3.0)
     for index, (ylabel, group) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), index + 1)
         for key, values in group.items():
             ax.plot(xs, values, marker="o" if len(xs) <= 30 else None, markersize=3, label=key)
+        finite = [v for values in group.values() for v in values if math.isfinite(v)]
+        # Loss terms differ by orders of magnitude (CE vs CORAL): a log axis shows them all.
+        if ylabel == "loss" and finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+            ax.set_yscale("log")
+        epochs = sorted({x for x in xs if math.isfinite(x)})
+        if 0 < len(epochs) <= 12:
+            ax.set_xticks(epochs)  # few epochs: one tick each (a single point gets no 0.95..1.05)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
