@@ -28,6 +28,7 @@ class DataConfig:
     bands: str | None = None           # MS band names: preset (sentinel2) or comma list
     val_fraction: float = 0.15         # stratified, seeded validation split of labeled RGB
     rgb_limit_per_class: int = 0       # use at most N labeled RGB per class (0 = all)
+    rgb_rest_unlabeled: bool = False   # labeled RGB beyond that limit join as unlabeled
 
 
 @dataclass

@@ -7,7 +7,6 @@ killed mid-way continues from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +84,13 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
         if rgb.num_bands != 3:
             raise DataError(f"RGB dataset {cfg.data.rgb} has {rgb.num_bands} bands, not 3")
         if cfg.data.rgb_limit_per_class > 0:
-            rgb = rgb.subset(_limit_per_class(rgb.labels, cfg.data.rgb_limit_per_class, cfg.seed))
-        parts.append(rgb)
+            keep = _limit_per_class(rgb.labels, cfg.data.rgb_limit_per_class, cfg.seed)
+            rest = rgb.subset(np.setdiff1d(np.arange(len(rgb)), keep))
+            rgb = rgb.subset(keep)
+            if cfg.data.rgb_rest_unlabeled and len(rest):
+                rest.labels[:] = -1
+                parts.append(rest)
+        parts.insert(0, rgb)
     if cfg.data.rgb_unlabeled:
         unl = load_folder(cfg.data.rgb_unlabeled, "rgb", class_names=class_names)
         unl.labels[:] = -1  # a labeled folder given as unlabeled is used without its labels
@@ -95,12 +99,14 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
         raise DataError("no RGB training data given", "pass --rgb DIR (labeled) and/or --rgb-unlabeled DIR")
     if len(parts) == 1:
         return parts[0]
-    a, b = parts
-    if a.images.shape[1:] != b.images.shape[1:]:
-        raise DataError(f"labeled and unlabeled RGB patches differ in shape: {a.images.shape[1:]} vs {b.images.shape[1:]}")
-    return PatchSet(images=np.concatenate([a.images, b.images]), labels=np.concatenate([a.labels, b.labels]),
-                    class_names=class_names, band_names=a.band_names, stems=a.stems + b.stems,
-                    paths=a.paths + b.paths, modality="rgb")
+    shapes = {p.images.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise DataError(f"labeled and unlabeled RGB patches differ in shape: {sorted(shapes)}",
+                        "use patches of one size and band count")
+    return PatchSet(images=np.concatenate([p.images for p in parts]),
+                    labels=np.concatenate([p.labels for p in parts]), class_names=class_names,
+                    band_names=parts[0].band_names, stems=[s for p in parts for s in p.stems],
+                    paths=[s for p in parts for s in p.paths], modality="rgb")
 
 
 def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
@@ -137,11 +143,10 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
 
 
 def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
-    import torch
 
-    from .models.files import atomic_write_text
     from .train import common
     from .train.matcher import embed, load_matcher
+    from .train.evaluate import write_metrics_json
     from .train.pairing import assign_pairs, pairing_stats
     run_dir = Path(run_dir)
     with events.step("pair"):
@@ -164,7 +169,7 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
         unl = rgb.labels < 0
         summary = {"rgb_samples": len(rgb), "unlabeled": int(unl.sum()), "ms_samples": len(ms),
                    "method": cfg.pairing.method, **stats}
-        atomic_write_text(out / "metrics.json", json.dumps({"step": "pairs", "summary": summary}, indent=2))
+        write_metrics_json(out / "metrics.json", {"step": "pairs", "summary": summary})
         events.metrics("pair", summary)
         events.result("pair", pairs=out / "pairs.npz")
     return summary

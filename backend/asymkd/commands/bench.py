@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 HELP = "benchmarks: accuracy, train, classify"
 KINDS = {"accuracy": "teacher, baseline and distilled students on a real folder dataset, over seeds",
@@ -12,7 +13,8 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind, text in KINDS.items():
         p = sub.add_parser(kind, help=text, description=text)
-        importlib.import_module(f"asymkd.bench.{kind}").add_arguments(p)
+        if kind in sys.argv:  # import only the benchmark that runs
+            importlib.import_module(f"asymkd.bench.{kind}").add_arguments(p)
 
 
 def run(args, events) -> int:

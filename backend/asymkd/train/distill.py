@@ -29,9 +29,10 @@ from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
-from ..models.files import atomic_write_text, load_model, save_model, save_state
+from ..models.files import load_model, save_model, save_state
 from ..models.losses import coral_loss, kd_loss, mmd_loss
 from . import common
+from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
 from .pairing import pairing_stats, repair_by_kl
 
 
@@ -82,7 +83,6 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                   pairs: np.ndarray | None = None, rgb_test: PatchSet | None = None,
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
-    from .evaluate import classification_metrics, save_confusion_png
     dc = cfg.distill
     step = "baseline" if baseline else "distill"
     out_dir = Path(out_dir)
@@ -212,7 +212,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             "summary": summary, "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
                                             for s in ("val", "test") if s in metrics}}
     save_model(out_dir, student, meta)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_metrics_json(out_dir / "metrics.json", metrics)
     ckpt.remove()
     best_path.unlink(missing_ok=True)
     events.metrics(metrics["step"], {**summary, **meta["metrics"]})

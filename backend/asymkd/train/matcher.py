@@ -25,6 +25,7 @@ from ..events import NULL_EVENTS, Events
 from ..models.losses import masked_info_nce
 from ..models.files import atomic_write_text, save_state
 from . import common
+from .evaluate import write_metrics_json
 
 
 class Encoder(nn.Module):
@@ -127,7 +128,7 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     save_state(out_dir / "model.safetensors", model.cpu().state_dict())
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
     metrics = {"step": "matcher", "history": history, "summary": summary}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_metrics_json(out_dir / "metrics.json", metrics)
     ckpt.remove()
     events.metrics("matcher", summary)
     return metrics

@@ -23,6 +23,7 @@ from ..events import NULL_EVENTS, Events
 from ..models.backbones import SceneClassifier
 from ..models.files import atomic_write_text, save_model
 from . import common
+from .evaluate import classification_metrics, write_metrics_json
 
 
 @dataclass
@@ -119,10 +120,9 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                                                             "labels": ms.labels.tolist()}))
     val = None
     if folds:
-        from .evaluate import classification_metrics
         val = classification_metrics(ms.labels, soft.argmax(1), ms.class_names)
     metrics = {"step": "teacher", "val": val, "history": fit.history, "summary": summary}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_metrics_json(out_dir / "metrics.json", metrics)
     common.Checkpoint(out_dir / "checkpoint.pt").remove()
     fold_file.unlink(missing_ok=True)
     events.metrics("teacher", summary)
