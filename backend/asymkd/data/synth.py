@@ -16,6 +16,7 @@ byte-identical on rerun and a patch does not change when other counts change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -519,6 +520,20 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _fixed_gpkg_timestamp() -> Iterator[None]:
+    """GeoPackages carry a write timestamp; pin it (for our writes only) so a rerun writes
+    the same bytes."""
+    import pyogrio
+    key = "OGR_CURRENT_DATE"
+    previous = pyogrio.get_gdal_config_option(key)
+    pyogrio.set_gdal_config_options({key: "2000-01-01T00:00:00Z"})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({key: previous})
+
+
 def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
                events: Events = NULL_EVENTS) -> dict[str, str]:
     """Write the synthetic world under `out_dir`; return its paths (also in world.json).
@@ -537,9 +552,6 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
     out = Path(out_dir)
     _prepare_out(out)
     names = cfg.class_names()
-    import pyogrio
-    # GeoPackages carry a timestamp; pin it so a rerun writes the same bytes.
-    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00Z"})
     sets: dict[str, list[_Patch]] = {}
     with events.step("synth", out=str(out)):
         plan = [("ms", cfg.ms_per_class, 0, MS_PLACE),
@@ -562,7 +574,8 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
             next(progress, None)
         for _ in progress:  # finish the progress stream
             pass
-        paths = _write_all(out, cfg, names, sets, unlabeled)
+        with _fixed_gpkg_timestamp():
+            paths = _write_all(out, cfg, names, sets, unlabeled)
     events.result("synth", **paths)
     return paths
 
