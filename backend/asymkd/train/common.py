@@ -99,7 +99,8 @@ def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     parts = list(order.split(batch_size))
     if len(parts) > 1 and len(parts[-1]) < max(2, batch_size // 2):
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 

@@ -1,0 +1,129 @@
+"""The engine's job steps end to end on tiny data, resume after a kill, and determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asymkd import config as config_mod
+from asymkd.events import Events
+from asymkd.pipeline import resolve_config, run_all, step_distill, step_matcher, step_pair, step_teacher
+
+from tiny_data import TINY_CONFIG, data_config, make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def _cfg(run, dataset, **extra):
+    values = config_mod.merge(TINY_CONFIG, {"data": data_config(dataset, unlabeled=True), **extra})
+    return resolve_config(run, None, values)
+
+
+def test_run_all_writes_every_step_and_report(tmp_path, dataset):
+    run = tmp_path / "run"
+    cfg = _cfg(run, dataset)
+    report = run_all(cfg, run)
+    assert report.is_file()
+    for step in ("teacher", "matcher", "student", "baseline"):
+        assert (run / step / "metrics.json").is_file(), step
+    student = json.loads((run / "student" / "metrics.json").read_text())
+    assert student["test"]["n"] == 12  # 3 classes x 4 test patches
+    assert student["summary"]["rgb_train"] > student["summary"]["labeled_train"]  # unlabeled used
+    baseline = json.loads((run / "baseline" / "metrics.json").read_text())
+    assert baseline["summary"]["rgb_train"] == baseline["summary"]["labeled_train"]
+    meta = json.loads((run / "student" / "meta.json").read_text())
+    assert meta["class_names"] == ["Forest", "River", "Urban"] and meta["in_chans"] == 3
+    teacher_meta = json.loads((run / "teacher" / "meta.json").read_text())
+    assert teacher_meta["band_names"][12] == "B8A" and len(teacher_meta["mean"]) == 13
+    soft = np.load(run / "teacher" / "soft_labels.npy")
+    assert soft.shape == (18, 3) and np.allclose(soft.sum(1), 1, atol=1e-4)
+    pairs = np.load(run / "pairs" / "pairs.npz")
+    ms_labels = json.loads((run / "teacher" / "ms_index.json").read_text())["labels"]
+    rgb_labels = np.repeat([0, 1, 2], 8)
+    # labeled RGB samples are paired within their class
+    assert (np.array(ms_labels)[pairs["ms_index"][:24]] == rgb_labels).all()
+    assert "baseline" in report.read_text() and "student" in report.read_text().lower()
+
+
+def test_events_stream_reports_steps_progress_and_results(tmp_path, dataset):
+    import io
+    stream = io.StringIO()
+    run = tmp_path / "run"
+    cfg = _cfg(run, dataset)
+    step_teacher(cfg, run, Events(stream, progress_bars=False, min_interval_s=0))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"step", "progress", "metrics", "result"} <= kinds
+    progress = [e for e in events if e["event"] == "progress" and e["step"] == "teacher"]
+    assert progress[-1]["fraction"] == pytest.approx(1.0)
+    assert all(0 <= e["fraction"] <= 1 for e in progress)
+    assert events[0] == {**events[0], "event": "step", "step": "teacher", "status": "started"}
+
+
+class _KillAfter(Events):
+    """Raises like a kill once a training step reaches the given epoch."""
+
+    def __init__(self, step: str, epoch: int):
+        super().__init__(None, progress_bars=False)
+        self.kill_step, self.kill_epoch = step, epoch
+
+    def progress(self, step, done, total, started, unit="it", force=False, **extra):
+        if step == self.kill_step and extra.get("epoch") == self.kill_epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, dataset):
+    extra = {"distill": {**TINY_CONFIG["distill"], "epochs": 4, "baseline": False}}
+    ref = tmp_path / "ref"
+    cfg = _cfg(ref, dataset, **extra)
+    step_teacher(cfg, ref)
+    step_matcher(cfg, ref)
+    step_pair(cfg, ref)
+    step_distill(cfg, ref)
+
+    killed = tmp_path / "killed"
+    cfg_k = _cfg(killed, dataset, **extra)
+    step_teacher(cfg_k, killed)
+    step_matcher(cfg_k, killed)
+    step_pair(cfg_k, killed)
+    with pytest.raises(KeyboardInterrupt):
+        step_distill(cfg_k, killed, _KillAfter("distill", 3))
+    assert (killed / "student" / "checkpoint.pt").is_file()
+    assert not (killed / "student" / "model.safetensors").exists()
+    step_distill(cfg_k, killed, resume=True)
+    a = load_file(str(ref / "student" / "model.safetensors"))
+    b = load_file(str(killed / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not (killed / "student" / "checkpoint.pt").exists()  # cleaned up once finished
+
+
+def test_teacher_training_is_deterministic_on_cpu(tmp_path, dataset):
+    weights = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        cfg = _cfg(run, dataset, teacher={**TINY_CONFIG["teacher"], "folds": 0})
+        step_teacher(cfg, run)
+        weights.append(load_file(str(run / "teacher" / "model.safetensors")))
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_loss_terms_are_logged_per_epoch(tmp_path, dataset):
+    run = tmp_path / "run"
+    cfg = _cfg(run, dataset, distill={**TINY_CONFIG["distill"], "baseline": False, "w_feat": 0.5})
+    step_teacher(cfg, run)
+    step_matcher(cfg, run)
+    step_pair(cfg, run)
+    step_distill(cfg, run)
+    history = json.loads((run / "student" / "metrics.json").read_text())["history"]
+    assert {"train_gt", "train_pseudo", "train_feat", "val_accuracy", "teacher_gate"} <= set(history[0])
