@@ -176,6 +176,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(message)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
+    from .models.backbones import resolve_backbone  # fail before training, not after hours
+    for name in {cfg.teacher.backbone, cfg.distill.backbone, cfg.matcher.backbone_ms, cfg.matcher.backbone_rgb}:
+        resolve_backbone(name)
     return cfg
 
 

@@ -20,8 +20,7 @@ def demo_world(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Any]:
     from .data.synth import SynthConfig, make_world
     world = Path(run_dir) / "world"
     if not (world / "world.json").is_file():
-        with events.step("synth"):
-            make_world(world, SynthConfig(), events)
+        make_world(world, SynthConfig(), events)
     return {"ms": str(world / "ms"), "rgb": str(world / "rgb_train"),
             "rgb_unlabeled": str(world / "rgb_unlabeled"), "rgb_paired": str(world / "rgb_paired"),
             "rgb_test": str(world / "rgb_test"), "bands": "sentinel2"}

@@ -29,7 +29,7 @@ from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
-from ..models.files import load_model, save_model, save_state
+from ..models.files import check_bands, load_model, save_model, save_state
 from ..models.losses import coral_loss, kd_loss, mmd_loss
 from . import common
 from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
@@ -49,6 +49,7 @@ class TeacherCache:
 
 def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bool) -> TeacherCache:
     model, meta = load_model(teacher_dir, device)
+    check_bands(meta, ms.num_bands, "the MS dataset")
     index = json.loads((Path(teacher_dir) / "ms_index.json").read_text())
     if index["stems"] != [ms.stems[i] for i in np.flatnonzero(ms.labeled)]:
         raise DataError(f"the MS set differs from the one the teacher in {teacher_dir} was trained on",
