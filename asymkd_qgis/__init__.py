@@ -1,0 +1,7 @@
+"""AsymKD QGIS plugin: train an RGB scene classifier with a multispectral teacher and classify
+map tiles, with the engine running in its own Python environment as a subprocess."""
+
+
+def classFactory(iface):  # noqa: N802 - QGIS entry point
+    from .plugin import AsymKDPlugin
+    return AsymKDPlugin(iface)

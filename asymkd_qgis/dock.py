@@ -1,0 +1,529 @@
+"""The AsymKD dock: the whole loop in five steps (Data, Teacher, Matcher and pairing,
+Distill, Classify), each with Run, Cancel, a progress bar and its results.
+
+Each Run checks the inputs (validation.py), builds engine command lines (jobs.py) and starts
+one background EngineJob; the classified layer is loaded with its style when the job ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout,
+                                 QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
+                                 QSpinBox, QToolBox, QVBoxLayout, QWidget)
+
+from . import jobs, layers, settings
+from .engine import Engine, EngineUnavailable
+from .modelinfo import ModelInfoError, read_model_info
+from .notify import Notifier
+from .tasks import EngineCommand, EngineJob
+from .validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder, require_layer
+from .widgets import LabelPicker, Persist, SourcePicker, StepPanel
+
+STEPS = ("data", "teacher", "matcher", "distill", "classify")
+STEP_TITLES = {"data": "1. Data", "teacher": "2. Teacher", "matcher": "3. Matcher and pairing",
+               "distill": "4. Distill", "classify": "5. Classify"}
+AREAS = ("Whole layer", "Canvas extent", "Selected polygons")
+GRID_LABELS = ("Pixels (tile and stride)", "XYZ tiles (zoom level)")
+_ENV_BROKEN_MARKERS = ("ModuleNotFoundError", "ImportError", "No module named", "_ARRAY_API not found")
+
+
+def _spin(low: int, high: int, value: int, suffix: str = "") -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(low, high)
+    spin.setValue(value)
+    if suffix:
+        spin.setSuffix(suffix)
+    return spin
+
+
+def _dspin(low: float, high: float, value: float, decimals: int = 2, step: float = 0.1) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(low, high)
+    spin.setDecimals(decimals)
+    spin.setSingleStep(step)
+    spin.setValue(value)
+    return spin
+
+
+def _combo(items, editable: bool = False) -> QComboBox:
+    combo = QComboBox()
+    combo.addItems(list(items))
+    combo.setEditable(editable)
+    return combo
+
+
+@dataclass
+class PreparedJob:
+    name: str
+    commands: list[EngineCommand]
+    on_success: Callable[[EngineJob], None] | None = None
+
+
+class AsymKDDock(QDockWidget):
+    """The dock widget. `run_step(name)` is what each Run button calls (tests call it too)."""
+
+    jobFinished = pyqtSignal(str, object)  # step name, EngineJob
+
+    def __init__(self, iface, notifier: Notifier | None = None, parent: QWidget | None = None):
+        super().__init__("AsymKD", parent)
+        self.setObjectName("AsymKDDock")
+        self.iface = iface
+        self.notifier = notifier or Notifier(iface)
+        self.persist = Persist("dock")
+        self.panels: dict[str, StepPanel] = {}
+        self.jobs: dict[str, EngineJob] = {}
+        self.loaded_layers: list = []
+        self._chain: list[str] = []
+        self.engine_factory: Callable[[], Engine] = Engine.from_settings
+        self._build()
+
+    # -- building ------------------------------------------------------------------------
+    def _build(self) -> None:
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        body = QWidget()
+        outer = QVBoxLayout(body)
+        top = QFormLayout()
+        self.run_dir = QgsFileWidget()
+        self.run_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.run_dir.setFilePath(str(settings.runs_dir() / "default"))
+        self.persist.bind("run_dir", self.run_dir)
+        top.addRow("Run folder", self.run_dir)
+        self.run_all_button = QPushButton("Run all steps")
+        self.run_all_button.clicked.connect(self.run_all)
+        top.addRow(self.run_all_button)
+        outer.addLayout(top)
+        self.toolbox = QToolBox()
+        for step, build in (("data", self._build_data), ("teacher", self._build_teacher),
+                            ("matcher", self._build_matcher), ("distill", self._build_distill),
+                            ("classify", self._build_classify)):
+            page = QWidget()
+            form = QFormLayout(page)
+            build(form)
+            panel = StepPanel(f"Run {STEP_TITLES[step].split('. ', 1)[1].lower()}")
+            panel.run_button.clicked.connect(lambda _=False, s=step: self.run_step(s))
+            panel.cancel_button.clicked.connect(lambda _=False, s=step: self.cancel_step(s))
+            form.addRow(panel)
+            self.panels[step] = panel
+            self.toolbox.addItem(page, STEP_TITLES[step])
+        outer.addWidget(self.toolbox)
+        outer.addStretch(1)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
+
+    def _build_data(self, form: QFormLayout) -> None:
+        self.ms_source = self.persist.bind("data/ms_mode", SourcePicker())
+        self.persist.bind("data/ms_layer", self.ms_source.layer_combo)
+        self.persist.bind("data/ms_folder", self.ms_source.folder_widget)
+        self.ms_labels = LabelPicker()
+        self.persist.bind("data/ms_labels", self.ms_labels.layer_combo)
+        self.persist.bind("data/ms_field", self.ms_labels.field_combo)
+        self.pair_raster = QgsMapLayerComboBox()
+        self.pair_raster.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.pair_raster.setAllowEmptyLayer(True)
+        self.pair_raster.setLayer(None)
+        self.persist.bind("data/pair_raster", self.pair_raster)
+        self.rgb_source = self.persist.bind("data/rgb_mode", SourcePicker())
+        self.persist.bind("data/rgb_layer", self.rgb_source.layer_combo)
+        self.persist.bind("data/rgb_folder", self.rgb_source.folder_widget)
+        self.rgb_labels = LabelPicker()
+        self.persist.bind("data/rgb_labels", self.rgb_labels.layer_combo)
+        self.persist.bind("data/rgb_field", self.rgb_labels.field_combo)
+        self.test_source = self.persist.bind("data/test_mode", SourcePicker(optional=True))
+        self.persist.bind("data/test_layer", self.test_source.layer_combo)
+        self.persist.bind("data/test_folder", self.test_source.folder_widget)
+        self.test_labels = LabelPicker()
+        self.persist.bind("data/test_labels", self.test_labels.layer_combo)
+        self.persist.bind("data/test_field", self.test_labels.field_combo)
+        self.chip_size = self.persist.bind("data/chip_size", _spin(8, 1024, 64, " px"))
+        self.chip_resolution = self.persist.bind("data/resolution", _dspin(0.0, 10000.0, 0.0, 3, 1.0))
+        self.chip_resolution.setSpecialValueText("native")
+        form.addRow(QLabel("<b>Multispectral (MS) samples</b>, labeled"))
+        form.addRow("MS source", self.ms_source)
+        form.addRow("MS labels, class field", self.ms_labels)
+        form.addRow("RGB co-registered with MS (optional)", self.pair_raster)
+        form.addRow(QLabel("<b>RGB samples</b> (other places may be used)"))
+        form.addRow("RGB source", self.rgb_source)
+        form.addRow("RGB labels, class field", self.rgb_labels)
+        form.addRow(QLabel("<b>RGB test samples</b> (optional)"))
+        form.addRow("Test source", self.test_source)
+        form.addRow("Test labels, class field", self.test_labels)
+        form.addRow("Chip size", self.chip_size)
+        form.addRow("Ground resolution (m)", self.chip_resolution)
+
+    def _build_teacher(self, form: QFormLayout) -> None:
+        self.teacher_bands = self.persist.bind("teacher/bands", _combo(["sentinel2", "sentinel2-ordered", ""], editable=True))
+        self.teacher_backbone = self.persist.bind("teacher/backbone", _combo(["", "resnet18_w32", "resnet18", "resnet50"], editable=True))
+        self.teacher_epochs = self.persist.bind("teacher/epochs", _spin(0, 1000, 0))
+        self.teacher_epochs.setSpecialValueText("default")
+        self.device = self.persist.bind("device", _combo(jobs.DEVICES))
+        self.seed = self.persist.bind("seed", _spin(0, 2**31 - 1, 0))
+        form.addRow("MS band names", self.teacher_bands)
+        form.addRow("Backbone", self.teacher_backbone)
+        form.addRow("Epochs", self.teacher_epochs)
+        self.teacher_settings = self._settings_edit("teacher/settings", "e.g. teacher.folds=0 teacher.lr=0.001")
+        form.addRow("Device", self.device)
+        form.addRow("Seed", self.seed)
+        form.addRow("More settings", self.teacher_settings)
+
+    def _build_matcher(self, form: QFormLayout) -> None:
+        self.matcher_epochs = self.persist.bind("matcher/epochs", _spin(0, 1000, 0))
+        self.matcher_epochs.setSpecialValueText("default")
+        self.pair_method = self.persist.bind("matcher/method", _combo(jobs.PAIR_METHODS))
+        self.matcher_settings = self._settings_edit("matcher/settings", "e.g. matcher.embed_dim=128")
+        form.addRow("Matcher epochs", self.matcher_epochs)
+        form.addRow("Pairing", self.pair_method)
+        form.addRow("More settings", self.matcher_settings)
+        form.addRow(QLabel("Same-target pairs come from the co-registered RGB raster of the Data "
+                           "step; without one, pseudo-RGB is rendered from the MS bands."))
+
+    def _build_distill(self, form: QFormLayout) -> None:
+        self.distill_epochs = self.persist.bind("distill/epochs", _spin(0, 1000, 0))
+        self.distill_epochs.setSpecialValueText("default")
+        self.repair_every = self.persist.bind("distill/repair_every", _spin(0, 100000, 0, " steps"))
+        self.repair_every.setSpecialValueText("default")
+        # At the minimum (-1) a weight shows "default" and is left to the engine's configuration.
+        self.w_feat = self.persist.bind("distill/w_feat", _dspin(-1.0, 100.0, -1.0, 3, 0.05))
+        self.w_pseudo = self.persist.bind("distill/w_pseudo", _dspin(-1.0, 100.0, -1.0, 3, 0.1))
+        self.w_gt = self.persist.bind("distill/w_gt", _dspin(-1.0, 100.0, -1.0, 3, 0.1))
+        for spin in (self.w_feat, self.w_pseudo, self.w_gt):
+            spin.setSpecialValueText("default")
+        self.baseline = self.persist.bind("distill/baseline", QCheckBox("also train the baseline (no distillation)"))
+        self.baseline.setChecked(settings.get("dock/distill/baseline", True, bool))
+        self.distill_device = self.persist.bind("distill/device", _combo(jobs.DEVICES))
+        form.addRow("Epochs", self.distill_epochs)
+        form.addRow("Re-pair every", self.repair_every)
+        form.addRow("Weight: feature alignment", self.w_feat)
+        form.addRow("Weight: teacher pseudo-labels", self.w_pseudo)
+        form.addRow("Weight: ground truth", self.w_gt)
+        self.distill_settings = self._settings_edit("distill/settings", "e.g. distill.domain_loss=mmd distill.temperature=4")
+        form.addRow("Device", self.distill_device)
+        form.addRow("More settings", self.distill_settings)
+        form.addRow(self.baseline)
+
+    def _build_classify(self, form: QFormLayout) -> None:
+        self.classify_layer = QgsMapLayerComboBox()
+        self.classify_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.classify_layer.setAllowEmptyLayer(True)
+        self.classify_layer.setLayer(None)
+        self.persist.bind("classify/layer", self.classify_layer)
+        self.classify_bands = self.persist.bind("classify/bands", QLineEdit())
+        self.classify_bands.setPlaceholderText("all, or e.g. 1,2,3")
+        self.model_file = QgsFileWidget()
+        self.model_file.setFilter("ONNX model (*.onnx)")
+        self.model_file.setToolTip("Empty: the student of the run folder (exported when needed)")
+        self.persist.bind("classify/model", self.model_file)
+        self.area = self.persist.bind("classify/area", _combo(AREAS))
+        self.mask_layer = QgsMapLayerComboBox()
+        self.mask_layer.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.mask_layer.setAllowEmptyLayer(True)
+        self.mask_layer.setLayer(None)
+        self.persist.bind("classify/mask_layer", self.mask_layer)
+        self.grid = self.persist.bind("classify/grid", _combo(GRID_LABELS))
+        self.tile = self.persist.bind("classify/tile", _spin(0, 4096, 0, " px"))
+        self.tile.setSpecialValueText("model's")
+        self.stride = self.persist.bind("classify/stride", _spin(0, 4096, 0, " px"))
+        self.stride.setSpecialValueText("= tile")
+        self.zoom = self.persist.bind("classify/zoom", _spin(0, 24, 16))
+        self.batch_size = self.persist.bind("classify/batch_size", _spin(1, 4096, 64))
+        grid_row = QWidget()
+        grid_layout = QHBoxLayout(grid_row)
+        grid_layout.setContentsMargins(0, 0, 0, 0)
+        for label, widget in (("tile", self.tile), ("stride", self.stride), ("zoom", self.zoom)):
+            grid_layout.addWidget(QLabel(label))
+            grid_layout.addWidget(widget)
+        form.addRow("Raster layer", self.classify_layer)
+        form.addRow("Bands", self.classify_bands)
+        form.addRow("Model (.onnx)", self.model_file)
+        form.addRow("Area", self.area)
+        form.addRow("Polygon layer (selection)", self.mask_layer)
+        form.addRow("Grid", self.grid)
+        form.addRow(grid_row)
+        form.addRow("Batch size", self.batch_size)
+
+    def _settings_edit(self, key: str, placeholder: str) -> QLineEdit:
+        edit = self.persist.bind(key, QLineEdit())
+        edit.setPlaceholderText(placeholder)
+        edit.setToolTip("Engine configuration keys as KEY=VALUE, separated by spaces (passed as --set)")
+        return edit
+
+    @staticmethod
+    def _settings(edit: QLineEdit) -> list[str]:
+        try:
+            return jobs.parse_settings(edit.text())
+        except ValueError as exc:
+            raise InputError(f"More settings: {exc}") from exc
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def layout_(self) -> jobs.RunLayout:
+        path = self.run_dir.filePath().strip()
+        if not path:
+            raise InputError("No run folder chosen: pick a folder for this run's data and models.")
+        return jobs.RunLayout(Path(path))
+
+    def _ms_dir(self, run: jobs.RunLayout) -> Path:
+        if self.ms_source.kind() == SourcePicker.FOLDER:
+            return require_folder(self.ms_source.folder(), "MS folder")
+        if not run.ms.is_dir():
+            raise InputError("The MS chips do not exist yet: run the Data step first (or choose an MS folder).")
+        return run.ms
+
+    def _rgb_dir(self, run: jobs.RunLayout) -> Path:
+        if self.rgb_source.kind() == SourcePicker.FOLDER:
+            return require_folder(self.rgb_source.folder(), "RGB folder")
+        if not run.rgb.is_dir():
+            raise InputError("The RGB chips do not exist yet: run the Data step first (or choose an RGB folder).")
+        return run.rgb
+
+    def _test_dir(self, run: jobs.RunLayout) -> Path | None:
+        kind = self.test_source.kind()
+        if kind == SourcePicker.FOLDER:
+            return require_folder(self.test_source.folder(), "RGB test folder")
+        if kind == SourcePicker.LAYER and run.rgb_test.is_dir():
+            return run.rgb_test
+        return None
+
+    def _map_data(self, raster: QgsRasterLayer, labels: LabelPicker, run: jobs.RunLayout) -> jobs.MapData:
+        check_labels(labels.layer(), labels.field(), raster)
+        vector = layers.vector_source_for(labels.layer(), run.exports)
+        resolution = self.chip_resolution.value() or None
+        raster_file = layers.raster_file_for(raster, run.exports, raster.extent(), raster.crs(), resolution)
+        return jobs.MapData(raster_file, vector.path, labels.field(), vector.layer_name)
+
+    # -- preparing each step's job ---------------------------------------------------------
+    def prepare_data(self) -> PreparedJob:
+        run = self.layout_
+        commands: list[EngineCommand] = []
+        size, resolution = self.chip_size.value(), self.chip_resolution.value() or None
+        if self.ms_source.kind() == SourcePicker.LAYER:
+            ms = check_ms_raster(self.ms_source.layer())
+            pair = self.pair_raster.currentLayer()
+            pair_file = None
+            if pair is not None:
+                check_rgb_raster(pair, "co-registered RGB layer")
+                pair_file = layers.raster_file_for(pair, run.exports, ms.extent(), ms.crs(), resolution)
+            data = self._map_data(ms, self.ms_labels, run)
+            commands.append(jobs.chips_command(data, run.ms, size, resolution, pair_file,
+                                               run.rgb_paired if pair_file else None, "cutting MS chips"))
+        else:
+            require_folder(self.ms_source.folder(), "MS folder")
+        if self.rgb_source.kind() == SourcePicker.LAYER:
+            rgb = check_rgb_raster(self.rgb_source.layer())
+            commands.append(jobs.chips_command(self._map_data(rgb, self.rgb_labels, run), run.rgb, size,
+                                               resolution, label="cutting RGB chips"))
+        else:
+            require_folder(self.rgb_source.folder(), "RGB folder")
+        if self.test_source.kind() == SourcePicker.LAYER:
+            test = check_rgb_raster(self.test_source.layer(), "RGB test layer")
+            commands.append(jobs.chips_command(self._map_data(test, self.test_labels, run), run.rgb_test,
+                                               size, resolution, label="cutting RGB test chips"))
+        elif self.test_source.kind() == SourcePicker.FOLDER:
+            require_folder(self.test_source.folder(), "RGB test folder")
+        return PreparedJob("Data", commands, self._data_done)
+
+    def prepare_teacher(self) -> PreparedJob:
+        run = self.layout_
+        options = jobs.TeacherOptions(bands=self.teacher_bands.currentText().strip(),
+                                      backbone=self.teacher_backbone.currentText().strip(),
+                                      epochs=self.teacher_epochs.value(), device=self.device.currentText(),
+                                      seed=self.seed.value(), settings=self._settings(self.teacher_settings))
+        return PreparedJob("Teacher", [jobs.teacher_command(run.root, self._ms_dir(run), options)],
+                           self._training_done("teacher"))
+
+    def prepare_matcher(self) -> PreparedJob:
+        run = self.layout_
+        if not run.teacher.is_dir():
+            raise InputError("There is no teacher in this run folder yet: run the Teacher step first.")
+        paired = run.rgb_paired if run.rgb_paired.is_dir() else None
+        options = jobs.MatcherOptions(epochs=self.matcher_epochs.value(), method=self.pair_method.currentText(),
+                                      device=self.device.currentText(), settings=self._settings(self.matcher_settings))
+        return PreparedJob("Matcher and pairing", jobs.matcher_commands(run.root, self._rgb_dir(run), options, paired),
+                           self._training_done("matcher"))
+
+    def prepare_distill(self) -> PreparedJob:
+        run = self.layout_
+        if not (run.root / "pairs").is_dir():
+            raise InputError("There are no pairs in this run folder yet: run the Matcher and pairing step first.")
+        options = jobs.DistillOptions(epochs=self.distill_epochs.value(), repair_every=self.repair_every.value(),
+                                      w_feat=self.w_feat.value(), w_pseudo=self.w_pseudo.value(),
+                                      w_gt=self.w_gt.value(), baseline=self.baseline.isChecked(),
+                                      device=self.distill_device.currentText(),
+                                      settings=self._settings(self.distill_settings))
+        return PreparedJob("Distill", [jobs.distill_command(run.root, options, self._test_dir(run))],
+                           self._training_done("distill"))
+
+    def prepare_classify(self) -> PreparedJob:
+        run = self.layout_
+        raster = check_rgb_raster(self.classify_layer.currentLayer(), "raster layer to classify")
+        commands: list[EngineCommand] = []
+        model = Path(self.model_file.filePath().strip()) if self.model_file.filePath().strip() else None
+        if model is None:
+            model = run.student_onnx
+            weights = run.student / "model.safetensors"
+            if not weights.is_file() and not model.is_file():
+                raise InputError("There is no student model in this run folder: run the Distill step first, or choose an .onnx model.")
+            if weights.is_file() and (not model.is_file() or model.stat().st_mtime < weights.stat().st_mtime):
+                commands.append(jobs.export_command(run.student, model))
+        elif not model.is_file():
+            raise InputError(f"The model file {model} does not exist: choose an exported .onnx model.")
+        info = self._model_info(model, run)
+        options = jobs.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value())
+        if self.grid.currentIndex() == 1:
+            options.xyz_zoom = self.zoom.value()
+        else:
+            options.tile, options.stride = self.tile.value(), self.stride.value()
+        extent, extent_crs = self._area(raster, options, run)
+        raster_file = layers.raster_file_for(raster, run.exports, extent, extent_crs, info.gsd if info else None)
+        out = run.classified / f"{layers._safe_name(raster.name())}.gpkg"
+        commands.append(jobs.classify_command(model, raster_file, out, options))
+        return PreparedJob("Classify", commands, lambda job, out=out: self._classify_done(job, out))
+
+    def _model_info(self, model: Path, run: jobs.RunLayout):
+        for candidate in (model, run.student):
+            try:
+                return read_model_info(candidate)
+            except ModelInfoError:
+                continue
+        return None
+
+    def _area(self, raster: QgsRasterLayer, options: jobs.ClassifyOptions, run: jobs.RunLayout):
+        """Fill bbox/mask options from the chosen area; return (extent, crs) for exports."""
+        area = self.area.currentText()
+        if area == "Canvas extent":
+            canvas = self.iface.mapCanvas()
+            extent: QgsRectangle = canvas.extent()
+            crs = canvas.mapSettings().destinationCrs()
+            options.bbox = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
+            options.bbox_crs = crs.authid()
+            return extent, crs
+        if area == "Selected polygons":
+            mask = require_layer(self.mask_layer.currentLayer(), "polygon layer for the area")
+            if mask.selectedFeatureCount() == 0:
+                raise InputError(f"No polygons are selected in '{mask.name()}': select the area's polygons first.")
+            options.mask = layers.vector_source_for(mask, run.exports, only_selected=True).path
+            return mask.boundingBoxOfSelected(), mask.crs()
+        return raster.extent(), raster.crs()
+
+    # -- running ---------------------------------------------------------------------------
+    def run_step(self, step: str) -> EngineJob | None:
+        """Check the step's inputs and start its job; None (and a message) on bad input."""
+        if step in self.jobs and not self.jobs[step].done:
+            self.notifier.warning("AsymKD", f"{STEP_TITLES[step]} is already running.")
+            return None
+        panel = self.panels[step]
+        self.persist.save_all()
+        try:
+            prepared = getattr(self, f"prepare_{step}")()
+            if not prepared.commands:
+                panel.show_results(note="Nothing to prepare: the folders are used as they are.")
+                self._continue_chain(step, True)
+                return None
+            engine = self.engine_factory()
+            engine.check()
+        except InputError as exc:
+            self._chain.clear()
+            panel.status.setText(str(exc))
+            self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc), show_log=False)
+            return None
+        except EngineUnavailable as exc:
+            self._chain.clear()
+            panel.status.setText(exc.message)
+            self.notifier.error("AsymKD engine", str(exc), offer_environment=True)
+            return None
+        job = EngineJob(prepared.name, prepared.commands, engine, parent=self)
+        job.progressChanged.connect(panel.set_progress)
+        job.jobFinished.connect(lambda j, s=step, p=prepared: self._job_finished(s, j, p))
+        self.jobs[step] = job
+        panel.set_running(True, f"{prepared.name}: starting")
+        return job.start()
+
+    def cancel_step(self, step: str) -> None:
+        self._chain.clear()
+        job = self.jobs.get(step)
+        if job is not None:
+            job.cancel()
+            self.panels[step].status.setText("Cancelling...")
+
+    def run_all(self) -> None:
+        """Data, teacher, matcher, distill and classify, each started when the one before succeeds."""
+        self._chain = list(STEPS[1:])
+        self.run_step(STEPS[0])
+
+    def _continue_chain(self, step: str, ok: bool) -> None:
+        if not ok:
+            self._chain.clear()
+            return
+        if self._chain:
+            self.run_step(self._chain.pop(0))
+
+    def _job_finished(self, step: str, job: EngineJob, prepared: PreparedJob) -> None:
+        panel = self.panels[step]
+        panel.set_running(False)
+        ok = job.state == EngineJob.OK
+        if ok:
+            panel.progress.setValue(100)
+            panel.status.setText(f"{job.name} finished.")
+            try:
+                if prepared.on_success is not None:
+                    prepared.on_success(job)
+            except InputError as exc:
+                ok = False
+                self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc))
+        elif job.state == EngineJob.CANCELLED:
+            panel.status.setText(job.message())
+            self.notifier.info(f"AsymKD {STEP_TITLES[step]}", job.message())
+        else:
+            message = job.message()
+            panel.status.setText(message)
+            self.notifier.error(f"AsymKD {STEP_TITLES[step]} failed", message,
+                                offer_environment=job.engine_unavailable or self._env_broken(job))
+        self.jobFinished.emit(step, job)
+        self._continue_chain(step, ok)
+
+    @staticmethod
+    def _env_broken(job: EngineJob) -> bool:
+        for outcome in job.outcomes:
+            text = "\n".join(outcome.stderr_tail) + (outcome.error.message if outcome.error else "")
+            if outcome.returncode == 1 and any(marker in text for marker in _ENV_BROKEN_MARKERS):
+                # A missing engine module, not missing engine command: the environment is broken.
+                if "asymkd.commands" not in text:
+                    return True
+        return False
+
+    # -- results ---------------------------------------------------------------------------
+    def _data_done(self, job: EngineJob) -> None:
+        counts = {k: v for k, v in job.metrics.items()}
+        self.panels["data"].show_results(metrics=counts, note=f"Chips written under {self.layout_.data}")
+
+    def _training_done(self, step: str) -> Callable[[EngineJob], None]:
+        def done(job: EngineJob) -> None:
+            run = self.layout_
+            links: dict[str, str] = {}
+            image = None
+            for key, value in job.results.items():
+                if value.endswith(".html"):
+                    links[f"Open {Path(value).name}"] = value
+                elif value.endswith(".png") and image is None:
+                    image = value
+            if step == "distill":
+                if run.report.is_file():
+                    links.setdefault("Open report.html", str(run.report))
+                confusion = run.student / "confusion.png"
+                image = image or (str(confusion) if confusion.is_file() else None)
+            self.panels[step].show_results(metrics=job.metrics, links=links, image=image)
+        return done
+
+    def _classify_done(self, job: EngineJob, out: Path) -> None:
+        path = next((v for v in job.results.values() if v.endswith(".gpkg")), str(out))
+        layer = layers.load_vector_result(path)
+        self.loaded_layers.append(layer)
+        self.panels["classify"].show_results(metrics=job.metrics, links={f"Open {Path(path).name}": path},
+                                             note=f"Loaded '{layer.name()}': {layer.featureCount()} tiles.")

@@ -1,0 +1,127 @@
+"""The plugin object QGIS loads: toolbar action and menu, the dock, the Processing provider,
+engine environment creation and diagnostics. `unload()` removes every one of them."""
+
+from __future__ import annotations
+
+from qgis.core import QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction, QMessageBox
+
+from . import envsetup, paths
+from .engine import EngineUnavailable
+from .notify import Notifier
+
+MENU = "&AsymKD"
+
+
+class AsymKDPlugin:
+    def __init__(self, iface):
+        self.iface = iface
+        self.provider = None
+        self.dock = None
+        self.actions: list[QAction] = []
+        self.builder: envsetup.EnvironmentBuilder | None = None
+        self.diagnostics = None
+        self.notifier = Notifier(iface, create_environment=self.create_environment)
+
+    # -- Processing (also called alone by qgis_process) -----------------------------------
+    def initProcessing(self) -> None:  # noqa: N802 - QGIS API
+        if self.provider is None:
+            from .processing_provider import AsymKDProvider
+            self.provider = AsymKDProvider()
+            QgsApplication.processingRegistry().addProvider(self.provider)
+
+    # -- GUI -----------------------------------------------------------------------------
+    def initGui(self) -> None:  # noqa: N802 - QGIS API
+        self.initProcessing()
+        from .dock import AsymKDDock
+        self.dock = AsymKDDock(self.iface, self.notifier, self.iface.mainWindow())
+        self.dock.hide()
+        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        icon = QIcon(paths.icon_path())
+        self.dock_action = self._action(icon, "AsymKD", self.toggle_dock, toolbar=True, checkable=True)
+        self.dock.visibilityChanged.connect(self.dock_action.setChecked)
+        self._action(QIcon(paths.icon_path("environment.svg")), "Create engine environment...", self.create_environment)
+        self._action(QIcon(paths.icon_path("diagnostics.svg")), "Diagnostics...", self.show_diagnostics)
+
+    def _action(self, icon: QIcon, text: str, slot, toolbar: bool = False, checkable: bool = False) -> QAction:
+        action = QAction(icon, text, self.iface.mainWindow())
+        action.setObjectName(f"asymkd_{text.split('...')[0].strip().lower().replace(' ', '_')}")
+        action.setCheckable(checkable)
+        action.triggered.connect(slot)
+        self.iface.addPluginToMenu(MENU, action)
+        if toolbar:
+            self.iface.addToolBarIcon(action)
+        self.actions.append(action)
+        return action
+
+    def toggle_dock(self, checked: bool | None = None) -> None:
+        if self.dock is None:
+            return
+        visible = not self.dock.isVisible() if checked is None else bool(checked)
+        self.dock.setVisible(visible)
+        if visible:
+            self.dock.raise_()
+
+    def unload(self) -> None:
+        if self.dock is not None:
+            for job in list(self.dock.jobs.values()):
+                job.cancel()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.builder is not None:
+            self.builder.cancel()
+        for action in self.actions:
+            self.iface.removePluginMenu(MENU, action)
+            self.iface.removeToolBarIcon(action)
+            action.setParent(None)
+            action.deleteLater()
+        self.actions.clear()
+        if self.diagnostics is not None:
+            self.diagnostics.close()
+            self.diagnostics.deleteLater()
+            self.diagnostics = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+
+    # -- engine environment ------------------------------------------------------------------
+    def create_environment(self, confirm: bool = True) -> envsetup.EnvironmentBuilder | None:
+        if self.builder is not None and not self.builder.done:
+            self.notifier.info("AsymKD engine", "The engine environment is already being created.")
+            return None
+        try:
+            plan = envsetup.default_plan()
+        except EngineUnavailable as exc:
+            self.notifier.error("AsymKD engine", str(exc))
+            return None
+        if confirm:
+            answer = QMessageBox.question(
+                self.iface.mainWindow(), "Create the AsymKD engine environment",
+                f"Create a Python environment for the AsymKD engine in\n{plan.venv}\n\n"
+                f"from {plan.base_python}, with torch ({plan.torch_build} build) and the pinned engine "
+                "packages? This downloads several hundred MB to a few GB and runs in the background. "
+                "QGIS's own Python is not changed.")
+            if answer != QMessageBox.Yes:
+                return None
+        self.builder = envsetup.EnvironmentBuilder(plan)
+        self.builder.builderFinished.connect(self._environment_done)
+        self.notifier.info("AsymKD engine", f"Creating the engine environment in {plan.venv} (see the task bar for progress).")
+        return self.builder.start()
+
+    def _environment_done(self, builder: envsetup.EnvironmentBuilder) -> None:
+        if builder.ok:
+            self.notifier.success("AsymKD engine", builder.message)
+        else:
+            self.notifier.error("AsymKD engine", builder.message)
+
+    def show_diagnostics(self) -> None:
+        from .diagnostics import DiagnosticsDialog
+        if self.diagnostics is None:
+            self.diagnostics = DiagnosticsDialog(self.create_environment, self.iface.mainWindow())
+        self.diagnostics.show()
+        self.diagnostics.raise_()
+        self.diagnostics.refresh()

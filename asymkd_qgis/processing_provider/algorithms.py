@@ -1,0 +1,390 @@
+"""Processing algorithms: Train teacher, Train matcher and pair, Distill student, Export
+model, Classify scene tiles. Each checks its inputs, builds the same engine command lines as
+the dock (jobs.py) and runs them with progress and cancel through the feedback object."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingOutputFile,
+                       QgsProcessingOutputFolder, QgsProcessingOutputHtml,
+                       QgsProcessingOutputNumber, QgsProcessingOutputString,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
+                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource,
+                       QgsProcessingParameterField, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterFolderDestination,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString, QgsProcessingParameterVectorDestination,
+                       QgsProcessingParameterVectorLayer, QgsProcessingUtils, QgsVectorLayer)
+from qgis.PyQt.QtGui import QIcon
+
+from .. import jobs, layers, paths
+from ..engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
+from ..modelinfo import ModelInfoError, read_model_info
+from ..tasks import EngineCommand
+from ..validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder
+
+_LABEL_TYPES = [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorPoint]
+
+
+class _StyleLoader(QgsProcessingLayerPostProcessorInterface):
+    """Applies the QML the engine wrote beside the output once QGIS has loaded the layer."""
+
+    _alive: list["_StyleLoader"] = []  # QGIS does not own Python post-processors: keep them
+
+    def __init__(self, qml: str):
+        super().__init__()
+        self.qml = qml
+        _StyleLoader._alive.append(self)
+
+    def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
+        if isinstance(layer, QgsVectorLayer):
+            layer.loadNamedStyle(self.qml)
+            layer.triggerRepaint()
+
+
+class EngineAlgorithm(QgsProcessingAlgorithm):
+    """Common parts: icon, groups, running engine commands with feedback, input errors."""
+
+    _id = ""
+    _name = ""
+    _group = "Training"
+    _help = ""
+
+    def createInstance(self):
+        return type(self)()
+
+    def name(self) -> str:
+        return self._id
+
+    def displayName(self) -> str:
+        return self._name
+
+    def group(self) -> str:
+        return self._group
+
+    def groupId(self) -> str:
+        return self._group.lower()
+
+    def shortHelpString(self) -> str:
+        return self._help
+
+    def icon(self) -> QIcon:
+        return QIcon(paths.icon_path())
+
+    # -- running ---------------------------------------------------------------------------
+    def run_commands(self, commands: list[EngineCommand], feedback: QgsProcessingFeedback) -> list[Outcome]:
+        engine = Engine.from_settings()
+        try:
+            engine.check()
+        except EngineUnavailable as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        total = sum(c.weight for c in commands) or 1.0
+        done = 0.0
+        outcomes = []
+        for command in commands:
+            if feedback.isCanceled():
+                raise QgsProcessingException("Cancelled: nothing was written.")
+            feedback.pushInfo(f"{command.label}: asymkd {' '.join(command.args)}")
+            base, span = 100.0 * done / total, 100.0 * command.weight / total
+            outcome = run_engine(engine, command.args,
+                                 on_event=lambda e, b=base, s=span: self._event(e, feedback, b, s),
+                                 on_stderr=feedback.pushDebugInfo, is_cancelled=feedback.isCanceled)
+            outcomes.append(outcome)
+            if outcome.cancelled:
+                raise QgsProcessingException(f"Cancelled during {command.label}: nothing was written.")
+            if not outcome.ok:
+                raise QgsProcessingException(outcome.message())
+            done += command.weight
+            feedback.setProgress(100.0 * done / total)
+        return outcomes
+
+    @staticmethod
+    def _event(event: dict[str, Any], feedback: QgsProcessingFeedback, base: float, span: float) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            feedback.setProgress(base + span * max(0.0, min(1.0, float(event.get("fraction") or 0.0))))
+            feedback.setProgressText(describe_progress(event))
+        elif kind == "log":
+            feedback.pushInfo(str(event.get("message", "")))
+        elif kind == "warning":
+            feedback.pushWarning(str(event.get("message", "")))
+        elif kind == "metrics":
+            feedback.pushInfo(f"{event.get('step')}: {json.dumps(event.get('metrics'))}")
+        elif kind == "error":
+            feedback.reportError(f"{event.get('message')}" + (f" ({event['hint']})" if event.get("hint") else ""))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        try:
+            return self.process(parameters, context, feedback)
+        except InputError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+
+    def process(self, parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        raise NotImplementedError
+
+    # -- shared parameters -----------------------------------------------------------------
+    def add_map_data(self, prefix: str, what: str, optional: bool = True) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(f"{prefix}_RASTER", f"{what} raster layer", optional=optional))
+        self.addParameter(QgsProcessingParameterVectorLayer(f"{prefix}_LABELS", f"{what} labels (polygons or points)",
+                                                            _LABEL_TYPES, optional=optional))
+        self.addParameter(QgsProcessingParameterField(f"{prefix}_FIELD", f"{what} class field", parentLayerParameterName=f"{prefix}_LABELS",
+                                                      optional=optional))
+        self.addParameter(QgsProcessingParameterFile(f"{prefix}_FOLDER", f"... or a {what} folder dataset (root/<Class>/*.tif)",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+
+    def add_settings_parameter(self) -> None:
+        self.addParameter(QgsProcessingParameterString("SETTINGS", "More engine settings (KEY=VALUE separated by spaces, e.g. teacher.folds=0)",
+                                                       "", optional=True))
+
+    def engine_settings(self, parameters, context) -> list[str]:
+        try:
+            return jobs.parse_settings(self.parameterAsString(parameters, "SETTINGS", context) or "")
+        except ValueError as exc:
+            raise InputError(f"More engine settings: {exc}") from exc
+
+    def optional_double(self, parameters, context, key: str) -> float | None:
+        if parameters.get(key) in (None, ""):
+            return None
+        return self.parameterAsDouble(parameters, key, context)
+
+    def add_chip_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)", QgsProcessingParameterNumber.Integer, 64, minValue=8, maxValue=1024))
+        self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)", QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
+
+    def dataset(self, parameters, context, prefix: str, what: str, out: Path, run: jobs.RunLayout,
+                check_raster, pair_parameter: str | None = None, pair_out: Path | None = None
+                ) -> tuple[Path | None, list[EngineCommand]]:
+        """A folder dataset as is, or chips of a raster + labels (command to cut them)."""
+        folder = self.parameterAsFile(parameters, f"{prefix}_FOLDER", context)
+        raster = self.parameterAsRasterLayer(parameters, f"{prefix}_RASTER", context)
+        if folder and raster is None:
+            return require_folder(folder, f"{what} folder"), []
+        if raster is None:
+            return None, []
+        check_raster(raster)
+        labels = self.parameterAsVectorLayer(parameters, f"{prefix}_LABELS", context)
+        field = (self.parameterAsFields(parameters, f"{prefix}_FIELD", context) or [""])[0]
+        check_labels(labels, field, raster)
+        resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
+        size = self.parameterAsInt(parameters, "CHIP_SIZE", context)
+        vector = layers.vector_source_for(labels, run.exports)
+        raster_file = layers.raster_file_for(raster, run.exports, raster.extent(), raster.crs(), resolution)
+        pair_file = None
+        if pair_parameter:
+            pair = self.parameterAsRasterLayer(parameters, pair_parameter, context)
+            if pair is not None:
+                check_rgb_raster(pair, "co-registered RGB layer")
+                pair_file = layers.raster_file_for(pair, run.exports, raster.extent(), raster.crs(), resolution)
+        data = jobs.MapData(raster_file, vector.path, field, vector.layer_name)
+        command = jobs.chips_command(data, out, size, resolution, pair_file, pair_out if pair_file else None,
+                                     f"cutting {what} chips")
+        return out, [command]
+
+
+def _device(algorithm: QgsProcessingAlgorithm, parameters, context) -> str:
+    return jobs.DEVICES[algorithm.parameterAsEnum(parameters, "DEVICE", context)]
+
+
+def _run_folder(algorithm: QgsProcessingAlgorithm, parameters, context, must_exist: str = "") -> jobs.RunLayout:
+    path = algorithm.parameterAsString(parameters, "RUN", context)
+    if not path:
+        raise InputError("No run folder given.")
+    run = jobs.RunLayout(Path(path))
+    if must_exist and not (run.root / must_exist).exists():
+        raise InputError(f"{run.root / must_exist} does not exist: run the step before this one on the same run folder.")
+    return run
+
+
+class TrainTeacher(EngineAlgorithm):
+    _id, _name = "teacher", "Train teacher"
+    _help = ("Trains the multispectral (MS) teacher on labeled MS samples: an MS raster with labeled "
+             "polygons or points (cut into chips), or a folder dataset. An RGB raster co-registered "
+             "with the MS raster gives same-target pairs for the matcher.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFolderDestination("RUN", "Run folder"))
+        self.add_map_data("MS", "MS")
+        self.addParameter(QgsProcessingParameterRasterLayer("PAIRED_RGB", "RGB raster co-registered with the MS raster (same-target pairs)", optional=True))
+        self.add_chip_parameters()
+        self.addParameter(QgsProcessingParameterString("BANDS", "MS band names (preset or comma list)", "sentinel2", optional=True))
+        self.addParameter(QgsProcessingParameterString("BACKBONE", "Backbone", "", optional=True))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.add_settings_parameter()
+        self.addOutput(QgsProcessingOutputFolder("TEACHER", "Teacher model folder"))
+        self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
+
+    def process(self, parameters, context, feedback):
+        run = _run_folder(self, parameters, context)
+        ms, commands = self.dataset(parameters, context, "MS", "MS", run.ms, run, check_ms_raster,
+                                    "PAIRED_RGB", run.rgb_paired)
+        if ms is None:
+            raise InputError("No MS layer chosen: give an MS raster layer with its labels, or an MS folder dataset.")
+        options = jobs.TeacherOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
+                                      backbone=self.parameterAsString(parameters, "BACKBONE", context).strip(),
+                                      epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                                      device=_device(self, parameters, context),
+                                      seed=self.parameterAsInt(parameters, "SEED", context),
+                                      settings=self.engine_settings(parameters, context))
+        outcomes = self.run_commands(commands + [jobs.teacher_command(run.root, ms, options)], feedback)
+        return {"RUN": str(run.root), "TEACHER": str(run.teacher), "METRICS": json.dumps(outcomes[-1].metrics)}
+
+
+class TrainMatcher(EngineAlgorithm):
+    _id, _name = "matcher", "Train matcher and pair"
+    _help = ("Trains the MS/RGB matcher on same-target pairs (co-located chips from the teacher run, "
+             "a paired folder, or pseudo-RGB from the MS bands) and pairs every RGB sample with an MS "
+             "sample of its class.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with a teacher)", behavior=QgsProcessingParameterFile.Folder))
+        self.add_map_data("RGB", "RGB")
+        self.addParameter(QgsProcessingParameterFile("PAIRED_FOLDER", "RGB folder paired with the MS samples by file name (optional)",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.add_chip_parameters()
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(jobs.PAIR_METHODS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.add_settings_parameter()
+        self.addOutput(QgsProcessingOutputFolder("MATCHER", "Matcher folder"))
+        self.addOutput(QgsProcessingOutputFile("PAIRS", "Pairs"))
+
+    def process(self, parameters, context, feedback):
+        run = _run_folder(self, parameters, context, must_exist="teacher")
+        rgb, commands = self.dataset(parameters, context, "RGB", "RGB", run.rgb, run, check_rgb_raster)
+        if rgb is None:
+            raise InputError("No RGB layer chosen: give an RGB raster layer with its labels, or an RGB folder dataset.")
+        paired_folder = self.parameterAsFile(parameters, "PAIRED_FOLDER", context)
+        paired = Path(paired_folder) if paired_folder else (run.rgb_paired if run.rgb_paired.is_dir() else None)
+        options = jobs.MatcherOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                                      method=jobs.PAIR_METHODS[self.parameterAsEnum(parameters, "METHOD", context)],
+                                      device=_device(self, parameters, context),
+                                      settings=self.engine_settings(parameters, context))
+        outcomes = self.run_commands(commands + jobs.matcher_commands(run.root, rgb, options, paired), feedback)
+        pairs = outcomes[-1].results.get("pairs", str(run.root / "pairs" / "pairs.npz"))
+        return {"MATCHER": str(run.root / "matcher"), "PAIRS": pairs}
+
+
+class DistillStudent(EngineAlgorithm):
+    _id, _name = "distill", "Distill student"
+    _help = ("Distills the teacher into the RGB student over the matcher's pairs (cross-modal attention, "
+             "domain-shift loss, teacher pseudo-labels, re-pairing), evaluates it on the RGB test set and "
+             "writes an HTML report with the baseline for comparison.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)", behavior=QgsProcessingParameterFile.Folder))
+        self.add_map_data("TEST", "RGB test")
+        self.add_chip_parameters()
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        for key, label in (("W_FEAT", "Weight: feature alignment"), ("W_PSEUDO", "Weight: teacher pseudo-labels"),
+                           ("W_GT", "Weight: ground truth")):
+            self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)", QgsProcessingParameterNumber.Double,
+                                                           None, optional=True, minValue=0.0))
+        self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Also train the baseline (no distillation)", True))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.add_settings_parameter()
+        self.addOutput(QgsProcessingOutputFolder("STUDENT", "Student model folder"))
+        self.addOutput(QgsProcessingOutputHtml("REPORT", "Report"))
+        self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
+
+    def process(self, parameters, context, feedback):
+        run = _run_folder(self, parameters, context, must_exist="pairs")
+        test, commands = self.dataset(parameters, context, "TEST", "RGB test", run.rgb_test, run, check_rgb_raster)
+        options = jobs.DistillOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                                      repair_every=self.parameterAsInt(parameters, "REPAIR_EVERY", context),
+                                      w_feat=self.optional_double(parameters, context, "W_FEAT"),
+                                      w_pseudo=self.optional_double(parameters, context, "W_PSEUDO"),
+                                      w_gt=self.optional_double(parameters, context, "W_GT"),
+                                      baseline=self.parameterAsBoolean(parameters, "BASELINE", context),
+                                      device=_device(self, parameters, context),
+                                      settings=self.engine_settings(parameters, context))
+        outcomes = self.run_commands(commands + [jobs.distill_command(run.root, options, test)], feedback)
+        report = outcomes[-1].results.get("report", str(run.report))
+        return {"STUDENT": str(run.student), "REPORT": report, "METRICS": json.dumps(outcomes[-1].metrics)}
+
+
+class ExportModel(EngineAlgorithm):
+    _id, _name, _group = "export", "Export model", "Mapping"
+    _help = "Exports a trained student (a model folder, e.g. RUN/student) to ONNX with its classes, bands and normalisation inside."
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)", behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "ONNX model", "ONNX model (*.onnx)"))
+
+    def process(self, parameters, context, feedback):
+        model = Path(self.parameterAsFile(parameters, "MODEL", context))
+        if not (model / "meta.json").is_file():
+            raise InputError(f"{model} is not a model folder (no meta.json): choose the student folder of a run.")
+        out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
+        self.run_commands([jobs.export_command(model, Path(out))], feedback)
+        return {"OUTPUT": out}
+
+
+class ClassifyTiles(EngineAlgorithm):
+    _id, _name, _group = "classify", "Classify scene tiles", "Mapping"
+    _help = ("Classifies the tiles of a raster with an exported model: one polygon per tile with class, "
+             "confidence, runner-up class and entropy, styled by class. The grid is tiles of the "
+             "model's size (or a given tile and stride in pixels) or the XYZ web-map grid at a zoom "
+             "level. A raster layer that is not a local file is exported for the area first.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Model (.onnx)", extension="onnx"))
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
+        self.addParameter(QgsProcessingParameterString("BANDS", "Bands (e.g. 1,2,3; empty = all)", "", optional=True))
+        self.addParameter(QgsProcessingParameterExtent("EXTENT", "Area: extent", optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons", [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterEnum("GRID", "Grid", ["Pixels (tile and stride)", "XYZ tiles (zoom level)"], defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Integer, 16, minValue=0, maxValue=24))
+        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Integer, 64, minValue=1))
+        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
+
+    def process(self, parameters, context, feedback):
+        model = Path(self.parameterAsFile(parameters, "MODEL", context))
+        if not model.is_file():
+            raise InputError(f"The model file {model} does not exist: export a student first (Export model).")
+        raster = check_rgb_raster(self.parameterAsRasterLayer(parameters, "INPUT", context), "raster layer to classify")
+        try:
+            gsd = read_model_info(model).gsd
+        except ModelInfoError as exc:
+            raise InputError(str(exc)) from exc
+        options = jobs.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
+                                       batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context))
+        if self.parameterAsEnum(parameters, "GRID", context) == 1:
+            options.xyz_zoom = self.parameterAsInt(parameters, "ZOOM", context)
+        else:
+            options.tile = self.parameterAsInt(parameters, "TILE", context)
+            options.stride = self.parameterAsInt(parameters, "STRIDE", context)
+        temp = Path(QgsProcessingUtils.tempFolder())
+        extent, extent_crs = raster.extent(), raster.crs()
+        if parameters.get("EXTENT"):
+            extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
+            extent = self.parameterAsExtent(parameters, "EXTENT", context, extent_crs)
+            options.bbox = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
+            options.bbox_crs = extent_crs.authid()
+        elif parameters.get("MASK"):
+            source = self.parameterAsSource(parameters, "MASK", context)
+            options.mask = self.parameterAsCompatibleSourceLayerPath(parameters, "MASK", context, ["gpkg", "shp"], "gpkg", feedback)
+            extent, extent_crs = source.sourceExtent(), source.sourceCrs()
+        raster_file = layers.raster_file_for(raster, temp, extent, extent_crs, gsd, feedback)
+        out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        self.run_commands([jobs.classify_command(model, raster_file, Path(out), options)], feedback)
+        result_layer = QgsVectorLayer(out, Path(out).stem, "ogr")
+        if not result_layer.isValid():
+            raise QgsProcessingException(f"The engine did not write a readable layer at {out}.")
+        qml = layers.style_beside(out)
+        if qml is not None and context.willLoadLayerOnCompletion(out):
+            context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
+        return {"OUTPUT": out, "TILES": result_layer.featureCount()}
+
+
+ALGORITHMS = (TrainTeacher, TrainMatcher, DistillStudent, ExportModel, ClassifyTiles)

@@ -1,0 +1,178 @@
+"""Background jobs: a QgsTask runs engine commands one after another in a worker thread.
+
+`EngineJob` is the Python-side record of a job (state, outcomes, signals for the dock); it
+outlives its `EngineTask`, which the task manager deletes when it ends. Events reach the
+GUI through queued signals; log lines go to the QGIS log panel (thread-safe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
+from qgis.PyQt.QtCore import QObject, pyqtSignal
+
+from .engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
+
+LOG_TAG = "AsymKD"
+
+_LOG_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+
+
+@dataclass
+class EngineCommand:
+    """One engine command line (without the program) and what to call it in the GUI."""
+
+    args: list[str]
+    label: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.args = [str(a) for a in self.args]
+        if not self.label:
+            self.label = self.args[0] if self.args else "engine"
+
+
+def log(message: str, level: Any = Qgis.Info) -> None:
+    QgsMessageLog.logMessage(message, LOG_TAG, level)
+
+
+class EngineJob(QObject):
+    """A sequence of engine commands run by one QgsTask; emits events and the end state."""
+
+    PENDING, RUNNING, OK, FAILED, CANCELLED = "pending", "running", "ok", "failed", "cancelled"
+
+    eventReceived = pyqtSignal(dict)
+    progressChanged = pyqtSignal(float, str)  # percent, text
+    jobFinished = pyqtSignal(object)  # the job
+
+    def __init__(self, name: str, commands: list[EngineCommand], engine: Engine | None = None,
+                 parent: QObject | None = None):
+        super().__init__(parent)
+        self.name = name
+        self.commands = commands
+        self.engine = engine or Engine.from_settings()
+        self.outcomes: list[Outcome] = []
+        self.state = self.PENDING
+        self.failure: str | None = None  # why it did not run (e.g. engine missing)
+        self.engine_unavailable = False
+        self.task: EngineTask | None = None
+        self.pid: int | None = None
+
+    # -- control ---------------------------------------------------------------------
+    def start(self) -> "EngineJob":
+        self.task = EngineTask(self)
+        self.state = self.RUNNING
+        QgsApplication.taskManager().addTask(self.task)
+        return self
+
+    def cancel(self) -> None:
+        if self.task is not None and self.state == self.RUNNING:
+            try:
+                self.task.cancel()
+            except RuntimeError:  # the task already ended and was deleted
+                pass
+
+    @property
+    def done(self) -> bool:
+        return self.state in (self.OK, self.FAILED, self.CANCELLED)
+
+    # -- results ---------------------------------------------------------------------
+    @property
+    def results(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for outcome in self.outcomes:
+            merged.update(outcome.results)
+        return merged
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        merged: dict[str, dict[str, Any]] = {}
+        for outcome in self.outcomes:
+            merged.update(outcome.metrics)
+        return merged
+
+    def message(self) -> str:
+        """Why the job failed or was cancelled, in the engine's words."""
+        if self.failure:
+            return self.failure
+        if self.state == self.CANCELLED:
+            return f"{self.name} was cancelled; nothing was added."
+        for outcome in reversed(self.outcomes):
+            if not outcome.ok:
+                return outcome.message()
+        return f"{self.name} finished."
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        self.task = None
+        self.jobFinished.emit(self)
+
+
+class EngineTask(QgsTask):
+    """Runs the commands of one EngineJob in the task manager's worker thread."""
+
+    def __init__(self, job: EngineJob):
+        super().__init__(f"AsymKD: {job.name}", QgsTask.CanCancel)
+        self.job = job
+        self._ok = False
+
+    def run(self) -> bool:  # worker thread
+        job = self.job
+        total_weight = sum(c.weight for c in job.commands) or 1.0
+        done_weight = 0.0
+        try:
+            for command in job.commands:
+                if self.isCanceled():
+                    return False
+                log(f"{job.name}: {command.label}: asymkd {' '.join(command.args)}")
+                base = 100.0 * done_weight / total_weight
+                span = 100.0 * command.weight / total_weight
+
+                def on_event(event: dict[str, Any], base=base, span=span, label=command.label) -> None:
+                    self._on_event(event, base, span, label)
+
+                outcome = run_engine(job.engine, command.args, on_event=on_event,
+                                     on_stderr=lambda line: log(line, Qgis.Info),
+                                     is_cancelled=self.isCanceled,
+                                     on_start=lambda pid: setattr(job, "pid", pid))
+                job.outcomes.append(outcome)
+                if not outcome.ok:
+                    return False
+                done_weight += command.weight
+                self.setProgress(100.0 * done_weight / total_weight)
+            return True
+        except EngineUnavailable as exc:
+            job.failure = str(exc)
+            job.engine_unavailable = True
+            return False
+        except Exception as exc:  # a plugin bug must not take QGIS down
+            job.failure = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def _on_event(self, event: dict[str, Any], base: float, span: float, label: str) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            fraction = float(event.get("fraction") or 0.0)
+            percent = base + span * max(0.0, min(1.0, fraction))
+            self.setProgress(percent)
+            self.job.progressChanged.emit(percent, f"{label} - {describe_progress(event)}")
+        elif kind == "log":
+            log(str(event.get("message", "")), _LOG_LEVELS.get(str(event.get("level")), Qgis.Info))
+        elif kind == "warning":
+            log(str(event.get("message", "")), Qgis.Warning)
+        elif kind == "error":
+            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(), Qgis.Critical)
+        elif kind == "step" and event.get("status") == "started":
+            self.job.progressChanged.emit(base, f"{label} - {event.get('step')}")
+        self.job.eventReceived.emit(event)
+
+    def finished(self, result: bool) -> None:  # main thread
+        job = self.job
+        if result:
+            job._finish(EngineJob.OK)
+        elif self.isCanceled() or any(o.cancelled for o in job.outcomes):
+            job._finish(EngineJob.CANCELLED)
+        else:
+            job._finish(EngineJob.FAILED)

@@ -1,0 +1,283 @@
+"""Small widgets of the dock: a step's run/cancel/progress/results panel, a layer-or-folder
+picker, a label layer + class field picker, and settings persistence for form widgets."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from qgis.core import QgsMapLayerProxyModel, QgsProject
+from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtGui import QPixmap
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel,
+                                 QLineEdit, QProgressBar, QPushButton, QSpinBox, QStackedWidget,
+                                 QVBoxLayout, QWidget)
+
+from . import settings
+
+
+class StepPanel(QWidget):
+    """Run and Cancel buttons, a progress bar, a status line and the step's results."""
+
+    def __init__(self, run_text: str = "Run", parent: QWidget | None = None):
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 4, 0, 0)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton(run_text)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        layout.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        self.results = QLabel("")
+        self.results.setWordWrap(True)
+        self.results.setTextFormat(Qt.RichText)
+        self.results.setOpenExternalLinks(True)
+        self.results.setTextInteractionFlags(Qt.TextBrowserInteraction)
+        layout.addWidget(self.results)
+        self.image = QLabel()
+        self.image.setAlignment(Qt.AlignCenter)
+        self.image.hide()
+        layout.addWidget(self.image)
+
+    def set_running(self, running: bool, text: str = "") -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress.setValue(0)
+            self.results.setText("")
+            self.image.hide()
+        self.status.setText(text)
+
+    def set_progress(self, percent: float, text: str) -> None:
+        self.progress.setValue(int(round(percent)))
+        self.status.setText(text)
+
+    def show_results(self, metrics: dict[str, Any] | None = None, links: dict[str, str] | None = None,
+                     image: str | None = None, note: str = "") -> None:
+        parts = [f"<p>{html.escape(note)}</p>"] if note else []
+        rows = _metric_rows(metrics or {})
+        if rows:
+            parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>"
+                                             for k, v in rows) + "</table>")
+        for label, path in (links or {}).items():
+            url = QUrl.fromLocalFile(str(path)).toString()
+            parts.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
+        self.results.setText("<br>".join(parts))
+        if image and Path(image).is_file():
+            pixmap = QPixmap(str(image))
+            if not pixmap.isNull():
+                self.image.setPixmap(pixmap.scaledToWidth(min(320, pixmap.width()), Qt.SmoothTransformation))
+                self.image.setToolTip(str(image))
+                self.image.show()
+                return
+        self.image.hide()
+
+
+def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Scalar metrics (nested dicts flattened one level) as (name, formatted value)."""
+    rows: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            rows.append((name, f"{value:.4g}"))
+        elif isinstance(value, int):
+            rows.append((name, str(value)))
+        elif isinstance(value, dict) and not prefix:
+            rows.extend(_metric_rows(value, prefix=f"{key} "))
+    return rows[:24]
+
+
+class SourcePicker(QWidget):
+    """A raster layer or a folder dataset (optionally: nothing)."""
+
+    LAYER, FOLDER, NONE = "Raster layer", "Folder", "None"
+
+    def __init__(self, optional: bool = False, parent: QWidget | None = None):
+        super().__init__(parent)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.mode = QComboBox()
+        modes = [self.LAYER, self.FOLDER] + ([self.NONE] if optional else [])
+        self.mode.addItems(modes)
+        self.stack = QStackedWidget()
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setAllowEmptyLayer(True)
+        self.layer_combo.setLayer(None)
+        self.folder_widget = QgsFileWidget()
+        self.folder_widget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.stack.addWidget(self.layer_combo)
+        self.stack.addWidget(self.folder_widget)
+        self.stack.addWidget(QLabel("not used"))
+        layout.addWidget(self.mode)
+        layout.addWidget(self.stack, 1)
+        self.mode.currentIndexChanged.connect(self.stack.setCurrentIndex)
+
+    def kind(self) -> str:
+        return self.mode.currentText()
+
+    def layer(self):
+        return self.layer_combo.currentLayer() if self.kind() == self.LAYER else None
+
+    def folder(self) -> str:
+        return self.folder_widget.filePath().strip() if self.kind() == self.FOLDER else ""
+
+    def set_layer(self, layer) -> None:
+        self.mode.setCurrentText(self.LAYER)
+        self.layer_combo.setLayer(layer)
+
+    def set_folder(self, folder: str) -> None:
+        self.mode.setCurrentText(self.FOLDER)
+        self.folder_widget.setFilePath(str(folder))
+
+
+class LabelPicker(QWidget):
+    """A vector layer of labeled polygons or points and its class field."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer | QgsMapLayerProxyModel.PointLayer)
+        self.layer_combo.setAllowEmptyLayer(True)
+        self.layer_combo.setLayer(None)
+        self.field_combo = QgsFieldComboBox()
+        self.field_combo.setAllowEmptyFieldName(True)
+        self.layer_combo.layerChanged.connect(self._layer_changed)
+        layout.addWidget(self.layer_combo, 2)
+        layout.addWidget(self.field_combo, 1)
+
+    def _layer_changed(self, layer) -> None:
+        self.field_combo.setLayer(layer)
+        if layer is not None and not self.field_combo.currentField():
+            for name in ("class", "label", "Class", "CLASS", "category"):
+                if layer.fields().indexOf(name) >= 0:
+                    self.field_combo.setField(name)
+                    break
+
+    def layer(self):
+        return self.layer_combo.currentLayer()
+
+    def field(self) -> str:
+        return self.field_combo.currentField()
+
+    def set(self, layer, field: str = "") -> None:
+        self.layer_combo.setLayer(layer)
+        self.field_combo.setLayer(layer)
+        if field:
+            self.field_combo.setField(field)
+
+
+class Persist:
+    """Keeps form values in QgsSettings (asymkd/dock/<key>): restored on build, saved on change."""
+
+    def __init__(self, group: str = "dock"):
+        self.group = group
+        self.widgets: dict[str, QWidget] = {}
+
+    def _key(self, key: str) -> str:
+        return f"{self.group}/{key}"
+
+    def bind(self, key: str, widget: QWidget) -> QWidget:
+        self.widgets[key] = widget
+        self.restore(key)
+        signal = _change_signal(widget)
+        if signal is not None:
+            signal.connect(lambda *_args, k=key: self.save(k))
+        return widget
+
+    def save(self, key: str) -> None:
+        value = _value(self.widgets[key])
+        if value is not None:
+            settings.put(self._key(key), value)
+
+    def save_all(self) -> None:
+        for key in self.widgets:
+            self.save(key)
+
+    def restore(self, key: str) -> None:
+        stored = settings.get(self._key(key), None)
+        if stored is not None:
+            _set_value(self.widgets[key], stored)
+
+
+def _change_signal(widget: QWidget):
+    if isinstance(widget, (QSpinBox, QDoubleSpinBox)):
+        return widget.valueChanged
+    if isinstance(widget, QgsMapLayerComboBox):
+        return widget.layerChanged
+    if isinstance(widget, QgsFieldComboBox):
+        return widget.fieldChanged
+    if isinstance(widget, QComboBox):
+        return widget.currentTextChanged
+    if isinstance(widget, QLineEdit):
+        return widget.textChanged
+    if isinstance(widget, QCheckBox):
+        return widget.toggled
+    if isinstance(widget, QgsFileWidget):
+        return widget.fileChanged
+    if isinstance(widget, SourcePicker):
+        return widget.mode.currentTextChanged
+    return None
+
+
+def _value(widget: QWidget) -> Any:
+    if isinstance(widget, (QSpinBox, QDoubleSpinBox)):
+        return widget.value()
+    if isinstance(widget, QgsMapLayerComboBox):
+        layer = widget.currentLayer()
+        return layer.id() if layer is not None else ""
+    if isinstance(widget, QgsFieldComboBox):
+        return widget.currentField()
+    if isinstance(widget, QComboBox):
+        return widget.currentText()
+    if isinstance(widget, QLineEdit):
+        return widget.text()
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    if isinstance(widget, QgsFileWidget):
+        return widget.filePath()
+    if isinstance(widget, SourcePicker):
+        return widget.kind()
+    return None
+
+
+def _set_value(widget: QWidget, value: Any) -> None:
+    try:
+        if isinstance(widget, QSpinBox):
+            widget.setValue(int(float(value)))
+        elif isinstance(widget, QDoubleSpinBox):
+            widget.setValue(float(value))
+        elif isinstance(widget, QgsMapLayerComboBox):
+            layer = QgsProject.instance().mapLayer(str(value)) if value else None
+            if layer is not None:
+                widget.setLayer(layer)
+        elif isinstance(widget, QgsFieldComboBox):
+            widget.setField(str(value))
+        elif isinstance(widget, QComboBox):
+            if widget.isEditable() or widget.findText(str(value)) >= 0:
+                widget.setCurrentText(str(value))
+        elif isinstance(widget, QLineEdit):
+            widget.setText(str(value))
+        elif isinstance(widget, QCheckBox):
+            widget.setChecked(value in (True, "true", "True", "1", 1))
+        elif isinstance(widget, QgsFileWidget):
+            widget.setFilePath(str(value))
+        elif isinstance(widget, SourcePicker):
+            widget.mode.setCurrentText(str(value))
+    except (TypeError, ValueError):
+        pass  # a stored value of another type: keep the default
