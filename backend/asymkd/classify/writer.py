@@ -161,7 +161,7 @@ class ClassRaster:
         from affine import Affine
         g = self.grid
         shift = (g.tile - g.stride) / 2.0  # stride-sized pixels centred on their tiles
-        transform = g.transform * Affine.translation(shift, shift) * Affine.scale(g.stride)
+        transform = g.transform @ Affine.translation(shift, shift) @ Affine.scale(g.stride)
         with rasterio.open(path, "w", driver="GTiff", width=g.cols, height=g.rows, count=1, dtype=self.dtype,
                            crs=g.crs, transform=transform, nodata=self.nodata, compress="deflate") as dst:
             dst.write(self.array, 1)

@@ -1,0 +1,190 @@
+"""`asymkd bench classify`: is tile classification limited by compute, and is its memory bounded?
+
+Prints (a) pure onnxruntime throughput on in-memory batches (the compute limit),
+(b) end-to-end `classify` throughput on a synthetic GeoTIFF of --size x --size pixels,
+(c) their ratio (target >= 0.9), and (d) the peak RSS of `classify` on a raster of a
+quarter of the pixels and on the full one, and their ratio (target <= 1.2), with where the
+time went. Each classify runs in its own process so its peak RSS is its own. The rasters
+go to a temporary folder that is removed afterwards (unless --keep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_RATIO = 0.9
+TARGET_RSS_RATIO = 1.2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", metavar="FILE.onnx", default=None,
+                        help="exported model (default: a random-weight student exported to the temp folder)")
+    parser.add_argument("--backbone", default="resnet18_w32", help="student backbone when no --model (default resnet18_w32)")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the generated student (default 10)")
+    parser.add_argument("--size", type=int, default=8192, help="side of the large raster in pixels (default 8192)")
+    parser.add_argument("--tile", type=int, default=64, help="tile size in pixels (default 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: its default)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of the pure onnxruntime measurement")
+    parser.add_argument("--repeat", type=int, default=2, help="end-to-end runs on the large raster (best is kept)")
+    parser.add_argument("--compress", choices=("none", "deflate"), default="none", help="compression of the synthetic rasters")
+    parser.add_argument("--workdir", default=None, help="folder for the synthetic rasters (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+
+
+def run(args, events) -> int:
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="asymkd-bench-classify-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _bench(args, events, work)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args, events, work: Path) -> int:
+    model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events)
+    small, large = args.size // 2, args.size
+    rasters = {}
+    for side in (small, large):
+        path = work / f"synthetic_{side}.tif"
+        with events.step("bench-raster", size=side):
+            _write_raster(path, side, args.compress)
+        rasters[side] = path
+    print(f"model {model} | batch {args.batch_size} | tile {args.tile} px | threads {args.threads or 'default'}",
+          flush=True)
+
+    pure = {}
+    for spinning in (True, False):
+        pure[spinning] = _pure_ort(model, args.batch_size, args.tile, args.threads, args.seconds, spinning)
+        print(f"(a) pure onnxruntime ({'spinning' if spinning else 'no spinning'} threads): "
+              f"{pure[spinning]:.0f} tiles/s", flush=True)
+    compute = max(pure.values())
+
+    runs = []
+    for i in range(max(1, args.repeat)):
+        runs.append(_child_classify(model, rasters[large], work / f"out_{large}_{i}.gpkg", args))
+        print(f"(b) end-to-end classify {large}x{large} run {i + 1}: {runs[-1]['tiles_per_s']:.0f} tiles/s "
+              f"({runs[-1]['tiles']} tiles in {runs[-1]['seconds']:.2f} s; in-loop {runs[-1]['loop_tiles_per_s']:.0f} "
+              f"tiles/s), peak RSS {runs[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    best = max(runs, key=lambda r: r["tiles_per_s"])
+    small_run = _child_classify(model, rasters[small], work / f"out_{small}.gpkg", args)
+    ratio = best["tiles_per_s"] / compute
+    rss_ratio = max(r["peak_rss_mb"] for r in runs) / small_run["peak_rss_mb"]
+
+    print(f"(c) end-to-end / compute: {ratio:.3f} (target >= {TARGET_RATIO}) "
+          f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}")
+    print(f"(d) peak RSS {small}x{small}: {small_run['peak_rss_mb']:.0f} MB, {large}x{large}: "
+          f"{max(r['peak_rss_mb'] for r in runs):.0f} MB, ratio {rss_ratio:.3f} for 4x the pixels "
+          f"(target <= {TARGET_RSS_RATIO}) {'OK' if rss_ratio <= TARGET_RSS_RATIO else 'MISSED'}")
+    print("where the time went (best large run, seconds):")
+    for k, v in best["timings"].items():
+        print(f"    {k:20s} {v:8.3f}")
+    print(f"    {'process wall':20s} {best['process_s']:8.3f}  (includes imports and model load)")
+    events.metrics("bench-classify", {
+        "pure_tiles_per_s": compute, "pure_by_spinning": {str(k): v for k, v in pure.items()},
+        "e2e_tiles_per_s": best["tiles_per_s"], "ratio": ratio, "peak_rss_mb": {small: small_run["peak_rss_mb"],
+        large: max(r["peak_rss_mb"] for r in runs)}, "rss_ratio": rss_ratio, "timings": best["timings"],
+        "raster": large, "batch_size": args.batch_size, "threads": args.threads, "provider": best["provider"]})
+    return 0
+
+
+def _make_model(work: Path, backbone: str, classes: int, tile: int, events) -> Path:
+    import torch
+    from ..export import export_onnx
+    from ..models.backbones import SceneClassifier
+    from ..models.files import save_model
+    torch.manual_seed(0)
+    net = SceneClassifier(backbone, 3, classes)
+    meta = {"backbone": backbone, "class_names": [f"class{i}" for i in range(classes)], "band_names": ["R", "G", "B"],
+            "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
+    save_model(work / "student", net, meta)
+    return export_onnx(work / "student", work / "student.onnx", check_samples=16, overwrite=True, events=events).path
+
+
+def _write_raster(path: Path, side: int, compress: str) -> None:
+    """A 3-band uint8 tiled GeoTIFF with some structure (blocks + noise), written in strips."""
+    import rasterio
+    from rasterio.transform import from_origin
+    if path.exists():
+        return
+    rng = np.random.default_rng(side)
+    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:32632",
+                   transform=from_origin(500000, 5200000 + side * 10, 10, 10), tiled=True, blockxsize=256,
+                   blockysize=256, photometric="RGB", nodata=None)
+    if compress != "none":
+        profile["compress"] = compress
+    tmp = path.with_suffix(".partial.tif")
+    base = rng.integers(40, 200, size=(3, side // 64 + 1, side // 64 + 1), dtype=np.uint8)
+    with rasterio.open(tmp, "w", **profile) as dst:
+        strip = 1024
+        for r0 in range(0, side, strip):
+            h = min(strip, side - r0)
+            coarse = np.repeat(np.repeat(base[:, r0 // 64:(r0 + h) // 64 + 1], 64, axis=1), 64, axis=2)[:, :h, :side]
+            noise = rng.integers(0, 40, size=(3, h, side), dtype=np.uint8)
+            dst.write(coarse + noise, window=((r0, r0 + h), (0, side)))
+    os.replace(tmp, path)
+
+
+def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, spinning: bool) -> float:
+    import onnxruntime as ort
+    from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options
+    sess = ort.InferenceSession(str(model), sess_options=onnx_session_options(threads, spinning),
+                                providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(0, 255, size=(batch, 3, tile, tile)).astype(np.float32)
+    for _ in range(3):
+        sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})
+        n += batch
+    return n / (time.perf_counter() - start)
+
+
+def _child_classify(model: Path, raster: Path, out: Path, args) -> dict:
+    """Run classify in a fresh process; it reports its own time and peak RSS."""
+    cmd = [sys.executable, "-c", "from asymkd.bench.classify import _child; _child()", str(model), str(raster),
+           str(out), str(args.batch_size), str(args.threads)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"classify child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = wall
+    return result
+
+
+def _peak_rss_kb() -> float:
+    """This process's own peak RSS. ru_maxrss is not used: Linux carries the parent's peak
+    over fork+exec, so a child of a big process would report the parent's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _child() -> None:
+    model, raster, out, batch, threads = sys.argv[1:6]
+    from ..classify import classify
+    start = time.perf_counter()
+    res = classify(model, raster, out, batch_size=int(batch), threads=int(threads), overwrite=True)
+    seconds = time.perf_counter() - start
+    peak_kb = _peak_rss_kb()
+    print(json.dumps({"tiles": res.tiles_classified, "seconds": seconds,
+                      "tiles_per_s": res.tiles_classified / seconds,
+                      "loop_tiles_per_s": res.tiles_classified / max(res.timings["loop_s"], 1e-9),
+                      "peak_rss_mb": peak_kb / 1024.0, "timings": res.timings, "provider": res.provider}))
