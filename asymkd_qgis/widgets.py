@@ -125,6 +125,8 @@ class SourcePicker(QWidget):
         layout.addWidget(self.mode)
         layout.addWidget(self.stack, 1)
         self.mode.currentIndexChanged.connect(self.stack.setCurrentIndex)
+        if optional:
+            self.mode.setCurrentText(self.NONE)
 
     def kind(self) -> str:
         return self.mode.currentText()
