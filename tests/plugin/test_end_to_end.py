@@ -1,0 +1,212 @@
+"""End to end with the real engine: Processing classification, a full dock job, qgis_process,
+and the plugin zip installed into a fresh profile. Tiny data and epochs keep this short."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qgis.core import QgsCategorizedSymbolRenderer, QgsProject, QgsRasterLayer, QgsVectorLayer
+
+import mapdata
+from asymkd_qgis.engine import run_engine
+from conftest import REPO, require_commands, wait_for
+
+CLASSES = ["Forest", "River", "Urban"]
+TILE = 32
+# A freshly initialised student: enough to check the map plumbing (accuracy is the benchmark's job).
+_MAKE_MODEL = """
+import sys, torch
+from asymkd.models.backbones import SceneClassifier
+from asymkd.models.files import save_model
+torch.manual_seed(0)
+model = SceneClassifier("resnet18_w32", 3, {n})
+save_model(sys.argv[1], model, {{"backbone": "resnet18_w32", "class_names": {classes!r}, "band_names": ["R", "G", "B"],
+           "mean": [120.0, 120.0, 120.0], "std": [60.0, 60.0, 60.0], "patch_size": {tile}, "gsd": 10.0}})
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_engine, tmp_path_factory) -> Path:
+    require_commands("export")
+    folder = tmp_path_factory.mktemp("model")
+    student = folder / "student"
+    code = _MAKE_MODEL.format(n=len(CLASSES), classes=CLASSES, tile=TILE)
+    subprocess.run([str(real_engine.python), "-c", code, str(student)], env=real_engine.env(), check=True,
+                   capture_output=True, timeout=300)
+    out = folder / "tiny model é.onnx"
+    outcome = run_engine(real_engine, ["export", str(student), "--out", str(out), "--check-samples", "4"])
+    assert outcome.ok, outcome.message() + "\n" + "\n".join(outcome.stderr_tail)
+    return out
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    """An RGB scene of 4 x 3 tiles of 32 pixels, no nodata."""
+    return mapdata.write_raster(tmp_path / "scène rgb.tif", 3, width=4 * TILE, height=3 * TILE, seed=3)
+
+
+def qgis_process() -> str:
+    # Debian's qgis_process wrapper passes --noversioncheck, which qgis_process 3.22 rejects.
+    for name in ("qgis_process.bin", "qgis_process"):
+        path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+        if path:
+            return path
+    pytest.skip("qgis_process is not installed")
+
+
+# -- Processing ------------------------------------------------------------------------
+def test_processing_classify_scene_tiles(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
+    require_commands("classify")
+    import processing
+    out = tmp_path / "tiles out.gpkg"
+    result = processing.runAndLoadResults("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": str(scene),
+                                                              "BATCH_SIZE": 5, "OUTPUT": str(out)})
+    assert result["TILES"] == 12
+    layer = QgsVectorLayer(str(out), "tiles", "ogr")
+    assert layer.isValid() and layer.featureCount() == 12
+    loaded = [l for l in QgsProject.instance().mapLayers().values()
+              if isinstance(l, QgsVectorLayer) and Path(l.source().split("|")[0]) == out]
+    assert len(loaded) == 1
+    renderer = loaded[0].renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer)
+    assert {c.label() for c in renderer.categories()} >= set(CLASSES) or len(renderer.categories()) >= len(CLASSES)
+    names = {f[renderer.classAttribute()] for f in layer.getFeatures()}
+    assert names <= {c.value() for c in renderer.categories()}
+
+
+def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
+    """A virtual raster layer (no file behind it) is exported for the area at the model's resolution."""
+    require_commands("classify")
+    import processing
+    source = QgsRasterLayer(str(scene), "source", "gdal")
+    extent = source.extent()
+    uri = (f"?crs=EPSG:{mapdata.EPSG}&extent={extent.xMinimum()},{extent.yMinimum()},{extent.xMaximum()},{extent.yMaximum()}"
+           f"&width={source.width()}&height={source.height()}&formula=%22s@1%22&s:uri={scene}&s:provider=gdal")
+    virtual = QgsRasterLayer(uri, "virtual", "virtualraster")
+    if not virtual.isValid():
+        pytest.skip("the virtual raster provider is not available")
+    # one band: the classify algorithm must refuse it as an RGB layer
+    from qgis.core import QgsProcessingException
+    with pytest.raises(QgsProcessingException, match="has 1 band"):
+        processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": virtual, "OUTPUT": str(tmp_path / "v.gpkg")})
+    from asymkd_qgis import layers
+    assert layers.local_raster_path(virtual) is None
+    exported = layers.raster_file_for(virtual, tmp_path / "exports", extent, virtual.crs(), 10.0)
+    written = QgsRasterLayer(exported, "exported", "gdal")
+    assert (written.width(), written.height()) == (source.width(), source.height())
+
+
+# -- the dock, all steps ---------------------------------------------------------------
+@pytest.fixture
+def synthetic_world(real_engine, tmp_path) -> dict:
+    require_commands("synth")
+    outcome = run_engine(real_engine, ["synth", "--out", str(tmp_path / "world"), "--size", str(TILE),
+                                       "--ms-per-class", "8", "--rgb-per-class", "8", "--test-per-class", "4",
+                                       "--unlabeled-per-class", "0", "--paired", "0", "--classes", "3"])
+    assert outcome.ok, outcome.message()
+    return outcome.results
+
+
+def test_full_dock_job_teacher_matcher_distill_classify(dock, real_engine, synthetic_world, tmp_path):
+    require_commands("chips", "teacher", "matcher", "pair", "distill", "export", "classify")
+    world = synthetic_world
+    project = QgsProject.instance()
+    layer = {}
+    for key in ("ms_scene", "rgb_scene", "rgb_test_scene"):
+        layer[key] = QgsRasterLayer(world[key], key, "gdal")
+    for key in ("ms_labels", "rgb_labels", "rgb_test_labels"):
+        layer[key] = QgsVectorLayer(world[key], key, "ogr")
+    for item in layer.values():
+        assert item.isValid()
+        project.addMapLayer(item)
+    dock.engine_factory = lambda: real_engine
+    dock.run_dir.setFilePath(str(tmp_path / "run with space"))
+    dock.ms_source.set_layer(layer["ms_scene"])
+    dock.ms_labels.set(layer["ms_labels"], "class")
+    dock.pair_raster.setLayer(layer["rgb_scene"])  # overlaps the MS scene in part: co-located pairs
+    dock.rgb_source.set_layer(layer["rgb_scene"])
+    dock.rgb_labels.set(layer["rgb_labels"], "class")
+    dock.test_source.set_layer(layer["rgb_test_scene"])
+    dock.test_labels.set(layer["rgb_test_labels"], "class")
+    dock.chip_size.setValue(TILE)
+    dock.teacher_epochs.setValue(1)
+    dock.teacher_settings.setText("teacher.folds=0")
+    dock.device.setCurrentText("cpu")
+    dock.distill_device.setCurrentText("cpu")
+    dock.matcher_epochs.setValue(1)
+    dock.distill_epochs.setValue(1)
+    dock.baseline.setChecked(False)
+    dock.classify_layer.setLayer(layer["rgb_test_scene"])
+    dock.area.setCurrentText("Whole layer")
+    finished = []
+    dock.jobFinished.connect(lambda step, job: finished.append((step, job.state, job.message())))
+    dock.run_all()
+    wait_for(lambda: len(finished) == 5 or any(state != "ok" for _, state, _ in finished), 600, "all five steps")
+    assert [(s, state) for s, state, _ in finished] == [(s, "ok") for s in ("data", "teacher", "matcher", "distill", "classify")], finished
+    run = tmp_path / "run with space"
+    assert (run / "report.html").is_file() and (run / "student.onnx").is_file()
+    assert "report.html" in dock.panels["distill"].results.text()
+    assert dock.panels["distill"].image.isVisibleTo(dock.panels["distill"])
+    [classified] = dock.loaded_layers
+    assert project.mapLayer(classified.id()) is classified
+    assert classified.featureCount() > 0
+    assert isinstance(classified.renderer(), QgsCategorizedSymbolRenderer)
+
+
+# -- qgis_process and the plugin zip ------------------------------------------------------
+@pytest.fixture(scope="session")
+def installed_profile(tmp_path_factory) -> Path:
+    """The zip from `make package`'s tool, installed into a fresh profile directory."""
+    root = tmp_path_factory.mktemp("qgis config")
+    zip_path = root / "asymkd_qgis.zip"
+    tool = REPO / "tools" / "plugin_package.py"
+    subprocess.run([sys.executable, str(tool), "zip", "--out", str(zip_path)], check=True, timeout=120)
+    subprocess.run([sys.executable, str(tool), "deploy", "--zip", str(zip_path), "--profiles-dir",
+                    str(root / "profiles")], check=True, timeout=120)
+    return root
+
+
+def _qgis_process(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(config)}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([qgis_process(), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_zip_installs_into_a_fresh_profile_and_loads(installed_profile):
+    import zipfile
+    plugin_dir = installed_profile / "profiles" / "default" / "python" / "plugins" / "asymkd_qgis"
+    names = zipfile.ZipFile(installed_profile / "asymkd_qgis.zip").namelist()
+    assert all(n.startswith("asymkd_qgis/") for n in names)
+    assert "asymkd_qgis/metadata.txt" in names and "asymkd_qgis/backend/asymkd/cli.py" in names
+    assert "asymkd_qgis/backend/requirements.txt" in names and "asymkd_qgis/resources/icons/asymkd.png" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/tests/" in n or "egg-info" in n]
+    assert (plugin_dir / "metadata.txt").is_file()
+    plugins = _qgis_process(installed_profile, "plugins")
+    assert "* asymkd_qgis" in plugins.stdout, plugins.stdout + plugins.stderr
+    listed = _qgis_process(installed_profile, "list")
+    for name in ("classify", "distill", "export", "matcher", "teacher"):
+        assert f"asymkd:{name}" in listed.stdout
+    # the installed plugin uses its bundled engine source, not the repository's
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from asymkd_qgis import paths; "
+            "print(paths.engine_source_dir()); print(paths.resources_dir())")
+    where = subprocess.run([sys.executable, "-c", code, str(plugin_dir.parent)], capture_output=True, text=True, check=True)
+    assert where.stdout.splitlines() == [str(plugin_dir / "backend"), str(plugin_dir / "resources")]
+
+
+def test_qgis_process_run_classify(installed_profile, real_engine, tiny_model, scene, tmp_path):
+    require_commands("classify")
+    out = tmp_path / "qp tiles.gpkg"
+    done = _qgis_process(installed_profile, "--json", "run", "asymkd:classify", "--", f"MODEL={tiny_model}",
+                         f"INPUT={scene}", "TILE=32", f"OUTPUT={out}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["results"]["TILES"] == 12
+    assert QgsVectorLayer(str(out), "t", "ogr").featureCount() == 12
+    assert out.with_suffix(".qml").is_file()
