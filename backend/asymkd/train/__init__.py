@@ -1,0 +1,1 @@
+"""Training jobs: teacher, matcher, pairing and re-pairing, distillation, evaluation."""
