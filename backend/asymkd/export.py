@@ -77,15 +77,14 @@ def fallback_color(index: int) -> str:
 
 
 def class_colors(meta: dict[str, Any]) -> list[str]:
-    """One '#rrggbb' per class: meta['colors'] (list or name->colour), else the shared
-    palette module when present, else a deterministic fallback."""
+    """One '#rrggbb' per class: meta['colors'] (list or name->colour), else the project's
+    class palette (the same colour for a name everywhere), else a deterministic fallback."""
     names = list(meta["class_names"])
     given = meta.get("colors")
-    palette = None
-    try:  # the project's shared class palette, when installed
-        from . import palette as palette  # type: ignore[no-redef]
+    try:
+        from .palette import class_color
     except ImportError:
-        palette = None
+        class_color = None
     out = []
     for i, name in enumerate(names):
         color = None
@@ -93,11 +92,8 @@ def class_colors(meta: dict[str, Any]) -> list[str]:
             color = _hex(given.get(name))
         elif isinstance(given, (list, tuple)) and i < len(given):
             color = _hex(given[i])
-        if color is None and palette is not None and hasattr(palette, "color_for"):
-            try:
-                color = _hex(palette.color_for(name, i))
-            except Exception:  # a palette problem must not block an export
-                color = None
+        if color is None and class_color is not None:
+            color = _hex(class_color(name))
         out.append(color or fallback_color(i))
     return out
 
@@ -283,21 +279,26 @@ def _write_with_metadata(blob: bytes, metadata: dict[str, Any], out: Path) -> No
         tmp.unlink(missing_ok=True)
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """The .onnx file a user pointed at (a folder holding model.onnx is accepted)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        raise ModelFileError(f"{path} is a folder, not an ONNX model file",
+                             f"export it first: asymkd export {path} --out model.onnx")
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist", "give the .onnx file written by asymkd export")
+    return path
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The AsymKD metadata of an ONNX model file; ModelFileError when the file is not an
     ONNX model, lacks the metadata, or is of a newer format version."""
     import onnx
     from google.protobuf.message import DecodeError
 
-    path = Path(path)
-    if path.is_dir():
-        if (path / "model.onnx").is_file():
-            path = path / "model.onnx"
-        else:
-            raise ModelFileError(f"{path} is a folder, not an ONNX model file",
-                                 f"export it first: asymkd export {path} --out model.onnx")
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist", "give the .onnx file written by asymkd export")
+    path = resolve_model_path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:

@@ -218,6 +218,24 @@ def test_band_mapping_by_colour_interpretation_and_explicit(model, tmp_path):
         np.testing.assert_allclose(got["confidence"], ref["confidence"], atol=1e-6)
 
 
+def test_a_vrt_is_classified_like_its_source(model, tmp_path):
+    data = texture(2 * T, 2 * T, seed=9)
+    write_raster(tmp_path / "src.tif", data)
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{i}"><ColorInterp>{c}</ColorInterp><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">src.tif</SourceFilename><SourceBand>{i}</SourceBand></SimpleSource>'
+        f'</VRTRasterBand>' for i, c in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    (tmp_path / "r.vrt").write_text(
+        f'<VRTDataset rasterXSize="{2 * T}" rasterYSize="{2 * T}"><SRS>{UTM}</SRS>'
+        f'<GeoTransform>500000, 10, 0, 5200000, 0, -10</GeoTransform>{bands}</VRTDataset>')
+    classify(model[0], tmp_path / "src.tif", tmp_path / "a.gpkg")
+    classify(model[0], tmp_path / "r.vrt", tmp_path / "b.gpkg")
+    a, b = read_layer(tmp_path / "a.gpkg")[1], read_layer(tmp_path / "b.gpkg")[1]
+    assert len(b["class_id"]) == 4
+    np.testing.assert_array_equal(a["class_id"], b["class_id"])
+    np.testing.assert_array_equal(a["confidence"], b["confidence"])
+
+
 def test_band_mapping_by_description(tmp_path):
     data = texture(8, 8, bands=4)
     path = write_raster(tmp_path / "d.tif", data)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ModelFileError
-from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options, read_onnx_metadata
+from ..export import (INPUT_NAME, OUTPUT_NAMES, onnx_session_options, parse_metadata, read_onnx_metadata,
+                      resolve_model_path)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -35,18 +36,17 @@ class OnnxClassifier:
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = False):
         import onnxruntime as ort
-        self.path = Path(path)
-        self.meta: dict[str, Any] = read_onnx_metadata(self.path)
-        if self.path.is_dir():
-            self.path = self.path / "model.onnx"
+        self.path = resolve_model_path(path)
+        providers = providers_for(device)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=onnx_session_options(threads, spinning),
-                                                providers=providers_for(device))
-        except ConfigError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                                                providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            read_onnx_metadata(self.path)  # says precisely what is wrong with the file, if it can
             raise ModelFileError(f"onnxruntime cannot load {self.path}: {exc}",
                                  "export the model again with `asymkd export`") from exc
+        # the metadata comes from the session: the file is parsed once
+        self.meta: dict[str, Any] = parse_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
         inputs = [i.name for i in self.session.get_inputs()]
         if INPUT_NAME not in inputs:
             raise ModelFileError(f"{self.path} has input(s) {inputs}, not '{INPUT_NAME}'",

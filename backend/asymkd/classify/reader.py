@@ -216,14 +216,15 @@ class PrefetchReader:
     def _run(self) -> None:
         source = None
         try:
-            source = _Source(self.path, self.grid, self.bands)
-            self._produce(source)
+            with rasterio.Env(GDAL_CACHEMAX=_cache_mb(self.path)):
+                source = _Source(self.path, self.grid, self.bands)
+                try:
+                    self._produce(source)
+                finally:
+                    source.close()
             self._put(None)
         except BaseException as exc:  # hand every failure to the consumer thread
             self._put(exc)
-        finally:
-            if source is not None:
-                source.close()
 
     def _produce(self, source: _Source) -> None:
         g = self.grid
@@ -277,6 +278,19 @@ class PrefetchReader:
         if n or skipped:
             self._put(Batch(buf[:n], rows[:n], cols[:n], valid[:n], skipped))
             self.stats.skipped += skipped
+
+
+def _cache_mb(path: str) -> int:
+    """GDAL block cache (MB) for streaming: two rows of the raster's blocks, so each block is
+    decoded once while strips of tiles pass through it, and no more. GDAL's default (5% of
+    RAM) would keep the whole raster cached and memory would grow with its size."""
+    try:
+        with rasterio.open(path) as src:
+            block_h = src.block_shapes[0][0]
+            row_bytes = src.width * min(block_h, src.height) * src.count * np.dtype(src.dtypes[0]).itemsize
+    except Exception:  # the reader itself reports unreadable rasters
+        return 64
+    return int(min(max(2 * row_bytes / 2**20, 64), 512))
 
 
 def _chunks(cols: np.ndarray, max_tiles: int) -> Iterator[np.ndarray]:

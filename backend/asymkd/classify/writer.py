@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyogrio.raw
 import shapely
 
 from ..errors import ConfigError, DataError
@@ -130,7 +131,6 @@ class TileLayerWriter:
             **{k: v.astype(np.int32) for k, v in self.grid.keys(rows, cols).items()},
             "valid_fraction": cat["valid_fraction"].astype(np.float64),
         }
-        import pyogrio.raw
         pyogrio.raw.write(str(self.path), geometry=geoms, field_data=list(fields.values()), fields=list(fields),
                           layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs,
                           append=self._started)
