@@ -184,8 +184,9 @@ def test_xyz_keys_match_the_slippy_map_formula(model, tmp_path):
 def test_fields_match_running_the_model_directly(model, tmp_path):
     data = texture(3 * T, 4 * T, seed=3)
     src = write_raster(tmp_path / "r.tif", data)
-    classify(model[0], src, tmp_path / "out.gpkg", batch_size=5)
+    classify(model[0], src, tmp_path / "out.gpkg", batch_size=5, chunk=4)  # several background writes
     _, f, _ = read_layer(tmp_path / "out.gpkg")
+    assert len(f["class_id"]) == 12
     tiles = np.stack([data[:, r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in zip(f["row"], f["col"])])
     probs = torch_probs(model[1], tiles)
     order = np.argsort(-probs, axis=1)

@@ -41,9 +41,10 @@ class ClassifyOptions:
     device: str = "auto"
     min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
     threads: int = 0                              # onnxruntime intra-op threads (0 = its default)
+    spinning: bool = False                        # let idle onnxruntime threads busy-wait
     prefetch: int = 4                             # batches read ahead
     max_strip_tiles: int = 256                    # tiles per window read
-    chunk: int = 20000                            # features per GeoPackage write
+    chunk: int = 4096                             # features per GeoPackage write (in the background)
 
     def check(self) -> None:
         if self.batch_size < 1:

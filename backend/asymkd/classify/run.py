@@ -15,7 +15,7 @@ from .area import plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
 from .infer import OnnxClassifier, summarize
 from .reader import PrefetchReader, resolve_bands
-from .style import embed_style, write_qml
+from .style import qml_text
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_output_names
 
 
@@ -61,7 +61,7 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
-    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads)
+    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning)
     meta = model.meta
     with _open_raster(raster) as src:
         bands, how = resolve_bands(src, meta["band_names"], opts.bands)
@@ -112,7 +112,8 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
     meta, grid = model.meta, plan.grid
     names = model.class_names
     colors = list(meta["class_colors"])
-    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk)
+    style = qml_text(names, colors)
+    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style)
     raster_out = ClassRaster(grid, names) if class_raster else None
     reader = PrefetchReader(raster, plan, bands, fill=meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles)
@@ -151,15 +152,21 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
                 bar.update(n + batch.skipped)
             events.progress("classify", done, plan.total, started, unit="tile", skipped=skipped,
                             classified=classified, provider=model.provider)
+    except BaseException:
+        writer.abort()  # the write thread must end before the temporary file is removed
+        raise
     finally:
         reader.close()
         if bar is not None:
             bar.close()
     loop_s = time.perf_counter() - t0
     tw = time.perf_counter()
-    writer.close()
-    text = write_qml(outputs.temp(qml), names, colors)
-    embed_style(outputs.temp(out), LAYER, text)
+    try:
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    outputs.temp(qml).write_text(style, encoding="utf-8")
     if raster_out is not None:
         raster_out.write(outputs.temp(class_raster), colors)
     write_s = time.perf_counter() - tw
@@ -168,7 +175,7 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
     seconds = time.perf_counter() - t0
     st = reader.stats
     timings = {"setup_s": setup_s, "loop_s": loop_s, "infer_s": infer_s, "wait_for_reader_s": wait_s,
-               "postprocess_s": post_s, "final_write_s": write_s, "reader_read_s": st.read_s,
+               "postprocess_s": post_s, "final_write_s": write_s, "gpkg_write_bg_s": writer.write_s, "reader_read_s": st.read_s,
                "reader_cut_s": st.cut_s, "reader_blocked_s": st.put_wait_s}
     return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=model.provider,
                           tiles_total=plan.total, tiles_classified=classified, tiles_skipped=skipped,

@@ -5,6 +5,8 @@ final path and is moved into place only when the whole job has succeeded."""
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -85,38 +87,77 @@ class AtomicOutputs:
 
 
 class TileLayerWriter:
-    """Appends tile polygons and their classes to a GeoPackage layer, `chunk` at a time."""
+    """Writes tile polygons and their classes to a GeoPackage layer, `chunk` tiles per write,
+    in a background thread so the writes overlap inference. The layer and its default style
+    are created first, so a run that classifies nothing still gives a valid (empty) layer.
+    At most one chunk waits to be written: memory stays bounded."""
 
-    def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], chunk: int = 20000):
+    def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], chunk: int = 4096,
+                 style_qml: str | None = None):
         self.path = Path(path)
         self.grid = grid
         self.class_names = np.array(list(class_names), dtype=object)
-        self.chunk = chunk
+        self.chunk = max(1, int(chunk))
         self.crs = grid.crs.to_wkt()
         self.count = 0
+        self.write_s = 0.0  # time spent writing, in the background thread
         self._parts: list[dict[str, np.ndarray]] = []
         self._pending = 0
-        self._started = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymkd-gpkg-writer")
+        self._future: Future | None = self._pool.submit(self._create, style_qml)
 
     def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        self._parts.append({"rows": np.array(rows), "cols": np.array(cols), "class_id": summary.class_id,
-                            "confidence": summary.confidence, "second_id": summary.second_id,
-                            "second_prob": summary.second_prob, "entropy": summary.entropy,
-                            "valid_fraction": np.array(valid, np.float64)})
+        self._parts.append({"rows": np.array(rows, np.int64), "cols": np.array(cols, np.int64),
+                            "class_id": summary.class_id, "confidence": summary.confidence,
+                            "second_id": summary.second_id, "second_prob": summary.second_prob,
+                            "entropy": summary.entropy, "valid_fraction": np.array(valid, np.float64)})
         self._pending += len(rows)
         if self._pending >= self.chunk:
-            self.flush()
+            self._submit()
 
-    def flush(self) -> None:
-        if not self._parts and self._started:
+    def close(self) -> int:
+        """Write what is left, wait for the writes, and return the number of features."""
+        try:
+            self._submit()
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.count
+
+    def abort(self) -> None:
+        """Drop what is not written yet and wait for a write in progress to end, so the
+        temporary file can be removed."""
+        self._parts = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- background thread -------------------------------------------------------------
+    def _wait(self) -> None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()  # re-raises a write error in the caller's thread
+
+    def _submit(self) -> None:
+        if not self._parts:
             return
-        cat = {k: np.concatenate([p[k] for p in self._parts]) if self._parts else np.array([])
-               for k in ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy",
-                         "valid_fraction")}
+        cat = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
         self._parts, self._pending = [], 0
-        rows, cols = cat["rows"].astype(np.int64), cat["cols"].astype(np.int64)
+        self._wait()
+        self._future = self._pool.submit(self._write, cat, True)
+
+    def _create(self, style_qml: str | None) -> None:
+        empty = {k: np.zeros(0, np.int64 if k in ("rows", "cols", "class_id", "second_id") else np.float64)
+                 for k in ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy",
+                           "valid_fraction")}
+        self._write(empty, False)
+        if style_qml is not None:
+            from .style import embed_style
+            embed_style(self.path, LAYER, style_qml)
+
+    def _write(self, cat: dict[str, np.ndarray], append: bool) -> None:
+        start = time.perf_counter()
+        rows, cols = cat["rows"], cat["cols"]
         geoms = shapely.to_wkb(shapely.box(*self.grid.bounds(rows, cols))) if len(rows) else np.array([], dtype=object)
         cid, sid = cat["class_id"].astype(np.int32), cat["second_id"].astype(np.int32)
         fields = {
@@ -132,14 +173,9 @@ class TileLayerWriter:
             "valid_fraction": cat["valid_fraction"].astype(np.float64),
         }
         pyogrio.raw.write(str(self.path), geometry=geoms, field_data=list(fields.values()), fields=list(fields),
-                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs,
-                          append=self._started)
-        self._started = True
+                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs, append=append)
         self.count += len(rows)
-
-    def close(self) -> int:
-        self.flush()
-        return self.count
+        self.write_s += time.perf_counter() - start
 
 
 class ClassRaster:
