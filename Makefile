@@ -38,3 +38,41 @@ bench: $(ENGINE)
 
 clean:
 	rm -rf $(VENV) $(QGIS_VENV) build dist *.zip
+
+# -- QGIS plugin ------------------------------------------------------------------------
+# Plugin tests run in Debian's QGIS 3.22 Python (numpy 1.x) through a venv that sees the
+# system packages and adds only pytest and pytest-qgis; the engine runs from $(VENV).
+QGIS_TEST_PINS := pytest==9.2.0 pytest-qgis==5.0.2
+PLUGIN_ZIP ?= asymkd_qgis.zip
+QGIS_PROFILE ?= default
+QGIS_PROFILES_DIR ?=
+SCREENSHOTS ?= out/screenshots
+EUROSAT_MAP ?= ../shared/data/eurosat_map
+PLUGIN_ENV := QT_QPA_PLATFORM=offscreen ASYMKD_ENGINE_PYTHON=$(abspath $(VENV))/bin/python
+.PHONY: _test-plugin bench-plugin
+
+qgis-env: $(QGIS_ENV)
+
+$(QGIS_ENV):
+	tools/system-deps.sh qgis
+	test -x $(QGIS_VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(QGIS_VENV)
+	$(QGIS_VENV)/bin/python -m pip install -q $(QGIS_TEST_PINS)
+	@$(QGIS_VENV)/bin/python -c "import numpy, sys; from osgeo import gdal; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)" \
+	  || { echo "numpy 2 is visible to QGIS's Python: its GDAL bindings need numpy 1.x" >&2; exit 1; }
+	touch $@
+
+_test-plugin: $(ENGINE) $(QGIS_ENV)
+	$(PLUGIN_ENV) $(QGIS_VENV)/bin/python -m pytest -q tests/plugin
+
+package:
+	$(PYTHON) tools/plugin_package.py zip --out $(PLUGIN_ZIP)
+
+deploy: package
+	$(PYTHON) tools/plugin_package.py deploy --zip $(PLUGIN_ZIP) --profile $(QGIS_PROFILE) \
+	  $(if $(QGIS_PROFILES_DIR),--profiles-dir $(QGIS_PROFILES_DIR))
+
+screenshot: $(ENGINE) $(QGIS_ENV)
+	$(PLUGIN_ENV) $(QGIS_VENV)/bin/python tools/plugin_screenshots.py --out $(SCREENSHOTS)
+
+bench-plugin: $(ENGINE) $(QGIS_ENV)
+	$(PLUGIN_ENV) $(QGIS_VENV)/bin/python tools/plugin_bench_map.py --data $(EUROSAT_MAP) --out $(OUT)/plugin-map

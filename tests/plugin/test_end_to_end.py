@@ -91,6 +91,7 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
     virtual = QgsRasterLayer(uri, "virtual", "virtualraster")
     if not virtual.isValid():
         pytest.skip("the virtual raster provider is not available")
+    QgsProject.instance().addMapLayers([source, virtual])  # the project owns them (freed before QGIS exits)
     # one band: the classify algorithm must refuse it as an RGB layer
     from qgis.core import QgsProcessingException
     with pytest.raises(QgsProcessingException, match="has 1 band"):
@@ -100,6 +101,7 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
     exported = layers.raster_file_for(virtual, tmp_path / "exports", extent, virtual.crs(), 10.0)
     written = QgsRasterLayer(exported, "exported", "gdal")
     assert (written.width(), written.height()) == (source.width(), source.height())
+    del written
 
 
 # -- the dock, all steps ---------------------------------------------------------------
