@@ -26,12 +26,23 @@ def demo_world(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Any]:
             "rgb_test": str(world / "rgb_test"), "bands": "sentinel2"}
 
 
-def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path] | None:
-    """Export the student and classify the synthetic RGB test scene (when those exist)."""
-    try:
-        from .classify import classify  # noqa: F401
-        from .export import export_onnx  # noqa: F401
-    except ImportError:
-        events.log("demo: export/classify not available in this build; skipped")
-        return None
-    return None
+
+def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path]:
+    """Export the student to ONNX and classify the synthetic RGB test scene with it."""
+    import json
+
+    from .classify import classify
+    from .export import export_onnx
+    from .pipeline import load_rgb_test, resolve_config
+    run_dir = Path(run_dir)
+    cfg = resolve_config(run_dir, write=False)
+    meta = json.loads((run_dir / "student" / "meta.json").read_text())
+    test = load_rgb_test(cfg, meta["class_names"])
+    onnx = export_onnx(run_dir / "student", run_dir / "student.onnx", overwrite=True,
+                       check_data=test.images[:128] if test is not None else None, events=events).path
+    world = json.loads((run_dir / "world" / "world.json").read_text())
+    scene = Path(world["paths"]["rgb_test_scene"]) if "paths" in world else Path(world["rgb_test_scene"])
+    out = run_dir / "classified" / "rgb_test_tiles.gpkg"
+    out.parent.mkdir(exist_ok=True)
+    result = classify(onnx, scene, out, overwrite=True, events=events)
+    return {"onnx": onnx, "gpkg": result.gpkg, "qml": result.qml}

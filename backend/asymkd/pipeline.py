@@ -106,7 +106,7 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
     return PatchSet(images=np.concatenate([p.images for p in parts]),
                     labels=np.concatenate([p.labels for p in parts]), class_names=class_names,
                     band_names=parts[0].band_names, stems=[s for p in parts for s in p.stems],
-                    paths=[s for p in parts for s in p.paths], modality="rgb")
+                    paths=[s for p in parts for s in p.paths], modality="rgb", gsd=parts[0].gsd)
 
 
 def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
@@ -204,7 +204,7 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
             events.result("distill", model=run_dir / "student")
     if cfg.distill.baseline and not (skip_done and (run_dir / "baseline" / "metrics.json").is_file()):
         with events.step("baseline"):
-            results["baseline"] = train_student(cfg, rgb, run_dir / "baseline", baseline=True,
+            results["baseline"] = train_student(cfg, rgb, run_dir / "baseline", baseline=True, ms=ms,
                                                 rgb_test=test, events=events, resume=resume)
             events.result("baseline", model=run_dir / "baseline")
     report = write_report(run_dir)

@@ -31,8 +31,11 @@ def run(args, events) -> int:
             values = merge(merge(DEMO_CONFIG, {"data": demo_world(run_dir, events)}), values)
         cfg = resolve_config(run_dir, args.config, values)
         report = run_all(cfg, run_dir, events, resume=args.resume)
+        outputs = {}
         if args.demo:
             from ..demo import demo_classify
-            demo_classify(run_dir, events)
+            outputs = demo_classify(run_dir, events)
     print(f"report: {report.resolve()}")
+    for name, path in outputs.items():
+        print(f"{name}: {Path(path).resolve()}")
     return 0

@@ -32,6 +32,7 @@ class PatchSet:
     stems: list[str]
     paths: list[str]
     modality: str = "rgb"
+    gsd: float | None = None  # ground resolution (m) when the files are georeferenced
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -144,7 +145,18 @@ def load_folder(root: str | Path, modality: str, bands: str | list[str] | None =
     labels = np.array([remap.get(lab, UNLABELED) if lab >= 0 else UNLABELED for _, lab in items])
     return PatchSet(images=images, labels=labels, class_names=names, band_names=band_names,
                     stems=[p.stem for p, _ in items], paths=[str(p) for p, _ in items],
-                    modality=modality)
+                    modality=modality, gsd=ground_resolution(items[0][0]))
+
+
+def ground_resolution(path: Path) -> float | None:
+    """Pixel size in metres of a georeferenced GeoTIFF in a projected CRS, else None."""
+    if path.suffix.lower() not in {".tif", ".tiff"}:
+        return None
+    import rasterio
+    with rasterio.open(path) as src:
+        if src.crs is None or not src.crs.is_projected or src.transform.is_identity:
+            return None
+        return float(abs(src.transform.a))
 
 
 def require_classes(data: PatchSet, minimum: int = 2) -> None:

@@ -33,7 +33,7 @@ from ..models.files import check_bands, load_model, save_model, save_state
 from ..models.losses import coral_loss, kd_loss, mmd_loss
 from . import common
 from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
-from .pairing import pairing_stats, repair_by_kl
+from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
 
 
 @dataclass
@@ -108,6 +108,10 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             student_channels = student.forward_features(x[:2].to(device)).shape[1]
         attention = CrossModalAttention(student_channels, cache.features.shape[1], dc.attention_dim,
                                         dc.attention_heads).to(device)
+        # The teacher side's projection and norm stay fixed: trained, they could map every
+        # teacher token to a constant and zero the domain loss without teaching anything.
+        for p in [*attention.proj_teacher.parameters(), *attention.norm_teacher.parameters()]:
+            p.requires_grad_(False)
         modules["attention"] = attention
         pairs = torch.as_tensor(pairs, dtype=torch.int64).clone()
         logp_table = torch.full((len(rgb), k), -float(np.log(k)))  # uniform until seen
@@ -116,6 +120,9 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     total_steps = dc.epochs * steps_per_epoch
     opt, sched = common.optimizer_and_schedule(params, dc.lr, dc.weight_decay, total_steps)
     repair_every = dc.repair_every or steps_per_epoch
+    repair = (lambda *a: repair_by_kl_balanced(*a, sinkhorn_iters=cfg.pairing.sinkhorn_iters,  # noqa: E731
+                                               epsilon=cfg.pairing.epsilon)) \
+        if cfg.pairing.method == "balanced" else repair_by_kl
     ckpt = common.Checkpoint(out_dir / "checkpoint.pt")
     best_path = out_dir / "best.safetensors"
     start, history, best_acc, gate = 0, [], -1.0, 1.0
@@ -133,6 +140,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         for m in modules.values():
             m.train()
         sums: dict[str, float] = {}
+        epoch_start = time.perf_counter()
         for b_local in common.batches(len(train_idx), dc.batch_size, gen):
             b = train_t[b_local]
             xb = common.dihedral(x[b], gen).to(device)
@@ -166,15 +174,16 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             if cache is not None and global_step % repair_every == 0:
                 # Step 5: re-pair every RGB sample with the MS sample whose teacher output is
                 # closest (KL) to the student's latest prediction; same class where labeled.
-                pairs[train_t] = torch.as_tensor(repair_by_kl(
+                pairs[train_t] = torch.as_tensor(repair(
                     logp_table[train_t].numpy(), cache.soft.cpu().numpy(),
                     rgb.labels[train_idx], cache.labels.numpy()), dtype=torch.int64)
+        epoch_seconds = time.perf_counter() - epoch_start
         val_logits = common.predict_logits(student, x[val_idx], device, amp=cfg.amp)
         val_acc = common.accuracy(val_logits, y[val_idx])
         if cache is not None:
             gate = teacher_gate(cache.accuracy, val_acc)
         record = {"epoch": epoch + 1, **{f"train_{n}": s / steps_per_epoch for n, s in sums.items()},
-                  "val_accuracy": val_acc, "lr": sched.get_last_lr()[0]}
+                  "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_seconds": epoch_seconds}
         if cache is not None:
             record["teacher_gate"] = gate
         history.append(record)
@@ -210,6 +219,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     metrics["summary"] = summary
     meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,
             "mean": mean, "std": std, "patch_size": rgb.size, "role": metrics["step"],
+            # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
+            "gsd": rgb.gsd or (ms.gsd if ms is not None else None),
             "summary": summary, "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
                                             for s in ("val", "test") if s in metrics}}
     save_model(out_dir, student, meta)

@@ -113,7 +113,8 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                "out_of_fold_accuracy": oof_acc if folds else None,
                "soft_label_confidence": float(soft.max(1).mean())}
     meta = {"backbone": tc.backbone, "class_names": ms.class_names, "band_names": ms.band_names,
-            "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "summary": summary}
+            "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher",
+            "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
     np.save(out_dir / "soft_labels.npy", soft)
     atomic_write_text(out_dir / "ms_index.json", json.dumps({"stems": ms.stems, "paths": ms.paths,
