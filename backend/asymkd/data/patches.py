@@ -109,7 +109,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         items += [(f, label) for f in files]
     if empty:
         raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}",
-                        f"add .tif/.jpg/.png images or remove the empty folder(s)")
+                        "add .tif/.jpg/.png images or remove the empty folder(s)")
     return [d.name for d in class_dirs], items
 
 
