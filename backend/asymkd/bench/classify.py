@@ -66,7 +66,7 @@ def _bench(args, events, work: Path) -> int:
     pure: dict[bool, float] = {}
     pure_cpu: dict[bool, float] = {}
     runs = []
-    for i in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits both
+    for _ in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits both
         for spinning in (True, False):
             rate, cpu = _pure_ort(model, args.batch_size, args.tile, args.threads, args.seconds, spinning)
             pure[spinning] = max(pure.get(spinning, 0.0), rate)

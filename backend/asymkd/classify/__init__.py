@@ -13,11 +13,8 @@ memory stays bounded, and outputs appear only when the whole job has succeeded.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, Sequence
-
-import numpy as np
 
 from ..errors import ConfigError
 from ..events import NULL_EVENTS, Events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -107,81 +108,96 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     return result
 
 
+@dataclasses.dataclass
+class _Counts:
+    done: int = 0
+    classified: int = 0
+    skipped: int = 0
+    wait_s: float = 0.0    # main thread waiting for the reader (the reader is the bottleneck)
+    infer_s: float = 0.0
+    post_s: float = 0.0
+
+
 def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOptions, outputs: AtomicOutputs,
           out: Path, qml: Path, class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
     meta, grid = model.meta, plan.grid
-    names = model.class_names
-    colors = list(meta["class_colors"])
+    names, colors = model.class_names, list(meta["class_colors"])
     style = qml_text(names, colors)
-    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style)
     raster_out = ClassRaster(grid, names) if class_raster else None
     reader = PrefetchReader(raster, plan, bands, fill=meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles)
-    started = time.time()
+    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style)
     t0 = time.perf_counter()
-    wait_s = infer_s = post_s = 0.0
-    done = classified = skipped = 0
+    try:
+        counts = _stream(model, reader, writer, raster_out, plan.total, events)
+        loop_s = time.perf_counter() - t0
+        tw = time.perf_counter()
+        writer.close()
+        outputs.temp(qml).write_text(style, encoding="utf-8")
+        if raster_out is not None:
+            raster_out.write(outputs.temp(class_raster), colors)
+        write_s = time.perf_counter() - tw
+    except BaseException:
+        writer.abort()  # the write thread must end before the temporary file is removed
+        raise
+    seconds = setup_s + time.perf_counter() - t0
+    st = reader.stats
+    timings = {"setup_s": setup_s, "loop_s": loop_s, "infer_s": counts.infer_s, "wait_for_reader_s": counts.wait_s,
+               "postprocess_s": counts.post_s, "final_write_s": write_s, "gpkg_write_bg_s": writer.write_s,
+               "reader_read_s": st.read_s, "reader_cut_s": st.cut_s, "reader_blocked_s": st.put_wait_s}
+    return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=model.provider,
+                          tiles_total=plan.total, tiles_classified=counts.classified, tiles_skipped=counts.skipped,
+                          seconds=seconds, tiles_per_s=(counts.classified / seconds if seconds > 0 else 0.0),
+                          crs=grid.crs.to_string(), grid=_describe(grid), bands=list(bands),
+                          timings={k: round(v, 4) for k, v in timings.items()}, notes=[])
+
+
+def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWriter, raster_out: ClassRaster | None,
+            total: int, events: Events) -> _Counts:
+    """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress."""
+    c = _Counts()
+    started = time.time()
+    bar = _bar(events, total)
     checked = False
-    bar = _bar(events, plan.total)
+
+    def progress(force: bool = False) -> None:
+        events.progress("classify", c.done, total, started, unit="tile", force=force, skipped=c.skipped,
+                        classified=c.classified, provider=model.provider)
+
     try:
         batches = iter(reader)
         while True:
             tw = time.perf_counter()
             batch = next(batches, None)
             ti = time.perf_counter()
-            wait_s += ti - tw
+            c.wait_s += ti - tw
             if batch is None:
                 break
             n = len(batch.rows)
             if n:
                 if not checked:
-                    _check_value_range(batch.images, meta, events)
+                    _check_value_range(batch.images, model.meta, events)
                     checked = True
-                probs = model.predict(batch.images[:n])
+                probs = model.predict(batch.images)
                 tp = time.perf_counter()
-                infer_s += tp - ti
+                c.infer_s += tp - ti
                 summary = summarize(probs)
                 writer.add(batch.rows, batch.cols, summary, batch.valid)
                 if raster_out is not None:
                     raster_out.add(batch.rows, batch.cols, summary.class_id)
-                post_s += time.perf_counter() - tp
-            classified += n
-            skipped += batch.skipped
-            done += n + batch.skipped
+                c.post_s += time.perf_counter() - tp
+            c.classified += n
+            c.skipped += batch.skipped
+            c.done += n + batch.skipped
             if bar is not None:
                 bar.update(n + batch.skipped)
-            events.progress("classify", done, plan.total, started, unit="tile", skipped=skipped,
-                            classified=classified, provider=model.provider)
-    except BaseException:
-        writer.abort()  # the write thread must end before the temporary file is removed
-        raise
+            progress()
     finally:
         reader.close()
         if bar is not None:
             bar.close()
-    loop_s = time.perf_counter() - t0
-    tw = time.perf_counter()
-    try:
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    outputs.temp(qml).write_text(style, encoding="utf-8")
-    if raster_out is not None:
-        raster_out.write(outputs.temp(class_raster), colors)
-    write_s = time.perf_counter() - tw
-    events.progress("classify", done, plan.total, started, unit="tile", force=True, skipped=skipped,
-                    classified=classified, provider=model.provider)
-    seconds = time.perf_counter() - t0
-    st = reader.stats
-    timings = {"setup_s": setup_s, "loop_s": loop_s, "infer_s": infer_s, "wait_for_reader_s": wait_s,
-               "postprocess_s": post_s, "final_write_s": write_s, "gpkg_write_bg_s": writer.write_s, "reader_read_s": st.read_s,
-               "reader_cut_s": st.cut_s, "reader_blocked_s": st.put_wait_s}
-    return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=model.provider,
-                          tiles_total=plan.total, tiles_classified=classified, tiles_skipped=skipped,
-                          seconds=seconds, tiles_per_s=(classified / seconds if seconds > 0 else 0.0),
-                          crs=grid.crs.to_string(), grid=_describe(grid), bands=list(bands),
-                          timings={k: round(v, 4) for k, v in timings.items()}, notes=[])
+    progress(force=True)
+    return c
 
 
 def _describe(grid: Grid) -> str:
