@@ -312,6 +312,18 @@ def test_nodata_tiles_are_skipped_and_partial_tiles_filled(model, tmp_path):
     assert progress[-1]["provider"] == "CPUExecutionProvider" and "eta_s" in progress[-1]
 
 
+def test_alpha_band_masks_tiles(model, tmp_path):
+    rgb = texture(T, 3 * T, seed=10)
+    alpha = np.full((1, T, 3 * T), 255, np.uint8)
+    alpha[:, :, :T + 8] = 0  # tile 0 fully, tile 1 a quarter transparent
+    src = write_raster(tmp_path / "rgba.tif", np.concatenate([rgb, alpha]),
+                       interp=[ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha])
+    res = classify(model[0], src, tmp_path / "out.gpkg")
+    _, f, _ = read_layer(res.gpkg)
+    assert res.bands == [1, 2, 3] and res.tiles_skipped == 1
+    assert list(f["col"]) == [1, 2] and list(f["valid_fraction"]) == [0.75, 1.0]
+
+
 def test_nan_pixels_count_as_nodata(model, tmp_path):
     data = texture(T, 2 * T, seed=7).astype(np.float32)
     data[:, :, :T] = np.nan
