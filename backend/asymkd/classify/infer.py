@@ -52,6 +52,9 @@ class OnnxClassifier:
             raise ModelFileError(f"{self.path} has input(s) {inputs}, not '{INPUT_NAME}'",
                                  "export the model again with `asymkd export`")
         self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise ConfigError(f"onnxruntime could not start its CUDA provider (running on {self.provider})",
+                              "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or use --device auto")
 
     @property
     def class_names(self) -> list[str]:
