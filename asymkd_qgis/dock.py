@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
-from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout,
                                  QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
-                                 QSpinBox, QToolBox, QVBoxLayout, QWidget)
+                                 QSpinBox, QVBoxLayout, QWidget)
 
-from . import jobs, layers, settings
+from . import jobs, layers, results, settings
 from .engine import Engine, EngineUnavailable
 from .modelinfo import ModelInfoError, read_model_info
 from .notify import Notifier
@@ -100,21 +100,27 @@ class AsymKDDock(QDockWidget):
         self.run_all_button.clicked.connect(self.run_all)
         top.addRow(self.run_all_button)
         outer.addLayout(top)
-        self.toolbox = QToolBox()
+        # One collapsible section per step, in order; the whole dock scrolls, so a step's
+        # results are never squeezed into a fixed-height page.
+        self.sections: dict[str, QgsCollapsibleGroupBox] = {}
         for step, build in (("data", self._build_data), ("teacher", self._build_teacher),
                             ("matcher", self._build_matcher), ("distill", self._build_distill),
                             ("classify", self._build_classify)):
-            page = QWidget()
-            form = QFormLayout(page)
+            section = QgsCollapsibleGroupBox(STEP_TITLES[step])
+            section.setObjectName(f"asymkd_step_{step}")
+            form = QFormLayout(section)
+            form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+            form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
             build(form)
             panel = StepPanel(f"Run {STEP_TITLES[step].split('. ', 1)[1].lower()}")
             panel.run_button.clicked.connect(lambda _=False, s=step: self.run_step(s))
             panel.cancel_button.clicked.connect(lambda _=False, s=step: self.cancel_step(s))
             form.addRow(panel)
             self.panels[step] = panel
-            self.toolbox.addItem(page, STEP_TITLES[step])
-        outer.addWidget(self.toolbox)
+            self.sections[step] = section
+            outer.addWidget(section)
         outer.addStretch(1)
+        self.show_step("data")
         scroll.setWidget(body)
         self.setWidget(scroll)
 
@@ -260,6 +266,11 @@ class AsymKDDock(QDockWidget):
             return jobs.parse_settings(edit.text())
         except ValueError as exc:
             raise InputError(f"More settings: {exc}") from exc
+
+    def show_step(self, step: str) -> None:
+        """Expand one step's section and collapse the others."""
+        for name, section in self.sections.items():
+            section.setCollapsed(name != step)
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -499,31 +510,22 @@ class AsymKDDock(QDockWidget):
         return False
 
     # -- results ---------------------------------------------------------------------------
-    def _data_done(self, job: EngineJob) -> None:
-        counts = {k: v for k, v in job.metrics.items()}
-        self.panels["data"].show_results(metrics=counts, note=f"Chips written under {self.layout_.data}")
+    def _show(self, step: str, shown: results.StepResults) -> None:
+        self.panels[step].show_results(metrics=shown.rows, links=shown.links, image=shown.image, note=shown.note)
+
+    def _data_done(self, job: EngineJob) -> None:  # noqa: ARG002 - the files tell more than the events
+        self._show("data", results.data_results(self.layout_))
 
     def _training_done(self, step: str) -> Callable[[EngineJob], None]:
-        def done(job: EngineJob) -> None:
-            run = self.layout_
-            links: dict[str, str] = {}
-            image = None
-            for key, value in job.results.items():
-                if value.endswith(".html"):
-                    links[f"Open {Path(value).name}"] = value
-                elif value.endswith(".png") and image is None:
-                    image = value
-            if step == "distill":
-                if run.report.is_file():
-                    links.setdefault("Open report.html", str(run.report))
-                confusion = run.student / "confusion.png"
-                image = image or (str(confusion) if confusion.is_file() else None)
-            self.panels[step].show_results(metrics=job.metrics, links=links, image=image)
+        summaries = {"teacher": results.teacher_results, "matcher": results.matcher_results,
+                     "distill": results.distill_results}
+
+        def done(job: EngineJob) -> None:  # noqa: ARG001
+            self._show(step, summaries[step](self.layout_))
         return done
 
     def _classify_done(self, job: EngineJob, out: Path) -> None:
         path = next((v for v in job.results.values() if v.endswith(".gpkg")), str(out))
         layer = layers.load_vector_result(path)
         self.loaded_layers.append(layer)
-        self.panels["classify"].show_results(metrics=job.metrics, links={f"Open {Path(path).name}": path},
-                                             note=f"Loaded '{layer.name()}': {layer.featureCount()} tiles.")
+        self._show("classify", results.classify_results(job.metrics, layer.name(), layer.featureCount(), path))

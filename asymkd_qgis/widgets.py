@@ -68,12 +68,13 @@ class StepPanel(QWidget):
         parts = [f"<p>{html.escape(note)}</p>"] if note else []
         rows = _metric_rows(metrics or {})
         if rows:
-            parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>"
-                                             for k, v in rows) + "</table>")
+            parts.append('<table cellspacing="0" cellpadding="1">'
+                         + "".join(f"<tr><td>{html.escape(k)}&nbsp;&nbsp;</td><td><b>{html.escape(v)}</b></td></tr>"
+                                   for k, v in rows) + "</table>")
         for label, path in (links or {}).items():
             url = QUrl.fromLocalFile(str(path)).toString()
-            parts.append(f'<a href="{html.escape(url)}">{html.escape(label)}</a>')
-        self.results.setText("<br>".join(parts))
+            parts.append(f'<p><a href="{html.escape(url)}">{html.escape(label)}</a></p>')
+        self.results.setText("".join(parts))
         if image and Path(image).is_file():
             pixmap = QPixmap(str(image))
             if not pixmap.isNull():
@@ -92,8 +93,8 @@ def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, s
         if isinstance(value, bool):
             continue
         if isinstance(value, float):
-            rows.append((name, f"{value:.4g}"))
-        elif isinstance(value, int):
+            rows.append((name, f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"))
+        elif isinstance(value, (int, str)):
             rows.append((name, str(value)))
         elif isinstance(value, dict) and not prefix:
             rows.extend(_metric_rows(value, prefix=f"{key} "))

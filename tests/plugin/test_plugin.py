@@ -54,12 +54,14 @@ def test_classfactory_load_and_unload_leave_nothing(qgis_iface, qgis_new_project
 
 
 def test_dock_builds_with_all_steps(dock):
-    titles = [dock.toolbox.itemText(i) for i in range(dock.toolbox.count())]
+    titles = [section.title() for section in dock.sections.values()]
     assert titles == ["1. Data", "2. Teacher", "3. Matcher and pairing", "4. Distill", "5. Classify"]
     for step in ("data", "teacher", "matcher", "distill", "classify"):
         panel = dock.panels[step]
         assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
         assert panel.progress.value() == 0
+    dock.show_step("distill")
+    assert [s.isCollapsed() for s in dock.sections.values()] == [True, True, True, False, True]
 
 
 def test_toolbar_action_toggles_the_dock(plugin):
