@@ -51,7 +51,7 @@ class Notifier:
         item = bar.createMessage(title, text)
         for label, callback in actions:
             button = QPushButton(label, item)
-            button.clicked.connect(callback)
+            button.clicked.connect(lambda _checked=False, run=callback: run())  # not `checked` as an argument
             item.layout().addWidget(button)
         bar.pushWidget(item, level, duration)
         return notice

@@ -3,8 +3,10 @@ engine environment creation and diagnostics. `unload()` removes every one of the
 
 from __future__ import annotations
 
+import time
+
 from qgis.core import QgsApplication
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import QCoreApplication, Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QMessageBox
 
@@ -42,8 +44,10 @@ class AsymKDPlugin:
         icon = QIcon(paths.icon_path())
         self.dock_action = self._action(icon, "AsymKD", self.toggle_dock, toolbar=True, checkable=True)
         self.dock.visibilityChanged.connect(self.dock_action.setChecked)
-        self._action(QIcon(paths.icon_path("environment.svg")), "Create engine environment...", self.create_environment)
-        self._action(QIcon(paths.icon_path("diagnostics.svg")), "Diagnostics...", self.show_diagnostics)
+        self._action(QIcon(paths.icon_path("environment.svg")), "Create engine environment...",
+                     lambda _checked=False: self.create_environment())
+        self._action(QIcon(paths.icon_path("diagnostics.svg")), "Diagnostics...",
+                     lambda _checked=False: self.show_diagnostics())
 
     def _action(self, icon: QIcon, text: str, slot, toolbar: bool = False, checkable: bool = False) -> QAction:
         action = QAction(icon, text, self.iface.mainWindow())
@@ -66,8 +70,7 @@ class AsymKDPlugin:
 
     def unload(self) -> None:
         if self.dock is not None:
-            for job in list(self.dock.jobs.values()):
-                job.cancel()
+            self._stop_jobs(list(self.dock.jobs.values()))
             self.iface.removeDockWidget(self.dock)
             self.dock.setParent(None)
             self.dock.deleteLater()
@@ -87,6 +90,17 @@ class AsymKDPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+
+    @staticmethod
+    def _stop_jobs(jobs, timeout_s: float = 6.0) -> None:
+        """Cancel running jobs and let their tasks end before the widgets they report to go."""
+        running = [job for job in jobs if not job.done]
+        for job in running:
+            job.cancel()
+        deadline = time.monotonic() + timeout_s
+        while any(not job.done for job in running) and time.monotonic() < deadline:
+            QCoreApplication.processEvents()
+            time.sleep(0.02)
 
     # -- engine environment ------------------------------------------------------------------
     def create_environment(self, confirm: bool = True) -> envsetup.EnvironmentBuilder | None:

@@ -3,52 +3,22 @@
 
 Runs the whole loop from the dock on a small synthetic world (the engine's `synth`), then
 saves: the dock at each step with its results (dock-1-data.png ... dock-5-classify.png), the
-map with the classified layer over the test scene (map-classified.png), and the window with
-map and dock side by side (window.png). Run with QGIS's Python (Debian: /usr/bin/python3)
+test scene (map-scene.png), its classified tiles styled by class with a legend
+(map-classified.png), and the window with map and dock side by side (window.png). Run with QGIS's Python (Debian: /usr/bin/python3)
 and ASYMKD_ENGINE_PYTHON pointing to the engine environment.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from qgis_headless import REPO, main_window, start_qgis, wait
 
 STEPS = ("data", "teacher", "matcher", "distill", "classify")
-
-
-class ScreenshotIface:
-    """The few QgisInterface methods the dock uses, backed by real widgets."""
-
-    def __init__(self, window, canvas, bar):
-        self._window, self._canvas, self._bar = window, canvas, bar
-
-    def mainWindow(self):  # noqa: N802 - QGIS API
-        return self._window
-
-    def mapCanvas(self):  # noqa: N802
-        return self._canvas
-
-    def messageBar(self):  # noqa: N802
-        return self._bar
-
-    def openMessageLog(self):  # noqa: N802
-        pass
-
-
-def wait(app, predicate, timeout: float, what: str) -> None:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise SystemExit(f"timed out waiting for {what}")
-        app.processEvents()
-        time.sleep(0.05)
 
 
 def render_map(layers, extent, path: Path, size=(900, 700), legend_layer=None) -> None:
@@ -107,16 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    os.environ["QGIS_CUSTOM_CONFIG_PATH"] = str(work / "qgis-config")  # never the user's profile
-
-    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
-    from qgis.gui import QgsMapCanvas, QgsMessageBar
+    app = start_qgis(work / "qgis-config")
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
     from qgis.PyQt.QtCore import Qt
-    from qgis.PyQt.QtWidgets import QMainWindow, QVBoxLayout, QWidget
-
-    app = QgsApplication([], True)
-    app.initQgis()
     try:
         from asymkd_qgis.dock import AsymKDDock
         from asymkd_qgis.engine import Engine, run_engine
@@ -131,15 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"synth failed: {world.message()}")
         paths = world.results
 
-        window = QMainWindow()
-        central = QWidget()
-        column = QVBoxLayout(central)
-        bar = QgsMessageBar()
-        canvas = QgsMapCanvas()
-        column.addWidget(bar)
-        column.addWidget(canvas, 1)
-        window.setCentralWidget(central)
-        iface = ScreenshotIface(window, canvas, bar)
+        window, iface = main_window()
+        canvas = iface.mapCanvas()
         dock = AsymKDDock(iface, Notifier(iface), window)
         window.addDockWidget(Qt.RightDockWidgetArea, dock)
         window.resize(1500, 1000)

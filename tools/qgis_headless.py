@@ -1,0 +1,65 @@
+"""QGIS without a screen for the plugin's tools (screenshots, map benchmark): an offscreen
+QgsApplication with its own settings folder, a main window with a map canvas and message bar,
+and the few QgisInterface methods the AsymKD dock uses."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+class HeadlessIface:
+    def __init__(self, window, canvas, bar):
+        self._window, self._canvas, self._bar = window, canvas, bar
+
+    def mainWindow(self):  # noqa: N802 - QGIS API
+        return self._window
+
+    def mapCanvas(self):  # noqa: N802
+        return self._canvas
+
+    def messageBar(self):  # noqa: N802
+        return self._bar
+
+    def openMessageLog(self):  # noqa: N802
+        pass
+
+
+def start_qgis(config_dir: Path):
+    """An offscreen QgsApplication whose settings live in config_dir (never the user's profile)."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    os.environ["QGIS_CUSTOM_CONFIG_PATH"] = str(config_dir)
+    from qgis.core import QgsApplication
+    app = QgsApplication([], True)
+    app.initQgis()
+    return app
+
+
+def main_window():
+    """(window, iface) with a map canvas and a message bar."""
+    from qgis.gui import QgsMapCanvas, QgsMessageBar
+    from qgis.PyQt.QtWidgets import QMainWindow, QVBoxLayout, QWidget
+    window = QMainWindow()
+    central = QWidget()
+    column = QVBoxLayout(central)
+    bar = QgsMessageBar()
+    canvas = QgsMapCanvas()
+    column.addWidget(bar)
+    column.addWidget(canvas, 1)
+    window.setCentralWidget(central)
+    return window, HeadlessIface(window, canvas, bar)
+
+
+def wait(app, predicate, timeout: float, what: str) -> None:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        app.processEvents()
+        time.sleep(0.05)
