@@ -161,21 +161,41 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
         sim = (z_rgb @ z_ms.T).numpy()
         assign = assign_pairs(sim, rgb.labels, ms.labels, method=cfg.pairing.method,
                               sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
+        probs = matcher_class_probs(sim, ms.labels, len(ms.class_names))
+        lab = rgb.labels >= 0
+        # Labeled samples are paired in their own class: full confidence. Unlabeled ones are
+        # trusted as far as the matcher's neighbours agree on a class.
+        confidence = np.where(lab, 1.0, probs.max(1)).astype(np.float32)
         out = run_dir / "pairs"
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / "pairs.npz", ms_index=assign, rgb_stems=np.array(rgb.stems),
-                 score=sim[np.arange(len(assign)), assign])
+                 score=sim[np.arange(len(assign)), assign], confidence=confidence)
         stats = pairing_stats(assign, ms.labels)
-        unl = rgb.labels < 0
-        summary = {"rgb_samples": len(rgb), "unlabeled": int(unl.sum()), "ms_samples": len(ms),
-                   "method": cfg.pairing.method, **stats}
+        summary = {"rgb_samples": len(rgb), "unlabeled": int((~lab).sum()), "ms_samples": len(ms),
+                   "method": cfg.pairing.method, **stats,
+                   "matcher_accuracy_on_labeled_rgb": float((probs[lab].argmax(1) == rgb.labels[lab]).mean())
+                   if lab.any() else None,
+                   "unlabeled_mean_confidence": float(confidence[~lab].mean()) if (~lab).any() else None}
         write_metrics_json(out / "metrics.json", {"step": "pairs", "summary": summary})
         events.metrics("pair", summary)
         events.result("pair", pairs=out / "pairs.npz")
     return summary
 
 
-def load_pairs(run_dir: Path, rgb: PatchSet) -> np.ndarray:
+def matcher_class_probs(sim: np.ndarray, ms_labels: np.ndarray, num_classes: int, k: int = 10,
+                        temperature: float = 0.1) -> np.ndarray:
+    """Class probabilities of each RGB row from its k most similar MS samples (soft vote)."""
+    k = min(k, sim.shape[1])
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(sim, top, axis=1) / temperature
+    w = np.exp(s - s.max(1, keepdims=True))
+    probs = np.zeros((len(sim), num_classes))
+    np.add.at(probs, (np.repeat(np.arange(len(sim)), k), ms_labels[top].ravel()), w.ravel())
+    return probs / probs.sum(1, keepdims=True)
+
+
+def load_pairs(run_dir: Path, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
+    """MS partner index and pairing confidence of every RGB training sample."""
     path = Path(run_dir) / "pairs" / "pairs.npz"
     if not path.is_file():
         raise DataError(f"{path} does not exist", "run `asymkd pair --run RUN` first")
@@ -183,7 +203,7 @@ def load_pairs(run_dir: Path, rgb: PatchSet) -> np.ndarray:
     if list(data["rgb_stems"]) != rgb.stems:
         raise DataError("the RGB training set differs from the one that was paired",
                         "run `asymkd pair` again with the same RGB folders")
-    return data["ms_index"]
+    return data["ms_index"], data["confidence"]
 
 
 def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False,
@@ -197,9 +217,10 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     results = {}
     if not (skip_done and (run_dir / "student" / "metrics.json").is_file()):
         with events.step("distill"):
-            pairs = load_pairs(run_dir, rgb)
+            pairs, confidence = load_pairs(run_dir, rgb)
             results["student"] = train_student(cfg, rgb, run_dir / "student", baseline=False,
                                                teacher_dir=run_dir / "teacher", ms=ms, pairs=pairs,
+                                               pair_confidence=confidence,
                                                rgb_test=test, events=events, resume=resume)
             events.result("distill", model=run_dir / "student")
     if cfg.distill.baseline and not (skip_done and (run_dir / "baseline" / "metrics.json").is_file()):

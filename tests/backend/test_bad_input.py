@@ -66,7 +66,7 @@ def test_band_count_differs_from_checkpoint(tmp_path, dataset, capsys):
     for path in dataset["ms"].rglob("*.tif"):
         write_ms(ms12 / path.parent.name / path.name, np.full((12, 16, 16), 1000))
     (run / "pairs").mkdir()
-    np.savez(run / "pairs" / "pairs.npz", ms_index=np.zeros(12, dtype=np.int64),
+    np.savez(run / "pairs" / "pairs.npz", ms_index=np.zeros(12, dtype=np.int64), confidence=np.ones(12),
              rgb_stems=np.array(sorted(p.stem for p in dataset["rgb_train"].rglob("*.png"))))
     _fails(capsys, ["distill", "--run", str(run), "--ms", str(ms12), "--bands", "",
                     "--rgb", str(dataset["rgb_train"]), "--no-baseline"], "12 bands", "13")

@@ -81,7 +81,8 @@ def _split(rgb: PatchSet, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: bool,
                   teacher_dir: Path | None = None, ms: PatchSet | None = None,
-                  pairs: np.ndarray | None = None, rgb_test: PatchSet | None = None,
+                  pairs: np.ndarray | None = None, pair_confidence: np.ndarray | None = None,
+                  rgb_test: PatchSet | None = None,
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
     dc = cfg.distill
@@ -114,6 +115,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             p.requires_grad_(False)
         modules["attention"] = attention
         pairs = torch.as_tensor(pairs, dtype=torch.int64).clone()
+        row_trust = torch.ones(len(rgb)) if pair_confidence is None else \
+            torch.as_tensor(pair_confidence, dtype=torch.float32)
         logp_table = torch.full((len(rgb), k), -float(np.log(k)))  # uniform until seen
     params = [p for m in modules.values() for p in m.parameters()]
     steps_per_epoch = len(common.batches(len(train_idx), dc.batch_size, torch.Generator()))
@@ -154,7 +157,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                 terms["gt"] = dc.w_gt * F.cross_entropy(logits[lab], yb[lab], label_smoothing=dc.label_smoothing)
             if cache is not None:
                 j = pairs[b].to(device)
-                weights = cache.trust[j] * gate if dc.trust else None
+                weights = cache.trust[j] * row_trust[b].to(device) * gate if dc.trust else None
                 terms["pseudo"] = dc.w_pseudo * kd_loss(logits, cache.soft[j], dc.temperature, dc.pseudo,
                                                         weights=weights, teacher_kind="probs")
                 if dc.w_feat > 0:
