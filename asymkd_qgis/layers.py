@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeedback,
-                       QgsProject, QgsProviderRegistry, QgsRasterFileWriter, QgsRasterLayer,
+                       QgsProject, QgsProviderRegistry, QgsRasterBlockFeedback, QgsRasterFileWriter, QgsRasterLayer,
                        QgsRasterPipe, QgsRasterProjector, QgsRectangle, QgsVectorFileWriter,
                        QgsVectorLayer)
 
@@ -67,8 +67,15 @@ def export_raster(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float
     writer = QgsRasterFileWriter(str(out_path))
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
+    block_feedback = QgsRasterBlockFeedback()
+    if feedback is not None:  # a Processing cancel also stops the export
+        feedback.canceled.connect(block_feedback.cancel)
+        if feedback.isCanceled():
+            block_feedback.cancel()
     error = writer.writeRaster(pipe, width, height, extent, crs,
-                               QgsProject.instance().transformContext(), feedback)
+                               QgsProject.instance().transformContext(), block_feedback)
+    if error == QgsRasterFileWriter.WriteCanceled:
+        raise InputError(f"Exporting '{layer.name()}' was cancelled.")
     if error != QgsRasterFileWriter.NoError:
         raise InputError(f"Exporting '{layer.name()}' to {out_path} failed (writer error {int(error)}).")
     return str(out_path)

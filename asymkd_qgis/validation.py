@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsMapLayer,
+from qgis.core import (Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsMapLayer,
                        QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer, QgsWkbTypes)
 
 MIN_CLASSES = 2
@@ -34,20 +34,34 @@ def require_folder(folder: str | None, what: str) -> Path:
     return path
 
 
+def is_colour_image(layer: QgsRasterLayer) -> bool:
+    """Web layers (WMS, XYZ) deliver one ARGB colour band, not data bands."""
+    provider = layer.dataProvider()
+    return provider is not None and provider.dataType(1) in (Qgis.ARGB32, Qgis.ARGB32_Premultiplied)
+
+
+def band_count(layer: QgsRasterLayer) -> int:
+    """Bands as the engine will see them: an exported web layer has red, green, blue, alpha."""
+    return 4 if is_colour_image(layer) else layer.bandCount()
+
+
 def check_ms_raster(layer: QgsRasterLayer | None) -> QgsRasterLayer:
     layer = require_layer(layer, "multispectral (MS) raster layer")
-    if layer.bandCount() <= 3:
+    if is_colour_image(layer):
+        raise InputError(f"The MS layer '{layer.name()}' is a web map of colours (red, green, blue): a "
+                         "multispectral layer needs its data bands. Choose the MS scene.")
+    if band_count(layer) <= 3:
         raise InputError(
-            f"The MS layer '{layer.name()}' has {layer.bandCount()} band(s): a multispectral layer "
+            f"The MS layer '{layer.name()}' has {band_count(layer)} band(s): a multispectral layer "
             "needs more than 3 bands (e.g. Sentinel-2's 13). Choose the MS scene, not an RGB image.")
     return layer
 
 
 def check_rgb_raster(layer: QgsRasterLayer | None, what: str = "RGB raster layer") -> QgsRasterLayer:
     layer = require_layer(layer, what)
-    if layer.bandCount() < 3:
+    if band_count(layer) < 3:
         raise InputError(
-            f"The {what} '{layer.name()}' has {layer.bandCount()} band(s): an RGB layer needs at "
+            f"The {what} '{layer.name()}' has {band_count(layer)} band(s): an RGB layer needs at "
             "least 3 (red, green, blue). Choose a colour image.")
     return layer
 

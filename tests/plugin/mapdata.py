@@ -63,3 +63,33 @@ def write_labels(path: Path, cells: Sequence[tuple[int, int, str]], cell_px: int
         lyr.CreateFeature(feature)
     ds = None
     return path
+
+
+def write_xyz_tiles(folder: Path, zoom: int = 15, lon: float = 9.0, lat: float = 46.9, count: int = 2):
+    """count x count PNG tiles of coloured squares in an XYZ folder (z/x/y.png).
+
+    Returns (uri of a QGIS XYZ layer, (minx, miny, maxx, maxy) of the tiles in EPSG:3857).
+    """
+    import math
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+    n = 2 ** zoom
+    x0 = int((lon + 180.0) / 360.0 * n)
+    rad = math.radians(lat)
+    y0 = int((1.0 - math.log(math.tan(rad) + 1.0 / math.cos(rad)) / math.pi) / 2.0 * n)
+    rng = np.random.default_rng(7)
+    for dx in range(count):
+        for dy in range(count):
+            image = QImage(256, 256, QImage.Format_RGB32)
+            painter = QPainter(image)
+            for i in range(0, 256, 16):
+                for j in range(0, 256, 16):
+                    painter.fillRect(i, j, 16, 16, QColor(*[int(v) for v in rng.integers(0, 256, 3)]))
+            painter.end()
+            path = Path(folder) / str(zoom) / str(x0 + dx) / f"{y0 + dy}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(str(path))
+    shift = 20037508.342789244
+    size = 2 * shift / n
+    minx, maxy = x0 * size - shift, shift - y0 * size
+    uri = f"type=xyz&url=file://{Path(folder).resolve()}/{{z}}/{{x}}/{{y}}.png&zmin={zoom}&zmax={zoom}"
+    return uri, (minx, maxy - count * size, minx + count * size, maxy)

@@ -104,6 +104,23 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
     del written
 
 
+def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_processing, real_engine, tiny_model, tmp_path):
+    """A web map layer (XYZ tiles, here from local files) is exported for the area at the
+    model's resolution, then classified."""
+    require_commands("classify")
+    import processing
+    uri, (minx, miny, maxx, maxy) = mapdata.write_xyz_tiles(tmp_path / "xyz tiles")
+    xyz = QgsRasterLayer(uri, "xyz", "wms")
+    assert xyz.isValid()
+    QgsProject.instance().addMapLayer(xyz)
+    # a 640 m x 320 m box: 64 x 32 pixels at the model's 10 m, two 32-pixel tiles
+    box = f"{minx + 200},{minx + 840},{maxy - 520},{maxy - 200} [EPSG:3857]"
+    out = tmp_path / "xyz tiles.gpkg"
+    result = processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": xyz, "EXTENT": box, "OUTPUT": str(out)})
+    assert result["TILES"] == 2
+    assert QgsVectorLayer(str(out), "t", "ogr").featureCount() == 2
+
+
 # -- the dock, all steps ---------------------------------------------------------------
 @pytest.fixture
 def synthetic_world(real_engine, tmp_path) -> dict:
