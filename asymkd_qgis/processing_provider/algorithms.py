@@ -252,6 +252,7 @@ class TrainMatcher(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(jobs.PAIR_METHODS), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
         self.add_settings_parameter()
+        self.addOutput(QgsProcessingOutputFolder("RUN_FOLDER", "Run folder (for the next step)"))
         self.addOutput(QgsProcessingOutputFolder("MATCHER", "Matcher folder"))
         self.addOutput(QgsProcessingOutputFile("PAIRS", "Pairs"))
 
@@ -268,7 +269,7 @@ class TrainMatcher(EngineAlgorithm):
                                       settings=self.engine_settings(parameters, context))
         outcomes = self.run_commands(commands + jobs.matcher_commands(run.root, rgb, options, paired), feedback)
         pairs = outcomes[-1].results.get("pairs", str(run.root / "pairs" / "pairs.npz"))
-        return {"MATCHER": str(run.root / "matcher"), "PAIRS": pairs}
+        return {"RUN_FOLDER": str(run.root), "MATCHER": str(run.root / "matcher"), "PAIRS": pairs}
 
 
 class DistillStudent(EngineAlgorithm):
@@ -290,6 +291,7 @@ class DistillStudent(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Also train the baseline (no distillation)", True))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
         self.add_settings_parameter()
+        self.addOutput(QgsProcessingOutputFolder("RUN_FOLDER", "Run folder"))
         self.addOutput(QgsProcessingOutputFolder("STUDENT", "Student model folder"))
         self.addOutput(QgsProcessingOutputHtml("REPORT", "Report"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
@@ -307,7 +309,7 @@ class DistillStudent(EngineAlgorithm):
                                       settings=self.engine_settings(parameters, context))
         outcomes = self.run_commands(commands + [jobs.distill_command(run.root, options, test)], feedback)
         report = outcomes[-1].results.get("report", str(run.report))
-        return {"STUDENT": str(run.student), "REPORT": report, "METRICS": json.dumps(outcomes[-1].metrics)}
+        return {"RUN_FOLDER": str(run.root), "STUDENT": str(run.student), "REPORT": report, "METRICS": json.dumps(outcomes[-1].metrics)}
 
 
 class ExportModel(EngineAlgorithm):

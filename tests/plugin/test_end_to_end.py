@@ -121,6 +121,42 @@ def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_pro
     assert QgsVectorLayer(str(out), "t", "ogr").featureCount() == 2
 
 
+def test_model_designer_chain_export_then_classify(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
+    """The algorithms chain in a Processing model: Export model feeds Classify scene tiles."""
+    require_commands("export", "classify")
+    from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingModelAlgorithm,
+                           QgsProcessingModelChildAlgorithm, QgsProcessingModelChildParameterSource,
+                           QgsProcessingModelOutput, QgsProcessingModelParameter, QgsProcessingParameterFile,
+                           QgsProcessingParameterRasterLayer)
+    source = QgsProcessingModelChildParameterSource
+    model = QgsProcessingModelAlgorithm("export and classify", "tests")
+    model.addModelParameter(QgsProcessingParameterFile("student", "student", behavior=QgsProcessingParameterFile.Folder),
+                            QgsProcessingModelParameter("student"))
+    model.addModelParameter(QgsProcessingParameterRasterLayer("scene", "scene"), QgsProcessingModelParameter("scene"))
+    export = QgsProcessingModelChildAlgorithm("asymkd:export")
+    export.setChildId("export")
+    export.addParameterSources("MODEL", [source.fromModelParameter("student")])
+    model.addChildAlgorithm(export)
+    classify = QgsProcessingModelChildAlgorithm("asymkd:classify")
+    classify.setChildId("classify")
+    classify.addParameterSources("MODEL", [source.fromChildOutput("export", "OUTPUT")])
+    classify.addParameterSources("INPUT", [source.fromModelParameter("scene")])
+    for name, value in (("GRID", 0), ("TILE", 0), ("STRIDE", 0), ("ZOOM", 16), ("BATCH_SIZE", 8)):
+        classify.addParameterSources(name, [source.fromStaticValue(value)])
+    output = QgsProcessingModelOutput("tiles")
+    output.setChildId("classify")
+    output.setChildOutputName("OUTPUT")
+    classify.setModelOutputs({"tiles": output})
+    model.addChildAlgorithm(classify)
+    assert model.validate()[0], model.validate()[1]
+    out = tmp_path / "model tiles.gpkg"
+    context, feedback = QgsProcessingContext(), QgsProcessingFeedback()
+    results, ok = model.run({"student": str(tiny_model.parent / "student"), "scene": str(scene),
+                             "classify:tiles": str(out)}, context, feedback)
+    assert ok
+    assert QgsVectorLayer(str(out), "t", "ogr").featureCount() == 12
+
+
 # -- the dock, all steps ---------------------------------------------------------------
 @pytest.fixture
 def synthetic_world(real_engine, tmp_path) -> dict:
