@@ -187,7 +187,8 @@ def distill_command(run: Path, options: DistillOptions, rgb_test: Path | None = 
     args.append("--baseline" if options.baseline else "--no-baseline")
     if options.device:
         args += ["--device", options.device]
-    return EngineCommand(_with_settings(args, options.settings), "distilling the student", weight=4.0)
+    phases = ("distill", "baseline") if options.baseline else ("distill",)
+    return EngineCommand(_with_settings(args, options.settings), "distilling the student", weight=4.0, phases=phases)
 
 
 def export_command(model: Path, out: Path) -> EngineCommand:

@@ -7,6 +7,7 @@ GUI through queued signals; log lines go to the QGIS log panel (thread-safe).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,16 +23,55 @@ _LOG_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "
 
 @dataclass
 class EngineCommand:
-    """One engine command line (without the program) and what to call it in the GUI."""
+    """One engine command line (without the program) and what to call it in the GUI.
+
+    `phases`: the progress steps the command reports one after the other (e.g. distill, then
+    baseline), so that one bar covers them all.
+    """
 
     args: list[str]
     label: str = ""
     weight: float = 1.0
+    phases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.args = [str(a) for a in self.args]
         if not self.label:
             self.label = self.args[0] if self.args else "engine"
+
+
+class ProgressMapper:
+    """One fraction for a command whose progress events come from several sub-steps.
+
+    Sub-steps named 'k/n' (e.g. 'teacher fold 2/5', followed by the final 'teacher') take
+    equal shares; so do the command's known phases; anything else (an evaluation pass) keeps
+    the bar where it is. The fraction never goes back.
+    """
+
+    def __init__(self, phases: tuple[str, ...] = ()):
+        self.phases = tuple(phases)
+        self.folds = 0
+        self.value = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> float:
+        step = str(event.get("step", ""))
+        fraction = max(0.0, min(1.0, float(event.get("fraction") or 0.0)))
+        numbered = re.search(r"(\d+)\s*/\s*(\d+)\s*$", step)
+        phase = next((i for i, name in enumerate(self.phases) if step.startswith(name)), None)
+        if numbered and int(numbered.group(2)) > 0:
+            done, count = int(numbered.group(1)), int(numbered.group(2))
+            self.folds = count
+            value = (done - 1 + fraction) / (count + 1)
+        elif self.folds:
+            value = (self.folds + fraction) / (self.folds + 1)
+        elif self.phases:
+            if phase is None:
+                return self.value
+            value = (phase + fraction) / len(self.phases)
+        else:
+            value = fraction
+        self.value = max(self.value, value)
+        return self.value
 
 
 def log(message: str, level: Any = Qgis.Info) -> None:
@@ -129,9 +169,10 @@ class EngineTask(QgsTask):
                 log(f"{job.name}: {command.label}: asymkd {' '.join(command.args)}")
                 base = 100.0 * done_weight / total_weight
                 span = 100.0 * command.weight / total_weight
+                mapper = ProgressMapper(command.phases)
 
-                def on_event(event: dict[str, Any], base=base, span=span, label=command.label) -> None:
-                    self._on_event(event, base, span, label)
+                def on_event(event: dict[str, Any], base=base, span=span, label=command.label, mapper=mapper) -> None:
+                    self._on_event(event, base, span, label, mapper)
 
                 outcome = run_engine(job.engine, command.args, on_event=on_event,
                                      on_stderr=lambda line: log(line, Qgis.Info),
@@ -151,11 +192,11 @@ class EngineTask(QgsTask):
             job.failure = f"{type(exc).__name__}: {exc}"
             return False
 
-    def _on_event(self, event: dict[str, Any], base: float, span: float, label: str) -> None:
+    def _on_event(self, event: dict[str, Any], base: float, span: float, label: str,
+                  mapper: ProgressMapper) -> None:
         kind = event.get("event")
         if kind == "progress":
-            fraction = float(event.get("fraction") or 0.0)
-            percent = base + span * max(0.0, min(1.0, fraction))
+            percent = base + span * mapper(event)
             self.setProgress(percent)
             self.job.progressChanged.emit(percent, f"{label} - {describe_progress(event)}")
         elif kind == "log":

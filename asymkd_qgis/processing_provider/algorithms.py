@@ -25,7 +25,7 @@ from qgis.PyQt.QtGui import QIcon
 from .. import jobs, layers, paths
 from ..engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
 from ..modelinfo import ModelInfoError, read_model_info
-from ..tasks import EngineCommand
+from ..tasks import EngineCommand, ProgressMapper
 from ..validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder
 
 _LABEL_TYPES = [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorPoint]
@@ -91,8 +91,9 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
                 raise QgsProcessingException("Cancelled: nothing was written.")
             feedback.pushInfo(f"{command.label}: asymkd {' '.join(command.args)}")
             base, span = 100.0 * done / total, 100.0 * command.weight / total
+            mapper = ProgressMapper(command.phases)
             outcome = run_engine(engine, command.args,
-                                 on_event=lambda e, b=base, s=span: self._event(e, feedback, b, s),
+                                 on_event=lambda e, b=base, s=span, m=mapper: self._event(e, feedback, b, s, m),
                                  on_stderr=feedback.pushDebugInfo, is_cancelled=feedback.isCanceled)
             outcomes.append(outcome)
             if outcome.cancelled:
@@ -104,10 +105,11 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return outcomes
 
     @staticmethod
-    def _event(event: dict[str, Any], feedback: QgsProcessingFeedback, base: float, span: float) -> None:
+    def _event(event: dict[str, Any], feedback: QgsProcessingFeedback, base: float, span: float,
+               mapper: ProgressMapper) -> None:
         kind = event.get("event")
         if kind == "progress":
-            feedback.setProgress(base + span * max(0.0, min(1.0, float(event.get("fraction") or 0.0))))
+            feedback.setProgress(base + span * mapper(event))
             feedback.setProgressText(describe_progress(event))
         elif kind == "log":
             feedback.pushInfo(str(event.get("message", "")))

@@ -99,3 +99,18 @@ def test_parse_line_and_progress_text():
     assert parse_line('{"no_event": 1}') is None
     event = parse_line('{"event": "progress", "step": "teacher", "done": 3, "total": 10, "rate": 2.5, "unit": "epochs", "eta_s": 125}')
     assert describe_progress(event) == "teacher: 3/10 epochs, 2.5/s, 2 min 05 s left"
+
+
+def test_progress_of_several_sub_steps_maps_onto_one_bar():
+    from asymkd_qgis.tasks import ProgressMapper
+
+    def p(step, fraction):
+        return {"event": "progress", "step": step, "fraction": fraction}
+
+    folds = ProgressMapper()
+    values = [folds(p("teacher fold 1/2", 0.5)), folds(p("teacher fold 2/2", 1.0)), folds(p("teacher", 0.5)),
+              folds(p("teacher", 1.0))]
+    assert values == [1 / 6, 2 / 3, 5 / 6, 1.0]
+    distill = ProgressMapper(("distill", "baseline"))
+    values = [distill(p("distill", 1.0)), distill(p("evaluate", 0.1)), distill(p("baseline", 0.5))]
+    assert values == [0.5, 0.5, 0.75]  # an evaluation pass does not move the bar back
