@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         tiles = dock.loaded_layers[-1]
         report = {"data": str(data), "epochs": {"teacher": args.teacher_epochs, "matcher": args.matcher_epochs,
                                                  "distill": args.distill_epochs}, "settings": args.settings,
-                  "seconds": {step: round(seconds, 1) for step, _, seconds in finished},
+                  "finished_after_s": {step: round(seconds, 1) for step, _, seconds in finished},
                   "tiles": tiles.featureCount(), **tile_accuracy(tiles, layer["rgb_test_labels"])}
         for name in ("student", "baseline"):
             metrics_file = out / "run" / name / "metrics.json"
