@@ -239,6 +239,7 @@ class AsymKDDock(QDockWidget):
         self.stride.setSpecialValueText("= tile")
         self.zoom = self.persist.bind("classify/zoom", _spin(0, 24, 16))
         self.batch_size = self.persist.bind("classify/batch_size", _spin(1, 4096, 64))
+        self.classify_device = self.persist.bind("classify/device", _combo(jobs.DEVICES))
         grid_row = QWidget()
         grid_layout = QHBoxLayout(grid_row)
         grid_layout.setContentsMargins(0, 0, 0, 0)
@@ -253,6 +254,7 @@ class AsymKDDock(QDockWidget):
         form.addRow("Grid", self.grid)
         form.addRow(grid_row)
         form.addRow("Batch size", self.batch_size)
+        form.addRow("Device", self.classify_device)
 
     def _settings_edit(self, key: str, placeholder: str) -> QLineEdit:
         edit = self.persist.bind(key, QLineEdit())
@@ -386,7 +388,8 @@ class AsymKDDock(QDockWidget):
         elif not model.is_file():
             raise InputError(f"The model file {model} does not exist: choose an exported .onnx model.")
         info = self._model_info(model, run)
-        options = jobs.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value())
+        options = jobs.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value(),
+                                       device=self.classify_device.currentText())
         if self.grid.currentIndex() == 1:
             options.xyz_zoom = self.zoom.value()
         else:

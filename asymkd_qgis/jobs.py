@@ -205,6 +205,7 @@ class ClassifyOptions:
     bbox: tuple[float, float, float, float] | None = None
     bbox_crs: str = ""
     mask: str = ""
+    device: str = "auto"
     overwrite: bool = True
 
 
@@ -227,6 +228,8 @@ def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptio
             args += ["--stride", str(int(options.stride))]
     if options.batch_size:
         args += ["--batch-size", str(int(options.batch_size))]
+    if options.device and options.device != "auto":
+        args += ["--device", options.device]
     if options.overwrite:
         args.append("--overwrite")
     return EngineCommand(args, "classifying tiles", weight=2.0)

@@ -5,8 +5,9 @@ the dock (jobs.py) and runs them with progress and cancel through the feedback o
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
                        QgsProcessingException, QgsProcessingFeedback,
@@ -29,6 +30,14 @@ from ..tasks import EngineCommand, ProgressMapper
 from ..validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder
 
 _LABEL_TYPES = [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorPoint]
+
+
+@dataclass
+class Plan:
+    """The engine commands of one algorithm run and how to turn their outcomes into outputs."""
+
+    commands: list[EngineCommand]
+    finish: Callable[[list[Outcome]], dict]
 
 
 class _StyleLoader(QgsProcessingLayerPostProcessorInterface):
@@ -120,13 +129,37 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         elif kind == "error":
             feedback.reportError(f"{event.get('message')}" + (f" ({event['hint']})" if event.get("hint") else ""))
 
-    def processAlgorithm(self, parameters, context, feedback):
+    checking = False  # True while checkParameterValues runs plan() for its checks only
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802 - QGIS API
+        """Bad input is refused before the run: a message box in the toolbox, an exception
+        from processing.run, an error from qgis_process. No file is written here."""
+        ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        self.checking = True
         try:
-            return self.process(parameters, context, feedback)
+            self.plan(parameters, context, QgsProcessingFeedback())
+        except InputError as exc:
+            return False, str(exc)
+        finally:
+            self.checking = False
+        return True, ""
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802 - QGIS API
+        """Main thread: read and check the layers, export what is not a file, build the commands."""
+        try:
+            self._plan = self.plan(parameters, context, feedback)
         except InputError as exc:
             raise QgsProcessingException(str(exc)) from exc
+        return True
 
-    def process(self, parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS API
+        """Worker thread (toolbox) or main thread (qgis_process): run the engine."""
+        plan, self._plan = self._plan, None
+        return plan.finish(self.run_commands(plan.commands, feedback))
+
+    def plan(self, parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> "Plan":
         raise NotImplementedError
 
     # -- shared parameters -----------------------------------------------------------------
@@ -172,16 +205,18 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         labels = self.parameterAsVectorLayer(parameters, f"{prefix}_LABELS", context)
         field = (self.parameterAsFields(parameters, f"{prefix}_FIELD", context) or [""])[0]
         check_labels(labels, field, raster)
+        pair = self.parameterAsRasterLayer(parameters, pair_parameter, context) if pair_parameter else None
+        if pair is not None:
+            check_rgb_raster(pair, "co-registered RGB layer")
+        if self.checking:
+            return out, []
         resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
         size = self.parameterAsInt(parameters, "CHIP_SIZE", context)
         vector = layers.vector_source_for(labels, run.exports)
         raster_file = layers.raster_file_for(raster, run.exports, raster.extent(), raster.crs(), resolution)
         pair_file = None
-        if pair_parameter:
-            pair = self.parameterAsRasterLayer(parameters, pair_parameter, context)
-            if pair is not None:
-                check_rgb_raster(pair, "co-registered RGB layer")
-                pair_file = layers.raster_file_for(pair, run.exports, raster.extent(), raster.crs(), resolution)
+        if pair is not None:
+            pair_file = layers.raster_file_for(pair, run.exports, raster.extent(), raster.crs(), resolution)
         data = jobs.MapData(raster_file, vector.path, field, vector.layer_name)
         command = jobs.chips_command(data, out, size, resolution, pair_file, pair_out if pair_file else None,
                                      f"cutting {what} chips")
@@ -222,7 +257,7 @@ class TrainTeacher(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputFolder("TEACHER", "Teacher model folder"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
 
-    def process(self, parameters, context, feedback):
+    def plan(self, parameters, context, feedback) -> Plan:
         run = _run_folder(self, parameters, context)
         ms, commands = self.dataset(parameters, context, "MS", "MS", run.ms, run, check_ms_raster,
                                     "PAIRED_RGB", run.rgb_paired)
@@ -234,8 +269,9 @@ class TrainTeacher(EngineAlgorithm):
                                       device=_device(self, parameters, context),
                                       seed=self.parameterAsInt(parameters, "SEED", context),
                                       settings=self.engine_settings(parameters, context))
-        outcomes = self.run_commands(commands + [jobs.teacher_command(run.root, ms, options)], feedback)
-        return {"RUN": str(run.root), "TEACHER": str(run.teacher), "METRICS": json.dumps(outcomes[-1].metrics)}
+        return Plan(commands + [jobs.teacher_command(run.root, ms, options)],
+                    lambda outcomes: {"RUN": str(run.root), "TEACHER": str(run.teacher),
+                                      "METRICS": json.dumps(outcomes[-1].metrics)})
 
 
 class TrainMatcher(EngineAlgorithm):
@@ -258,7 +294,7 @@ class TrainMatcher(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputFolder("MATCHER", "Matcher folder"))
         self.addOutput(QgsProcessingOutputFile("PAIRS", "Pairs"))
 
-    def process(self, parameters, context, feedback):
+    def plan(self, parameters, context, feedback) -> Plan:
         run = _run_folder(self, parameters, context, must_exist="teacher")
         rgb, commands = self.dataset(parameters, context, "RGB", "RGB", run.rgb, run, check_rgb_raster)
         if rgb is None:
@@ -269,9 +305,9 @@ class TrainMatcher(EngineAlgorithm):
                                       method=jobs.PAIR_METHODS[self.parameterAsEnum(parameters, "METHOD", context)],
                                       device=_device(self, parameters, context),
                                       settings=self.engine_settings(parameters, context))
-        outcomes = self.run_commands(commands + jobs.matcher_commands(run.root, rgb, options, paired), feedback)
-        pairs = outcomes[-1].results.get("pairs", str(run.root / "pairs" / "pairs.npz"))
-        return {"RUN_FOLDER": str(run.root), "MATCHER": str(run.root / "matcher"), "PAIRS": pairs}
+        return Plan(commands + jobs.matcher_commands(run.root, rgb, options, paired),
+                    lambda outcomes: {"RUN_FOLDER": str(run.root), "MATCHER": str(run.root / "matcher"),
+                                      "PAIRS": outcomes[-1].results.get("pairs", str(run.root / "pairs" / "pairs.npz"))})
 
 
 class DistillStudent(EngineAlgorithm):
@@ -298,7 +334,7 @@ class DistillStudent(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputHtml("REPORT", "Report"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
 
-    def process(self, parameters, context, feedback):
+    def plan(self, parameters, context, feedback) -> Plan:
         run = _run_folder(self, parameters, context, must_exist="pairs")
         test, commands = self.dataset(parameters, context, "TEST", "RGB test", run.rgb_test, run, check_rgb_raster)
         options = jobs.DistillOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
@@ -309,9 +345,10 @@ class DistillStudent(EngineAlgorithm):
                                       baseline=self.parameterAsBoolean(parameters, "BASELINE", context),
                                       device=_device(self, parameters, context),
                                       settings=self.engine_settings(parameters, context))
-        outcomes = self.run_commands(commands + [jobs.distill_command(run.root, options, test)], feedback)
-        report = outcomes[-1].results.get("report", str(run.report))
-        return {"RUN_FOLDER": str(run.root), "STUDENT": str(run.student), "REPORT": report, "METRICS": json.dumps(outcomes[-1].metrics)}
+        return Plan(commands + [jobs.distill_command(run.root, options, test)],
+                    lambda outcomes: {"RUN_FOLDER": str(run.root), "STUDENT": str(run.student),
+                                      "REPORT": outcomes[-1].results.get("report", str(run.report)),
+                                      "METRICS": json.dumps(outcomes[-1].metrics)})
 
 
 class ExportModel(EngineAlgorithm):
@@ -322,13 +359,12 @@ class ExportModel(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)", behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "ONNX model", "ONNX model (*.onnx)"))
 
-    def process(self, parameters, context, feedback):
+    def plan(self, parameters, context, feedback) -> Plan:
         model = Path(self.parameterAsFile(parameters, "MODEL", context))
         if not (model / "meta.json").is_file():
             raise InputError(f"{model} is not a model folder (no meta.json): choose the student folder of a run.")
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
-        self.run_commands([jobs.export_command(model, Path(out))], feedback)
-        return {"OUTPUT": out}
+        return Plan([jobs.export_command(model, Path(out))], lambda outcomes: {"OUTPUT": out})
 
 
 class ClassifyTiles(EngineAlgorithm):
@@ -349,10 +385,11 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Integer, 16, minValue=0, maxValue=24))
         self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Integer, 64, minValue=1))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
 
-    def process(self, parameters, context, feedback):
+    def plan(self, parameters, context, feedback) -> Plan:
         model = Path(self.parameterAsFile(parameters, "MODEL", context))
         if not model.is_file():
             raise InputError(f"The model file {model} does not exist: export a student first (Export model).")
@@ -362,12 +399,15 @@ class ClassifyTiles(EngineAlgorithm):
         except ModelInfoError as exc:
             raise InputError(str(exc)) from exc
         options = jobs.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
-                                       batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context))
+                                       batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
+                                       device=_device(self, parameters, context))
         if self.parameterAsEnum(parameters, "GRID", context) == 1:
             options.xyz_zoom = self.parameterAsInt(parameters, "ZOOM", context)
         else:
             options.tile = self.parameterAsInt(parameters, "TILE", context)
             options.stride = self.parameterAsInt(parameters, "STRIDE", context)
+        if self.checking:
+            return None
         temp = Path(QgsProcessingUtils.tempFolder())
         extent, extent_crs = raster.extent(), raster.crs()
         if parameters.get("EXTENT"):
@@ -381,14 +421,16 @@ class ClassifyTiles(EngineAlgorithm):
             extent, extent_crs = source.sourceExtent(), source.sourceCrs()
         raster_file = layers.raster_file_for(raster, temp, extent, extent_crs, gsd, feedback)
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
-        self.run_commands([jobs.classify_command(model, raster_file, Path(out), options)], feedback)
-        result_layer = QgsVectorLayer(out, Path(out).stem, "ogr")
-        if not result_layer.isValid():
-            raise QgsProcessingException(f"The engine did not write a readable layer at {out}.")
-        qml = layers.style_beside(out)
-        if qml is not None and context.willLoadLayerOnCompletion(out):
-            context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
-        return {"OUTPUT": out, "TILES": result_layer.featureCount()}
+
+        def finish(outcomes: list[Outcome]) -> dict:
+            result_layer = QgsVectorLayer(out, Path(out).stem, "ogr")
+            if not result_layer.isValid():
+                raise QgsProcessingException(f"The engine did not write a readable layer at {out}.")
+            qml = layers.style_beside(out)
+            if qml is not None and context.willLoadLayerOnCompletion(out):
+                context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
+            return {"OUTPUT": out, "TILES": result_layer.featureCount()}
+        return Plan([jobs.classify_command(model, raster_file, Path(out), options)], finish)
 
 
 ALGORITHMS = (TrainTeacher, TrainMatcher, DistillStudent, ExportModel, ClassifyTiles)

@@ -60,6 +60,9 @@ def test_classify_grids_bands_and_batch(classify_ready, tmp_path):
     assert args[:3] == ["classify", str(tmp_path / "model.onnx"), dock.classify_layer.currentLayer().source()]
     assert (_value(args, "--tile"), _value(args, "--stride"), _value(args, "--batch-size")) == ("64", "32", "16")
     assert _value(args, "--bands") == "3,2,1"
+    assert "--device" not in args  # auto: the engine picks CUDA when onnxruntime has it
+    dock.classify_device.setCurrentText("cpu")
+    assert _value(dock.prepare_classify().commands[-1].args, "--device") == "cpu"
     dock.grid.setCurrentIndex(1)
     dock.zoom.setValue(17)
     args = dock.prepare_classify().commands[-1].args

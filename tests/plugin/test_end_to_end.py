@@ -141,7 +141,7 @@ def test_model_designer_chain_export_then_classify(plugin, qgis_processing, real
     classify.setChildId("classify")
     classify.addParameterSources("MODEL", [source.fromChildOutput("export", "OUTPUT")])
     classify.addParameterSources("INPUT", [source.fromModelParameter("scene")])
-    for name, value in (("GRID", 0), ("TILE", 0), ("STRIDE", 0), ("ZOOM", 16), ("BATCH_SIZE", 8)):
+    for name, value in (("GRID", 0), ("TILE", 0), ("STRIDE", 0), ("ZOOM", 16), ("BATCH_SIZE", 8), ("DEVICE", 0)):
         classify.addParameterSources(name, [source.fromStaticValue(value)])
     output = QgsProcessingModelOutput("tiles")
     output.setChildId("classify")

@@ -79,7 +79,7 @@ def test_all_processing_algorithms_are_registered(plugin):
     for name in ALGORITHMS:
         algorithm = QgsApplication.processingRegistry().algorithmById(f"asymkd:{name}")
         assert algorithm is not None and algorithm.shortHelpString()
-        assert algorithm.flags() & algorithm.FlagCanCancel
+        assert algorithm.flags() & algorithm.FlagCanCancel and algorithm.flags() & algorithm.FlagSupportsBatch
 
 
 def test_metadata_is_complete():
