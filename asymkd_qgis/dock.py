@@ -7,7 +7,7 @@ one background EngineJob; the classified layer is loaded with its style when the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ from . import jobs, layers, results, settings
 from .engine import Engine, EngineUnavailable
 from .modelinfo import ModelInfoError, read_model_info
 from .notify import Notifier
-from .tasks import EngineCommand, EngineJob
+from .tasks import EngineCommand, EngineJob, PreStep
 from .validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder, require_layer
 from .widgets import LabelPicker, Persist, SourcePicker, StepPanel
 
@@ -64,6 +64,7 @@ class PreparedJob:
     name: str
     commands: list[EngineCommand]
     on_success: Callable[[EngineJob], None] | None = None
+    pre_steps: list[PreStep] = field(default_factory=list)
 
 
 class AsymKDDock(QDockWidget):
@@ -304,17 +305,29 @@ class AsymKDDock(QDockWidget):
             return run.rgb_test
         return None
 
-    def _map_data(self, raster: QgsRasterLayer, labels: LabelPicker, run: jobs.RunLayout) -> jobs.MapData:
+    @staticmethod
+    def _raster_file(layer: QgsRasterLayer, run: jobs.RunLayout, extent, extent_crs, resolution,
+                     pre_steps: list[PreStep]) -> str:
+        """The layer's file; a layer that is not a local file is exported by the job, in its
+        worker thread, before the engine starts (web layers can take a while)."""
+        path, export = layers.raster_source(layer, run.exports, extent, extent_crs, resolution)
+        if export is not None:
+            pre_steps.append(PreStep(f"exporting '{layer.name()}' for the area", export.run))
+        return path
+
+    def _map_data(self, raster: QgsRasterLayer, labels: LabelPicker, run: jobs.RunLayout,
+                  pre_steps: list[PreStep]) -> jobs.MapData:
         check_labels(labels.layer(), labels.field(), raster)
         vector = layers.vector_source_for(labels.layer(), run.exports)
         resolution = self.chip_resolution.value() or None
-        raster_file = layers.raster_file_for(raster, run.exports, raster.extent(), raster.crs(), resolution)
+        raster_file = self._raster_file(raster, run, raster.extent(), raster.crs(), resolution, pre_steps)
         return jobs.MapData(raster_file, vector.path, labels.field(), vector.layer_name)
 
     # -- preparing each step's job ---------------------------------------------------------
     def prepare_data(self) -> PreparedJob:
         run = self.layout_
         commands: list[EngineCommand] = []
+        pre_steps: list[PreStep] = []
         size, resolution = self.chip_size.value(), self.chip_resolution.value() or None
         if self.ms_source.kind() == SourcePicker.LAYER:
             ms = check_ms_raster(self.ms_source.layer())
@@ -322,25 +335,25 @@ class AsymKDDock(QDockWidget):
             pair_file = None
             if pair is not None:
                 check_rgb_raster(pair, "co-registered RGB layer")
-                pair_file = layers.raster_file_for(pair, run.exports, ms.extent(), ms.crs(), resolution)
-            data = self._map_data(ms, self.ms_labels, run)
+                pair_file = self._raster_file(pair, run, ms.extent(), ms.crs(), resolution, pre_steps)
+            data = self._map_data(ms, self.ms_labels, run, pre_steps)
             commands.append(jobs.chips_command(data, run.ms, size, resolution, pair_file,
                                                run.rgb_paired if pair_file else None, "cutting MS chips"))
         else:
             require_folder(self.ms_source.folder(), "MS folder")
         if self.rgb_source.kind() == SourcePicker.LAYER:
             rgb = check_rgb_raster(self.rgb_source.layer())
-            commands.append(jobs.chips_command(self._map_data(rgb, self.rgb_labels, run), run.rgb, size,
+            commands.append(jobs.chips_command(self._map_data(rgb, self.rgb_labels, run, pre_steps), run.rgb, size,
                                                resolution, label="cutting RGB chips"))
         else:
             require_folder(self.rgb_source.folder(), "RGB folder")
         if self.test_source.kind() == SourcePicker.LAYER:
             test = check_rgb_raster(self.test_source.layer(), "RGB test layer")
-            commands.append(jobs.chips_command(self._map_data(test, self.test_labels, run), run.rgb_test,
+            commands.append(jobs.chips_command(self._map_data(test, self.test_labels, run, pre_steps), run.rgb_test,
                                                size, resolution, label="cutting RGB test chips"))
         elif self.test_source.kind() == SourcePicker.FOLDER:
             require_folder(self.test_source.folder(), "RGB test folder")
-        return PreparedJob("Data", commands, self._data_done)
+        return PreparedJob("Data", commands, self._data_done, pre_steps)
 
     def prepare_teacher(self) -> PreparedJob:
         run = self.layout_
@@ -395,10 +408,11 @@ class AsymKDDock(QDockWidget):
         else:
             options.tile, options.stride = self.tile.value(), self.stride.value()
         extent, extent_crs = self._area(raster, options, run)
-        raster_file = layers.raster_file_for(raster, run.exports, extent, extent_crs, info.gsd if info else None)
+        pre_steps: list[PreStep] = []
+        raster_file = self._raster_file(raster, run, extent, extent_crs, info.gsd if info else None, pre_steps)
         out = run.classified / f"{layers._safe_name(raster.name())}.gpkg"
         commands.append(jobs.classify_command(model, raster_file, out, options))
-        return PreparedJob("Classify", commands, lambda job, out=out: self._classify_done(job, out))
+        return PreparedJob("Classify", commands, lambda job, out=out: self._classify_done(job, out), pre_steps)
 
     def _model_info(self, model: Path, run: jobs.RunLayout):
         for candidate in (model, run.student):
@@ -452,7 +466,7 @@ class AsymKDDock(QDockWidget):
             panel.status.setText(exc.message)
             self.notifier.error("AsymKD engine", str(exc), offer_environment=True)
             return None
-        job = EngineJob(prepared.name, prepared.commands, engine, parent=self)
+        job = EngineJob(prepared.name, prepared.commands, engine, parent=self, pre_steps=prepared.pre_steps)
         job.progressChanged.connect(panel.set_progress)
         job.jobFinished.connect(lambda j, s=step, p=prepared: self._job_finished(s, j, p))
         self.jobs[step] = job

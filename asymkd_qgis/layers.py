@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeedback,
-                       QgsProject, QgsProviderRegistry, QgsRasterBlockFeedback, QgsRasterFileWriter, QgsRasterLayer,
-                       QgsRasterPipe, QgsRasterProjector, QgsRectangle, QgsVectorFileWriter,
-                       QgsVectorLayer)
+                       QgsProject, QgsProviderRegistry, QgsRasterBlockFeedback, QgsRasterFileWriter,
+                       QgsRasterLayer, QgsRasterPipe, QgsRasterProjector, QgsRectangle,
+                       QgsVectorFileWriter, QgsVectorLayer)
+from qgis.PyQt.QtCore import Qt
 
 from .validation import InputError
 
@@ -38,11 +39,55 @@ def local_raster_path(layer: QgsRasterLayer) -> str | None:
     return path if path and os.path.isfile(path) else None
 
 
-def export_raster(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float, out_path: Path,
-                  crs: QgsCoordinateReferenceSystem | None = None,
-                  feedback: QgsFeedback | None = None) -> str:
-    """Write `extent` (in `crs`, default the layer's) of any raster layer to a GeoTIFF at
-    `resolution` map units per pixel. Web layers (WMS, XYZ) come out as RGBA images."""
+@dataclass
+class RasterExport:
+    """The export of an area of a raster layer to a GeoTIFF, prepared in the main thread (a
+    clone of the layer's provider, the pixel grid) so that `run` can go in a worker thread."""
+
+    name: str
+    provider: object  # QgsRasterDataProvider clone, handed to the pipe by run()
+    source_crs: QgsCoordinateReferenceSystem
+    crs: QgsCoordinateReferenceSystem
+    extent: QgsRectangle
+    width: int
+    height: int
+    out_path: Path
+
+    def run(self, feedback: QgsFeedback | None = None) -> str:
+        """Write the file; a cancelled feedback stops it (InputError)."""
+        if self.provider is None:
+            raise InputError(f"The export of '{self.name}' has already run.")
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        pipe = QgsRasterPipe()
+        provider, self.provider = self.provider, None
+        if not pipe.set(provider):
+            raise InputError(f"The raster layer '{self.name}' cannot be read for export.")
+        context = QgsProject.instance().transformContext()
+        if self.crs != self.source_crs:
+            projector = QgsRasterProjector()
+            projector.setCrs(self.source_crs, self.crs, context)
+            pipe.insert(2, projector)
+        writer = QgsRasterFileWriter(str(self.out_path))
+        writer.setOutputFormat("GTiff")
+        writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
+        block_feedback = feedback if isinstance(feedback, QgsRasterBlockFeedback) else QgsRasterBlockFeedback()
+        if feedback is not None and feedback is not block_feedback:
+            # direct: the flag is set from whichever thread cancels, no event loop needed
+            feedback.canceled.connect(block_feedback.cancel, Qt.DirectConnection)
+            if feedback.isCanceled():
+                block_feedback.cancel()
+        error = writer.writeRaster(pipe, self.width, self.height, self.extent, self.crs, context, block_feedback)
+        if error == QgsRasterFileWriter.WriteCanceled or block_feedback.isCanceled():
+            self.out_path.unlink(missing_ok=True)
+            raise InputError(f"Exporting '{self.name}' was cancelled.")
+        if error != QgsRasterFileWriter.NoError:
+            raise InputError(f"Exporting '{self.name}' to {self.out_path} failed (writer error {int(error)}).")
+        return str(self.out_path)
+
+
+def plan_export(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float, out_path: Path,
+                crs: QgsCoordinateReferenceSystem | None = None) -> RasterExport:
+    """Check the area and resolution and fix the pixel grid of an export (main thread)."""
     crs = crs if crs is not None and crs.isValid() else layer.crs()
     if extent is None or extent.isEmpty():
         raise InputError(f"Nothing to export from '{layer.name()}': the area is empty.")
@@ -55,30 +100,18 @@ def export_raster(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float
     # Snap the extent to whole pixels so the grid keeps the requested resolution exactly.
     extent = QgsRectangle(extent.xMinimum(), extent.yMaximum() - height * resolution,
                           extent.xMinimum() + width * resolution, extent.yMaximum())
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pipe = QgsRasterPipe()
-    if not pipe.set(layer.dataProvider().clone()):
+    provider = layer.dataProvider().clone() if layer.dataProvider() is not None else None
+    if provider is None:
         raise InputError(f"The raster layer '{layer.name()}' cannot be read for export.")
-    if crs != layer.crs():
-        projector = QgsRasterProjector()
-        projector.setCrs(layer.crs(), crs, QgsProject.instance().transformContext())
-        pipe.insert(2, projector)
-    writer = QgsRasterFileWriter(str(out_path))
-    writer.setOutputFormat("GTiff")
-    writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
-    block_feedback = QgsRasterBlockFeedback()
-    if feedback is not None:  # a Processing cancel also stops the export
-        feedback.canceled.connect(block_feedback.cancel)
-        if feedback.isCanceled():
-            block_feedback.cancel()
-    error = writer.writeRaster(pipe, width, height, extent, crs,
-                               QgsProject.instance().transformContext(), block_feedback)
-    if error == QgsRasterFileWriter.WriteCanceled:
-        raise InputError(f"Exporting '{layer.name()}' was cancelled.")
-    if error != QgsRasterFileWriter.NoError:
-        raise InputError(f"Exporting '{layer.name()}' to {out_path} failed (writer error {int(error)}).")
-    return str(out_path)
+    return RasterExport(layer.name(), provider, layer.crs(), crs, extent, width, height, Path(out_path))
+
+
+def export_raster(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float, out_path: Path,
+                  crs: QgsCoordinateReferenceSystem | None = None,
+                  feedback: QgsFeedback | None = None) -> str:
+    """Write `extent` (in `crs`, default the layer's) of any raster layer to a GeoTIFF at
+    `resolution` map units per pixel. Web layers (WMS, XYZ) come out as RGBA images."""
+    return plan_export(layer, extent, resolution, out_path, crs).run(feedback)
 
 
 def projected_crs_for(layer: QgsRasterLayer) -> QgsCoordinateReferenceSystem:
@@ -89,13 +122,14 @@ def projected_crs_for(layer: QgsRasterLayer) -> QgsCoordinateReferenceSystem:
     return QgsCoordinateReferenceSystem("EPSG:3857")
 
 
-def raster_file_for(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None,
-                    extent_crs: QgsCoordinateReferenceSystem | None, resolution: float | None,
-                    feedback: QgsFeedback | None = None) -> str:
-    """A local file for a raster layer: its own file, or an export of the area at `resolution`."""
+def raster_source(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None,
+                  extent_crs: QgsCoordinateReferenceSystem | None,
+                  resolution: float | None) -> tuple[str, RasterExport | None]:
+    """The file the engine reads for a raster layer, and the export that writes it first
+    (None when the layer is a local file already)."""
     path = local_raster_path(layer)
     if path is not None:
-        return path
+        return path, None
     crs = projected_crs_for(layer)
     if extent is None or extent.isEmpty():
         extent, extent_crs = layer.extent(), layer.crs()
@@ -104,7 +138,16 @@ def raster_file_for(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | 
     if not resolution:
         resolution = layer.rasterUnitsPerPixelX() if crs == layer.crs() else 0.0
     out = Path(folder) / f"{_safe_name(layer.name())}_export.tif"
-    return export_raster(layer, extent, resolution, out, crs, feedback)
+    export = plan_export(layer, extent, resolution, out, crs)
+    return str(out), export
+
+
+def raster_file_for(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None,
+                    extent_crs: QgsCoordinateReferenceSystem | None, resolution: float | None,
+                    feedback: QgsFeedback | None = None) -> str:
+    """A local file for a raster layer: its own file, or an export of the area (now)."""
+    path, export = raster_source(layer, folder, extent, extent_crs, resolution)
+    return export.run(feedback) if export is not None else path
 
 
 # -- vectors ------------------------------------------------------------------------------

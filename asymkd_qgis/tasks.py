@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
+from qgis.core import Qgis, QgsApplication, QgsFeedback, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from .engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
+from .validation import InputError
 
 LOG_TAG = "AsymKD"
 
 _LOG_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+
+
+@dataclass
+class PreStep:
+    """Work in the job's worker thread before the engine starts (e.g. exporting a web layer):
+    `run(feedback)` may raise InputError; a cancel sets the feedback."""
+
+    label: str
+    run: Callable[[QgsFeedback], Any]
 
 
 @dataclass
@@ -88,10 +98,11 @@ class EngineJob(QObject):
     jobFinished = pyqtSignal(object)  # the job
 
     def __init__(self, name: str, commands: list[EngineCommand], engine: Engine | None = None,
-                 parent: QObject | None = None):
+                 parent: QObject | None = None, pre_steps: list[PreStep] | None = None):
         super().__init__(parent)
         self.name = name
         self.commands = commands
+        self.pre_steps = list(pre_steps or [])
         self.engine = engine or Engine.from_settings()
         self.outcomes: list[Outcome] = []
         self.state = self.PENDING
@@ -156,13 +167,25 @@ class EngineTask(QgsTask):
     def __init__(self, job: EngineJob):
         super().__init__(f"AsymKD: {job.name}", QgsTask.CanCancel)
         self.job = job
-        self._ok = False
+        self.feedback = QgsFeedback()  # made in the main thread; cancel() sets it from there
+
+    def cancel(self) -> None:
+        self.feedback.cancel()
+        super().cancel()
 
     def run(self) -> bool:  # worker thread
         job = self.job
-        total_weight = sum(c.weight for c in job.commands) or 1.0
+        total_weight = sum(c.weight for c in job.commands) + 0.5 * len(job.pre_steps) or 1.0
         done_weight = 0.0
         try:
+            for step in job.pre_steps:
+                if self.isCanceled():
+                    return False
+                log(f"{job.name}: {step.label}")
+                job.progressChanged.emit(100.0 * done_weight / total_weight, f"{step.label}...")
+                step.run(self.feedback)
+                done_weight += 0.5
+                self.setProgress(100.0 * done_weight / total_weight)
             for command in job.commands:
                 if self.isCanceled():
                     return False
@@ -187,6 +210,9 @@ class EngineTask(QgsTask):
         except EngineUnavailable as exc:
             job.failure = str(exc)
             job.engine_unavailable = True
+            return False
+        except InputError as exc:
+            job.failure = None if self.isCanceled() else str(exc)
             return False
         except Exception as exc:  # a plugin bug must not take QGIS down
             job.failure = f"{type(exc).__name__}: {exc}"

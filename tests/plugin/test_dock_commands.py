@@ -95,8 +95,15 @@ def test_classify_a_web_layer_exports_it_for_the_area(classify_ready, tmp_path, 
     canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
     canvas.setExtent(QgsRectangle(minx + 100, maxy - 400, minx + 500, maxy - 100))
     dock.area.setCurrentText("Canvas extent")
-    raster = dock.prepare_classify().commands[-1].args[2]
+    prepared = dock.prepare_classify()
+    raster = prepared.commands[-1].args[2]
     assert raster.startswith(str(tmp_path / "run" / "data" / "exports"))
+    # the export runs in the job's worker thread, before the engine: not while preparing
+    from pathlib import Path
+    from qgis.core import QgsFeedback
+    assert not Path(raster).exists()
+    [export] = prepared.pre_steps
+    assert export.run(QgsFeedback()) == raster
     exported = QgsRasterLayer(raster, "exported", "gdal")
     assert exported.bandCount() == 4 and exported.crs().authid() == "EPSG:3857"
 

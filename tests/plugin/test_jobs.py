@@ -114,3 +114,22 @@ def test_a_step_cannot_run_twice_at_once(dock, layers, tmp_path, fake_engine):
     assert "already running" in dock.notifier.last.text
     job.cancel()
     wait_for(lambda: job.done, 10, "cancelled job")
+
+
+def test_web_layer_is_exported_by_the_job_before_the_engine_runs(dock, layers, tmp_path, fake_engine, qgis_iface):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
+    uri, (minx, miny, maxx, maxy) = mapdata.write_xyz_tiles(tmp_path / "tiles")
+    xyz = QgsRasterLayer(uri, "web", "wms")
+    QgsProject.instance().addMapLayer(xyz)
+    _classify_ready(dock, layers, tmp_path)
+    dock.classify_layer.setLayer(xyz)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(QgsRectangle(minx + 100, maxy - 400, minx + 500, maxy - 100))
+    dock.area.setCurrentText("Canvas extent")
+    dock.engine_factory = lambda: fake_engine("echo")
+    job = dock.run_step("classify")
+    wait_for(lambda: job.done, 60, "export and engine")
+    raster = job.results["2"]  # the fake engine echoes its arguments
+    assert raster.endswith("web_export.tif")
+    assert QgsRasterLayer(raster, "exported", "gdal").bandCount() == 4
