@@ -188,8 +188,10 @@ class AsymKDDock(QDockWidget):
         form.addRow("Matcher epochs", self.matcher_epochs)
         form.addRow("Pairing", self.pair_method)
         form.addRow("More settings", self.matcher_settings)
-        form.addRow(QLabel("Same-target pairs come from the co-registered RGB raster of the Data "
-                           "step; without one, pseudo-RGB is rendered from the MS bands."))
+        note = QLabel("Same-target pairs come from the co-registered RGB raster of the Data "
+                      "step; without one, pseudo-RGB is rendered from the MS bands.")
+        note.setWordWrap(True)
+        form.addRow(note)
 
     def _build_distill(self, form: QFormLayout) -> None:
         self.distill_epochs = self.persist.bind("distill/epochs", _spin(0, 1000, 0))

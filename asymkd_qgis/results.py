@@ -58,6 +58,11 @@ def teacher_results(run: RunLayout) -> StepResults:
     scores = _scores(metrics)
     if scores:
         out.rows[f"{scores[0]} accuracy"] = scores[1]["overall_accuracy"]
+    history = metrics.get("history") or []
+    if history and isinstance(history[-1], dict):
+        out.rows["epochs"] = history[-1].get("epoch")
+        out.rows["final training loss"] = history[-1].get("train_loss")
+    out.rows["soft-label confidence"] = summary.get("soft_label_confidence")
     out.rows = {k: v for k, v in out.rows.items() if v is not None}
     return out
 
