@@ -45,6 +45,7 @@ class Events:
         self.progress_bars = progress_bars
         self.min_interval_s = min_interval_s
         self._last_progress: dict[str, float] = {}
+        self._bars: dict[str, Any] = {}
         self.copies: list[TextIO] = []  # e.g. RUN/events.jsonl beside the user's stream
 
     # -- raw -------------------------------------------------------------------------
@@ -90,7 +91,10 @@ class Events:
 
     def progress(self, step: str, done: int, total: int, started: float,
                  unit: str = "it", force: bool = False, **extra: Any) -> None:
-        """Emit a progress event, throttled to one per `min_interval_s` per step."""
+        """Emit a progress event, throttled to one per `min_interval_s` per step; on a
+        terminal also draw the step's bar."""
+        if self.progress_bars:
+            self._draw(step, done, total, unit, extra)
         now = time.time()
         if not force and done < total and now - self._last_progress.get(step, 0.0) < self.min_interval_s:
             return
@@ -102,6 +106,20 @@ class Events:
                   fraction=(done / total if total else 1.0), rate=round(rate, 3), unit=unit,
                   elapsed_s=round(elapsed, 2), eta_s=(round(eta, 1) if eta is not None else None),
                   **extra)
+
+    def _draw(self, step: str, done: int, total: int, unit: str, extra: dict[str, Any]) -> None:
+        from tqdm import tqdm
+        bar = self._bars.get(step)
+        if bar is None:
+            bar = self._bars[step] = tqdm(total=total, desc=step, unit=unit, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in extra.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if shown:
+            bar.set_postfix(shown, refresh=False)
+        if done >= total:
+            bar.close()
+            del self._bars[step]
 
     @contextlib.contextmanager
     def step(self, name: str, **fields: Any) -> Iterator[None]:
