@@ -34,8 +34,9 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     backbone: str = "resnet18_w32"
-    epochs: int = 40
-    batch_size: int = 64
+    epochs: int = 0                    # 0 = auto: 40, or more to make at least min_steps steps
+    min_steps: int = 800
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -65,8 +66,9 @@ class PairingConfig:
 @dataclass
 class DistillConfig:
     backbone: str = "resnet18_w32"
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = 0                    # 0 = auto: 30, or more to make at least min_steps steps
+    min_steps: int = 1200
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
     w_feat: float = 0.05               # domain-shift (CORAL/MMD) on attention-aligned features
@@ -161,8 +163,8 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     checks = [
         (0 < cfg.data.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)"),
-        (cfg.teacher.epochs >= 1 and cfg.distill.epochs >= 1 and cfg.matcher.epochs >= 0,
-         "epochs must be >= 1 (matcher.epochs >= 0)"),
+        (min(cfg.teacher.epochs, cfg.distill.epochs, cfg.matcher.epochs) >= 0,
+         "epochs must be >= 0 (0 = automatic for the teacher and the student)"),
         (min(cfg.teacher.batch_size, cfg.distill.batch_size, cfg.matcher.batch_size) >= 2,
          "batch_size must be >= 2"),
         (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),

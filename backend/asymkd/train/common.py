@@ -104,6 +104,14 @@ def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True)
     return parts
 
 
+def epochs_for(epochs: int, min_steps: int, steps_per_epoch: int, auto_floor: int) -> int:
+    """Epochs to run: as configured, or when 0 (auto) `auto_floor` epochs, more where a
+    small set would give fewer than `min_steps` optimiser steps."""
+    if epochs > 0:
+        return epochs
+    return max(auto_floor, -(-min_steps // max(steps_per_epoch, 1)))
+
+
 def optimizer_and_schedule(params, lr: float, weight_decay: float, total_steps: int):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1),

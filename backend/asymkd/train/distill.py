@@ -120,7 +120,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         logp_table = torch.full((len(rgb), k), -float(np.log(k)))  # uniform until seen
     params = [p for m in modules.values() for p in m.parameters()]
     steps_per_epoch = len(common.batches(len(train_idx), dc.batch_size, torch.Generator()))
-    total_steps = dc.epochs * steps_per_epoch
+    epochs = common.epochs_for(dc.epochs, dc.min_steps, steps_per_epoch, auto_floor=30)
+    total_steps = epochs * steps_per_epoch
     opt, sched = common.optimizer_and_schedule(params, dc.lr, dc.weight_decay, total_steps)
     repair_every = dc.repair_every or steps_per_epoch
     repair = (lambda *a: repair_by_kl_balanced(*a, sinkhorn_iters=cfg.pairing.sinkhorn_iters,  # noqa: E731
@@ -139,7 +140,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     train_t = torch.as_tensor(train_idx)
     started = time.time()
     global_step = start * steps_per_epoch
-    for epoch in range(start, dc.epochs):
+    for epoch in range(start, epochs):
         for m in modules.values():
             m.train()
         sums: dict[str, float] = {}
@@ -198,7 +199,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         extra = {"history": json.dumps(history), "best_acc": best_acc, "gate": gate}
         if cache is not None:
             extra.update(pairs=pairs, logp_table=logp_table)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == dc.epochs:
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == epochs:
             ckpt.save(epoch + 1, state_modules, gen, extra)
     student.load_state_dict(load_file(str(best_path)))
     student = student.cpu().eval()
@@ -207,7 +208,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                      "val": classification_metrics(rgb.labels[val_idx], val_logits.argmax(1).numpy(), rgb.class_names),
                      "history": history}
     summary = {"rgb_train": int(len(train_idx)), "rgb_val": int(len(val_idx)),
-               "labeled_train": int((rgb.labels[train_idx] >= 0).sum()), "epochs": dc.epochs,
+               "labeled_train": int((rgb.labels[train_idx] >= 0).sum()), "epochs": epochs,
                "best_val_accuracy": best_acc, "train_seconds": round(time.time() - started, 1)}
     if cache is not None:
         summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=repair_every,

@@ -40,16 +40,17 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_cla
     model = common.prepare_model(SceneClassifier(cfg.backbone, x.shape[1], num_classes,
                                                  weights=cfg.weights), device)
     steps_per_epoch = len(common.batches(len(x), cfg.batch_size, torch.Generator()))
+    epochs = common.epochs_for(cfg.epochs, cfg.min_steps, steps_per_epoch, auto_floor=40)
     opt, sched = common.optimizer_and_schedule(model.parameters(), cfg.lr, cfg.weight_decay,
-                                               cfg.epochs * steps_per_epoch)
+                                               epochs * steps_per_epoch)
     start_epoch, history = 0, []
     if checkpoint is not None and resume and checkpoint.exists():
         start_epoch, extra = checkpoint.load({"model": model, "opt": opt, "sched": sched}, gen)
         history = json.loads(extra.get("history", "[]"))
         events.log(f"{step}: resumed at epoch {start_epoch}")
-    total = cfg.epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
     started = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         model.train()
         losses = []
         for b in common.batches(len(x), cfg.batch_size, gen):
