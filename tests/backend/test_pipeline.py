@@ -127,3 +127,29 @@ def test_loss_terms_are_logged_per_epoch(tmp_path, dataset):
     step_distill(cfg, run)
     history = json.loads((run / "student" / "metrics.json").read_text())["history"]
     assert {"train_gt", "train_pseudo", "train_feat", "val_accuracy", "teacher_gate"} <= set(history[0])
+
+
+def test_run_command_from_a_toml_config_file(tmp_path, dataset, capsys):
+    import tomllib  # noqa: F401 - the file below must parse as TOML
+
+    from asymkd.cli import main
+    t, m, d = TINY_CONFIG["teacher"], TINY_CONFIG["matcher"], TINY_CONFIG["distill"]
+    data = data_config(dataset)
+    text = "\n".join([
+        "seed = 3",
+        "[data]", *[f'{k} = "{v}"' for k, v in data.items()], 'bands = "sentinel2"', "val_fraction = 0.25",
+        "[teacher]", *[f'{k} = {v!r}'.replace("'", '"') for k, v in t.items()],
+        "[matcher]", *[f'{k} = {v!r}'.replace("'", '"') for k, v in m.items()],
+        "[distill]", *[f'{k} = {v!r}'.replace("'", '"') for k, v in d.items()], "baseline = false",
+    ])
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(text)
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(run)]) == 0
+    assert "report:" in capsys.readouterr().out
+    resolved = config_mod.read_file(run / "config.yaml")
+    assert resolved["seed"] == 3 and resolved["distill"]["baseline"] is False
+    assert (run / "student" / "model.safetensors").is_file() and not (run / "baseline").exists()
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    finished = [e["step"] for e in events if e["event"] == "step" and e["status"] == "finished"]
+    assert finished == ["teacher", "matcher", "pair", "distill"]
