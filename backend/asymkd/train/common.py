@@ -119,6 +119,15 @@ def optimizer_and_schedule(params, lr: float, weight_decay: float, total_steps: 
     return opt, sched
 
 
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> float:
+    """One update: clear gradients, backpropagate, step the optimiser and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -168,10 +168,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                                                     t_tok.reshape(-1, t_tok.shape[-1]))
                 logp_table[b] = F.log_softmax(logits.detach(), -1).cpu()
             loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            common.optimiser_step(loss, opt, sched)
             global_step += 1
             for name, v in {"loss": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + v.item()

@@ -105,11 +105,7 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
             zr = model.rgb(common.dihedral(x_rgb[b], gen).to(device))
             lb = labels[b].to(device)
             loss = masked_info_nce(zr, zm, lb, lb, temperature=mc.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(common.optimiser_step(loss, opt, sched))
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses))})
         events.progress("matcher", (epoch + 1) * steps_per_epoch, mc.epochs * steps_per_epoch,
                         started, unit="step", epoch=epoch + 1, loss=history[-1]["train_loss"])

@@ -58,11 +58,7 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_cla
             yb = y[b].to(device)
             with common.autocast(device, amp):
                 loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(common.optimiser_step(loss, opt, sched))
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses))})
         events.progress(step, (epoch + 1) * steps_per_epoch, total, started, unit="step",
                         epoch=epoch + 1, loss=history[-1]["train_loss"])
