@@ -292,9 +292,8 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The AsymKD metadata of an ONNX model file; ModelFileError when the file is not an
-    ONNX model, lacks the metadata, or is of a newer format version."""
+def load_onnx_proto(path: str | Path):
+    """The parsed ONNX model; ModelFileError when the file is not an ONNX model."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -307,8 +306,14 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     if not proto.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model file (no graph)",
                              "give the .onnx file written by asymkd export")
-    props = {p.key: p.value for p in proto.metadata_props}
-    return parse_metadata(props, str(path))
+    return proto
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The AsymKD metadata of an ONNX model file; ModelFileError when the file is not an
+    ONNX model, lacks the metadata, or is of a newer format version."""
+    proto = load_onnx_proto(path)
+    return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(resolve_model_path(path)))
 
 
 def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:

@@ -236,6 +236,16 @@ def test_a_vrt_is_classified_like_its_source(model, tmp_path):
     np.testing.assert_array_equal(a["confidence"], b["confidence"])
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32", "float64"])
+def test_raster_value_types_give_the_same_result(model, tmp_path, dtype):
+    data = texture(T, 3 * T, seed=11)
+    classify(model[0], write_raster(tmp_path / "u8.tif", data), tmp_path / "u8.gpkg")
+    other = classify(model[0], write_raster(tmp_path / "x.tif", data.astype(dtype)), tmp_path / "x.gpkg")
+    a, b = read_layer(tmp_path / "u8.gpkg")[1], read_layer(other.gpkg)[1]
+    np.testing.assert_array_equal(a["class_id"], b["class_id"])
+    np.testing.assert_allclose(a["confidence"], b["confidence"], atol=1e-6)
+
+
 def test_band_mapping_by_description(tmp_path):
     data = texture(8, 8, bands=4)
     path = write_raster(tmp_path / "d.tif", data)

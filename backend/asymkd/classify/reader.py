@@ -9,6 +9,7 @@ overlap inference and memory stays bounded (queue size x batch size tiles).
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -78,7 +79,7 @@ def _by_colour_interp(src, band_names: Sequence[str]) -> list[int] | None:
 
 @dataclasses.dataclass
 class Batch:
-    images: np.ndarray   # (n, C, tile, tile) float32, invalid pixels filled with the model mean
+    images: np.ndarray   # (n, C, tile, tile) float32 or the raster's integer type; invalid pixels = model mean
     rows: np.ndarray     # (n,) tile rows in the grid
     cols: np.ndarray
     valid: np.ndarray    # (n,) fraction of valid pixels
@@ -163,12 +164,18 @@ class PrefetchReader:
 
     def __init__(self, path: str | Path, plan: TilePlan, bands: list[int], fill: Sequence[float],
                  batch_size: int = 64, min_valid: float = 0.5, prefetch: int = 4,
-                 max_strip_tiles: int = 256):
+                 max_strip_tiles: int = 256, nice: int = 0, dtype: str | np.dtype = "float32"):
         self.path = str(path)
+        self.nice = nice
+        self.dtype = np.dtype(dtype)
         self.plan = plan
         self.grid = plan.grid
         self.bands = bands
-        self.fill = np.asarray(fill, np.float32).reshape(-1, 1, 1)
+        fill = np.asarray(fill, np.float64).reshape(-1, 1, 1)
+        if self.dtype.kind in "iu":  # the nearest value the batch dtype holds
+            info = np.iinfo(self.dtype)
+            fill = np.clip(np.rint(fill), info.min, info.max)
+        self.fill = fill.astype(self.dtype)
         self.batch_size = int(batch_size)
         self.min_valid = float(min_valid)
         self.max_strip_tiles = max(1, int(max_strip_tiles))
@@ -215,6 +222,8 @@ class PrefetchReader:
 
     def _run(self) -> None:
         source = None
+        if self.nice:
+            lower_thread_priority(self.nice)
         try:
             with rasterio.Env(GDAL_CACHEMAX=_cache_mb(self.path)):
                 source = _Source(self.path, self.grid, self.bands)
@@ -230,7 +239,7 @@ class PrefetchReader:
         g = self.grid
         T, S, B = g.tile, g.stride, self.batch_size
         C = len(self.bands)
-        buf = np.empty((B, C, T, T), np.float32)
+        buf = np.empty((B, C, T, T), self.dtype)
         rows = np.empty(B, np.int64)
         cols = np.empty(B, np.int64)
         valid = np.empty(B, np.float32)
@@ -266,7 +275,7 @@ class PrefetchReader:
                             return
                         self.stats.skipped += skipped
                         t1 = time.perf_counter()
-                        buf = np.empty((B, C, T, T), np.float32)
+                        buf = np.empty((B, C, T, T), self.dtype)
                         rows, cols, valid = np.empty(B, np.int64), np.empty(B, np.int64), np.empty(B, np.float32)
                         n, skipped = 0, 0
                 self.stats.cut_s += time.perf_counter() - t1
@@ -278,6 +287,17 @@ class PrefetchReader:
         if n or skipped:
             self._put(Batch(buf[:n], rows[:n], cols[:n], valid[:n], skipped))
             self.stats.skipped += skipped
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread). A reader or
+    writer thread that preempts an onnxruntime worker stalls the whole parallel operator,
+    which then waits for the preempted thread; at a low priority these threads run in the
+    gaps instead, and still run whenever inference waits for them."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
 
 
 def _cache_mb(path: str) -> int:

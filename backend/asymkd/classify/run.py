@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..export import read_onnx_metadata
 from ..events import Events
 from . import ClassifyOptions, ClassifyResult
 from .area import plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
-from .infer import OnnxClassifier, summarize
+from .infer import CASTABLE, OnnxClassifier, summarize
 from .reader import PrefetchReader, resolve_bands
 from .style import qml_text
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_output_names
@@ -62,14 +63,18 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
-    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning)
-    meta = model.meta
+    meta = read_onnx_metadata(model_path)
     with _open_raster(raster) as src:
         bands, how = resolve_bands(src, meta["band_names"], opts.bands)
         grid = _grid(src, meta, opts, events)
         area = resolve_area(src, grid, opts.bbox, opts.bbox_crs, opts.mask, opts.mask_layer, warn=events.warning)
         small = src.width < grid.tile or src.height < grid.tile
         size = f"{src.width}x{src.height}"
+        dtypes = {np.dtype(src.dtypes[b - 1]) for b in bands}
+    feed = dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE else np.dtype(np.float32)
+    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning,
+                           input_dtype=feed)
+    meta = model.meta
     plan = plan_tiles(grid, area)
     notes = list(grid.notes)
     if how != "given":
@@ -125,8 +130,9 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster else None
     reader = PrefetchReader(raster, plan, bands, fill=meta["mean"], batch_size=opts.batch_size,
-                            min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles)
-    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style)
+                            min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
+                            nice=opts.io_nice, dtype=model.input_dtype)
+    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice)
     t0 = time.perf_counter()
     try:
         counts = _stream(model, reader, writer, raster_out, plan.total, events)

@@ -93,7 +93,7 @@ class TileLayerWriter:
     At most one chunk waits to be written: memory stays bounded."""
 
     def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], chunk: int = 4096,
-                 style_qml: str | None = None):
+                 style_qml: str | None = None, nice: int = 0):
         self.path = Path(path)
         self.grid = grid
         self.class_names = np.array(list(class_names), dtype=object)
@@ -103,7 +103,8 @@ class TileLayerWriter:
         self.write_s = 0.0  # time spent writing, in the background thread
         self._parts: list[dict[str, np.ndarray]] = []
         self._pending = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymkd-gpkg-writer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymkd-gpkg-writer",
+                                        initializer=_lower_priority, initargs=(nice,))
         self._future: Future | None = self._pool.submit(self._create, style_qml)
 
     def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None:
@@ -176,6 +177,12 @@ class TileLayerWriter:
                           layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs, append=append)
         self.count += len(rows)
         self.write_s += time.perf_counter() - start
+
+
+def _lower_priority(nice: int) -> None:
+    if nice:
+        from .reader import lower_thread_priority
+        lower_thread_priority(nice)
 
 
 class ClassRaster:
