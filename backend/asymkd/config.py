@@ -66,7 +66,7 @@ class PairingConfig:
 @dataclass
 class DistillConfig:
     backbone: str = "resnet18_w32"
-    epochs: int = 0                    # 0 = auto: 30, or more to make at least min_steps steps
+    epochs: int = 0                    # 0 = auto: 10, or more to make at least min_steps steps
     min_steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3

@@ -120,7 +120,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         logp_table = torch.full((len(rgb), k), -float(np.log(k)))  # uniform until seen
     params = [p for m in modules.values() for p in m.parameters()]
     steps_per_epoch = len(common.batches(len(train_idx), dc.batch_size, torch.Generator()))
-    epochs = common.epochs_for(dc.epochs, dc.min_steps, steps_per_epoch, auto_floor=30)
+    epochs = common.epochs_for(dc.epochs, dc.min_steps, steps_per_epoch, auto_floor=10)
     total_steps = epochs * steps_per_epoch
     opt, sched = common.optimizer_and_schedule(params, dc.lr, dc.weight_decay, total_steps)
     repair_every = dc.repair_every or steps_per_epoch
