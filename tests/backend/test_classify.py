@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -559,3 +560,20 @@ def test_cancel_leaves_no_output_and_no_temporary_files(model, tmp_path, sig):
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     assert any(e["event"] == "error" and e["kind"] == "Cancelled" for e in lines)
     assert any(e["event"] == "log" and "no output was written" in e["message"] for e in lines)
+
+
+def test_io_threads_can_run_at_low_priority():
+    import threading
+
+    from asymkd.classify.reader import lower_thread_priority
+    seen = {}
+
+    def work():
+        lower_thread_priority(19)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["nice"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller is untouched

@@ -39,7 +39,7 @@ class ClassifyOptions:
     min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
     threads: int = 0                              # onnxruntime intra-op threads (0 = its default)
     spinning: bool = False                        # let idle onnxruntime threads busy-wait
-    io_nice: int = 10                             # priority of the reader/writer threads (0 = normal)
+    io_nice: int = 19                             # nice of the reader/writer threads (0 = normal priority)
     prefetch: int = 4                             # batches read ahead
     max_strip_tiles: int = 256                    # tiles per window read
     chunk: int = 4096                             # features per GeoPackage write (in the background)

@@ -295,7 +295,8 @@ def lower_thread_priority(nice: int) -> None:
     which then waits for the preempted thread; at a low priority these threads run in the
     gaps instead, and still run whenever inference waits for them."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
     except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
         pass
 
