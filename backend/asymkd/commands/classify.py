@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
                         help="raster bands feeding the model's bands, in the model's order "
                              "(default: by band description, colour interpretation, or band order)")
     area = parser.add_mutually_exclusive_group()
-    area.add_argument("--bbox", metavar="minx,miny,maxx,maxy", default=None, help="classify only the tiles that meet this box")
+    area.add_argument("--bbox", metavar="minx,miny,maxx,maxy", default=None, help="classify only the tiles that meet this box (write --bbox=-1.5,... when minx is negative)")
     area.add_argument("--mask", metavar="VECTOR", default=None, help="classify only tiles meeting these polygons")
     parser.add_argument("--bbox-crs", metavar="EPSG:xxxx", default=None, help="CRS of --bbox (default: the raster's)")
     parser.add_argument("--mask-layer", default=None, help="layer of --mask (default: the first)")
