@@ -214,7 +214,8 @@ def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptio
     if options.bands:
         args += ["--bands", options.bands.replace(" ", "")]
     if options.bbox is not None:
-        args += ["--bbox", ",".join(f"{v:.10g}" for v in options.bbox)]
+        # one token: a box with a negative minx would otherwise read as an option
+        args.append("--bbox=" + ",".join(f"{v:.10g}" for v in options.bbox))
         if options.bbox_crs:
             args += ["--bbox-crs", options.bbox_crs]
     elif options.mask:
