@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from qgis_headless import main_window, start_qgis, wait
+from qgis_headless import fill_data_step, main_window, start_qgis, wait
 
 STEPS = ("data", "teacher", "matcher", "distill", "classify")
 
@@ -82,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise SystemExit(f"cannot open {bad} in {data}")
         QgsProject.instance().addMapLayers(list(layer.values()))
-        dock.run_dir.setFilePath(str(out / "run"))
-        dock.ms_source.set_layer(layer["ms_scene"])
-        dock.ms_labels.set(layer["ms_labels"], "class")
-        dock.pair_raster.setLayer(layer["rgb_overlap"])
-        dock.rgb_source.set_layer(layer["rgb_scene"])
-        dock.rgb_labels.set(layer["rgb_labels"], "class")
-        dock.test_source.set_layer(layer["rgb_test_scene"])
-        dock.test_labels.set(layer["rgb_test_labels"], "class")
+        fill_data_step(dock, layer, out / "run", layer["rgb_overlap"])
         dock.chip_size.setValue(64)
         dock.teacher_bands.setCurrentText("sentinel2")
         dock.teacher_epochs.setValue(args.teacher_epochs)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from qgis_headless import REPO, main_window, start_qgis, wait
+from qgis_headless import REPO, fill_data_step, main_window, start_qgis, wait
 
 STEPS = ("data", "teacher", "matcher", "distill", "classify")
 
@@ -108,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("ms_labels", "rgb_labels", "rgb_test_labels"):
             layer[key] = QgsVectorLayer(paths[key], key.replace("_", " "), "ogr")
         project.addMapLayers(list(layer.values()))
-        dock.run_dir.setFilePath(str(work / "run"))
-        dock.ms_source.set_layer(layer["ms_scene"])
-        dock.ms_labels.set(layer["ms_labels"], "class")
-        dock.pair_raster.setLayer(layer["rgb_scene"])
-        dock.rgb_source.set_layer(layer["rgb_scene"])
-        dock.rgb_labels.set(layer["rgb_labels"], "class")
-        dock.test_source.set_layer(layer["rgb_test_scene"])
-        dock.test_labels.set(layer["rgb_test_labels"], "class")
+        fill_data_step(dock, layer, work / "run", layer["rgb_scene"])
         for spin in (dock.teacher_epochs, dock.matcher_epochs, dock.distill_epochs):
             spin.setValue(args.epochs)
         dock.teacher_settings.setText("teacher.folds=0")
