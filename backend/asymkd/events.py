@@ -134,25 +134,12 @@ class Events:
             raise
         self.emit("step", step=name, status="finished", elapsed_s=round(time.time() - start, 2))
 
-    def track(self, items: Iterable[T], total: int, step: str, unit: str = "it",
-              desc: str | None = None) -> Iterator[T]:
-        """Iterate with progress events and, on a terminal, a tqdm bar."""
+    def track(self, items: Iterable[T], total: int, step: str, unit: str = "it") -> Iterator[T]:
+        """Iterate with progress events (and, on a terminal, the step's bar via progress())."""
         start = time.time()
-        bar = None
-        if self.progress_bars:
-            from tqdm import tqdm
-            bar = tqdm(total=total, desc=desc or step, unit=unit, leave=False, file=sys.stderr)
-        done = 0
-        try:
-            for item in items:
-                yield item
-                done += 1
-                if bar is not None:
-                    bar.update(1)
-                self.progress(step, done, total, start, unit=unit, force=done == total)
-        finally:
-            if bar is not None:
-                bar.close()
+        for done, item in enumerate(items, 1):
+            yield item
+            self.progress(step, done, total, start, unit=unit, force=done == total)
 
 
 NULL_EVENTS = Events(stream=None, progress_bars=False)

@@ -19,7 +19,6 @@ from .errors import DataError
 from .events import NULL_EVENTS, Events
 
 CONFIG_FILE = "config.yaml"
-STEPS = ("teacher", "matcher", "pair", "distill")
 
 
 # -- configuration -------------------------------------------------------------------
@@ -114,11 +113,6 @@ def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
         return None
     check_rgb_classes(cfg.data.rgb_test, class_names)
     return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names)
-
-
-def teacher_classes(run_dir: Path) -> list[str]:
-    from .models.files import read_meta
-    return read_meta(Path(run_dir) / "teacher")["class_names"]
 
 
 # -- steps ---------------------------------------------------------------------------

@@ -167,24 +167,6 @@ def require_classes(data: PatchSet, minimum: int = 2) -> None:
                         "add class folders with images")
 
 
-def check_rgb_classes_in_ms(rgb: PatchSet, ms: PatchSet) -> None:
-    """Every labeled RGB class needs MS samples of that class (pairing is same-class)."""
-    ms_counts = ms.class_counts()
-    missing = [c for c, n in rgb.class_counts().items() if n > 0 and ms_counts.get(c, 0) == 0]
-    if missing:
-        raise DataError(f"RGB classes with no MS sample: {', '.join(missing)}",
-                        "add MS patches of these classes or drop them from the RGB set")
-
-
-def union_class_names(*roots: str | Path) -> list[str]:
-    """Sorted union of class folder names over datasets (one label space for a run)."""
-    names: set[str] = set()
-    for r in roots:
-        if r is not None:
-            names |= set(scan_folder(Path(r))[0])
-    return sorted(names)
-
-
 def match_pairs(ms: PatchSet, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
     """Explicit same-target pairs: indices (ms_idx, rgb_idx) of files sharing a stem."""
     rgb_by_stem = {s: i for i, s in enumerate(rgb.stems)}
