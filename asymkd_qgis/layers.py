@@ -177,33 +177,30 @@ def style_beside(path: str | Path) -> Path | None:
     return qml if qml.is_file() else None
 
 
-def load_vector_result(path: str | Path, name: str | None = None, add: bool = True) -> QgsVectorLayer:
-    """Load an engine GeoPackage with the QML style written beside it."""
-    path = Path(path)
-    layer = QgsVectorLayer(str(path), name or path.stem, "ogr")
+def _styled(layer, path: Path, kind: str, add: bool, strict: bool):
+    """Check an engine output layer, apply the QML beside it and add it to the project.
+    `strict`: a style that fails to apply is an error (vector results are styled by class)."""
     if not layer.isValid():
-        raise InputError(f"The engine wrote {path} but QGIS cannot open it as a vector layer.")
+        raise InputError(f"The engine wrote {path} but QGIS cannot open it as a {kind} layer.")
     qml = style_beside(path)
     if qml is not None:
         message, ok = layer.loadNamedStyle(str(qml))
-        if not ok:
+        if strict and not ok:
             raise InputError(f"The style {qml} could not be applied: {message}")
     if add:
         QgsProject.instance().addMapLayer(layer)
     return layer
 
 
+def load_vector_result(path: str | Path, name: str | None = None, add: bool = True) -> QgsVectorLayer:
+    """Load an engine GeoPackage with the QML style written beside it."""
+    path = Path(path)
+    return _styled(QgsVectorLayer(str(path), name or path.stem, "ogr"), path, "vector", add, strict=True)
+
+
 def load_raster_result(path: str | Path, name: str | None = None, add: bool = True) -> QgsRasterLayer:
     path = Path(path)
-    layer = QgsRasterLayer(str(path), name or path.stem, "gdal")
-    if not layer.isValid():
-        raise InputError(f"The engine wrote {path} but QGIS cannot open it as a raster layer.")
-    qml = style_beside(path)
-    if qml is not None:
-        layer.loadNamedStyle(str(qml))
-    if add:
-        QgsProject.instance().addMapLayer(layer)
-    return layer
+    return _styled(QgsRasterLayer(str(path), name or path.stem, "gdal"), path, "raster", add, strict=False)
 
 
 def load_results(paths: dict[str, str], add: bool = True) -> list:
