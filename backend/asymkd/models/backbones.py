@@ -38,8 +38,9 @@ class SceneClassifier(nn.Module):
     """A timm backbone + pooled linear head; `forward_features` gives the (B, C, h, w) map."""
 
     def __init__(self, backbone: str, in_chans: int, num_classes: int, drop_rate: float = 0.0,
-                 weights: str | None = None):
+                 weights: str | None = None, input_size: int = 0):
         super().__init__()
+        self.input_size = int(input_size)
         import timm
         base, kwargs = resolve_backbone(backbone)
         self.backbone_name = backbone
@@ -51,7 +52,17 @@ class SceneClassifier(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "SceneClassifier":
+        """The architecture a model folder's metadata describes (weights not loaded)."""
+        return cls(meta["backbone"], meta["in_chans"], meta["num_classes"],
+                   input_size=int(meta.get("input_size") or 0))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size and x.shape[-1] != self.input_size:
+            # inside the model, so the exported ONNX graph resizes too
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          align_corners=False, antialias=False)
         return self.body.forward_features(x)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:

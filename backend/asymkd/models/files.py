@@ -59,7 +59,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneClassifier, dict[str, Any]]:
     meta = read_meta(folder)
-    model = SceneClassifier(meta["backbone"], meta["in_chans"], meta["num_classes"])
+    model = SceneClassifier.from_meta(meta)
     try:
         model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
     except RuntimeError as exc:
