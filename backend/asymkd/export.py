@@ -101,10 +101,8 @@ def class_colors(meta: dict[str, Any]) -> list[str]:
 def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
                    parity: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON object stored in the ONNX file (format version FORMAT_VERSION)."""
-    for key in ("backbone", "class_names", "band_names", "mean", "std", "patch_size"):
-        if key not in meta:
-            raise ModelFileError(f"model metadata (meta.json) lacks '{key}'",
-                                 "re-save the model with asymkd.models.files.save_model")
+    from .models.metadata import validate_meta
+    meta = validate_meta(meta, str(model_folder / "meta.json") if model_folder else "meta.json")
     summary = meta.get("summary")
     return {
         "format_version": FORMAT_VERSION,
@@ -213,6 +211,11 @@ def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
         blob = _to_onnx_bytes(deploy, batch[:2], opset)
         diff = _parity(deploy, blob, batch, torch)
         events.metrics("export", {"max_abs_prob_diff": diff, "samples": len(batch), "source": source})
+        if np.isnan(diff):
+            raise ModelFileError(f"the model in {folder} gives non-finite probabilities (NaN) on the check "
+                                 f"patches ({source})", "the model is broken (its training diverged): train "
+                                 "it again; if --data was given, check those images for NaN pixels; "
+                                 "the file was not written")
         if not diff <= tolerance:
             raise ModelFileError(
                 f"ONNX and torch disagree: max abs probability difference {diff:.3g} > {tolerance:g}",
@@ -254,7 +257,10 @@ def _parity(module, blob: bytes, batch: np.ndarray, torch) -> float:
             got = sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})[0]
             if got.shape != ref.shape:
                 return float("inf")
-            worst = max(worst, float(np.max(np.abs(got - ref))))
+            diff = float(np.max(np.abs(got - ref))) if got.size else 0.0
+            if not (np.isfinite(got).all() and np.isfinite(ref).all() and np.isfinite(diff)):
+                return float("nan")  # max(0.0, nan) would be 0.0: a NaN model must fail the check
+            worst = max(worst, diff)
     return worst
 
 
@@ -312,8 +318,21 @@ def load_onnx_proto(path: str | Path):
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The AsymKD metadata of an ONNX model file; ModelFileError when the file is not an
     ONNX model, lacks the metadata, or is of a newer format version."""
+    from .models.metadata import check_graph_shapes
     proto = load_onnx_proto(path)
-    return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(resolve_model_path(path)))
+    where = str(resolve_model_path(path))
+    meta = parse_metadata({p.key: p.value for p in proto.metadata_props}, where)
+    inputs = [i for i in proto.graph.input if i.name == INPUT_NAME] or list(proto.graph.input[:1])
+    outputs = [o for o in proto.graph.output if o.name == OUTPUT_NAMES[0]] or list(proto.graph.output[:1])
+    if inputs and outputs:
+        check_graph_shapes(meta, _dims(inputs[0]), _dims(outputs[0]), where)
+    return meta
+
+
+def _dims(value_info) -> list[int | str | None]:
+    """An ONNX value's shape: ints for fixed axes, names (or None) for dynamic ones."""
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 
 
 def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
@@ -323,7 +342,7 @@ def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
     try:
         meta = json.loads(props[META_KEY])
         version = int(meta.get("format_version", props.get(VERSION_KEY, -1)))
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{where} has unreadable AsymKD metadata: {exc}",
                              "export the model again with `asymkd export`") from exc
     if version > FORMAT_VERSION:
@@ -333,9 +352,7 @@ def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
     if version < 1:
         raise ModelFileError(f"{where} has an invalid AsymKD format version {version}",
                              "export the model again with `asymkd export`")
-    missing = [k for k in ("class_names", "band_names", "patch_size") if k not in meta]
-    if missing:
-        raise ModelFileError(f"{where} AsymKD metadata lacks {', '.join(missing)}",
-                             "export the model again with `asymkd export`")
+    from .models.metadata import validate_meta
+    meta = validate_meta(meta, where, onnx=True)
     meta.setdefault("class_colors", [fallback_color(i) for i in range(len(meta["class_names"]))])
     return meta

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ModelFileError
+from ..models.metadata import check_graph_shapes
 from ..export import (INPUT_NAME, OUTPUT_NAMES, load_onnx_proto, onnx_session_options, parse_metadata,
                       read_onnx_metadata, resolve_model_path)
 
@@ -78,6 +79,12 @@ class OnnxClassifier:
         if self.input_name not in inputs:
             raise ModelFileError(f"{self.path} has input(s) {inputs}, not '{INPUT_NAME}'",
                                  "export the model again with `asymkd export`")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if OUTPUT_NAMES[0] not in outputs:
+            raise ModelFileError(f"{self.path} has output(s) {list(outputs)}, not '{OUTPUT_NAMES[0]}'",
+                                 "export the model again with `asymkd export`")
+        shape_in = next(i.shape for i in self.session.get_inputs() if i.name == self.input_name)
+        check_graph_shapes(self.meta, shape_in, outputs[OUTPUT_NAMES[0]].shape, str(self.path))
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise ConfigError(f"onnxruntime could not start its CUDA provider (running on {self.provider})",
@@ -88,8 +95,15 @@ class OnnxClassifier:
         return list(self.meta["class_names"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, num_classes) for raw-unit tiles (n, C, H, W)."""
-        return self.session.run([OUTPUT_NAMES[0]], {self.input_name: images})[0]
+        """Class probabilities (n, num_classes) for raw-unit tiles (n, C, H, W).
+
+        Tiles reach here with invalid pixels filled, so non-finite output means a broken
+        model (its training diverged): refused rather than written as class 0."""
+        probs = self.session.run([OUTPUT_NAMES[0]], {self.input_name: images})[0]
+        if not np.isfinite(probs).all():
+            raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN)",
+                                 "the model is broken (its training diverged): train and export it again")
+        return probs
 
 
 @dataclasses.dataclass

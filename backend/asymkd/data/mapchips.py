@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ from affine import Affine
 
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
+from ..fileio import atomic_write_text, staged_dir
+from ..models.metadata import control_chars
 from .bands import parse_band_names
 
 MANIFEST = "chips.json"
@@ -276,9 +276,25 @@ def read_labels(path: str | Path, field: str, layer: str | None, raster_crs,
 
 # -- chip selection ----------------------------------------------------------------------
 def safe_name(class_name: str) -> str:
-    """A class name usable as a folder and file name (load_folder takes the folder name)."""
-    out = "".join("_" if ch in '/\\:*?"<>|' or ord(ch) < 32 else ch for ch in class_name).strip()
+    """A class name usable as a folder and file name (load_folder takes the folder name);
+    control characters are replaced too, so none reach model files, styles or messages."""
+    out = "".join("_" if ch in '/\\:*?"<>|' or control_chars(ch) else ch for ch in class_name).strip()
     return out.lstrip(".") or "_"
+
+
+def check_folder_names(classes: list[str]) -> None:
+    """Different classes must not share a folder: 'a/b', 'a:b' and 'a*b' all become 'a_b',
+    and 'Forest'/'forest' are one folder on Windows and macOS."""
+    by_folder: dict[str, list[str]] = {}
+    for cls in sorted(set(classes)):
+        by_folder.setdefault(safe_name(cls).casefold(), []).append(cls)
+    clashes = [names for names in by_folder.values() if len(names) > 1]
+    if clashes:
+        detail = "; ".join(f"{', '.join(ascii(n) for n in names)} -> folder '{safe_name(names[0])}'"
+                           for names in clashes)
+        raise DataError(f"different classes would share one class folder: {detail}",
+                        "rename the classes in the label field so they differ in more than "
+                        "/ \\ : * ? \" < > | , control characters or upper/lower case")
 
 
 def polygon_chips(labels: Labels, transform, width: int, height: int, size: int,
@@ -349,16 +365,6 @@ def _check_out(out: Path) -> None:
                         "choose a new or empty output folder")
 
 
-def _replace(partial: Path, out: Path) -> None:
-    """Swap a finished folder into place (a cancelled run leaves the old one intact)."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _write_chip(path: Path, data: np.ndarray, view: GridView, transform, names: list[str] | None) -> None:
     import rasterio
     from rasterio.enums import ColorInterp
@@ -418,20 +424,15 @@ def chip_map(raster: str | Path, labels: str | Path, out: str | Path, cfg: ChipC
             raise DataError(f"no chip of {cfg.size} px lies {cfg.min_cover:.0%} inside a label polygon "
                             f"(or around a point) of {labels}",
                             "use a smaller --size or --min-cover, or larger label polygons")
-        partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        pair_partial = pair_out.with_name(f".{pair_out.name}.partial-{os.getpid()}") if pair_out else None
-        try:
+        check_folder_names([c.class_name for c in chips])
+        # Each folder is built beside its final path and swapped in when complete: a kill
+        # leaves the old folder or the new one (the pair folder is swapped in first).
+        with staged_dir(out) as partial, \
+                (staged_dir(pair_out) if pair_out is not None else nullcontext()) as pair_partial:
             written, pairs = _cut(chips, view, pair_view, partial, pair_partial, cfg, events, skipped)
             _write_manifest(partial, raster, labels, cfg, view, written, skipped, pairs, pair_raster)
             if pair_partial is not None:
-                pair_partial.mkdir(parents=True, exist_ok=True)
                 _write_manifest(pair_partial, pair_raster, labels, cfg, pair_view, pairs, {}, pairs, raster)
-                _replace(pair_partial, pair_out)
-            _replace(partial, out)
-        finally:
-            for p in (partial, pair_partial):
-                if p is not None and p.exists():
-                    shutil.rmtree(p)
     classes = sorted({c.class_name for c in written})
     res = ChipResult(out=out, pair_out=pair_out, classes=classes,
                      counts={k: sum(c.class_name == k for c in written) for k in classes},
@@ -522,5 +523,5 @@ def _write_manifest(folder: Path, raster, labels, cfg: ChipConfig, view: GridVie
         "chips": [{"stem": c.stem, "class": c.class_name, "col_off": c.col_off, "row_off": c.row_off}
                   for c in chips],
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 

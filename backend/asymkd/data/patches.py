@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..models.metadata import control_chars
 from .bands import default_band_names, parse_band_names
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png"}
@@ -110,7 +111,24 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if empty:
         raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}",
                         "add .tif/.jpg/.png images or remove the empty folder(s)")
+    _check_class_names([d.name for d in class_dirs], root)
     return [d.name for d in class_dirs], items
+
+
+def _check_class_names(names: list[str], root: Path) -> None:
+    """Class names end up in model files, QML styles and messages: control characters
+    (terminal escapes, newlines) would corrupt them, so such folders are refused."""
+    bad = [n for n in names if control_chars(n)]
+    if bad:
+        raise DataError(f"class folder name(s) in {root} contain control characters: "
+                        f"{', '.join(ascii(n) for n in bad)}",
+                        "rename the folder(s) to plain names, e.g. Forest or Sea_Lake")
+
+
+def _non_finite_files(items: list[tuple[Path, int]], arrays: list[np.ndarray]) -> list[Path]:
+    # NaN is a common nodata value of float GeoTIFFs; it would make the normalisation
+    # statistics and then every weight NaN, so such patches are refused here.
+    return [p for (p, _), a in zip(items, arrays) if a.dtype.kind == "f" and not np.isfinite(a).all()]
 
 
 def load_folder(root: str | Path, modality: str, bands: str | list[str] | None = None,
@@ -131,6 +149,13 @@ def load_folder(root: str | Path, modality: str, bands: str | list[str] | None =
         remap[i] = names.index(c)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         read = list(pool.map(lambda it: read_image(it[0]), items))
+    bad = _non_finite_files(items, [r[0] for r in read])
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} image(s) in {root} hold non-finite pixel values (NaN or infinity, "
+                        f"e.g. NaN used as nodata): {shown}",
+                        "remove those patches, or replace their NaN pixels with numbers "
+                        "(e.g. with gdal_fillnodata or QGIS' Fill nodata)")
     shapes = {r[0].shape for r in read}
     if len(shapes) > 1:
         by_shape: dict[tuple, Path] = {}

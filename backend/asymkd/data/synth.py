@@ -29,6 +29,7 @@ from affine import Affine
 
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
+from ..fileio import atomic_write_text, replace_dir, staged_dir
 from .bands import SENTINEL2_EUROSAT, SENTINEL2_WAVELENGTH_NM, true_colour_indices
 
 CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -39,6 +40,11 @@ GSD = 10.0
 RGB_MAX_DN = 2750.0  # EuroSAT JPEGs: 8-bit = DN * 255 / 2750 (fitted on the real pairs), clipped
 SCENE_ORIGIN = (500000.0, 5200000.0)
 MARKER = "world.json"
+MAX_PER_CLASS = 100_000
+MAX_WORLD_BYTES = 8 * 2**30
+# what a world folder holds (a re-run replaces exactly these)
+INCOMPLETE = ".world.incomplete"  # in a folder a killed re-run was filling entry by entry
+WORLD_ENTRIES = ("ms", "rgb_train", "rgb_test", "rgb_unlabeled", "rgb_paired", "map", MARKER)
 
 # -- spectra ---------------------------------------------------------------------------
 # Surface reflectance per material, bands in wavelength order (B10 is the cirrus band: it
@@ -121,10 +127,20 @@ class SynthConfig:
         counts = {"--ms-per-class": self.ms_per_class, "--rgb-per-class": self.rgb_per_class,
                   "--test-per-class": self.test_per_class}
         for flag, n in counts.items():
-            if n < 1:
-                raise ConfigError(f"{flag} must be at least 1, not {n}")
-        if self.unlabeled_per_class < 0 or self.paired < 0 or self.overlap_cols < 0:
-            raise ConfigError("--unlabeled-per-class, --paired and overlap columns cannot be negative")
+            if not 1 <= n <= MAX_PER_CLASS:
+                raise ConfigError(f"{flag} must be in 1..{MAX_PER_CLASS}, not {n}", "e.g. 24")
+        for flag, n in {"--unlabeled-per-class": self.unlabeled_per_class, "--paired": self.paired,
+                        "--overlap-cols": self.overlap_cols}.items():
+            if not 0 <= n <= MAX_PER_CLASS * len(CLASSES):
+                raise ConfigError(f"{flag} must be in 0..{MAX_PER_CLASS * len(CLASSES)}, not {n}", "e.g. 10")
+        # every patch is held in memory until the world is written
+        patches = len(self.class_names()) * (self.ms_per_class + self.rgb_per_class + self.test_per_class
+                                             + self.unlabeled_per_class)
+        need = patches * self.size * self.size * len(BAND_NAMES) * 2
+        if need > MAX_WORLD_BYTES:
+            raise ConfigError(f"this world would hold {patches} patches of {self.size} px, about "
+                              f"{need / 2**30:.1f} GiB in memory (at most {MAX_WORLD_BYTES / 2**30:.0f} GiB)",
+                              "lower the per-class counts or --size")
 
 
 # -- textures --------------------------------------------------------------------------
@@ -505,19 +521,45 @@ def _layout(patches: list[_Patch], rng: np.random.Generator, rows: int, cols: in
     return {free[k]: patches[int(i)] for k, i in enumerate(order)}
 
 
-def _prepare_out(out: Path) -> None:
-    """Replace a world written before; refuse to touch a folder that is not one."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise DataError(f"{out} is not empty and is not a synthetic world",
-                            "choose a new or empty folder for --out")
-        for name in ("ms", "rgb_train", "rgb_test", "rgb_unlabeled", "rgb_paired", "map", MARKER):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _check_out(out: Path) -> bool:
+    """True when `out` holds a world written before (or one a killed run left unfinished);
+    refuse to touch a folder that holds anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder", "choose a new or empty folder for --out")
+    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if not entries:
+        return False
+    foreign = sorted(set(entries) - set(WORLD_ENTRIES) - {INCOMPLETE})
+    if MARKER not in entries and INCOMPLETE not in entries:
+        raise DataError(f"{out} is not empty and is not a synthetic world",
+                        "choose a new or empty folder for --out")
+    if foreign:
+        raise DataError(f"the world folder {out} also holds {', '.join(foreign[:5])}, which a re-run "
+                        "would delete", "move them out of the folder, or choose another --out")
+    return True
+
+
+def _commit(stage: Path, out: Path, replacing: bool) -> None:
+    """Put the world built in `stage` at `out`.
+
+    A new folder, or an old world, is swapped in one step (a kill leaves the old world or
+    the new one). An existing empty folder (maybe a mount point), or one holding the working
+    directory, is filled entry by entry with world.json last; a kill in between leaves a
+    folder marked incomplete (no world.json), which a re-run recognises and replaces."""
+    cwd = Path.cwd().resolve()
+    inside = out.exists() and (cwd == out.resolve() or out.resolve() in cwd.parents)
+    if not out.exists() or (replacing and not inside):
+        replace_dir(stage, out)
+        return
+    (out / INCOMPLETE).touch()
+    (out / MARKER).unlink(missing_ok=True)
+    for name in WORLD_ENTRIES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if (stage / name).exists():
+            os.replace(stage / name, target)
+    (out / INCOMPLETE).unlink()
 
 
 @contextlib.contextmanager
@@ -550,7 +592,7 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
     cfg = cfg or SynthConfig()
     cfg.validate()
     out = Path(out_dir)
-    _prepare_out(out)
+    replacing = _check_out(out)
     names = cfg.class_names()
     sets: dict[str, list[_Patch]] = {}
     with events.step("synth", out=str(out)):
@@ -574,8 +616,12 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
             next(progress, None)
         for _ in progress:  # finish the progress stream
             pass
-        with _fixed_gpkg_timestamp():
-            paths = _write_all(out, cfg, names, sets, unlabeled)
+        # built beside `out` and moved in when complete: a cancel or kill never leaves a
+        # half-written world (see _commit)
+        with staged_dir(out.absolute(), commit=lambda stage, _: _commit(stage, out, replacing)) as stage, \
+                _fixed_gpkg_timestamp():
+            written = _write_all(stage, cfg, names, sets, unlabeled)
+            paths = {k: str(out / Path(v).relative_to(stage)) for k, v in written.items()}
     events.result("synth", **paths)
     return paths
 
@@ -654,7 +700,7 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
         },
         "paths": {k: os.path.relpath(v, out) for k, v in paths.items()},
     }
-    (out / MARKER).write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / MARKER, json.dumps(world, indent=2) + "\n")
     return paths
 
 

@@ -7,7 +7,6 @@ Weights are safetensors, so loading never unpickles arbitrary objects.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +14,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelFileError
+from ..fileio import atomic_write_text, temp_path
 from .backbones import SceneClassifier
+from .metadata import validate_meta
+
+__all__ = ["WEIGHTS", "META", "atomic_write_text", "save_state", "save_model", "read_meta", "load_model",
+           "check_bands"]
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Write a state dict atomically (a kill mid-write leaves the old file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with temp_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 def save_model(folder: Path, model: SceneClassifier, meta: dict[str, Any]) -> Path:
@@ -44,26 +40,50 @@ def save_model(folder: Path, model: SceneClassifier, meta: dict[str, Any]) -> Pa
         if key not in meta:
             raise ValueError(f"model metadata lacks '{key}'")
     meta = {**meta, "in_chans": len(meta["band_names"]), "num_classes": len(meta["class_names"])}
+    # Weights and metadata are one unit: the old meta.json goes first, so a kill between
+    # the two renames leaves a folder that is refused as incomplete, never a mixed pair.
+    (folder / META).unlink(missing_ok=True)
     save_state(folder / WEIGHTS, model.state_dict())
     atomic_write_text(folder / META, json.dumps(meta, indent=2))
     return folder
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
+    """The validated metadata of a model folder (see models/metadata.py)."""
     folder = Path(folder)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise ModelFileError(f"{folder} is not a model folder (needs {WEIGHTS} and {META})",
-                             "point to a step folder of a run, e.g. runs/demo/student")
-    return json.loads((folder / META).read_text(encoding="utf-8"))
+                             "point to a step folder of a run, e.g. runs/demo/student; "
+                             "if the step was interrupted, run it again")
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{folder / META} is not valid JSON ({exc})",
+                             "the file is damaged: train the step again (or restore the file)") from exc
+    return validate_meta(meta, str(folder / META))
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneClassifier, dict[str, Any]]:
+    """The model of a folder, in eval mode; ModelFileError for damaged, mismatched or
+    non-finite weights (a diverged training must not be scored or exported)."""
     meta = read_meta(folder)
     model = SceneClassifier.from_meta(meta)
+    path = Path(folder) / WEIGHTS
     try:
-        model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ModelFileError(f"{path} is not a readable safetensors file ({exc})",
+                             "the file is damaged: train the step again (or restore the file)") from exc
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelFileError(f"weights in {folder} do not fit backbone {meta['backbone']}: {exc}") from exc
+        raise ModelFileError(f"weights in {folder} do not fit backbone {meta['backbone']}: {exc}",
+                             "keep model.safetensors and meta.json of the same training together") from exc
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"the weights in {path} are not finite (NaN or infinity in {', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}): the training diverged",
+                             "train again with a lower learning rate, and check the data for NaN pixels")
     return model.to(device).eval(), meta
 
 

@@ -1,0 +1,190 @@
+"""Atomic file and folder writes: a kill at any moment leaves the old state or the new one.
+
+Every writer of the engine goes through here:
+
+    with temp_path(final) as tmp:      # hidden temporary name beside `final`
+        write_something(tmp)           # any writer that takes a path (torch.save, rasterio...)
+    # on success `tmp` was renamed onto `final`; on an exception, Ctrl-C or SIGTERM
+    # (raised as an exception in the main thread) `tmp` was removed and `final` is untouched
+
+    atomic_write_text(path, text)      # the same for text, bytes, .npy and .npz
+    atomic_write_bytes(path, data)
+    atomic_save_npy(path, array)
+    atomic_save_npz(path, **arrays)
+
+    with staged_dir(final_dir) as stage:   # a whole folder: build it under `stage`,
+        ...                                # then it replaces `final_dir` in one step
+
+Temporary names start with "." and end with ".tmp-<pid>" (files) or ".partial-<pid>"
+(folders), in the final path's own folder so the rename stays on one file system. A
+`kill -9` cannot run cleanup code; `remove_stale(final)` (called by every helper here)
+removes what a dead process left beside `final`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|partial|old)-(?P<pid>\d+)(?:\.[^.]*)?$")
+
+
+def _temp_name(final: Path, kind: str, keep_suffix: bool = True) -> Path:
+    # a file keeps its suffix so writers that pick a format from it (GDAL) still can
+    suffix = final.suffix if keep_suffix else ""
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(final: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that killed processes left beside `final`."""
+    final = Path(final)
+    removed: list[Path] = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m.group("name") != final.name or _alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def temp_path(final: str | Path) -> Iterator[Path]:
+    """A temporary path beside `final`; renamed onto `final` when the block succeeds,
+    removed when it raises (any exception, KeyboardInterrupt, SIGTERM). The parent folder
+    is created. The writer inside the block must create the file at the given path."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final)
+    tmp = _temp_name(final, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (fsync'd before the rename)."""
+    path = Path(path)
+    with temp_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
+    """`np.save` to exactly `path` (no '.npy' appended), atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """`np.savez` to exactly `path`, atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# -- folders -------------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the file system cannot swap: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(staged: str | Path, final: str | Path) -> None:
+    """Put the finished folder `staged` at `final`, replacing what is there.
+
+    Where the OS can (Linux), the two are swapped in one step, so a kill leaves the old
+    folder or the new one; elsewhere there is a moment between two renames when `final` is
+    missing (the old folder then survives as a hidden '.NAME.old-PID' beside it)."""
+    staged, final = Path(staged), Path(final)
+    if not final.exists():
+        os.rename(staged, final)
+        return
+    if _exchange(staged, final):
+        shutil.rmtree(staged)  # now holds the old folder
+        return
+    old = _temp_name(final, "old", keep_suffix=False)
+    os.rename(final, old)
+    os.rename(staged, final)
+    shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path,
+               commit: Callable[[Path, Path], None] = replace_dir) -> Iterator[Path]:
+    """A hidden empty folder beside `final` to build a whole folder in. When the block
+    succeeds, `commit(stage, final)` puts it in place (default: `replace_dir`); when the
+    block or the commit raises, what is left of the stage is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final)
+    stage = _temp_name(final, "partial", keep_suffix=False)
+    stage.mkdir()
+    try:
+        yield stage
+        commit(stage, final)
+    finally:
+        _remove(stage)

@@ -1,0 +1,141 @@
+"""One validation of model metadata, used by every reader (meta.json and ONNX metadata).
+
+A model file is input like any other: a tampered or hand-edited file must not broadcast a
+short `mean` over the bands, leave classes unstyled, allocate terabytes for a patch size
+of 1e9, or crash with a KeyError. `validate_meta` checks types, bounds and that the
+lengths agree with each other; `check_graph_shapes` checks them against an ONNX graph.
+Every failure is a ModelFileError (exit 2) that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any, Sequence
+
+from ..errors import ModelFileError
+
+# Bounds well above any real scene classifier and well below sizes that exhaust memory.
+MAX_CHANS = 1024
+MAX_CLASSES = 10_000
+MAX_PATCH = 2048
+MAX_NAME = 200
+MAX_GSD = 1e6
+
+_HINT_META = "the model's meta.json is damaged or was edited: train the step again (or restore the file)"
+_HINT_ONNX = "the model file is damaged or was edited: export it again with `asymkd export`"
+
+
+def control_chars(text: str) -> bool:
+    """True when `text` holds control characters (terminal escapes, newlines, NUL...)."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+class _Check:
+    def __init__(self, meta: Any, where: str, hint: str):
+        self.meta, self.where, self.hint = meta, where, hint
+
+    def fail(self, what: str) -> ModelFileError:
+        return ModelFileError(f"{self.where}: model metadata {what}", self.hint)
+
+    def has(self, key: str) -> Any:
+        if key not in self.meta:
+            raise self.fail(f"lacks '{key}'")
+        return self.meta[key]
+
+    def int_in(self, key: str, lo: int, hi: int, value: Any = None) -> int:
+        value = self.meta[key] if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(f"'{key}' is {_short(value)}; it must be a whole number in {lo}..{hi}")
+        return value
+
+    def names(self, key: str, lo: int, hi: int, unique: bool) -> list[str]:
+        value = self.has(key)
+        if not isinstance(value, list) or not lo <= len(value) <= hi:
+            raise self.fail(f"'{key}' must be a list of {lo}..{hi} names, not {_short(value)}")
+        for name in value:
+            if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or control_chars(name):
+                raise self.fail(f"'{key}' holds {_short(name)}; names are non-empty text of at most "
+                                f"{MAX_NAME} characters without control characters")
+        if unique and len(set(value)) != len(value):
+            dup = sorted({n for n in value if value.count(n) > 1})
+            raise self.fail(f"'{key}' repeats {', '.join(map(repr, dup))}")
+        return value
+
+    def numbers(self, key: str, n: int, positive: bool) -> list[float]:
+        value = self.has(key)
+        if not isinstance(value, list) or len(value) != n:
+            raise self.fail(f"'{key}' must be a list of {n} numbers (one per band), not {_short(value)}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (positive and v <= 0):
+                raise self.fail(f"'{key}' holds {_short(v)}; every value must be a finite number"
+                                + (" above 0" if positive else ""))
+        return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_meta(meta: Any, where: str, onnx: bool = False) -> dict[str, Any]:
+    """Check a model's metadata; return it with `in_chans` and `num_classes` filled in.
+
+    Needed: backbone, class_names, band_names, mean, std, patch_size. Checked when present:
+    in_chans, num_classes (must equal the name lists' lengths), gsd (None or a positive
+    number), input_size (0 = none, else a patch size), class_colors (ONNX: one per class).
+    Other fields (metrics, summary, kind, ...) are not read by any model reader."""
+    c = _Check(meta, where, _HINT_ONNX if onnx else _HINT_META)
+    if not isinstance(meta, dict):
+        raise c.fail(f"is {type(meta).__name__}, not a JSON object")
+    backbone = c.has("backbone")
+    if not isinstance(backbone, str) or not backbone.strip() or control_chars(backbone) or len(backbone) > MAX_NAME:
+        raise c.fail(f"'backbone' is {_short(backbone)}; it must be a model name such as resnet18")
+    classes = c.names("class_names", 1, MAX_CLASSES, unique=True)
+    bands = c.names("band_names", 1, MAX_CHANS, unique=False)
+    for key, n in (("in_chans", len(bands)), ("num_classes", len(classes))):
+        if key in meta and meta[key] != n:
+            c.int_in(key, 1, MAX_CLASSES if key == "num_classes" else MAX_CHANS)
+            raise c.fail(f"'{key}' is {meta[key]} but it lists {n} "
+                         f"{'band' if key == 'in_chans' else 'class'} names")
+    c.numbers("mean", len(bands), positive=False)
+    c.numbers("std", len(bands), positive=True)
+    c.has("patch_size")
+    c.int_in("patch_size", 1, MAX_PATCH)
+    if meta.get("input_size") not in (None, 0):
+        c.int_in("input_size", 1, MAX_PATCH)
+    gsd = meta.get("gsd")
+    if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float))
+                            or not math.isfinite(gsd) or not 0 < gsd <= MAX_GSD):
+        raise c.fail(f"'gsd' (ground resolution in metres) is {_short(gsd)}; it must be a number "
+                     f"above 0 and at most {MAX_GSD:g}, or null")
+    if onnx and "class_colors" in meta:
+        colors = meta["class_colors"]
+        if not isinstance(colors, list) or len(colors) != len(classes) or not all(_is_hex(v) for v in colors):
+            raise c.fail(f"'class_colors' must list one '#rrggbb' colour per class ({len(classes)}), "
+                         f"not {_short(colors)}")
+    return {**meta, "in_chans": len(bands), "num_classes": len(classes)}
+
+
+def _is_hex(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == 7 and value[0] == "#"
+            and all(ch in "0123456789abcdefABCDEF" for ch in value[1:]))
+
+
+def check_graph_shapes(meta: dict[str, Any], input_shape: Sequence[Any], output_shape: Sequence[Any],
+                       where: str) -> None:
+    """The ONNX graph's input (batch, bands, H, W) and output (batch, classes) agree with
+    the metadata. Dynamic axes (names or None) are not checked."""
+    def fixed(dim: Any) -> int | None:
+        return dim if isinstance(dim, int) and dim > 0 else None
+
+    c = _Check(meta, where, _HINT_ONNX)
+    if len(input_shape) != 4:
+        raise c.fail(f"does not fit the graph: its input has {len(input_shape)} axes, not 4 (batch, bands, H, W)")
+    if fixed(input_shape[1]) not in (None, meta["in_chans"]):
+        raise c.fail(f"lists {meta['in_chans']} bands but the graph takes {input_shape[1]}")
+    if len(output_shape) != 2:
+        raise c.fail(f"does not fit the graph: its output has {len(output_shape)} axes, not 2 (batch, classes)")
+    if fixed(output_shape[1]) not in (None, meta["num_classes"]):
+        raise c.fail(f"lists {meta['num_classes']} class names but the graph gives {output_shape[1]} outputs")

@@ -1,0 +1,236 @@
+"""Reliability promises: atomic writers, validated model metadata, non-finite data refused,
+class names that cannot collide or carry control characters."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from asymkd import cli, fileio
+from asymkd.data import synth
+from asymkd.data.mapchips import check_folder_names, safe_name
+from asymkd.data.patches import load_folder
+from asymkd.errors import DataError, ModelFileError
+from asymkd.models.metadata import check_graph_shapes, validate_meta
+
+from tiny_data import write_rgb
+
+torch.set_num_threads(1)
+TINY_WORLD = dict(size=16, ms_per_class=2, rgb_per_class=2, test_per_class=1, unlabeled_per_class=1,
+                  paired=2, classes=2)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _hidden_siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+# -- fileio ----------------------------------------------------------------------------------
+def test_temp_path_renames_on_success_and_removes_on_failure(tmp_path):
+    final = tmp_path / "sub" / "a.bin"
+    with fileio.temp_path(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".a.bin.tmp-")
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new"
+    for exc in (RuntimeError("disk"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with fileio.temp_path(final) as tmp:
+                tmp.write_bytes(b"half")
+                raise exc
+        assert final.read_bytes() == b"new" and _hidden_siblings(final) == []
+
+
+def test_atomic_writers_write_exactly_the_path(tmp_path):
+    fileio.atomic_write_text(tmp_path / "t.json", "{}")
+    fileio.atomic_save_npy(tmp_path / "a.npy", np.arange(3))
+    fileio.atomic_save_npz(tmp_path / "b.npz", x=np.ones(2))
+    assert (tmp_path / "t.json").read_text() == "{}"
+    assert np.load(tmp_path / "a.npy").tolist() == [0, 1, 2]
+    assert np.load(tmp_path / "b.npz")["x"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npz", "t.json"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".x.npy.tmp-{dead}.npy").write_bytes(b"half")
+    (tmp_path / f".d.partial-{dead}").mkdir()
+    (tmp_path / f".x.npy.tmp-{os.getppid()}.npy").write_bytes(b"busy")  # a live process's: kept
+    fileio.atomic_save_npy(tmp_path / "x.npy", np.zeros(1))
+    with fileio.staged_dir(tmp_path / "d") as stage:
+        (stage / "f").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".x.npy.tmp-{os.getppid()}.npy", "d", "x.npy"]
+
+
+def test_staged_dir_replaces_a_folder_in_one_step_or_not_at_all(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with fileio.staged_dir(final) as stage:
+            (stage / "new").write_text("new")
+            raise RuntimeError("cancelled")
+    assert _files(final) == {"old": b"old"} and _hidden_siblings(final) == []
+    with fileio.staged_dir(final) as stage:
+        (stage / "new").write_text("new")
+    assert _files(final) == {"new": b"new"} and _hidden_siblings(final) == []
+
+
+# -- synth -----------------------------------------------------------------------------------
+def test_failed_synth_keeps_the_old_world_and_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    synth.make_world(out, synth.SynthConfig(**TINY_WORLD))
+    before = _files(out)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C or SIGTERM while the scenes are written
+
+    monkeypatch.setattr(synth, "_write_labels", boom)
+    with pytest.raises(KeyboardInterrupt):
+        synth.make_world(out, synth.SynthConfig(**{**TINY_WORLD, "seed": 5}))
+    assert _files(out) == before and _hidden_siblings(out) == []
+
+
+def test_synth_into_the_working_directory_and_an_interrupted_fill(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    synth.make_world(Path("."), synth.SynthConfig(**TINY_WORLD))
+    assert (out / "world.json").is_file() and Path.cwd() == out
+    # a folder a killed fill left behind is recognised as a world and replaced
+    (out / "world.json").unlink()
+    (out / synth.INCOMPLETE).touch()
+    synth.make_world(Path("."), synth.SynthConfig(**TINY_WORLD))
+    assert (out / "world.json").is_file() and not (out / synth.INCOMPLETE).exists()
+
+
+def test_synth_refuses_to_delete_foreign_files_and_huge_worlds(tmp_path, capsys):
+    out = tmp_path / "w"
+    synth.make_world(out, synth.SynthConfig(**TINY_WORLD))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="notes.txt"):
+        synth.make_world(out, synth.SynthConfig(**TINY_WORLD))
+    assert cli.main(["synth", "--out", str(tmp_path / "big"), "--ms-per-class", "1000000000"]) == 2
+    assert cli.main(["synth", "--out", str(tmp_path / "big"), "--size", "512", "--ms-per-class", "90000"]) == 2
+    assert "GiB" in capsys.readouterr().err and not (tmp_path / "big").exists()
+
+
+# -- class names -----------------------------------------------------------------------------
+def test_chip_classes_that_share_a_folder_are_refused():
+    check_folder_names(["Forest", "River"])
+    with pytest.raises(DataError, match="'a/b', 'a:b', 'a\\*b'|a_b"):
+        check_folder_names(["a/b", "a:b", "a*b", "Forest"])
+    with pytest.raises(DataError, match="Forest"):
+        check_folder_names(["Forest", "forest"])
+    assert safe_name("Red\x1b[31m\x9b") == "Red_[31m_"
+
+
+def test_class_folder_with_control_characters_is_refused(tmp_path):
+    for name in ("Forest", "Bad\x1b[31mName"):
+        write_rgb(tmp_path / name / "a.png", np.full((3, 8, 8), 100))
+    with pytest.raises(DataError) as info:
+        load_folder(tmp_path, "rgb")
+    assert "\\x1b" in info.value.message and "\x1b" not in info.value.message
+
+
+# -- non-finite pixels -----------------------------------------------------------------------
+def _float_tif(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype="float32", crs="EPSG:32632",
+                       transform=from_origin(500000, 5200000, 10, 10)) as dst:
+        dst.write(data.astype(np.float32))
+
+
+def test_nan_pixels_in_a_patch_folder_are_refused_naming_the_files(tmp_path):
+    good = np.full((4, 8, 8), 0.3)
+    bad = good.copy()
+    bad[:, :4, :4] = np.nan  # NaN as nodata, common in float GeoTIFFs
+    _float_tif(tmp_path / "A" / "a1.tif", good)
+    _float_tif(tmp_path / "A" / "a2.tif", bad)
+    _float_tif(tmp_path / "B" / "b1.tif", good * 2)
+    _float_tif(tmp_path / "B" / "b2.tif", np.where(bad > 0, np.inf, 0.0))
+    with pytest.raises(DataError) as info:
+        load_folder(tmp_path, "ms")
+    assert "a2.tif" in info.value.message and "b2.tif" in info.value.message
+    assert "a1.tif" not in info.value.message and info.value.hint
+
+
+# -- model metadata --------------------------------------------------------------------------
+META = {"backbone": "resnet18_w16", "class_names": ["A", "B", "C"], "band_names": ["R", "G", "B"],
+        "mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "patch_size": 32, "gsd": 10.0}
+
+
+@pytest.mark.parametrize("change", [
+    {"mean": [1.0, 2.0]}, {"std": [1.0, 0.0, 1.0]}, {"mean": [1.0, math.nan, 3.0]}, {"std": "1"},
+    {"gsd": -10.0}, {"gsd": math.inf}, {"patch_size": 10 ** 9}, {"patch_size": 0}, {"patch_size": "32"},
+    {"patch_size": True}, {"in_chans": 4}, {"num_classes": 10 ** 9}, {"class_names": ["A", "A", "B"]},
+    {"class_names": ["A", "B\x1b[2J"]}, {"class_names": "ABC"}, {"class_names": []}, {"band_names": [1, 2, 3]},
+    {"backbone": None}, {"input_size": -1}, {"input_size": 10 ** 6},
+])
+def test_bad_metadata_is_a_model_file_error(change):
+    with pytest.raises(ModelFileError) as info:
+        validate_meta({**META, **change}, "x/meta.json")
+    assert "x/meta.json" in info.value.message and info.value.hint
+
+
+@pytest.mark.parametrize("key", ["backbone", "class_names", "band_names", "mean", "std", "patch_size"])
+def test_missing_metadata_field_is_named(key):
+    meta = {k: v for k, v in META.items() if k != key}
+    with pytest.raises(ModelFileError, match=key):
+        validate_meta(meta, "m")
+
+
+def test_good_metadata_and_graph_shapes():
+    meta = validate_meta({**META, "kind": "student", "input_size": 0, "gsd": None}, "m")
+    assert meta["in_chans"] == 3 and meta["num_classes"] == 3
+    check_graph_shapes(meta, ["batch", 3, "height", "width"], ["batch", 3], "m.onnx")
+    with pytest.raises(ModelFileError, match="4 outputs"):
+        check_graph_shapes(meta, ["batch", 3, "h", "w"], ["batch", 4], "m.onnx")
+    with pytest.raises(ModelFileError, match="takes 13"):
+        check_graph_shapes(meta, ["batch", 13, "h", "w"], ["batch", 3], "m.onnx")
+    with pytest.raises(ModelFileError, match="colour"):
+        validate_meta({**META, "class_colors": ["#000000"]}, "m.onnx", onnx=True)
+
+
+# -- non-finite models -----------------------------------------------------------------------
+def test_a_model_with_nan_weights_is_refused_by_evaluate_and_export(tmp_path, capsys):
+    from asymkd.models.backbones import SceneClassifier
+    from asymkd.models.files import save_model
+    net = SceneClassifier("resnet18_w16", 3, 3)
+    net.head.weight.data[:] = math.nan
+    folder = save_model(tmp_path / "student", net, dict(META))
+    write_rgb(tmp_path / "data" / "A" / "a.png", np.full((3, 32, 32), 100))
+    write_rgb(tmp_path / "data" / "B" / "b.png", np.full((3, 32, 32), 50))
+    assert cli.main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "data")]) == 2
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("not finite") == 2 and not (tmp_path / "m.onnx").exists()
+
+
+def test_parity_check_fails_on_nan_probabilities():
+    from torch import nn
+
+    from asymkd.export import _parity, _to_onnx_bytes
+
+    class NanModel(nn.Module):
+        def forward(self, x):
+            p = x.mean(dim=(2, 3)) * math.nan
+            return p, p
+
+    batch = np.ones((4, 3, 8, 8), np.float32)
+    module = NanModel().eval()
+    assert math.isnan(_parity(module, _to_onnx_bytes(module, batch[:2], 17), batch, torch))
