@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,20 @@ class DataConfig:
     rgb_paired: str | None = None      # RGB of the same targets as `ms` (same file stems)
     rgb_test: str | None = None        # held-out labeled RGB test folder
     bands: str | None = None           # MS band names: preset (sentinel2) or comma list
-    val_fraction: float = 0.15         # stratified, seeded validation split of labeled RGB
+    val_fraction: float = 0.0          # stratified validation split of labeled RGB (0 = none: train on
+                                       # every label and keep the last epoch; few labels are worth more
+                                       # as training data than as a noisy model-selection set)
     rgb_limit_per_class: int = 0       # use at most N labeled RGB per class (0 = all)
     rgb_rest_unlabeled: bool = False   # labeled RGB beyond that limit join as unlabeled
 
 
 @dataclass
 class TeacherConfig:
-    backbone: str = "resnet18_w32"
-    epochs: int = 0                    # 0 = auto: 40, or more to make at least min_steps steps
-    min_steps: int = 800
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
+    input_size: int = 0                # resize patches to this size inside the model (0 = as they are)
+    epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
+    min_steps: int = 240
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -65,9 +70,11 @@ class PairingConfig:
 
 @dataclass
 class DistillConfig:
-    backbone: str = "resnet18_w32"
-    epochs: int = 0                    # 0 = auto: 10, or more to make at least min_steps steps
-    min_steps: int = 1200
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
+    input_size: int = 0                # resize patches to this size inside the model (0 = as they are)
+    epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
+    min_steps: int = 240
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -130,7 +137,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if hint is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # inf/nan settings train NaN models
+                raise ConfigError(f"{where} must be a finite number, not {value!r}")
+            return number
         if hint is str:
             return str(value)
     except (TypeError, ValueError):
@@ -162,7 +172,9 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     checks = [
-        (0 < cfg.data.val_fraction < 0.9, "data.val_fraction must be in (0, 0.9)"),
+        (0 <= cfg.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
+        (all(0 <= n <= 1024 for n in (cfg.teacher.input_size, cfg.distill.input_size)),
+         "input_size must be 0 (as the patches are) or a size in pixels up to 1024"),
         (min(cfg.teacher.epochs, cfg.distill.epochs, cfg.matcher.epochs) >= 0,
          "epochs must be >= 0 (0 = automatic for the teacher and the student)"),
         (min(cfg.teacher.batch_size, cfg.distill.batch_size, cfg.matcher.batch_size) >= 2,

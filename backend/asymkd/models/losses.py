@@ -78,6 +78,10 @@ def mmd_loss(a: torch.Tensor, b: torch.Tensor,
     return k[:n, :n].mean() + k[n:, n:].mean() - 2.0 * k[:n, n:].mean()
 
 
+# Domain-shift losses by name: config validation, the CLI's choices and the trainer read this.
+DOMAIN_LOSSES = {"coral": coral_loss, "mmd": mmd_loss}
+
+
 def masked_info_nce(z_rgb: torch.Tensor, z_ms: torch.Tensor, rgb_labels: torch.Tensor,
                     ms_labels: torch.Tensor, pos_index: torch.Tensor | None = None,
                     temperature: float = 0.1) -> torch.Tensor:

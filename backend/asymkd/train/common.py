@@ -152,24 +152,39 @@ class Checkpoint:
         return self.path.is_file()
 
     def save(self, epoch: int, modules: dict[str, Any], gen: torch.Generator,
-             extra: dict[str, Any] | None = None) -> None:
+             extra: dict[str, Any] | None = None, fingerprint: str = "") -> None:
         state = {"epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "modules": {k: v.state_dict() for k, v in modules.items()}, "extra": extra or {}}
+                 "modules": {k: v.state_dict() for k, v in modules.items()}, "extra": extra or {},
+                 "fingerprint": fingerprint}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:  # a full disk or a cancel leaves no temporary file behind
+            tmp.unlink(missing_ok=True)
+            raise
 
-    def load(self, modules: dict[str, Any], gen: torch.Generator) -> tuple[int, dict[str, Any]]:
+    def load(self, modules: dict[str, Any], gen: torch.Generator,
+             fingerprint: str = "") -> tuple[int, dict[str, Any]]:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelFileError(f"cannot resume from {self.path}: it is not a readable checkpoint "
+                                 f"({type(exc).__name__})",
+                                 "delete the checkpoint to start this step afresh") from None
+        if not isinstance(state, dict) or state.get("fingerprint", "") != fingerprint:
+            raise ConfigError(f"cannot resume from {self.path}: it was written with other settings or data",
+                              "drop --resume to start this step afresh, or restore the settings and data "
+                              "of the interrupted run")
+        try:
             for k, v in modules.items():
                 v.load_state_dict(state["modules"][k])
+            gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+            return int(state["epoch"]), dict(state["extra"])
         except Exception as exc:
-            raise ModelFileError(f"cannot resume from {self.path}: {exc}",
-                                 "delete the checkpoint to start this step afresh") from exc
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        return int(state["epoch"]), state["extra"]
+            raise ModelFileError(f"cannot resume from {self.path}: {type(exc).__name__}: {exc}",
+                                 "delete the checkpoint to start this step afresh") from None
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from ..config import RunConfig
@@ -28,11 +28,13 @@ from ..data.patches import PatchSet
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
-from ..models.backbones import SceneClassifier
-from ..models.files import check_bands, load_model, save_model, save_state
-from ..models.losses import coral_loss, kd_loss, mmd_loss
-from . import common
+from ..models.backbones import SceneClassifier, weights_source
+from ..models.files import check_bands, load_model, save_model
+from . import common, loop
+from .classifier import ClassifierTask
 from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
+from .objectives import DistillObjective, SupervisedObjective
+from .teacher import auto_epochs, build_classifier
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
 
 
@@ -76,7 +78,82 @@ def teacher_gate(teacher_acc: float, student_val_acc: float | None) -> float:
 
 
 def _split(rgb: PatchSet, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.data.val_fraction <= 0:  # every label trains; the last epoch is the model
+        return np.arange(len(rgb)), np.zeros(0, np.int64)
     return common.stratified_split(rgb.labels, cfg.data.val_fraction, cfg.seed)
+
+
+class DistillTask(ClassifierTask):
+    """The student's task with distillation: records the student's latest prediction of
+    every sample, re-pairs every K steps (step 5) and lowers the pseudo-label gate as the
+    student's validation accuracy nears the teacher's."""
+
+    def __init__(self, *args, objective: DistillObjective, cache: TeacherCache, rgb_labels: np.ndarray,
+                 repair_every: int, repair, **kwargs):
+        super().__init__(*args, objective=objective, **kwargs)
+        self.objective: DistillObjective = objective
+        self.cache, self.rgb_labels = cache, rgb_labels
+        self.repair_every, self.repair = repair_every, repair
+        k = cache.soft.shape[1]
+        self.logp_table = torch.full((len(rgb_labels), k), -float(np.log(k)))  # uniform until seen
+
+    def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        batch, terms = self.forward_batch(index, gen)
+        self.logp_table[batch.index] = F.log_softmax(batch.logits.detach(), -1).cpu()
+        return terms
+
+    def after_step(self, global_step: int) -> None:
+        if global_step % self.repair_every:
+            return
+        # Step 5: re-pair every RGB sample with the MS sample whose teacher output is closest
+        # (KL) to the student's latest prediction; same class where labeled.
+        t = self.train_index
+        self.objective.partners[t] = torch.as_tensor(self.repair(
+            self.logp_table[t].numpy(), self.cache.soft.cpu().numpy(), self.rgb_labels[t.numpy()],
+            self.cache.labels.numpy()), dtype=torch.int64)
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        super().end_epoch(epoch, record)
+        self.objective.gate = teacher_gate(self.cache.accuracy, record.get("val_accuracy"))
+        record["teacher_gate"] = self.objective.gate
+
+    def state(self) -> dict:
+        return {**super().state(), "gate": self.objective.gate, "pairs": self.objective.partners,
+                "logp_table": self.logp_table}
+
+    def load_state(self, extra: dict) -> None:
+        super().load_state(extra)
+        self.objective.gate = float(extra["gate"])
+        self.objective.partners.copy_(extra["pairs"])
+        self.logp_table = extra["logp_table"]
+
+
+def _repair_function(cfg: RunConfig):
+    if cfg.pairing.method == "balanced":
+        return partial(repair_by_kl_balanced, sinkhorn_iters=cfg.pairing.sinkhorn_iters,
+                       epsilon=cfg.pairing.epsilon)
+    return repair_by_kl
+
+
+def _distill_objective(cfg: RunConfig, cache: TeacherCache, student: SceneClassifier, x: torch.Tensor,
+                       pairs: np.ndarray, pair_confidence: np.ndarray | None,
+                       device: torch.device) -> DistillObjective:
+    dc = cfg.distill
+    with torch.no_grad():
+        student_channels = student.forward_features(x[:2].to(device)).shape[1]
+    attention = CrossModalAttention(student_channels, cache.features.shape[1], dc.attention_dim,
+                                    dc.attention_heads).to(device)
+    # The teacher side's projection and norm stay fixed: trained, they could map every
+    # teacher token to a constant and zero the domain loss without teaching anything.
+    for p in [*attention.proj_teacher.parameters(), *attention.norm_teacher.parameters()]:
+        p.requires_grad_(False)
+    row_trust = torch.ones(len(x)) if pair_confidence is None else \
+        torch.as_tensor(pair_confidence, dtype=torch.float32)
+    return DistillObjective(soft=cache.soft, features=cache.features, trust=cache.trust,
+                            partners=torch.as_tensor(pairs, dtype=torch.int64).clone(), row_trust=row_trust,
+                            attention=attention, w_gt=dc.w_gt, w_pseudo=dc.w_pseudo, w_feat=dc.w_feat,
+                            temperature=dc.temperature, pseudo=dc.pseudo, domain_loss=dc.domain_loss,
+                            use_trust=dc.trust, label_smoothing=dc.label_smoothing)
 
 
 def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: bool,
@@ -86,7 +163,6 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
     dc = cfg.distill
-    step = "baseline" if baseline else "distill"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
@@ -96,137 +172,74 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     mean, std = common.band_stats(rgb.images[train_idx])
     x = common.normalize(rgb.images, mean, std)
     y = torch.as_tensor(rgb.labels)
-    k = len(rgb.class_names)
     gen = common.generator(cfg.seed + 101)
-    student = common.prepare_model(SceneClassifier(dc.backbone, 3, k, weights=dc.weights), device)
-    modules: dict = {"student": student}
+    source = weights_source(dc.backbone, dc.pretrained, dc.weights)
+    student = build_classifier(dc.backbone, 3, len(rgb.class_names), pretrained=dc.pretrained,
+                               weights=dc.weights, input_size=dc.input_size, band_names=rgb.band_names,
+                               device=device)
+    common_args = (student,)
+    kwargs = dict(x=x, y=y, train_index=train_idx, device=device, amp=cfg.amp, val_index=val_idx,
+                  best_path=out_dir / "best.safetensors")
     cache = None
-    if not baseline:
+    if baseline:
+        task: ClassifierTask = ClassifierTask(*common_args, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing),
+                                              **kwargs)
+    else:
         if teacher_dir is None or ms is None or pairs is None:
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
         cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
-        with torch.no_grad():
-            student_channels = student.forward_features(x[:2].to(device)).shape[1]
-        attention = CrossModalAttention(student_channels, cache.features.shape[1], dc.attention_dim,
-                                        dc.attention_heads).to(device)
-        # The teacher side's projection and norm stay fixed: trained, they could map every
-        # teacher token to a constant and zero the domain loss without teaching anything.
-        for p in [*attention.proj_teacher.parameters(), *attention.norm_teacher.parameters()]:
-            p.requires_grad_(False)
-        modules["attention"] = attention
-        pairs = torch.as_tensor(pairs, dtype=torch.int64).clone()
-        row_trust = torch.ones(len(rgb)) if pair_confidence is None else \
-            torch.as_tensor(pair_confidence, dtype=torch.float32)
-        logp_table = torch.full((len(rgb), k), -float(np.log(k)))  # uniform until seen
-    params = [p for m in modules.values() for p in m.parameters()]
-    steps_per_epoch = len(common.batches(len(train_idx), dc.batch_size, torch.Generator()))
-    epochs = common.epochs_for(dc.epochs, dc.min_steps, steps_per_epoch, auto_floor=10)
-    total_steps = epochs * steps_per_epoch
-    opt, sched = common.optimizer_and_schedule(params, dc.lr, dc.weight_decay, total_steps)
-    repair_every = dc.repair_every or steps_per_epoch
-    repair = (lambda *a: repair_by_kl_balanced(*a, sinkhorn_iters=cfg.pairing.sinkhorn_iters,  # noqa: E731
-                                               epsilon=cfg.pairing.epsilon)) \
-        if cfg.pairing.method == "balanced" else repair_by_kl
-    ckpt = common.Checkpoint(out_dir / "checkpoint.pt")
-    best_path = out_dir / "best.safetensors"
-    start, history, best_acc, gate = 0, [], -1.0, 1.0
-    state_modules = {**modules, "opt": opt, "sched": sched}
-    if resume and ckpt.exists():
-        start, extra = ckpt.load(state_modules, gen)
-        history, best_acc, gate = json.loads(extra["history"]), float(extra["best_acc"]), float(extra["gate"])
-        if not baseline:
-            pairs, logp_table = extra["pairs"], extra["logp_table"]
-        events.log(f"{step}: resumed at epoch {start}")
-    train_t = torch.as_tensor(train_idx)
+        objective = _distill_objective(cfg, cache, student, x, pairs, pair_confidence, device)
+        per_epoch = loop.steps_per_epoch(len(train_idx), dc.batch_size)
+        task = DistillTask(*common_args, objective=objective, cache=cache, rgb_labels=rgb.labels,
+                           repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), **kwargs)
+    epochs = auto_epochs(dc.epochs, dc.min_steps, len(train_idx), dc.batch_size, source != "scratch")
+    step = "baseline" if baseline else "distill"
+    settings = loop.LoopSettings(step, epochs, dc.batch_size, dc.lr, dc.weight_decay,
+                                 common.Checkpoint(out_dir / "checkpoint.pt"), cfg.checkpoint_every, resume,
+                                 fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline})
     started = time.time()
-    global_step = start * steps_per_epoch
-    for epoch in range(start, epochs):
-        for m in modules.values():
-            m.train()
-        sums: dict[str, float] = {}
-        epoch_start = time.perf_counter()
-        for b_local in common.batches(len(train_idx), dc.batch_size, gen):
-            b = train_t[b_local]
-            xb = common.dihedral(x[b], gen).to(device)
-            yb = y[b].to(device)
-            with common.autocast(device, cfg.amp):
-                feats = student.forward_features(xb)
-                logits = student.forward_head(feats).float()
-            terms = {}
-            lab = yb >= 0
-            if lab.any():
-                terms["gt"] = dc.w_gt * F.cross_entropy(logits[lab], yb[lab], label_smoothing=dc.label_smoothing)
-            if cache is not None:
-                j = pairs[b].to(device)
-                weights = cache.trust[j] * row_trust[b].to(device) * gate if dc.trust else None
-                terms["pseudo"] = dc.w_pseudo * kd_loss(logits, cache.soft[j], dc.temperature, dc.pseudo,
-                                                        weights=weights, teacher_kind="probs")
-                if dc.w_feat > 0:
-                    s_tok, t_tok = attention(feats.float(), cache.features[j])
-                    dom = coral_loss if dc.domain_loss == "coral" else mmd_loss
-                    terms["feat"] = dc.w_feat * dom(s_tok.reshape(-1, s_tok.shape[-1]),
-                                                    t_tok.reshape(-1, t_tok.shape[-1]))
-                logp_table[b] = F.log_softmax(logits.detach(), -1).cpu()
-            loss = sum(terms.values())
-            common.optimiser_step(loss, opt, sched)
-            global_step += 1
-            for name, v in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + v.item()
-            if cache is not None and global_step % repair_every == 0:
-                # Step 5: re-pair every RGB sample with the MS sample whose teacher output is
-                # closest (KL) to the student's latest prediction; same class where labeled.
-                pairs[train_t] = torch.as_tensor(repair(
-                    logp_table[train_t].numpy(), cache.soft.cpu().numpy(),
-                    rgb.labels[train_idx], cache.labels.numpy()), dtype=torch.int64)
-        epoch_seconds = time.perf_counter() - epoch_start
-        val_logits = common.predict_logits(student, x[val_idx], device, amp=cfg.amp)
-        val_acc = common.accuracy(val_logits, y[val_idx])
-        if cache is not None:
-            gate = teacher_gate(cache.accuracy, val_acc)
-        record = {"epoch": epoch + 1, **{f"train_{n}": s / steps_per_epoch for n, s in sums.items()},
-                  "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_seconds": epoch_seconds}
-        if cache is not None:
-            record["teacher_gate"] = gate
-        history.append(record)
-        if val_acc >= best_acc:  # model selection on validation, never on test
-            best_acc = val_acc
-            save_state(best_path, student.state_dict())
-        events.progress(step, (epoch + 1) * steps_per_epoch, total_steps, started, unit="step",
-                        epoch=epoch + 1, loss=record["train_loss"], val_accuracy=val_acc)
-        extra = {"history": json.dumps(history), "best_acc": best_acc, "gate": gate}
-        if cache is not None:
-            extra.update(pairs=pairs, logp_table=logp_table)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == epochs:
-            ckpt.save(epoch + 1, state_modules, gen, extra)
-    student.load_state_dict(load_file(str(best_path)))
-    student = student.cpu().eval()
-    val_logits = common.predict_logits(student, x[val_idx], torch.device("cpu"), amp=False)
-    metrics: dict = {"step": "baseline" if baseline else "student",
-                     "val": classification_metrics(rgb.labels[val_idx], val_logits.argmax(1).numpy(), rgb.class_names),
-                     "history": history}
+    history = loop.fit(task, len(train_idx), settings, gen, events)
+    student = task.final_model()
+    metrics = _evaluate(student, rgb, val_idx, rgb_test, mean, std, history, out_dir,
+                        "baseline" if baseline else "student")
     summary = {"rgb_train": int(len(train_idx)), "rgb_val": int(len(val_idx)),
                "labeled_train": int((rgb.labels[train_idx] >= 0).sum()), "epochs": epochs,
-               "best_val_accuracy": best_acc, "train_seconds": round(time.time() - started, 1)}
+               "best_val_accuracy": task.best_acc if len(val_idx) else None,
+               "train_seconds": round(time.time() - started, 1), "backbone": dc.backbone,
+               "weights_source": source, "input_size": dc.input_size}
     if cache is not None:
-        summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=repair_every,
+        assert isinstance(task, DistillTask)
+        summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,
                        **{f"final_pairs_{k_}": v for k_, v in
-                          pairing_stats(pairs[train_t].numpy(), cache.labels.numpy()).items()})
-    if rgb_test is not None:
-        test_x = common.normalize(rgb_test.images, mean, std)
-        pred = common.predict_logits(student, test_x, torch.device("cpu"), amp=False).argmax(1).numpy()
-        metrics["test"] = classification_metrics(rgb_test.labels, pred, rgb.class_names)
-        save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / "confusion.png",
-                           f"{metrics['step']}: test OA {metrics['test']['overall_accuracy']:.3f}")
+                          pairing_stats(task.objective.partners[task.train_index].numpy(),
+                                        cache.labels.numpy()).items()})
     metrics["summary"] = summary
     meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,
-            "mean": mean, "std": std, "patch_size": rgb.size, "role": metrics["step"],
+            "mean": mean, "std": std, "patch_size": rgb.size, "role": metrics["step"], "kind": "student",
+            "input_size": dc.input_size, "weights_source": source,
             # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
             "gsd": rgb.gsd or (ms.gsd if ms is not None else None),
             "summary": summary, "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
                                             for s in ("val", "test") if s in metrics}}
     save_model(out_dir, student, meta)
     write_metrics_json(out_dir / "metrics.json", metrics)
-    ckpt.remove()
-    best_path.unlink(missing_ok=True)
+    settings.checkpoint.remove()
     events.metrics(metrics["step"], {**summary, **meta["metrics"]})
+    return metrics
+
+
+def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_test: PatchSet | None,
+              mean: list[float], std: list[float], history: list[dict], out_dir: Path, step: str) -> dict:
+    """Validation (when held back) and test scores of the trained student."""
+    cpu = torch.device("cpu")
+    metrics: dict = {"step": step, "history": history}
+    if len(val_idx):
+        val_logits = common.predict_logits(student, common.normalize(rgb.images[val_idx], mean, std), cpu, amp=False)
+        metrics["val"] = classification_metrics(rgb.labels[val_idx], val_logits.argmax(1).numpy(), rgb.class_names)
+    if rgb_test is not None:
+        test_x = common.normalize(rgb_test.images, mean, std)
+        pred = common.predict_logits(student, test_x, cpu, amp=False).argmax(1).numpy()
+        metrics["test"] = classification_metrics(rgb_test.labels, pred, rgb.class_names)
+        save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / "confusion.png",
+                           f"{step}: test OA {metrics['test']['overall_accuracy']:.3f}")
     return metrics

@@ -9,7 +9,7 @@ masked out, since they may look alike for good reason.
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from ..errors import DataError, ModelFileError
 from ..events import NULL_EVENTS, Events
 from ..models.losses import masked_info_nce
 from ..models.files import atomic_write_text, save_state
-from . import common
+from . import common, loop
 from .evaluate import write_metrics_json
 
 
@@ -33,10 +33,8 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: str, in_chans: int, embed_dim: int):
         super().__init__()
-        import timm
-        from ..models.backbones import resolve_backbone
-        base, kwargs = resolve_backbone(backbone)
-        self.body = timm.create_model(base, pretrained=False, in_chans=in_chans, num_classes=0, **kwargs)
+        from ..models.backbones import create_body
+        self.body = create_body(backbone, in_chans)
         width = int(self.body.num_features)
         self.proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
 
@@ -74,6 +72,23 @@ def positive_pairs(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None,
     return idx, pseudo_rgb(ms)[idx], "pseudo-rgb"
 
 
+class ContrastiveTask(loop.Task):
+    """Masked InfoNCE between the two encoders on independent dihedral views of each pair."""
+
+    def __init__(self, model: Matcher, x_ms: torch.Tensor, x_rgb: torch.Tensor, labels: torch.Tensor,
+                 temperature: float, device: torch.device):
+        self.modules = {"model": model}
+        self.model, self.x_ms, self.x_rgb, self.labels = model, x_ms, x_rgb, labels
+        self.temperature, self.device = temperature, device
+
+    def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        # independent views: a scene is the same target under any rotation/flip
+        zm = self.model.ms(common.dihedral(self.x_ms[index], gen).to(self.device))
+        zr = self.model.rgb(common.dihedral(self.x_rgb[index], gen).to(self.device))
+        lb = self.labels[index].to(self.device)
+        return {"loss": masked_info_nce(zr, zm, lb, lb, temperature=self.temperature)}
+
+
 def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out_dir: Path,
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
@@ -86,31 +101,13 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     x_ms = common.normalize(ms.images[ms_idx], ms_mean, ms_std)
     x_rgb = common.normalize(rgb_images, rgb_mean, rgb_std)
     labels = torch.as_tensor(ms.labels[ms_idx])
+    gen = common.generator(cfg.seed + 7)  # seeds torch before the network is built: reproducible
     model = common.prepare_model(Matcher(mc.backbone_ms, mc.backbone_rgb, ms.num_bands, mc.embed_dim), device)
-    gen = common.generator(cfg.seed + 7)
-    steps_per_epoch = len(common.batches(len(x_ms), mc.batch_size, torch.Generator()))
-    opt, sched = common.optimizer_and_schedule(model.parameters(), mc.lr, 1e-4, max(mc.epochs, 1) * steps_per_epoch)
-    ckpt = common.Checkpoint(out_dir / "checkpoint.pt")
-    start, history = 0, []
-    if resume and ckpt.exists():
-        start, extra = ckpt.load({"model": model, "opt": opt, "sched": sched}, gen)
-        history = json.loads(extra.get("history", "[]"))
-    started = time.time()
-    for epoch in range(start, mc.epochs):
-        model.train()
-        losses = []
-        for b in common.batches(len(x_ms), mc.batch_size, gen):
-            # independent views: a scene is the same target under any rotation/flip
-            zm = model.ms(common.dihedral(x_ms[b], gen).to(device))
-            zr = model.rgb(common.dihedral(x_rgb[b], gen).to(device))
-            lb = labels[b].to(device)
-            loss = masked_info_nce(zr, zm, lb, lb, temperature=mc.temperature)
-            losses.append(common.optimiser_step(loss, opt, sched))
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses))})
-        events.progress("matcher", (epoch + 1) * steps_per_epoch, mc.epochs * steps_per_epoch,
-                        started, unit="step", epoch=epoch + 1, loss=history[-1]["train_loss"])
-        ckpt.save(epoch + 1, {"model": model, "opt": opt, "sched": sched}, gen,
-                  {"history": json.dumps(history)})
+    task = ContrastiveTask(model, x_ms, x_rgb, labels, mc.temperature, device)
+    settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4,
+                                 common.Checkpoint(out_dir / "checkpoint.pt"), resume=resume,
+                                 fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source})
+    history = loop.fit(task, len(x_ms), settings, gen, events)
     # Top-1 retrieval of the true partner among all positives: how well the matcher matches.
     with torch.no_grad():
         zm_all, zr_all = embed(model.ms, x_ms, device), embed(model.rgb, x_rgb, device)
@@ -118,14 +115,14 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
         same_class = float((labels[(zr_all @ zm_all.T).argmax(1)] == labels).float().mean())
     summary = {"positives": source, "pairs": len(ms_idx), "retrieval_top1": retrieval,
                "retrieval_same_class": same_class}
-    meta = {"ms_backbone": mc.backbone_ms, "rgb_backbone": mc.backbone_rgb, "ms_chans": ms.num_bands,
+    meta = {"kind": "matcher", "ms_backbone": mc.backbone_ms, "rgb_backbone": mc.backbone_rgb, "ms_chans": ms.num_bands,
             "embed_dim": mc.embed_dim, "ms_mean": ms_mean, "ms_std": ms_std, "rgb_mean": rgb_mean,
             "rgb_std": rgb_std, "band_names": ms.band_names, "summary": summary}
     save_state(out_dir / "model.safetensors", model.cpu().state_dict())
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
     metrics = {"step": "matcher", "history": history, "summary": summary}
     write_metrics_json(out_dir / "metrics.json", metrics)
-    ckpt.remove()
+    settings.checkpoint.remove()
     events.metrics("matcher", summary)
     return metrics
 

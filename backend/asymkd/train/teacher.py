@@ -9,20 +9,20 @@ label; out-of-fold outputs keep the class similarities the student should learn.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..config import RunConfig, TeacherConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
-from ..models.backbones import SceneClassifier
+from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import atomic_write_text, save_model
-from . import common
+from . import common, loop
+from .classifier import ClassifierTask
+from .objectives import SupervisedObjective
 from .evaluate import classification_metrics, write_metrics_json
 
 
@@ -30,42 +30,40 @@ from .evaluate import classification_metrics, write_metrics_json
 class FitResult:
     model: SceneClassifier
     history: list[dict]
+    epochs: int
+
+
+def auto_epochs(epochs: int, min_steps: int, n: int, batch_size: int, pretrained: bool) -> int:
+    """Configured epochs, or when 0 (auto) 30 for a pretrained start and 80 from scratch,
+    more where a small set would give fewer than `min_steps` optimiser steps."""
+    return common.epochs_for(epochs, min_steps, loop.steps_per_epoch(n, batch_size),
+                             auto_floor=30 if pretrained else 80)
+
+
+def build_classifier(backbone: str, in_chans: int, num_classes: int, *, pretrained: bool,
+                     weights: str | None, input_size: int, band_names: list[str] | None,
+                     device: torch.device) -> SceneClassifier:
+    model = SceneClassifier(backbone, in_chans, num_classes, weights=weights, input_size=input_size,
+                            pretrained=pretrained, band_names=band_names)
+    return common.prepare_model(model, device)
 
 
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_classes: int,
                    device: torch.device, gen: torch.Generator, events: Events, step: str,
                    amp: bool = True, checkpoint: common.Checkpoint | None = None,
-                   resume: bool = False) -> FitResult:
+                   resume: bool = False, band_names: list[str] | None = None) -> FitResult:
     """Plain supervised training with dihedral augmentation and label smoothing."""
-    model = common.prepare_model(SceneClassifier(cfg.backbone, x.shape[1], num_classes,
-                                                 weights=cfg.weights), device)
-    steps_per_epoch = len(common.batches(len(x), cfg.batch_size, torch.Generator()))
-    epochs = common.epochs_for(cfg.epochs, cfg.min_steps, steps_per_epoch, auto_floor=40)
-    opt, sched = common.optimizer_and_schedule(model.parameters(), cfg.lr, cfg.weight_decay,
-                                               epochs * steps_per_epoch)
-    start_epoch, history = 0, []
-    if checkpoint is not None and resume and checkpoint.exists():
-        start_epoch, extra = checkpoint.load({"model": model, "opt": opt, "sched": sched}, gen)
-        history = json.loads(extra.get("history", "[]"))
-        events.log(f"{step}: resumed at epoch {start_epoch}")
-    total = epochs * steps_per_epoch
-    started = time.time()
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        losses = []
-        for b in common.batches(len(x), cfg.batch_size, gen):
-            xb = common.dihedral(x[b], gen).to(device)
-            yb = y[b].to(device)
-            with common.autocast(device, amp):
-                loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=cfg.label_smoothing)
-            losses.append(common.optimiser_step(loss, opt, sched))
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses))})
-        events.progress(step, (epoch + 1) * steps_per_epoch, total, started, unit="step",
-                        epoch=epoch + 1, loss=history[-1]["train_loss"])
-        if checkpoint is not None:
-            checkpoint.save(epoch + 1, {"model": model, "opt": opt, "sched": sched}, gen,
-                            {"history": json.dumps(history)})
-    return FitResult(model.eval(), history)
+    model = build_classifier(cfg.backbone, x.shape[1], num_classes, pretrained=cfg.pretrained,
+                             weights=cfg.weights, input_size=cfg.input_size, band_names=band_names,
+                             device=device)
+    task = ClassifierTask(model, SupervisedObjective(1.0, cfg.label_smoothing), x, y, np.arange(len(x)),
+                          device, amp)
+    epochs = auto_epochs(cfg.epochs, cfg.min_steps, len(x), cfg.batch_size,
+                         weights_source(cfg.backbone, cfg.pretrained, cfg.weights) != "scratch")
+    settings = loop.LoopSettings(step, epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, checkpoint,
+                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x)})
+    history = loop.fit(task, len(x), settings, gen, events)
+    return FitResult(task.final_model().to(device), history, epochs)
 
 
 def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = NULL_EVENTS,
@@ -95,14 +93,14 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
         train_idx = np.setdiff1d(np.arange(len(ms)), held)
         gen = common.generator(cfg.seed * 1000 + f + 1)
         fit = fit_classifier(x[train_idx], y[train_idx], tc, k, device, gen, events,
-                             f"teacher fold {f + 1}/{len(folds)}", cfg.amp)
+                             f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names)
         logp = common.predict_logits(fit.model, x[held], device, amp=cfg.amp, tta=True)
         soft[held] = logp.exp().numpy()
         done[key] = soft[held]
         np.savez(fold_file, **done)  # a killed run keeps the folds it finished
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
-                         common.Checkpoint(out_dir / "checkpoint.pt"), resume)
+                         common.Checkpoint(out_dir / "checkpoint.pt"), resume, band_names=ms.band_names)
     if not folds:  # no folds: in-sample soft labels (memorised, weaker)
         soft = common.predict_logits(fit.model, x, device, amp=cfg.amp, tta=True).exp().numpy()
     oof_acc = float((soft.argmax(1) == ms.labels).mean())
@@ -110,7 +108,8 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                "out_of_fold_accuracy": oof_acc if folds else None,
                "soft_label_confidence": float(soft.max(1).mean())}
     meta = {"backbone": tc.backbone, "class_names": ms.class_names, "band_names": ms.band_names,
-            "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher",
+            "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "kind": "teacher",
+            "input_size": tc.input_size, "weights_source": weights_source(tc.backbone, tc.pretrained, tc.weights),
             "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
     np.save(out_dir / "soft_labels.npy", soft)
