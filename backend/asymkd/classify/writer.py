@@ -4,6 +4,7 @@ final path and is moved into place only when the whole job has succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,8 @@ from .infer import Summary
 
 _SIDECARS = ("-journal", "-wal", "-shm", ".aux.xml")
 LAYER = "tiles"
+# GeoPackage 1.2: QGIS 3.22's GDAL (3.4-3.6) warns "may only be partially supported" on 1.4.
+GPKG_CREATION = {"VERSION": "1.2"}
 
 
 class AtomicOutputs:
@@ -29,6 +32,7 @@ class AtomicOutputs:
     def __init__(self, finals: Sequence[Path], overwrite: bool = False):
         self.finals = [Path(p) for p in finals]
         self.temps = {p: p.with_name(f".{p.name}.{os.getpid()}.partial{p.suffix}") for p in self.finals}
+        self.overwrite = overwrite
         self.committed = False
         for p in self.finals:
             if p.exists() and not overwrite:
@@ -59,15 +63,49 @@ class AtomicOutputs:
         return self.temps[Path(final)]
 
     def commit(self) -> None:
-        for final, tmp in self.temps.items():
-            for side in _SIDECARS:  # an old database's journal must not meet the new file
-                Path(str(final) + side).unlink(missing_ok=True)
-            if tmp.exists():
-                os.replace(tmp, final)
-                aux = Path(str(tmp) + ".aux.xml")
-                if aux.exists():
-                    os.replace(aux, Path(str(final) + ".aux.xml"))
+        """Move every output into place, as one unit: commits of runs writing into the same
+        folder take turns (a lock on the folder), so two runs never mix their files; without
+        overwrite, an output another run wrote meanwhile is refused (hard link, which never
+        replaces a file), and what this commit had placed is taken back."""
+        with _folder_lock(self.finals[0].parent):
+            placed: list[Path] = []
+            try:
+                for final, tmp in self.temps.items():
+                    if not tmp.exists():
+                        continue
+                    if not self.overwrite and final.exists():
+                        raise self._taken(final)
+                    for side in _SIDECARS:  # an old database's journal must not meet the new file
+                        Path(str(final) + side).unlink(missing_ok=True)
+                    self._place(tmp, final)
+                    placed.append(final)
+                    aux = Path(str(tmp) + ".aux.xml")
+                    if aux.exists():
+                        os.replace(aux, Path(str(final) + ".aux.xml"))
+            except BaseException:
+                for final in placed:
+                    final.unlink(missing_ok=True)
+                raise
         self.committed = True
+
+    def _place(self, tmp: Path, final: Path) -> None:
+        if self.overwrite:
+            os.replace(tmp, final)
+            return
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise self._taken(final) from None
+        except OSError:  # a file system without hard links: checked above, then renamed
+            os.replace(tmp, final)
+            return
+        tmp.unlink()
+
+    @staticmethod
+    def _taken(final: Path) -> ConfigError:
+        return ConfigError(f"output {final} was written by another run while this one worked; "
+                           "this run's result was not kept",
+                           "pass --overwrite to replace it, or choose another name")
 
     def discard(self) -> list[Path]:
         removed = []
@@ -174,7 +212,8 @@ class TileLayerWriter:
             "valid_fraction": cat["valid_fraction"].astype(np.float64),
         }
         pyogrio.raw.write(str(self.path), geometry=geoms, field_data=list(fields.values()), fields=list(fields),
-                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs, append=append)
+                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs, append=append,
+                          dataset_options=None if append else GPKG_CREATION)
         self.count += len(rows)
         self.write_s += time.perf_counter() - start
 
@@ -217,6 +256,35 @@ class ClassRaster:
 def _rgba(color: str) -> tuple[int, int, int, int]:
     s = color.lstrip("#")
     return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16), 255
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on a folder (POSIX flock) for the moment of a commit."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; each file is still replaced in one step
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def check_not_inputs(outputs: Sequence[Path | None], inputs: Sequence[str | Path | None]) -> None:
+    """Refuse an output that is one of the inputs (the raster, the model, the mask): it
+    would be overwritten."""
+    for out in (Path(o) for o in outputs if o is not None):
+        for inp in (Path(i) for i in inputs if i is not None and "://" not in str(i)):
+            same = out.resolve() == inp.resolve()
+            if not same and out.exists() and inp.exists():
+                same = os.path.samefile(out, inp)
+            if same:
+                raise ConfigError(f"output {out} is the input {inp}; it would be overwritten",
+                                  "write the outputs to another file name")
 
 
 def check_output_names(out: Path, class_raster: Path | None) -> None:
