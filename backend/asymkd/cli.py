@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from typing import Sequence
 
 from . import __version__
-from .errors import AsymKDError, Cancelled
+from .errors import AsymKDError, Cancelled, StorageError, storage_error
 from .events import Events
 
 # name -> one-line help (kept here so `asymkd --help` lists commands without importing them)
@@ -39,8 +39,22 @@ class _Terminated(BaseException):
     """Raised in the main thread on SIGTERM so `finally` blocks clean up."""
 
 
+# SIGTERM cancels only while a command runs; once it has ended (the outputs are in place),
+# a SIGTERM during shutdown must not turn its exit code into 143 or a traceback.
+_RUNNING = {"command": False}
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Terminated()
+    if _RUNNING["command"]:
+        raise _Terminated()
+
+
+# Hints for errors raised without one, so every exit-2 message says what to do.
+_DEFAULT_HINTS = {
+    "ConfigError": "see `asymkd {command} --help` for the options and their ranges",
+    "DataError": "check the input named above",
+    "ModelFileError": "check the model file named above, or train or export it again",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +75,7 @@ def _module(name: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Add the chosen command's own arguments before parsing (lazy import).
@@ -72,34 +87,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_command", None):
         parser.print_help()
         return 0
+    as_program = argv_given is None
+    if as_program and hasattr(signal, "SIGXFSZ"):
+        # over the file-size limit a write fails with EFBIG (reported below) instead of
+        # the process being killed without a word
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _RUNNING["command"] = True
     with ExitStack() as stack:
-        stream = None
-        if args.events == "-":
-            stream = sys.stdout
-        elif args.events:
-            stream = stack.enter_context(open(args.events, "a", encoding="utf-8"))
-        events = Events(stream=stream)
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        events = Events(stream=None)
         try:
-            return int(_module(args._command).run(args, events) or 0)
+            events = _open_events(args.events, stack)
+            code = int(_module(args._command).run(args, events) or 0)
+            _RUNNING["command"] = False
+            return code
         except AsymKDError as exc:
-            kind = type(exc).__name__
-            events.error(exc.message, kind=kind, hint=exc.hint)
-            print(f"error: {exc.message}", file=sys.stderr)
-            if exc.hint:
-                print(f"  hint: {exc.hint}", file=sys.stderr)
-            return 130 if isinstance(exc, Cancelled) else 2
+            _RUNNING["command"] = False
+            return _report(exc, events, args._command)
         except (KeyboardInterrupt, _Terminated):
-            events.error("cancelled", kind="Cancelled")
+            _RUNNING["command"] = False
+            _quietly(events.error, "cancelled", kind="Cancelled")
             print("cancelled: nothing half-written was left behind", file=sys.stderr)
             return 130
-        except Exception as exc:  # an engine bug: report it on the stream, then the traceback
-            events.error(f"{type(exc).__name__}: {exc}", kind="InternalError",
-                         hint="this is a bug; the traceback is on stderr")
+        except Exception as exc:
+            _RUNNING["command"] = False
+            fault = storage_error(exc)
+            if fault is not None:  # disk full, size limit, read-only: the environment, not a bug
+                return _report(fault, events, args._command)
+            _quietly(events.error, f"{type(exc).__name__}: {exc}", kind="InternalError",
+                     hint="this is a bug; the traceback is on stderr")
             traceback.print_exc()
             return 1
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            _RUNNING["command"] = False
+            if not as_program:  # called as a library (tests): leave signals as they were
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _open_events(target: str | None, stack: ExitStack) -> Events:
+    if target == "-":
+        return Events(stream=sys.stdout)
+    if not target:
+        return Events(stream=None)
+    try:
+        return Events(stream=stack.enter_context(open(target, "a", encoding="utf-8")))
+    except OSError as exc:
+        fault = storage_error(exc)
+        if fault is None:
+            raise
+        raise StorageError(f"cannot open the event file (--events): {fault.message}", fault.hint) from exc
+
+
+def _report(exc: AsymKDError, events: Events, command: str) -> int:
+    kind = type(exc).__name__
+    hint = exc.hint or _DEFAULT_HINTS.get(kind, "").format(command=command) or None
+    _quietly(events.error, exc.message, kind=kind, hint=hint)
+    print(f"error: {exc.message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+    return 130 if isinstance(exc, Cancelled) else 2
+
+
+def _quietly(emit, *args, **kwargs) -> None:
+    """Report on the event stream unless the stream itself is what failed (disk full, closed pipe)."""
+    try:
+        emit(*args, **kwargs)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

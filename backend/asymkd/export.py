@@ -16,7 +16,6 @@ import colorsys
 import dataclasses
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from . import __version__
 from .errors import ConfigError, DataError, ModelFileError
 from .events import NULL_EVENTS, Events
+from .fileio import atomic_write_bytes, check_writable
 
 FORMAT_VERSION = 1
 META_KEY = "asymkd"
@@ -182,6 +182,19 @@ def onnx_session_options(threads: int = 0, spinning: bool = True):
     return so
 
 
+MIN_OPSET, MAX_OPSET = 13, 20  # what the TorchScript exporter writes for these models
+MAX_CHECK_SAMPLES = 4096
+
+
+def check_export_options(opset: int, check_samples: int) -> None:
+    """Refuse an opset or a sample count that cannot work, before any model is loaded."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"--opset {opset} is out of range", f"use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    if not 1 <= check_samples <= MAX_CHECK_SAMPLES:
+        raise ConfigError(f"--check-samples {check_samples} is out of range",
+                          f"use 1..{MAX_CHECK_SAMPLES} (default 128): the export is checked on that many patches")
+
+
 def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
                 check_data: np.ndarray | None = None, check_samples: int = 128,
                 opset: int = DEFAULT_OPSET, overwrite: bool = False,
@@ -201,6 +214,10 @@ def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
         raise ConfigError(f"output {out} does not end in .onnx", "name the file e.g. student.onnx")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists", "pass --overwrite to replace it, or choose another name")
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a folder", "give a file name, e.g. student.onnx")
+    check_export_options(opset, check_samples)
+    check_writable(out.parent)
     model, meta = load_model(folder)
     batch, source = _check_batches(meta, check_data, check_samples)
     size = int(meta["patch_size"])
@@ -276,13 +293,7 @@ def _write_with_metadata(blob: bytes, metadata: dict[str, Any], out: Path) -> No
     proto.doc_string = (f"AsymKD scene classifier '{metadata['model_name']}' ({metadata['backbone']}); "
                         f"classes: {', '.join(metadata['class_names'])}")
     onnx.checker.check_model(proto)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(proto.SerializeToString())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(out, proto.SerializeToString())
 
 
 def resolve_model_path(path: str | Path) -> Path:

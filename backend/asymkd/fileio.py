@@ -56,6 +56,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def final_path(path: str | os.PathLike) -> str:
+    """The final path a temporary path of this module stands for (else `path` itself), so
+    messages name the file the user asked for."""
+    p = Path(path)
+    m = _TEMP.match(p.name)
+    return str(p.with_name(m.group("name"))) if m else str(path)
+
+
 def remove_stale(final: str | Path) -> list[Path]:
     """Remove the temporary files and folders that killed processes left beside `final`."""
     final = Path(final)
@@ -130,6 +138,28 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> None:
+    """Fail now, before long work, when files cannot be created in `folder`: a StorageError
+    naming the folder and the cause (read-only, a file in the path, permissions). Nothing
+    is created: the nearest existing folder on the path is probed."""
+    from .errors import StorageError, os_error_cause
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        probe = _temp_name(existing / "probe", "tmp", keep_suffix=False)
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        cause = os_error_cause(exc)
+        if cause is None:
+            raise
+        where = folder if existing == folder else f"{folder} ({existing})"
+        raise StorageError(f"cannot write into the {what} {where}: {cause[0]}", cause[1]) from exc
 
 
 # -- folders -------------------------------------------------------------------------------

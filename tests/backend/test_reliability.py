@@ -234,3 +234,136 @@ def test_parity_check_fails_on_nan_probabilities():
     batch = np.ones((4, 3, 8, 8), np.float32)
     module = NanModel().eval()
     assert math.isnan(_parity(module, _to_onnx_bytes(module, batch[:2], 17), batch, torch))
+
+
+# -- shared tiny model -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 3-band, 3-class student (patch 16) and its ONNX export, plus a 64x64 RGB raster."""
+    from asymkd.export import export_onnx
+    from asymkd.models.backbones import SceneClassifier
+    from asymkd.models.files import save_model
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_model")
+    folder = save_model(root / "student", SceneClassifier("resnet18_w16", 3, 3), {**META, "patch_size": 16})
+    onnx_path = export_onnx(folder, root / "student.onnx", check_samples=4).path
+    raster = root / "scene.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(500000, 5200000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    return folder, onnx_path, raster
+
+
+# -- classify: options, outputs --------------------------------------------------------------
+@pytest.mark.parametrize("flags,needle", [
+    (["--tile", "0"], "--tile 0"), (["--stride", "0"], "--stride 0"), (["--tile", "1000000"], "--tile"),
+    (["--batch-size", "100000000"], "batch size"), (["--tile", "4096", "--batch-size", "4096"], "GiB"),
+    (["--bbox=nan,0,1,1"], "finite"),
+])
+def test_classify_refuses_absurd_options_up_front(tiny_model, tmp_path, capsys, flags, needle):
+    _, onnx_path, raster = tiny_model
+    out = tmp_path / "t.gpkg"
+    assert cli.main(["classify", str(onnx_path), str(raster), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "hint:" in err and list(tmp_path.iterdir()) == []
+
+
+def test_classify_refuses_an_output_that_is_an_input(tiny_model, tmp_path, capsys):
+    _, onnx_path, raster = tiny_model
+    before = raster.read_bytes()
+    assert cli.main(["classify", str(onnx_path), str(raster), "--out", str(tmp_path / "t.gpkg"),
+                     "--class-raster", str(raster), "--overwrite"]) == 2
+    assert "is the input" in capsys.readouterr().err and raster.read_bytes() == before
+
+
+def test_commit_never_replaces_an_output_another_run_wrote(tmp_path):
+    from asymkd.classify.writer import AtomicOutputs
+    from asymkd.errors import ConfigError
+    out, qml = tmp_path / "t.gpkg", tmp_path / "t.qml"
+    with pytest.raises(ConfigError, match="another run"):
+        with AtomicOutputs([out, qml]) as outputs:
+            outputs.temp(out).write_text("mine")
+            outputs.temp(qml).write_text("mine")
+            qml.write_text("theirs")  # the other run committed first
+            outputs.commit()
+    assert qml.read_text() == "theirs" and not out.exists()  # nothing of this run is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.qml"]
+
+
+def test_rotated_raster_resolution_is_the_true_pixel_size():
+    from affine import Affine
+
+    from asymkd.classify.grid import pixel_size
+    assert pixel_size(Affine.rotation(30) * Affine.scale(10, -10)) == pytest.approx(10.0)
+
+
+# -- export and evaluate: options and output folders -----------------------------------------
+@pytest.mark.parametrize("flags,needle", [(["--opset", "3"], "--opset 3"), (["--check-samples", "0"], "--check-samples 0")])
+def test_export_refuses_bad_options(tiny_model, tmp_path, capsys, flags, needle):
+    folder, _, _ = tiny_model
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), *flags]) == 2
+    assert needle in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folders_are_refused_before_the_work(tiny_model, tmp_path, capsys):
+    folder, _, _ = tiny_model
+    (tmp_path / "afile").write_text("x")
+    write_rgb(tmp_path / "data" / "A" / "a.png", np.full((3, 16, 16), 100))
+    write_rgb(tmp_path / "data" / "B" / "b.png", np.full((3, 16, 16), 50))
+    assert cli.main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "afile" / "eval")]) == 2
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "afile" / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a file, not a folder") == 2 and "evaluating" not in err
+
+
+# -- the CLI's edge ----------------------------------------------------------------------------
+def test_events_into_a_missing_folder_is_exit_2(tmp_path, capsys):
+    code = cli.main(["synth", "--out", str(tmp_path / "w"), "--events", str(tmp_path / "no" / "e.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no" in err and "e.jsonl" in err and "hint:" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_os_errors_are_storage_errors_naming_path_and_cause():
+    import errno
+
+    from asymkd.errors import storage_error
+    fault = storage_error(OSError(errno.ENOSPC, "No space left on device", "/data/.x.tif.tmp-12.tif"))
+    assert fault.message == "cannot write or read /data/x.tif: the disk is full" and fault.hint
+    wrapped = RuntimeError("sqlite3_exec(COMMIT) failed: database or disk is full")
+    assert "disk is full" in storage_error(wrapped).message
+    torch_like = RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0: file write failed")
+    assert storage_error(torch_like) is not None
+    assert storage_error(ValueError("bad value")) is None
+
+
+def test_every_exit_2_error_has_a_hint(tmp_path, capsys):
+    assert cli.main(["run", "--out", str(tmp_path / "r")]) == 2  # raised without a hint of its own
+    assert "hint:" in capsys.readouterr().err
+
+
+def test_sigterm_after_success_keeps_exit_0(tmp_path):
+    code = ("import os, signal, sys\n"
+            "from asymkd import cli\n"
+            "rc = cli.main()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)  # as if it arrived while the process shuts down\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, "doctor"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- weights files -----------------------------------------------------------------------------
+def test_unreadable_weights_files_are_model_file_errors(tmp_path):
+    from asymkd.models.files import read_state_dict
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    torch.save({"a": 1}, tmp_path / "nontensor.pth")
+    (tmp_path / "garbage.safetensors").write_bytes(os.urandom(64))
+    (tmp_path / "garbage.pth").write_bytes(os.urandom(64))
+    torch.save({"a": Path("x")}, tmp_path / "objects.pth")  # refused by the safe loader
+    for name in ("list.pth", "nontensor.pth", "garbage.safetensors", "garbage.pth", "objects.pth"):
+        with pytest.raises(ModelFileError) as info:
+            read_state_dict(tmp_path / name)
+        assert name in info.value.message and "weights_only" not in str(info.value), str(info.value)
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ckpt.pth")
+    assert read_state_dict(tmp_path / "ckpt.pth")["w"].tolist() == [1.0, 1.0]

@@ -21,6 +21,10 @@ from ..events import NULL_EVENTS, Events
 
 __all__ = ["classify", "ClassifyOptions", "ClassifyResult"]
 
+MAX_TILE = 4096
+MAX_BATCH = 65_536
+MAX_BATCH_BYTES = 4 * 2**30  # one batch of tiles in memory (a few are in flight)
+
 
 @dataclasses.dataclass
 class ClassifyOptions:
@@ -45,14 +49,29 @@ class ClassifyOptions:
     chunk: int = 4096                             # features per GeoPackage write (in the background)
 
     def check(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size {self.batch_size} must be at least 1", "e.g. --batch-size 64")
+        """Refuse absurd options before anything is read (a tile of 0 is not the default,
+        a tile of 10^6 px must not try to allocate terabytes)."""
+        for flag, value in (("--tile", self.tile), ("--stride", self.stride)):
+            if value is not None and not 1 <= value <= MAX_TILE:
+                raise ConfigError(f"{flag} {value} is out of range", f"use 1..{MAX_TILE} pixels, or leave {flag} "
+                                  "out for the default (the model's patch size)")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ConfigError(f"batch size {self.batch_size} is out of range", f"use 1..{MAX_BATCH}, e.g. --batch-size 64")
         if not 0.0 <= self.min_valid <= 1.0:
             raise ConfigError(f"--min-valid {self.min_valid} must be between 0 and 1", "e.g. --min-valid 0.5")
         if self.xyz_zoom is not None and (self.stride is not None):
             raise ConfigError("--stride does not apply to the XYZ grid", "drop --stride, or drop --xyz-zoom")
         if self.threads < 0 or self.prefetch < 1:
             raise ConfigError("threads must be >= 0 and prefetch >= 1", "e.g. --threads 0")
+
+    def check_memory(self, tile: int, bands: int) -> None:
+        """Refuse a batch of tiles too large to hold in memory, once the tile size and the
+        model's band count are known."""
+        need = self.batch_size * tile * tile * bands * 4
+        if need > MAX_BATCH_BYTES:
+            raise ConfigError(f"one batch of {self.batch_size} tiles of {tile} x {tile} px x {bands} bands would "
+                              f"take {need / 2**30:.1f} GiB of memory (at most {MAX_BATCH_BYTES / 2**30:.0f} GiB)",
+                              "lower --batch-size or --tile")
 
 
 @dataclasses.dataclass

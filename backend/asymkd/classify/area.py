@@ -3,6 +3,8 @@ a grid that it selects."""
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,6 +42,9 @@ def parse_bbox(text: str | Sequence[float]) -> tuple[float, float, float, float]
         raise ConfigError(f"bounding box '{text}' is not four numbers", "write --bbox minx,miny,maxx,maxy") from exc
     if len(vals) != 4:
         raise ConfigError(f"bounding box '{text}' has {len(vals)} numbers, not 4", "write --bbox minx,miny,maxx,maxy")
+    if not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"bounding box {vals} holds a value that is not a finite number",
+                          "write --bbox minx,miny,maxx,maxy with four finite numbers")
     minx, miny, maxx, maxy = vals
     if not (minx < maxx and miny < maxy):
         raise ConfigError(f"bounding box {vals} is empty or inverted", "write --bbox minx,miny,maxx,maxy with min < max")

@@ -105,6 +105,11 @@ def _check_crs(src) -> CRS:
     return src.crs
 
 
+def pixel_size(transform) -> float:
+    """A pixel's true width in CRS units, also for a rotated raster (where `a` alone is not)."""
+    return math.hypot(transform.a, transform.d)
+
+
 def pixel_grid(src, gsd: float | None, tile: int, stride: int) -> Grid:
     """Tiles of `tile` px every `stride` px at `gsd` metres per pixel over the raster."""
     if tile < 1 or stride < 1:
@@ -120,7 +125,7 @@ def pixel_grid(src, gsd: float | None, tile: int, stride: int) -> Grid:
         notes.append(f"raster CRS {crs.to_string()} is geographic (degrees); tiles are cut on a metric grid "
                      f"in {work.to_string()} and the raster is warped onto it on the fly")
     if gsd is None:
-        gsd = abs(t.a) if not crs.is_geographic else _metric_resolution(src, work)
+        gsd = pixel_size(t) if not crs.is_geographic else _metric_resolution(src, work)
         notes.append(f"the model file has no ground resolution; using {gsd:.3g} m per pixel")
     same = work == crs and north_up and _close(abs(t.a), gsd) and _close(abs(t.e), gsd)
     if same:
@@ -129,7 +134,7 @@ def pixel_grid(src, gsd: float | None, tile: int, stride: int) -> Grid:
                     rows, cols, warp=False, notes=tuple(notes))
     left, bottom, right, top = (src.bounds if work == crs and north_up else
                                 transform_bounds(crs, work, *src.bounds, densify_pts=21))
-    native = abs(t.a) if work == crs else _metric_resolution(src, work)
+    native = pixel_size(t) if work == crs else _metric_resolution(src, work)
     if work == crs and not _close(native, gsd):
         notes.append(f"raster resolution {native:.3g} m differs from the model's {gsd:.3g} m; "
                      "tiles are resampled on the fly")

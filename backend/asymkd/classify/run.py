@@ -18,7 +18,7 @@ from .grid import Grid, pixel_grid, xyz_grid
 from .infer import CASTABLE, OnnxClassifier, summarize
 from .reader import PrefetchReader, resolve_bands
 from .style import qml_text
-from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_output_names
+from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_not_inputs, check_output_names
 
 
 def _open_raster(path: Path):
@@ -34,14 +34,15 @@ def _open_raster(path: Path):
 
 def _grid(src, meta: dict, opts: ClassifyOptions, events: Events) -> Grid:
     patch = int(meta["patch_size"])
-    tile = int(opts.tile or patch)
+    tile = int(patch if opts.tile is None else opts.tile)
+    opts.check_memory(tile, int(meta["in_chans"]))
     if tile != patch:
         events.warning(f"tile size {tile} px differs from the model's patch size {patch} px; "
                        "the model sees a different ground extent than it was trained on")
     gsd = meta.get("gsd")
     if opts.xyz_zoom is not None:
         return xyz_grid(src, int(opts.xyz_zoom), tile, gsd)
-    return pixel_grid(src, gsd, tile, int(opts.stride or tile))
+    return pixel_grid(src, gsd, tile, int(tile if opts.stride is None else opts.stride))
 
 
 def _check_value_range(images: np.ndarray, meta: dict, events: Events) -> None:
@@ -63,6 +64,7 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
+    check_not_inputs([out, out.with_suffix(".qml"), class_raster], [model_path, raster, opts.mask])
     meta = read_onnx_metadata(model_path)
     with _open_raster(raster) as src:
         bands, how = resolve_bands(src, meta["band_names"], opts.bands)

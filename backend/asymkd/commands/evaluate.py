@@ -50,12 +50,14 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, events, out: TextIO | None = None) -> int:
     # torch is imported only when the command runs (keeps `asymkd --help` fast).
+    from ..fileio import check_writable
     from ..train.evaluate import default_out_dir, evaluate_model_folder
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}",
                           "give a positive number, e.g. --batch-size 256")
     out_dir = args.out or default_out_dir(args.model, args.data)
+    check_writable(out_dir)  # before the model runs over the whole data set
     metrics = evaluate_model_folder(args.model, args.data, out_dir=out_dir, device=args.device,
                                     events=events, tta=args.tta, batch_size=args.batch_size)
     # With `--events -` stdout carries the JSON-lines stream only.

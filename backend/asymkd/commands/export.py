@@ -19,16 +19,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args, events) -> int:
-    from ..export import export_onnx
+    from ..export import check_export_options, export_onnx
+    check_export_options(args.opset, args.check_samples)
     check = None
     if args.data:
         import numpy as np
         from ..data.patches import load_folder
-        from ..models.files import read_meta
+        from ..models.files import check_bands, read_meta
         meta = read_meta(Path(args.model))
-        data = load_folder(args.data, "rgb", bands=meta["band_names"])
+        data = load_folder(args.data, "rgb")
+        check_bands(meta, data.num_bands, f"--data {args.data}")
         rng = np.random.default_rng(0)
-        pick = rng.permutation(len(data))[: max(1, args.check_samples)]
+        pick = rng.permutation(len(data))[: args.check_samples]
         check = data.images[np.sort(pick)]
     result = export_onnx(args.model, args.out, check_data=check, check_samples=args.check_samples,
                          opset=args.opset, overwrite=args.overwrite, events=events)

@@ -227,15 +227,9 @@ def load_backbone_weights(body: nn.Module, path: str, band_names: list[str] | No
     A first convolution with another band count is widened by wavelength; weights whose
     shapes still do not fit (a classifier) are skipped.
     """
+    from .files import read_state_dict
     p = Path(path)
-    if not p.is_file():
-        raise ModelFileError(f"backbone weights file {p} does not exist", "give a local .safetensors or .pth file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = read_state_dict(p, "backbone weights file")
     try:
         _load_widened(body, dict(state), band_names)
     except ModelFileError:
