@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from . import choices
 from .errors import ConfigError
 
 
@@ -58,12 +59,12 @@ class MatcherConfig:
     batch_size: int = 64
     lr: float = 2e-3
     temperature: float = 0.1
-    positives: Literal["auto", "pairs", "pseudo-rgb"] = "auto"
+    positives: str = "auto"           # choices.POSITIVES
 
 
 @dataclass
 class PairingConfig:
-    method: Literal["balanced", "nearest"] = "balanced"
+    method: str = "balanced"           # choices.PAIRING_METHODS
     sinkhorn_iters: int = 50
     epsilon: float = 0.05
 
@@ -81,14 +82,18 @@ class DistillConfig:
     w_feat: float = 0.05               # domain-shift (CORAL/MMD) on attention-aligned features
     w_pseudo: float = 1.0              # teacher pseudo-label term
     w_gt: float = 1.0                  # ground-truth CE for labeled RGB
-    pseudo: Literal["kl", "ce"] = "kl"
+    pseudo: str = "kl"                 # choices.PSEUDO_MODES
     temperature: float = 3.0
-    domain_loss: Literal["coral", "mmd"] = "coral"
+    domain_loss: str = "coral"         # choices.DOMAIN_LOSSES
     attention_dim: int = 64
     attention_heads: int = 4
-    repair_every: int = 0              # re-pair every K steps (0 = once per epoch quarter)
+    repair_every: int = 0              # re-pair every K steps (0 = once per epoch, -1 = never)
     trust: bool = True                 # weight pseudo-labels by teacher confidence/agreement
     baseline: bool = True              # also train the same student without distillation
+    semi_supervised: str = "fixmatch"  # choices.SEMI_SUPERVISED: how unlabeled RGB trains the student
+    fixmatch_threshold: float = 0.95   # pseudo-label a strong view where the weak view is this sure
+    fixmatch_ratio: int = 2            # unlabeled samples per labeled sample in a batch
+    w_unlabeled: float = 1.0           # weight of the consistency term
     label_smoothing: float = 0.0
     weights: str | None = None
 
@@ -182,12 +187,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),
         (min(cfg.distill.w_feat, cfg.distill.w_pseudo, cfg.distill.w_gt) >= 0, "loss weights must be >= 0"),
         (cfg.distill.temperature > 0 and cfg.matcher.temperature > 0, "temperatures must be > 0"),
-        (cfg.distill.repair_every >= 0, "distill.repair_every must be >= 0"),
+        (0 < cfg.distill.fixmatch_threshold <= 1, "distill.fixmatch_threshold must be in (0, 1]"),
+        (1 <= cfg.distill.fixmatch_ratio <= 16, "distill.fixmatch_ratio must be 1 to 16"),
+        (cfg.distill.w_unlabeled >= 0, "distill.w_unlabeled must be >= 0"),
+        (cfg.distill.repair_every >= -1, "distill.repair_every must be >= 1, 0 (every epoch) or -1 (never)"),
         (cfg.teacher.folds == 0 or cfg.teacher.folds >= 2, "teacher.folds must be 0 or >= 2"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key in choices.CONFIG_CHOICES:
+        section, name = key.split(".")
+        choices.check(key, getattr(getattr(cfg, section), name))
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     from .models.backbones import resolve_backbone  # fail before training, not after hours

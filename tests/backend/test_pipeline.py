@@ -38,7 +38,10 @@ def test_run_all_writes_every_step_and_report(tmp_path, dataset):
     assert student["test"]["n"] == 12  # 3 classes x 4 test patches
     assert student["summary"]["rgb_train"] > student["summary"]["labeled_train"]  # unlabeled used
     baseline = json.loads((run / "baseline" / "metrics.json").read_text())
-    assert baseline["summary"]["rgb_train"] == baseline["summary"]["labeled_train"]
+    # the semi-supervised recipe (default) trains baseline and student on the same samples
+    assert baseline["summary"]["rgb_train"] == student["summary"]["rgb_train"]
+    assert baseline["summary"]["semi_supervised"] == student["summary"]["semi_supervised"] == "fixmatch"
+    assert "train_unlabeled" in baseline["history"][0] and "train_pseudo" not in baseline["history"][0]
     meta = json.loads((run / "student" / "meta.json").read_text())
     assert meta["class_names"] == ["Forest", "River", "Urban"] and meta["in_chans"] == 3
     teacher_meta = json.loads((run / "teacher" / "meta.json").read_text())
@@ -153,3 +156,14 @@ def test_run_command_from_a_toml_config_file(tmp_path, dataset, capsys):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     finished = [e["step"] for e in events if e["event"] == "step" and e["status"] == "finished"]
     assert finished == ["teacher", "matcher", "pair", "distill"]
+
+
+def test_without_semi_supervision_the_baseline_sees_labeled_samples_only(tmp_path, dataset):
+    run = tmp_path / "run"
+    cfg = _cfg(run, dataset, distill={"semi_supervised": "none", "w_feat": 0.0})
+    run_all(cfg, run)
+    student = json.loads((run / "student" / "metrics.json").read_text())
+    baseline = json.loads((run / "baseline" / "metrics.json").read_text())
+    assert student["summary"]["rgb_train"] > student["summary"]["labeled_train"]
+    assert baseline["summary"]["rgb_train"] == baseline["summary"]["labeled_train"]
+    assert "train_unlabeled" not in student["history"][0]

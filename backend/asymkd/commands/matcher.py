@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from ..choices import POSITIVES
 from ..pipeline import resolve_config, step_matcher
 from ._options import add_data_options, add_run_options, overrides
 
@@ -11,7 +12,7 @@ def add_arguments(p) -> None:
     add_run_options(p)
     add_data_options(p, "ms", "bands", "rgb_paired")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--positives", choices=["auto", "pairs", "pseudo-rgb"],
+    p.add_argument("--positives", choices=list(POSITIVES),
                    help="same-target positives: explicit pairs, or pseudo-RGB from MS bands")
     p.add_argument("--embed-dim", type=int)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from ..choices import PAIRING_METHODS
 from ..pipeline import resolve_config, step_pair
 from ._options import add_data_options, add_run_options, overrides
 
@@ -10,8 +11,8 @@ FLAGS = {"method": "pairing.method"}
 def add_arguments(p) -> None:
     add_run_options(p)
     add_data_options(p, "ms", "bands", "rgb", "rgb_unlabeled")
-    p.add_argument("--method", choices=["balanced", "nearest"],
-                   help="balanced (Sinkhorn, no hubs; default) or nearest neighbour")
+    p.add_argument("--method", choices=list(PAIRING_METHODS),
+                   help="; ".join(f"{k}: {v}" for k, v in PAIRING_METHODS.items()) + " (default balanced)")
 
 
 def run(args, events) -> int:

@@ -3,6 +3,7 @@ teacher, the baseline and the distilled student fill into the one training loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,25 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 from ..models.backbones import SceneClassifier
 from ..models.files import save_state
 from . import common
 from .loop import Task
 from .objectives import Batch, SupervisedObjective
+
+
+@dataclass
+class Consistency:
+    """FixMatch-style use of unlabeled samples: each batch of labeled samples brings `ratio`
+    times as many unlabeled ones; where the model is at least `threshold` sure of a weak
+    view, its class is the target of a strong view of the same sample."""
+
+    index: torch.Tensor     # unlabeled sample indices
+    ratio: int
+    threshold: float
+    weight: float
 
 
 class ClassifierTask(Task):
@@ -27,7 +41,8 @@ class ClassifierTask(Task):
 
     def __init__(self, model: SceneClassifier, objective: SupervisedObjective, x: torch.Tensor,
                  y: torch.Tensor, train_index: np.ndarray, device: torch.device, amp: bool,
-                 val_index: np.ndarray | None = None, best_path: Path | None = None):
+                 val_index: np.ndarray | None = None, best_path: Path | None = None,
+                 consistency: Consistency | None = None):
         self.model, self.objective = model, objective
         self.modules: dict[str, nn.Module] = {"model": model}
         attention = getattr(objective, "attention", None)
@@ -39,15 +54,33 @@ class ClassifierTask(Task):
         self.device, self.amp = device, amp
         self.best_path = best_path
         self.best_acc = -1.0
+        self.consistency = consistency if consistency is not None and len(consistency.index) else None
+
+    def trained_rows(self) -> torch.Tensor:
+        """Every sample this task trains on (labeled and unlabeled)."""
+        if self.consistency is None:
+            return self.train_index
+        return torch.cat([self.train_index, self.consistency.index]).sort().values
 
     def forward_batch(self, index: torch.Tensor, gen: torch.Generator) -> tuple[Batch, dict[str, torch.Tensor]]:
-        b = self.train_index[index]
-        xb = common.dihedral(self.x[b], gen).to(self.device)
+        rows = self.train_index[index]
+        views = [common.dihedral(self.x[rows], gen)]
+        c = self.consistency
+        if c is not None:  # weak and strong views of unlabeled samples, in the same forward pass
+            unlabeled = c.index[torch.randint(0, len(c.index), (len(rows) * c.ratio,), generator=gen)]
+            x_u = self.x[unlabeled]
+            views += [common.dihedral(x_u, gen), common.strong_augment(x_u, gen)]
+            rows = torch.cat([rows, unlabeled])
         with common.autocast(self.device, self.amp):
-            feats = self.model.forward_features(xb)
+            feats = self.model.forward_features(torch.cat(views).to(self.device))
             logits = self.model.forward_head(feats).float()
-        batch = Batch(feats=feats, logits=logits, labels=self.y[b].to(self.device), index=b)
-        return batch, self.objective(batch)
+        n = len(rows)
+        batch = Batch(feats=feats[:n], logits=logits[:n], labels=self.y[rows].to(self.device), index=rows)
+        terms = self.objective(batch)
+        if c is not None:
+            terms.update(consistency_terms(logits[n - len(unlabeled):n], logits[n:], c))
+            terms["loss"] = terms["loss"] + terms["unlabeled"]
+        return batch, terms
 
     def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return self.forward_batch(index, gen)[1]
@@ -79,3 +112,11 @@ class ClassifierTask(Task):
             self.model.load_state_dict(load_file(str(self.best_path)))
             self.best_path.unlink()
         return self.model.cpu().eval()
+
+
+def consistency_terms(weak: torch.Tensor, strong: torch.Tensor, c: Consistency) -> dict[str, torch.Tensor]:
+    """FixMatch: CE(strong view, class of the weak view) where the weak view is confident."""
+    confidence, target = weak.detach().softmax(-1).max(-1)
+    mask = (confidence >= c.threshold).float()
+    ce = F.cross_entropy(strong, target, reduction="none")
+    return {"unlabeled": c.weight * (ce * mask).mean(), "confident_share": mask.mean()}

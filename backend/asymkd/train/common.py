@@ -94,6 +94,25 @@ def dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def strong_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A strong view of normalised patches for consistency training: a dihedral move, then
+    per-sample brightness, contrast and per-band gain jitter, and a cut-out square."""
+    x = dihedral(x, gen)
+    n, c, h, w = x.shape
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    contrast = 0.6 + 0.8 * u(n, 1, 1, 1)
+    gain = 0.8 + 0.4 * u(n, c, 1, 1)
+    brightness = 0.8 * (u(n, 1, 1, 1) - 0.5)
+    out = x * contrast * gain + brightness
+    size = (torch.minimum(torch.tensor(h), torch.tensor(w)) * (0.25 + 0.25 * u(n))).long()
+    top = (u(n) * (h - size + 1)).long()
+    left = (u(n) * (w - size + 1)).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    cut = ((rows >= top.view(n, 1, 1)) & (rows < (top + size).view(n, 1, 1))
+           & (cols >= left.view(n, 1, 1)) & (cols < (left + size).view(n, 1, 1)))
+    return out.masked_fill(cut.unsqueeze(1), 0.0)
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
     """Index batches; the last short batch is merged into the previous one (no size-1 batch)."""
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)

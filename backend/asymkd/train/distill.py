@@ -31,7 +31,7 @@ from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import check_bands, load_model, save_model
 from . import common, loop
-from .classifier import ClassifierTask
+from .classifier import ClassifierTask, Consistency
 from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
 from .teacher import auto_epochs, build_classifier
@@ -103,11 +103,11 @@ class DistillTask(ClassifierTask):
         return terms
 
     def after_step(self, global_step: int) -> None:
-        if global_step % self.repair_every:
+        if self.repair_every < 0 or global_step % self.repair_every:
             return
         # Step 5: re-pair every RGB sample with the MS sample whose teacher output is closest
         # (KL) to the student's latest prediction; same class where labeled.
-        t = self.train_index
+        t = self.trained_rows()
         self.objective.partners[t] = torch.as_tensor(self.repair(
             self.logp_table[t].numpy(), self.cache.soft.cpu().numpy(), self.rgb_labels[t.numpy()],
             self.cache.labels.numpy()), dtype=torch.int64)
@@ -129,10 +129,9 @@ class DistillTask(ClassifierTask):
 
 
 def _repair_function(cfg: RunConfig):
-    if cfg.pairing.method == "balanced":
-        return partial(repair_by_kl_balanced, sinkhorn_iters=cfg.pairing.sinkhorn_iters,
-                       epsilon=cfg.pairing.epsilon)
-    return repair_by_kl
+    if cfg.pairing.method == "nearest":
+        return repair_by_kl
+    return partial(repair_by_kl_balanced, sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
 
 
 def _distill_objective(cfg: RunConfig, cache: TeacherCache, student: SceneClassifier, x: torch.Tensor,
@@ -167,9 +166,18 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
     train_idx, val_idx = _split(rgb, cfg)
-    if baseline:  # the baseline sees labeled samples only
+    consistency = None
+    if dc.semi_supervised == "fixmatch" and (rgb.labels[train_idx] < 0).any():
+        # baseline and student alike: labeled batches, each with its share of unlabeled samples
+        unlabeled = train_idx[rgb.labels[train_idx] < 0]
+        consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
+                                  dc.w_unlabeled)
+        mean, std = common.band_stats(rgb.images[train_idx])
         train_idx = train_idx[rgb.labels[train_idx] >= 0]
-    mean, std = common.band_stats(rgb.images[train_idx])
+    else:
+        if baseline:  # without a semi-supervised recipe the baseline sees labeled samples only
+            train_idx = train_idx[rgb.labels[train_idx] >= 0]
+        mean, std = common.band_stats(rgb.images[train_idx])
     x = common.normalize(rgb.images, mean, std)
     y = torch.as_tensor(rgb.labels)
     gen = common.generator(cfg.seed + 101)
@@ -179,7 +187,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                                device=device)
     common_args = (student,)
     kwargs = dict(x=x, y=y, train_index=train_idx, device=device, amp=cfg.amp, val_index=val_idx,
-                  best_path=out_dir / "best.safetensors")
+                  best_path=out_dir / "best.safetensors", consistency=consistency)
     cache = None
     if baseline:
         task: ClassifierTask = ClassifierTask(*common_args, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing),
@@ -202,8 +210,10 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     student = task.final_model()
     metrics = _evaluate(student, rgb, val_idx, rgb_test, mean, std, history, out_dir,
                         "baseline" if baseline else "student")
-    summary = {"rgb_train": int(len(train_idx)), "rgb_val": int(len(val_idx)),
-               "labeled_train": int((rgb.labels[train_idx] >= 0).sum()), "epochs": epochs,
+    rows = task.trained_rows().numpy()
+    summary = {"rgb_train": int(len(rows)), "rgb_val": int(len(val_idx)),
+               "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
+               "semi_supervised": dc.semi_supervised if consistency is not None else "none",
                "best_val_accuracy": task.best_acc if len(val_idx) else None,
                "train_seconds": round(time.time() - started, 1), "backbone": dc.backbone,
                "weights_source": source, "input_size": dc.input_size}
@@ -211,7 +221,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         assert isinstance(task, DistillTask)
         summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,
                        **{f"final_pairs_{k_}": v for k_, v in
-                          pairing_stats(task.objective.partners[task.train_index].numpy(),
+                          pairing_stats(task.objective.partners[task.trained_rows()].numpy(),
                                         cache.labels.numpy()).items()})
     metrics["summary"] = summary
     meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,

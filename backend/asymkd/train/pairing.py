@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..choices import PAIRING_METHODS
 from ..errors import DataError
 
 UNLABELED = -1
@@ -271,7 +272,20 @@ def assign_pairs(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
         scores = [sim_t[b.rows][:, b.cols] for b in blocks]
         return _balanced_from_scores(blocks, scores, len(rgb), ms, epsilon, sinkhorn_iters, tol, rounding,
                                      seed, workers)
-    raise ValueError(f"pairing method must be 'balanced' or 'nearest', got {method!r}")
+    if method == "random":
+        return random_pairs(blocks, len(rgb), seed)
+    raise ValueError(f"pairing method must be one of {', '.join(PAIRING_METHODS)}, got {method!r}")
+
+
+def random_pairs(blocks: list[Block], n_rows: int, seed: int = 0) -> np.ndarray:
+    """A uniformly random allowed partner per row (same class where labeled): the control
+    that shows what the matcher's choice adds."""
+    gen = torch.Generator().manual_seed(seed)
+    assign = np.full(n_rows, -1, dtype=np.int64)
+    for b in blocks:
+        pick = torch.randint(0, len(b.cols), (len(b.rows),), generator=gen)
+        assign[b.rows.numpy()] = b.cols[pick].numpy()
+    return assign
 
 
 def _kl_operands(student_logp: ArrayLike, teacher_p: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
