@@ -3,6 +3,9 @@ at several RGB label counts over several seeds, scored on the RGB test set.
 
 The teacher and matcher are trained once (seed 0) and shared by every student run; each
 (label count, seed) draws its own labeled RGB subset, pairs it and trains both students.
+`--unlabeled` gives both students the rest of rgb_train as unlabeled RGB (the same
+semi-supervised recipe, with and without the teacher); `--ablation` adds the method's parts
+one at a time at the smallest label count.
 """
 
 from __future__ import annotations
@@ -12,19 +15,32 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import merge, parse_set
 from ..events import Events
 
+# name -> config overrides of the distilled student, each adding one part of the method
+ABLATION: dict[str, dict[str, Any]] = {
+    "+ soft labels, random same-class partner": {"pairing": {"method": "random"},
+                                                 "distill": {"repair_every": -1, "w_feat": 0.0}},
+    "+ matcher pairing (balanced)": {"distill": {"repair_every": -1, "w_feat": 0.0}},
+    "+ re-pairing": {"distill": {"w_feat": 0.0}},
+    "+ attention and domain term (full)": {},
+    "full, nearest pairing": {"pairing": {"method": "nearest"}},
+}
+
 
 def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="EuroSAT-layout root with ms/, rgb_paired/, rgb_train/, rgb_test/")
-    p.add_argument("--out", default=None, help="work folder (default: a folder under /tmp)")
+    p.add_argument("--out", default=None, help="work folder (default: a folder under /tmp); finished runs are reused")
     p.add_argument("--labels", default="270,3000", help="RGB label counts (total over classes)")
     p.add_argument("--seeds", type=int, default=5, help="seeds at the smallest label count")
     p.add_argument("--seeds-large", type=int, default=3, help="seeds at larger label counts")
     p.add_argument("--unlabeled", action="store_true",
-                   help="also give the distilled student the rest of rgb_train as unlabeled RGB")
+                   help="also give both students the rest of rgb_train as unlabeled RGB")
+    p.add_argument("--ablation", action="store_true",
+                   help="one table of the method's parts at the smallest label count")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--device", default="auto")
 
@@ -37,63 +53,111 @@ def _summary(values: list[float]) -> str:
     return f"{mean:5.1f} ± {sd:3.1f}"
 
 
-def run(args, events: Events) -> int:
-    from ..pipeline import resolve_config, step_distill, step_matcher, step_pair, step_teacher
-    data = Path(args.data).resolve()
-    out = Path(args.out or f"/tmp/asymkd-bench-accuracy-{os.getpid()}")
-    out.mkdir(parents=True, exist_ok=True)
-    user = parse_set(args.set)
-    base = {"data": {"ms": str(data / "ms"), "rgb_paired": str(data / "rgb_paired"),
-                     "rgb": str(data / "rgb_train"), "rgb_test": str(data / "rgb_test"), "bands": "sentinel2"},
-            "device": args.device}
-    shared = out / "shared"
-    cfg = resolve_config(shared, None, merge(base, user))
-    t0 = time.time()
-    if not (shared / "teacher" / "metrics.json").is_file():
-        step_teacher(cfg, shared, events)
-    if not (shared / "matcher" / "metrics.json").is_file():
-        step_matcher(cfg, shared, events)
-    teacher = json.loads((shared / "teacher" / "metrics.json").read_text())["summary"]
-    matcher = json.loads((shared / "matcher" / "metrics.json").read_text())["summary"]
-    print(f"teacher: out-of-fold accuracy on {teacher['ms_samples']} MS patches "
-          f"{teacher['out_of_fold_accuracy']:.3f}; matcher top-1 retrieval {matcher['retrieval_top1']:.3f}, "
-          f"same class {matcher['retrieval_same_class']:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    counts = [int(c) for c in args.labels.split(",")]
+class _Bench:
+    """Shared teacher and matcher, one run folder per (variant, label count, seed)."""
+
+    def __init__(self, args, events: Events):
+        self.data = Path(args.data).resolve()
+        self.out = Path(args.out or f"/tmp/asymkd-bench-accuracy-{os.getpid()}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.user = parse_set(args.set)
+        self.base = {"data": {"ms": str(self.data / "ms"), "rgb_paired": str(self.data / "rgb_paired"),
+                              "rgb": str(self.data / "rgb_train"), "rgb_test": str(self.data / "rgb_test"),
+                              "bands": "sentinel2"}, "device": args.device}
+        self.unlabeled = args.unlabeled
+        self.events = events
+        self.started = time.time()
+
+    def shared(self) -> dict[str, Any]:
+        from ..pipeline import resolve_config, step_matcher, step_teacher
+        shared = self.out / "shared"
+        cfg = resolve_config(shared, None, merge(self.base, self.user))
+        if not (shared / "teacher" / "metrics.json").is_file():
+            step_teacher(cfg, shared, self.events)
+        if not (shared / "matcher" / "metrics.json").is_file():
+            step_matcher(cfg, shared, self.events)
+        teacher = json.loads((shared / "teacher" / "metrics.json").read_text())["summary"]
+        matcher = json.loads((shared / "matcher" / "metrics.json").read_text())["summary"]
+        print(f"teacher: out-of-fold accuracy on {teacher['ms_samples']} MS patches "
+              f"{teacher['out_of_fold_accuracy']:.3f}; matcher top-1 retrieval {matcher['retrieval_top1']:.3f}, "
+              f"same class {matcher['retrieval_same_class']:.3f} ({self.elapsed()})", flush=True)
+        return {"teacher": teacher, "matcher": matcher}
+
+    def elapsed(self) -> str:
+        return f"{time.time() - self.started:.0f} s"
+
+    def run(self, name: str, count: int, seed: int, variant: dict[str, Any], baseline: bool) -> dict[str, Any]:
+        """Pair and train in RUN = out/name/labels{count}-seed{seed}; metrics of student (and baseline)."""
+        from ..pipeline import resolve_config, step_distill, step_pair
+        run_dir = self.out / name / f"labels{count}-seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for step in ("teacher", "matcher"):
+            link = run_dir / step
+            if not link.exists():
+                link.symlink_to((self.out / "shared" / step).resolve())
+        values = merge(self.base, {"seed": seed, "data": {"rgb_limit_per_class": max(count // 10, 1),
+                                                          "rgb_rest_unlabeled": self.unlabeled},
+                                   "distill": {"baseline": baseline}})
+        cfg = resolve_config(run_dir, None, merge(merge(values, variant), self.user))
+        if not (run_dir / "student" / "metrics.json").is_file():
+            step_pair(cfg, run_dir, self.events)
+        step_distill(cfg, run_dir, self.events, skip_done=True)
+        names = ("student", "baseline") if baseline else ("student",)
+        return {n: json.loads((run_dir / n / "metrics.json").read_text())["test"] for n in names}
+
+
+def _record(results: dict[str, dict[str, list[float]]], key: str, test: dict[str, Any]) -> None:
+    r = results.setdefault(key, {"oa": [], "f1": []})
+    r["oa"].append(test["overall_accuracy"])
+    r["f1"].append(test["macro_f1"])
+
+
+def _main_table(bench: _Bench, counts: list[int], args) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
     for count in counts:
-        seeds = args.seeds if count == min(counts) else args.seeds_large
-        for seed in range(seeds):
-            run_dir = out / f"labels{count}-seed{seed}"
-            run_dir.mkdir(exist_ok=True)
-            for step in ("teacher", "matcher"):
-                link = run_dir / step
-                if not link.exists():
-                    link.symlink_to((shared / step).resolve())
-            per_class = max(count // 10, 1)
-            values = merge(base, {"seed": seed, "data": {"rgb_limit_per_class": per_class}})
-            if args.unlabeled:
-                values["data"]["rgb_rest_unlabeled"] = True
-            rcfg = resolve_config(run_dir, None, merge(values, user))
-            if not (run_dir / "student" / "metrics.json").is_file():
-                step_pair(rcfg, run_dir, events)
-            step_distill(rcfg, run_dir, events, skip_done=True)
-            for name in ("baseline", "student"):
-                m = json.loads((run_dir / name / "metrics.json").read_text())
-                r = results.setdefault(f"{count}/{name}", {"oa": [], "f1": []})
-                r["oa"].append(m["test"]["overall_accuracy"])
-                r["f1"].append(m["test"]["macro_f1"])
-            b, s = results[f"{count}/baseline"]["oa"][-1], results[f"{count}/student"]["oa"][-1]
+        for seed in range(args.seeds if count == min(counts) else args.seeds_large):
+            tests = bench.run("main", count, seed, {}, baseline=True)
+            for name, test in tests.items():
+                _record(results, f"{count}/{name}", test)
+            b, s = tests["baseline"]["overall_accuracy"], tests["student"]["overall_accuracy"]
             print(f"labels {count} seed {seed}: baseline OA {b:.4f}  distilled OA {s:.4f}  "
-                  f"gain {100 * (s - b):+.1f} points ({time.time() - t0:.0f} s)", flush=True)
-    print("\nRGB test set OA and macro-F1 (%), mean ± sd over seeds")
+                  f"gain {100 * (s - b):+.1f} points ({bench.elapsed()})", flush=True)
+    what = "labeled + the rest of rgb_train unlabeled" if args.unlabeled else "labeled only"
+    print(f"\nRGB test set OA and macro-F1 (%), mean ± sd over seeds ({what})")
     print(f"{'labels':>7} {'seeds':>5} {'baseline OA':>13} {'distilled OA':>13} {'gain':>6} "
-          f"{'baseline F1':>13} {'distilled F1':>13}")
+          f"{'baseline F1':>13} {'distilled F1':>13}  per-seed gains")
     for count in counts:
         b, s = results[f"{count}/baseline"], results[f"{count}/student"]
-        gain = statistics.mean(s["oa"]) - statistics.mean(b["oa"])
+        gains = [100 * (x - y) for x, y in zip(s["oa"], b["oa"])]
         print(f"{count:>7} {len(b['oa']):>5} {_summary(b['oa']):>13} {_summary(s['oa']):>13} "
-              f"{100 * gain:+6.1f} {_summary(b['f1']):>13} {_summary(s['f1']):>13}")
-    (out / "results.json").write_text(json.dumps({"teacher": teacher, "matcher": matcher,
-                                                  "results": results}, indent=2))
-    print(f"\nresults: {out / 'results.json'} ({time.time() - t0:.0f} s)")
+              f"{statistics.mean(gains):+6.1f} {_summary(b['f1']):>13} {_summary(s['f1']):>13}  "
+              + " ".join(f"{g:+.1f}" for g in gains))
+    return results
+
+
+def _ablation_table(bench: _Bench, count: int, seeds: int) -> dict[str, dict[str, list[float]]]:
+    results: dict[str, dict[str, list[float]]] = {}
+    for seed in range(seeds):
+        _record(results, "GT only (baseline)", bench.run("main", count, seed, {}, baseline=True)["baseline"])
+        for i, (name, variant) in enumerate(ABLATION.items()):
+            folder = "main" if not variant else f"ablation{i}"
+            _record(results, name, bench.run(folder, count, seed, variant, baseline=folder == "main")["student"])
+        print(f"ablation seed {seed} done ({bench.elapsed()})", flush=True)
+    print(f"\nAblation at {count} RGB labels, RGB test set (%), mean ± sd over {seeds} seeds")
+    print(f"{'variant':<44} {'OA':>13} {'macro-F1':>13}")
+    for name, r in results.items():
+        print(f"{name:<44} {_summary(r['oa']):>13} {_summary(r['f1']):>13}")
+    return results
+
+
+def run(args, events: Events) -> int:
+    bench = _Bench(args, events)
+    doc: dict[str, Any] = bench.shared()
+    counts = [int(c) for c in args.labels.split(",")]
+    doc["results"] = _main_table(bench, counts, args)
+    if args.ablation:
+        doc["ablation"] = _ablation_table(bench, min(counts), args.seeds)
+    doc["wall_seconds"] = round(time.time() - bench.started)
+    (bench.out / "results.json").write_text(json.dumps(doc, indent=2))
+    print(f"\nresults: {bench.out / 'results.json'} (wall time {bench.elapsed()})")
     return 0

@@ -10,7 +10,7 @@ FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size
          "w_pseudo": "distill.w_pseudo", "w_gt": "distill.w_gt", "pseudo": "distill.pseudo",
          "temperature": "distill.temperature", "domain_loss": "distill.domain_loss",
          "baseline": "distill.baseline", "input_size": "distill.input_size",
-         "semi_supervised": "distill.semi_supervised"}
+         "semi_supervised": "distill.semi_supervised", "pretrained": "distill.pretrained"}
 
 
 def add_arguments(p) -> None:
@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
                    help="resize patches to PX inside the model (0 = as they are)")
     p.add_argument("--semi-supervised", choices=list(SEMI_SUPERVISED),
                    help="how unlabeled RGB is used: " + "; ".join(f"{k}: {v}" for k, v in SEMI_SUPERVISED.items()))
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                   help="start the backbone from random weights instead of ImageNet")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

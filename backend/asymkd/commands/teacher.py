@@ -5,13 +5,19 @@ from ._options import add_data_options, add_run_options, overrides
 
 HELP = "train the MS teacher"
 FLAGS = {"backbone": "teacher.backbone", "epochs": "teacher.epochs", "batch_size": "teacher.batch_size",
-         "lr": "teacher.lr", "folds": "teacher.folds", "weights": "teacher.weights"}
+         "lr": "teacher.lr", "folds": "teacher.folds", "weights": "teacher.weights",
+         "input_size": "teacher.input_size", "pretrained": "teacher.pretrained"}
 
 
 def add_arguments(p) -> None:
     add_run_options(p)
     add_data_options(p, "ms", "bands")
-    p.add_argument("--backbone", help="timm model name (default resnet18_w32)")
+    p.add_argument("--backbone", help="efficientnet_lite0 (default, bundled ImageNet weights), "
+                   "resnet18_w32 (from scratch) or a timm model name")
+    p.add_argument("--input-size", type=int, metavar="PX",
+                   help="resize patches to PX inside the model (0 = as they are)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                   help="start the backbone from random weights instead of ImageNet")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
