@@ -23,7 +23,7 @@ $(ENGINE): backend/requirements.txt backend/requirements-test.txt backend/pyproj
 demo: $(ENGINE)
 	$(VENV)/bin/asymkd run --demo --out $(OUT)/demo
 
-test: test-backend test-plugin
+test: qt6-check test-backend test-plugin
 
 test-backend: $(ENGINE)
 	$(VENV)/bin/python -m pytest -q tests/backend
@@ -49,7 +49,10 @@ QGIS_PROFILES_DIR ?=
 SCREENSHOTS ?= out/screenshots
 EUROSAT_MAP ?= ../shared/data/eurosat_map
 PLUGIN_ENV := QT_QPA_PLATFORM=offscreen ASYMKD_ENGINE_PYTHON=$(abspath $(VENV))/bin/python
-.PHONY: _test-plugin bench-plugin
+BUNDLE_PYTHON ?= 3.11
+BUNDLE_VARIANTS ?= cpu,cuda
+BUNDLE_PLATFORM ?= manylinux_2_28_x86_64
+.PHONY: _test-plugin bench-plugin qt6-check bundle
 
 qgis-env: $(QGIS_ENV)
 
@@ -66,6 +69,15 @@ _test-plugin: $(ENGINE) $(QGIS_ENV)
 
 package:
 	$(PYTHON) tools/plugin_package.py zip --out $(PLUGIN_ZIP)
+
+# Fails on Qt5-only code in the plugin (QGIS 4 is Qt6-only).
+qt6-check:
+	$(PYTHON) tools/qt6_check.py asymkd_qgis
+
+# One archive that installs plugin and engine without network (Linux; torch CPU and CUDA builds).
+bundle: $(ENGINE)
+	$(VENV)/bin/python tools/bundle.py --python-version $(BUNDLE_PYTHON) --variants $(BUNDLE_VARIANTS) \
+	  --platform $(BUNDLE_PLATFORM)
 
 deploy: package
 	$(PYTHON) tools/plugin_package.py deploy --zip $(PLUGIN_ZIP) --profile $(QGIS_PROFILE) \

@@ -7,31 +7,36 @@ one background EngineJob; the classified layer is loaded with its style when the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout,
                                  QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
                                  QSpinBox, QVBoxLayout, QWidget)
 
 from . import jobs, layers, results, settings
-from .engine import Engine, EngineUnavailable
+from .engine import WORKING, Engine, EngineState, EngineUnavailable
 from .modelinfo import ModelInfoError, read_model_info
 from .notify import Notifier
 from .tasks import EngineCommand, EngineJob, PreStep
 from .validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder, require_layer
-from .widgets import LabelPicker, Persist, SourcePicker, StepPanel
+from .widgets import EngineBanner, LabelPicker, Persist, SourcePicker, StepPanel, guard_form, heading, wrap_labels
 
 STEPS = ("data", "teacher", "matcher", "distill", "classify")
 STEP_TITLES = {"data": "1. Data", "teacher": "2. Teacher", "matcher": "3. Matcher and pairing",
                "distill": "4. Distill", "classify": "5. Classify"}
+# Short enough for a narrow dock: "Run matcher", not "Run matcher and pairing".
+RUN_LABELS = {"data": "Prepare data", "teacher": "Run teacher", "matcher": "Run matcher",
+              "distill": "Run distill", "classify": "Run classify"}
 AREAS = ("Whole layer", "Canvas extent", "Selected polygons")
 GRID_LABELS = ("Pixels (tile and stride)", "XYZ tiles (zoom level)")
-_ENV_BROKEN_MARKERS = ("ModuleNotFoundError", "ImportError", "No module named", "_ARRAY_API not found")
+# The width QGIS gives a new dock beside the map: the whole form fits it without a scrollbar.
+DOCK_WIDTH = 300
 
 
 def _spin(low: int, high: int, value: int, suffix: str = "") -> QSpinBox:
@@ -83,23 +88,34 @@ class AsymKDDock(QDockWidget):
         self.loaded_layers: list = []
         self._chain: list[str] = []
         self.engine_factory: Callable[[], Engine] = Engine.from_settings
+        self.engine_state: EngineState | None = None
+        self.builder = None  # the engine environment being created, if any
         self._build()
+        self.visibilityChanged.connect(lambda visible: visible and self.refresh_engine_state())
 
     # -- building ------------------------------------------------------------------------
     def _build(self) -> None:
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        # The form wraps to the dock's width instead: never a horizontal scrollbar.
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         body = QWidget()
         outer = QVBoxLayout(body)
+        self.engine_banner = EngineBanner()
+        self.engine_banner.actionRequested.connect(self._engine_action)
+        self.engine_banner.hide()
+        outer.addWidget(self.engine_banner)
         top = QFormLayout()
+        top.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.run_dir = QgsFileWidget()
-        self.run_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.run_dir.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.run_dir.setFilePath(str(settings.runs_dir() / "default"))
         self.persist.bind("run_dir", self.run_dir)
         top.addRow("Run folder", self.run_dir)
         self.run_all_button = QPushButton("Run all steps")
         self.run_all_button.clicked.connect(self.run_all)
         top.addRow(self.run_all_button)
+        wrap_labels(top)
         outer.addLayout(top)
         # One collapsible section per step, in order; the whole dock scrolls, so a step's
         # results are never squeezed into a fixed-height page.
@@ -110,10 +126,11 @@ class AsymKDDock(QDockWidget):
             section = QgsCollapsibleGroupBox(STEP_TITLES[step])
             section.setObjectName(f"asymkd_step_{step}")
             form = QFormLayout(section)
-            form.setRowWrapPolicy(QFormLayout.WrapLongRows)
-            form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+            form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
             build(form)
-            panel = StepPanel(f"Run {STEP_TITLES[step].split('. ', 1)[1].lower()}")
+            wrap_labels(form)
+            panel = StepPanel(RUN_LABELS[step])
             panel.run_button.clicked.connect(lambda _=False, s=step: self.run_step(s))
             panel.cancel_button.clicked.connect(lambda _=False, s=step: self.cancel_step(s))
             form.addRow(panel)
@@ -122,8 +139,74 @@ class AsymKDDock(QDockWidget):
             outer.addWidget(section)
         outer.addStretch(1)
         self.show_step("data")
+        guard_form(body)
         scroll.setWidget(body)
         self.setWidget(scroll)
+        self._connect_applicability()
+        self.update_applicable()
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        return QSize(DOCK_WIDTH, super().sizeHint().height())
+
+    def _connect_applicability(self) -> None:
+        for combo in (self.ms_source.mode, self.rgb_source.mode, self.test_source.mode, self.area, self.grid):
+            combo.currentIndexChanged.connect(lambda *_: self.update_applicable())
+        self.pair_raster.layerChanged.connect(lambda *_: self.update_applicable())
+
+    def update_applicable(self) -> None:
+        """Rows that do not apply to the current choices are disabled (their values are kept)."""
+        layer = SourcePicker.LAYER
+        ms_layer = self.ms_source.kind() == layer
+        sources = (self.ms_source.kind(), self.rgb_source.kind(), self.test_source.kind())
+        self.ms_labels.setEnabled(ms_layer)
+        self.pair_raster.setEnabled(ms_layer)
+        self.rgb_labels.setEnabled(self.rgb_source.kind() == layer)
+        self.test_labels.setEnabled(self.test_source.kind() == layer)
+        self.chip_size.setEnabled(layer in sources)
+        self.chip_resolution.setEnabled(layer in sources)
+        self.mask_layer.setEnabled(self.area.currentText() == "Selected polygons")
+        xyz = self.grid.currentIndex() == 1
+        for widget in (self.tile, self.stride):
+            widget.setEnabled(not xyz)
+        self.zoom.setEnabled(xyz)
+        for label, widget in self._grid_labels.items():
+            label.setEnabled(widget.isEnabled())
+
+    # -- the engine ------------------------------------------------------------------------
+    def refresh_engine_state(self) -> EngineState:
+        """Check the engine (its modules are looked up, not imported: fast) and show the state."""
+        if self.builder is not None and not self.builder.done:
+            return self.engine_state
+        self.engine_state = self.engine_factory().state()
+        self._show_engine_state()
+        return self.engine_state
+
+    def _show_engine_state(self, failure: str = "") -> None:
+        self.engine_banner.show_state(self.engine_state, failure)
+        self.engine_banner.setVisible(self.engine_state.kind != WORKING or bool(failure))
+
+    def _engine_action(self, action: str) -> None:
+        if action == EngineBanner.CANCEL:
+            if self.builder is not None:
+                self.builder.cancel()
+            return
+        if self.notifier.create_environment is not None:
+            self.notifier.create_environment()
+
+    def track_builder(self, builder) -> None:
+        """Show an engine environment being created (progress, cancel) until it ends."""
+        self.builder = builder
+        builder.progressChanged.connect(self.engine_banner.show_creating)
+        builder.builderFinished.connect(self._builder_finished)
+        self.engine_banner.show_creating(0.0, "starting")
+        self.engine_banner.show()
+
+    def _builder_finished(self, builder) -> None:
+        self.builder = None
+        self.engine_state = self.engine_factory().state()
+        self._show_engine_state("" if builder.ok else builder.message)
+        if builder.ok:
+            self.notifier.clear("engine")
 
     def _build_data(self, form: QFormLayout) -> None:
         self.ms_source = self.persist.bind("data/ms_mode", SourcePicker())
@@ -133,7 +216,7 @@ class AsymKDDock(QDockWidget):
         self.persist.bind("data/ms_labels", self.ms_labels.layer_combo)
         self.persist.bind("data/ms_field", self.ms_labels.field_combo)
         self.pair_raster = QgsMapLayerComboBox()
-        self.pair_raster.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.pair_raster.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.pair_raster.setAllowEmptyLayer(True)
         self.pair_raster.setLayer(None)
         self.persist.bind("data/pair_raster", self.pair_raster)
@@ -152,14 +235,14 @@ class AsymKDDock(QDockWidget):
         self.chip_size = self.persist.bind("data/chip_size", _spin(8, 1024, 64, " px"))
         self.chip_resolution = self.persist.bind("data/resolution", _dspin(0.0, 10000.0, 0.0, 3, 1.0))
         self.chip_resolution.setSpecialValueText("native")
-        form.addRow(QLabel("<b>Multispectral (MS) samples</b>, labeled"))
+        form.addRow(heading("<b>Multispectral (MS) samples</b>, labeled"))
         form.addRow("MS source", self.ms_source)
         form.addRow("MS labels, class field", self.ms_labels)
         form.addRow("RGB co-registered with MS (optional)", self.pair_raster)
-        form.addRow(QLabel("<b>RGB samples</b> (other places may be used)"))
+        form.addRow(heading("<b>RGB samples</b> (other places may be used)"))
         form.addRow("RGB source", self.rgb_source)
         form.addRow("RGB labels, class field", self.rgb_labels)
-        form.addRow(QLabel("<b>RGB test samples</b> (optional)"))
+        form.addRow(heading("<b>RGB test samples</b> (optional)"))
         form.addRow("Test source", self.test_source)
         form.addRow("Test labels, class field", self.test_labels)
         form.addRow("Chip size", self.chip_size)
@@ -204,7 +287,8 @@ class AsymKDDock(QDockWidget):
         self.w_gt = self.persist.bind("distill/w_gt", _dspin(-1.0, 100.0, -1.0, 3, 0.1))
         for spin in (self.w_feat, self.w_pseudo, self.w_gt):
             spin.setSpecialValueText("default")
-        self.baseline = self.persist.bind("distill/baseline", QCheckBox("also train the baseline (no distillation)"))
+        self.baseline = self.persist.bind("distill/baseline", QCheckBox("Train the baseline too"))
+        self.baseline.setToolTip("The same student trained without distillation, for comparison")
         self.baseline.setChecked(settings.get("dock/distill/baseline", True, bool))
         self.distill_device = self.persist.bind("distill/device", _combo(jobs.DEVICES))
         form.addRow("Epochs", self.distill_epochs)
@@ -219,7 +303,7 @@ class AsymKDDock(QDockWidget):
 
     def _build_classify(self, form: QFormLayout) -> None:
         self.classify_layer = QgsMapLayerComboBox()
-        self.classify_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.classify_layer.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.classify_layer.setAllowEmptyLayer(True)
         self.classify_layer.setLayer(None)
         self.persist.bind("classify/layer", self.classify_layer)
@@ -231,7 +315,7 @@ class AsymKDDock(QDockWidget):
         self.persist.bind("classify/model", self.model_file)
         self.area = self.persist.bind("classify/area", _combo(AREAS))
         self.mask_layer = QgsMapLayerComboBox()
-        self.mask_layer.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.mask_layer.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
         self.mask_layer.setAllowEmptyLayer(True)
         self.mask_layer.setLayer(None)
         self.persist.bind("classify/mask_layer", self.mask_layer)
@@ -243,19 +327,17 @@ class AsymKDDock(QDockWidget):
         self.zoom = self.persist.bind("classify/zoom", _spin(0, 24, 16))
         self.batch_size = self.persist.bind("classify/batch_size", _spin(1, 4096, 64))
         self.classify_device = self.persist.bind("classify/device", _combo(jobs.DEVICES))
-        grid_row = QWidget()
-        grid_layout = QHBoxLayout(grid_row)
-        grid_layout.setContentsMargins(0, 0, 0, 0)
-        for label, widget in (("tile", self.tile), ("stride", self.stride), ("zoom", self.zoom)):
-            grid_layout.addWidget(QLabel(label))
-            grid_layout.addWidget(widget)
+        self._grid_labels: dict[QLabel, QWidget] = {}
         form.addRow("Raster layer", self.classify_layer)
         form.addRow("Bands", self.classify_bands)
         form.addRow("Model (.onnx)", self.model_file)
         form.addRow("Area", self.area)
         form.addRow("Polygon layer (selection)", self.mask_layer)
         form.addRow("Grid", self.grid)
-        form.addRow(grid_row)
+        for text, widget in (("Tile", self.tile), ("Stride", self.stride), ("Zoom level", self.zoom)):
+            label = QLabel(text)
+            self._grid_labels[label] = widget
+            form.addRow(label, widget)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Device", self.classify_device)
 
@@ -453,6 +535,7 @@ class AsymKDDock(QDockWidget):
         try:
             prepared = getattr(self, f"prepare_{step}")()
             if not prepared.commands:
+                panel.set_status("")
                 panel.show_results(note="Nothing to prepare: the folders are used as they are.")
                 self._continue_chain(step, True)
                 return None
@@ -460,13 +543,14 @@ class AsymKDDock(QDockWidget):
             engine.check()
         except InputError as exc:
             self._chain.clear()
-            panel.status.setText(str(exc))
-            self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc), show_log=False)
+            panel.set_status(str(exc), error=True)
+            self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc), show_log=False, key=step)
             return None
         except EngineUnavailable as exc:
             self._chain.clear()
-            panel.status.setText(exc.message)
-            self.notifier.error("AsymKD engine", str(exc), offer_environment=True)
+            panel.set_status(exc.message, error=True)
+            self.notifier.error("AsymKD engine", str(exc), offer_environment=True, key="engine")
+            self.refresh_engine_state()
             return None
         job = EngineJob(prepared.name, prepared.commands, engine, parent=self, pre_steps=prepared.pre_steps)
         job.progressChanged.connect(panel.set_progress)
@@ -480,7 +564,7 @@ class AsymKDDock(QDockWidget):
         job = self.jobs.get(step)
         if job is not None:
             job.cancel()
-            self.panels[step].status.setText("Cancelling...")
+            self.panels[step].set_status("Cancelling...")
 
     def run_all(self) -> None:
         """Data, teacher, matcher, distill and classify, each started when the one before succeeds."""
@@ -500,33 +584,40 @@ class AsymKDDock(QDockWidget):
         ok = job.state == EngineJob.OK
         if ok:
             panel.progress.setValue(100)
-            panel.status.setText(f"{job.name} finished.")
+            panel.set_status(f"{job.name} finished.")
+            self.notifier.clear(step)  # an old error of this step no longer applies
             try:
                 if prepared.on_success is not None:
                     prepared.on_success(job)
             except InputError as exc:
                 ok = False
-                self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc))
+                panel.set_status(str(exc), error=True)
+                self.notifier.error(f"AsymKD {STEP_TITLES[step]}", str(exc), key=step)
         elif job.state == EngineJob.CANCELLED:
-            panel.status.setText(job.message())
+            panel.set_status(job.message())
             self.notifier.info(f"AsymKD {STEP_TITLES[step]}", job.message())
         else:
             message = job.message()
-            panel.status.setText(message)
-            self.notifier.error(f"AsymKD {STEP_TITLES[step]} failed", message,
-                                offer_environment=job.engine_unavailable or self._env_broken(job))
+            panel.set_status(message, error=True)
+            broken = job.engine_unavailable or self._env_broken(job)
+            self.notifier.error(f"AsymKD {STEP_TITLES[step]} failed", message, offer_environment=broken, key=step)
+            if broken:
+                self.refresh_engine_state()
         self.jobFinished.emit(step, job)
         self._continue_chain(step, ok)
 
     @staticmethod
     def _env_broken(job: EngineJob) -> bool:
-        for outcome in job.outcomes:
+        """Whether a crash came from the environment (a module missing or failing to import)
+        rather than from the engine: the user is then offered to repair it."""
+        crashed = [o for o in job.outcomes if o.returncode == 1]
+        for outcome in crashed:
             text = "\n".join(outcome.stderr_tail) + (outcome.error.message if outcome.error else "")
-            if outcome.returncode == 1 and any(marker in text for marker in _ENV_BROKEN_MARKERS):
-                # A missing engine module, not missing engine command: the environment is broken.
-                if "asymkd.commands" not in text:
-                    return True
-        return False
+            modules = re.findall(r"No module named '([^']+)'", text)
+            if any(name.split(".")[0] != "asymkd" for name in modules) or "_ARRAY_API not found" in text:
+                return True
+        # Judge by what the engine needs, never by the wording of the error.
+        return bool(crashed) and not job.engine.state().working
 
     # -- results ---------------------------------------------------------------------------
     def _show(self, step: str, shown: results.StepResults) -> None:

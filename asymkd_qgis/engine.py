@@ -41,6 +41,39 @@ _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
 _LAUNCH = "import sys; from asymkd.cli import main; sys.exit(main())"
 
 
+# What the engine imports to run at all; an environment without one of them is broken.
+REQUIRED_MODULES = ("numpy", "torch", "onnxruntime", "rasterio", "asymkd")
+
+# Where the user fixes a missing or broken engine (the names of the plugin's own UI).
+ENVIRONMENT_HINT = ("Create it with the button at the top of the AsymKD dock (or Plugins > AsymKD > "
+                    "Create engine environment...), or choose an existing one in Plugins > AsymKD > "
+                    "Diagnostics... > Choose engine Python...")
+
+# Prints one PROBE line: the modules that cannot be found (or imported) and the engine version.
+_PROBE = """
+import importlib, importlib.util, json, sys
+modules, do_import = json.loads(sys.argv[1]), sys.argv[2] == "1"
+missing = {}
+for name in modules:
+    try:
+        if do_import:
+            importlib.import_module(name)
+        elif importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named '{name}'")
+    except Exception as exc:
+        missing[name] = f"{type(exc).__name__}: {exc}"
+version = ""
+try:
+    import asymkd
+    version = str(asymkd.__version__)
+except Exception as exc:
+    missing.setdefault("asymkd", f"{type(exc).__name__}: {exc}")
+print("PROBE " + json.dumps({"missing": missing, "version": version}), flush=True)
+"""
+
+MISSING, BROKEN, WORKING = "missing", "broken", "working"
+
+
 class EngineUnavailable(Exception):
     """The engine environment is missing or broken; the message says which and how to fix."""
 
@@ -51,6 +84,21 @@ class EngineUnavailable(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} {self.hint}".strip()
+
+
+@dataclass
+class EngineState:
+    """What the engine environment is: missing, broken (which modules) or working (version)."""
+
+    kind: str
+    message: str
+    hint: str = ""
+    version: str = ""
+    missing: tuple[str, ...] = ()
+
+    @property
+    def working(self) -> bool:
+        return self.kind == WORKING
 
 
 @dataclass
@@ -101,6 +149,7 @@ class Engine:
 
     python: Path
     source: Path | None = None
+    required: tuple[str, ...] = REQUIRED_MODULES
 
     @classmethod
     def from_settings(cls) -> "Engine":
@@ -122,35 +171,47 @@ class Engine:
         return env
 
     # -- health ----------------------------------------------------------------------
-    def check(self, modules: Sequence[str] = ("asymkd",), timeout_s: float = 60.0) -> str:
-        """Raise EngineUnavailable unless the engine Python runs and imports `modules`.
+    def state(self, modules: Sequence[str] | None = None, imports: bool = False,
+              timeout_s: float = 60.0) -> EngineState:
+        """Whether the engine Python runs and has `modules` (default: what the engine needs).
 
-        Returns the engine version. Importing torch takes seconds, so callers pass the heavy
-        modules only where it matters (diagnostics, environment creation).
+        With imports=False the modules are only looked up (fast: no torch import), which finds
+        what a failed or cancelled installation left out; imports=True imports each of them.
         """
-        hint = "Create the engine environment (AsymKD toolbar > Create engine environment) or choose its Python in the diagnostics view."
+        modules = list(self.required if modules is None else modules)
         if not self.python.exists():
-            raise EngineUnavailable(f"The AsymKD engine environment is missing: {self.python} does not exist.", hint)
-        code = "import importlib, sys\n" \
-               f"mods = {list(modules)!r}\n" \
-               "for m in mods:\n" \
-               "    try:\n        importlib.import_module(m)\n" \
-               "    except Exception as e:\n        print('MISSING', m, type(e).__name__, e); sys.exit(3)\n" \
-               "import asymkd; print('VERSION', asymkd.__version__)"
+            return EngineState(MISSING, f"The AsymKD engine environment is missing: {self.python} does not exist.",
+                               ENVIRONMENT_HINT)
+        argv = [str(self.python), "-c", _PROBE, json.dumps(modules), "1" if imports else "0"]
         try:
-            proc = subprocess.run([str(self.python), "-c", code], env=self.env(), capture_output=True,
-                                  text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
-                                  **_popen_platform_kwargs(new_group=False))
+            proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, **_popen_platform_kwargs(new_group=False))
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise EngineUnavailable(f"The AsymKD engine environment is broken: {self.python} cannot run ({exc}).", hint) from exc
-        lines = (proc.stdout + proc.stderr).splitlines()
-        for line in lines:
-            if line.startswith("MISSING"):
-                raise EngineUnavailable(f"The AsymKD engine environment is broken: {line[8:]}.", hint)
-            if line.startswith("VERSION"):
-                return line.split(" ", 1)[1].strip()
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise EngineUnavailable(f"The AsymKD engine environment is broken: {last}", hint)
+            return EngineState(BROKEN, f"The AsymKD engine environment is broken: {self.python} cannot run ({exc}).",
+                               ENVIRONMENT_HINT)
+        report = next((line[6:] for line in proc.stdout.splitlines() if line.startswith("PROBE ")), None)
+        if report is None:
+            lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit code {proc.returncode}"
+            return EngineState(BROKEN, f"The AsymKD engine environment is broken: {self.python} fails ({last}).",
+                               ENVIRONMENT_HINT)
+        found = json.loads(report)
+        missing: dict[str, str] = found.get("missing") or {}
+        if missing:
+            names = ", ".join(missing)
+            first = next(iter(missing.values()))
+            return EngineState(BROKEN, f"The AsymKD engine environment of {self.python} is broken: {names} "
+                               f"cannot be {'imported' if imports else 'found'} ({first}).", ENVIRONMENT_HINT,
+                               missing=tuple(missing))
+        version = str(found.get("version") or "")
+        return EngineState(WORKING, f"AsymKD engine {version} in {self.python}", version=version)
+
+    def check(self, modules: Sequence[str] | None = None, timeout_s: float = 60.0, imports: bool = False) -> str:
+        """The engine version; EngineUnavailable (with what to do) unless state() says working."""
+        state = self.state(modules, imports=imports, timeout_s=timeout_s)
+        if not state.working:
+            raise EngineUnavailable(state.message, state.hint)
+        return state.version
 
 
 def _popen_platform_kwargs(new_group: bool = True) -> dict[str, Any]:
@@ -176,9 +237,14 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 
 def _reader(stream, tag: str, sink: "queue.Queue[tuple[str, str | None]]") -> None:
-    for raw in iter(stream.readline, b""):
-        sink.put((tag, raw.decode("utf-8", errors="replace").rstrip("\r\n")))
-    sink.put((tag, None))
+    try:
+        for raw in iter(stream.readline, b""):
+            sink.put((tag, raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+    finally:
+        # Closed by the thread that reads it (closing it from another thread could block on a
+        # pipe a grandchild keeps open): no `ResourceWarning: unclosed file` in QGIS's log.
+        stream.close()
+        sink.put((tag, None))
 
 
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
@@ -280,7 +346,7 @@ def run_engine(engine: Engine, args: Sequence[str], *, on_event: EventCallback |
                                 grace_s=grace_s)
     except OSError as exc:
         raise EngineUnavailable(f"The AsymKD engine could not be started with {engine.python}: {exc}",
-                                "Create the engine environment or choose its Python in the diagnostics view.") from exc
+                                ENVIRONMENT_HINT) from exc
     outcome.returncode = result.returncode
     outcome.cancelled = result.cancelled or result.returncode == EXIT_CANCELLED
     outcome.stderr_tail = result.stderr_tail

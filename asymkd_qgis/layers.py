@@ -73,14 +73,14 @@ class RasterExport:
         block_feedback = feedback if isinstance(feedback, QgsRasterBlockFeedback) else QgsRasterBlockFeedback()
         if feedback is not None and feedback is not block_feedback:
             # direct: the flag is set from whichever thread cancels, no event loop needed
-            feedback.canceled.connect(block_feedback.cancel, Qt.DirectConnection)
+            feedback.canceled.connect(block_feedback.cancel, Qt.ConnectionType.DirectConnection)
             if feedback.isCanceled():
                 block_feedback.cancel()
         error = writer.writeRaster(pipe, self.width, self.height, self.extent, self.crs, context, block_feedback)
-        if error == QgsRasterFileWriter.WriteCanceled or block_feedback.isCanceled():
+        if error == QgsRasterFileWriter.WriterError.WriteCanceled or block_feedback.isCanceled():
             self.out_path.unlink(missing_ok=True)
             raise InputError(f"Exporting '{self.name}' was cancelled.")
-        if error != QgsRasterFileWriter.NoError:
+        if error != QgsRasterFileWriter.WriterError.NoError:
             raise InputError(f"Exporting '{self.name}' to {self.out_path} failed (writer error {int(error)}).")
         return str(self.out_path)
 
@@ -166,7 +166,7 @@ def vector_source_for(layer: QgsVectorLayer, folder: Path, only_selected: bool =
     options.layerName = _safe_name(layer.name())
     options.onlySelectedFeatures = only_selected
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(out), QgsProject.instance().transformContext(), options)
-    if result[0] != QgsVectorFileWriter.NoError:
+    if result[0] != QgsVectorFileWriter.WriterError.NoError:
         raise InputError(f"Exporting '{layer.name()}' to {out} failed: {result[1]}")
     return VectorSource(str(out), options.layerName)
 

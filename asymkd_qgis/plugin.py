@@ -8,7 +8,12 @@ import time
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import QCoreApplication, Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QMessageBox
+from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
+
+try:  # Qt6 (QGIS 4) has QAction in QtGui, Qt5 in QtWidgets
+    from qgis.PyQt.QtGui import QAction
+except ImportError:
+    from qgis.PyQt.QtWidgets import QAction
 
 from . import envsetup, paths
 from .engine import EngineUnavailable
@@ -40,12 +45,14 @@ class AsymKDPlugin:
         from .dock import AsymKDDock
         self.dock = AsymKDDock(self.iface, self.notifier, self.iface.mainWindow())
         self.dock.hide()
-        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         icon = QIcon(paths.icon_path())
         self.dock_action = self._action(icon, "AsymKD", self.toggle_dock, toolbar=True, checkable=True)
         self.dock.visibilityChanged.connect(self.dock_action.setChecked)
         self._action(QIcon(paths.icon_path("environment.svg")), "Create engine environment...",
                      lambda _checked=False: self.create_environment())
+        self._action(QIcon(paths.icon_path("environment.svg")), "Create engine environment from a folder...",
+                     lambda _checked=False: self.create_environment_from_folder())
         self._action(QIcon(paths.icon_path("diagnostics.svg")), "Diagnostics...",
                      lambda _checked=False: self.show_diagnostics())
 
@@ -84,6 +91,8 @@ class AsymKDPlugin:
             action.deleteLater()
         self.actions.clear()
         if self.diagnostics is not None:
+            if self.diagnostics.job is not None:  # the doctor's task reports to the dialog
+                self._stop_jobs([self.diagnostics.job])
             self.diagnostics.close()
             self.diagnostics.deleteLater()
             self.diagnostics = None
@@ -103,34 +112,47 @@ class AsymKDPlugin:
             time.sleep(0.02)
 
     # -- engine environment ------------------------------------------------------------------
-    def create_environment(self, confirm: bool = True) -> envsetup.EnvironmentBuilder | None:
+    def create_environment(self, confirm: bool = True, wheels: str | None = None) -> envsetup.EnvironmentBuilder | None:
+        """Create (or repair) the engine environment, from the package registry or, with
+        `wheels`, from a folder of wheels / an unpacked offline bundle without downloading."""
         if self.builder is not None and not self.builder.done:
             self.notifier.info("AsymKD engine", "The engine environment is already being created.")
             return None
         try:
-            plan = envsetup.default_plan()
+            plan = envsetup.default_plan(wheels=wheels)
         except EngineUnavailable as exc:
-            self.notifier.error("AsymKD engine", str(exc))
+            self.notifier.error("AsymKD engine", str(exc), key="engine")
             return None
         if confirm:
+            replace = " It replaces the environment that is there." if (plan.venv / "pyvenv.cfg").is_file() else ""
+            size = "" if plan.offline else " This downloads several hundred MB to a few GB."
             answer = QMessageBox.question(
                 self.iface.mainWindow(), "Create the AsymKD engine environment",
                 f"Create a Python environment for the AsymKD engine in\n{plan.venv}\n\n"
-                f"from {plan.base_python}, with torch ({plan.torch_build} build) and the pinned engine "
-                "packages? This downloads several hundred MB to a few GB and runs in the background. "
+                f"from {plan.base_python}, with {plan.describe()}?{replace}{size} It runs in the background; "
                 "QGIS's own Python is not changed.")
-            if answer != QMessageBox.Yes:
+            if answer != QMessageBox.StandardButton.Yes:
                 return None
         self.builder = envsetup.EnvironmentBuilder(plan)
         self.builder.builderFinished.connect(self._environment_done)
-        self.notifier.info("AsymKD engine", f"Creating the engine environment in {plan.venv} (see the task bar for progress).")
+        if self.dock is not None:
+            self.dock.track_builder(self.builder)
+        self.notifier.info("AsymKD engine", f"Creating the engine environment in {plan.venv} (progress at the top "
+                           "of the AsymKD dock and in the task bar).")
         return self.builder.start()
+
+    def create_environment_from_folder(self) -> envsetup.EnvironmentBuilder | None:
+        folder = QFileDialog.getExistingDirectory(self.iface.mainWindow(),
+                                                  "Folder of wheels or unpacked AsymKD offline bundle")
+        return self.create_environment(wheels=folder) if folder else None
 
     def _environment_done(self, builder: envsetup.EnvironmentBuilder) -> None:
         if builder.ok:
-            self.notifier.success("AsymKD engine", builder.message)
+            self.notifier.success("AsymKD engine", builder.message, key="engine")
+        elif builder.cancelled:
+            self.notifier.info("AsymKD engine", builder.message)
         else:
-            self.notifier.error("AsymKD engine", builder.message)
+            self.notifier.error("AsymKD engine", builder.message, key="engine")
 
     def show_diagnostics(self) -> None:
         from .diagnostics import DiagnosticsDialog

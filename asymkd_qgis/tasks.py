@@ -19,7 +19,7 @@ from .validation import InputError
 
 LOG_TAG = "AsymKD"
 
-_LOG_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+_LOG_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.Critical}
 
 
 @dataclass
@@ -84,7 +84,7 @@ class ProgressMapper:
         return self.value
 
 
-def log(message: str, level: Any = Qgis.Info) -> None:
+def log(message: str, level: Any = Qgis.MessageLevel.Info) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, level)
 
 
@@ -165,7 +165,7 @@ class EngineTask(QgsTask):
     """Runs the commands of one EngineJob in the task manager's worker thread."""
 
     def __init__(self, job: EngineJob):
-        super().__init__(f"AsymKD: {job.name}", QgsTask.CanCancel)
+        super().__init__(f"AsymKD: {job.name}", QgsTask.Flag.CanCancel)
         self.job = job
         self.feedback = QgsFeedback()  # made in the main thread; cancel() sets it from there
 
@@ -198,7 +198,7 @@ class EngineTask(QgsTask):
                     self._on_event(event, base, span, label, mapper)
 
                 outcome = run_engine(job.engine, command.args, on_event=on_event,
-                                     on_stderr=lambda line: log(line, Qgis.Info),
+                                     on_stderr=lambda line: log(line, Qgis.MessageLevel.Info),
                                      is_cancelled=self.isCanceled,
                                      on_start=lambda pid: setattr(job, "pid", pid))
                 job.outcomes.append(outcome)
@@ -226,11 +226,11 @@ class EngineTask(QgsTask):
             self.setProgress(percent)
             self.job.progressChanged.emit(percent, f"{label} - {describe_progress(event)}")
         elif kind == "log":
-            log(str(event.get("message", "")), _LOG_LEVELS.get(str(event.get("level")), Qgis.Info))
+            log(str(event.get("message", "")), _LOG_LEVELS.get(str(event.get("level")), Qgis.MessageLevel.Info))
         elif kind == "warning":
-            log(str(event.get("message", "")), Qgis.Warning)
+            log(str(event.get("message", "")), Qgis.MessageLevel.Warning)
         elif kind == "error":
-            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(), Qgis.Critical)
+            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(), Qgis.MessageLevel.Critical)
         elif kind == "step" and event.get("status") == "started":
             self.job.progressChanged.emit(base, f"{label} - {event.get('step')}")
         self.job.eventReceived.emit(event)

@@ -37,7 +37,7 @@ def require_folder(folder: str | None, what: str) -> Path:
 def is_colour_image(layer: QgsRasterLayer) -> bool:
     """Web layers (WMS, XYZ) deliver one ARGB colour band, not data bands."""
     provider = layer.dataProvider()
-    return provider is not None and provider.dataType(1) in (Qgis.ARGB32, Qgis.ARGB32_Premultiplied)
+    return provider is not None and provider.dataType(1) in (Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied)
 
 
 def band_count(layer: QgsRasterLayer) -> int:
@@ -77,8 +77,8 @@ def check_labels(labels: QgsVectorLayer | None, field: str | None, raster: QgsRa
     Returns the class names found over the raster.
     """
     labels = require_layer(labels, "label layer")
-    if labels.type() != QgsMapLayer.VectorLayer or labels.geometryType() not in (
-            QgsWkbTypes.PolygonGeometry, QgsWkbTypes.PointGeometry):
+    if not isinstance(labels, QgsVectorLayer) or labels.geometryType() not in (
+            QgsWkbTypes.GeometryType.PolygonGeometry, QgsWkbTypes.GeometryType.PointGeometry):
         raise InputError(f"The label layer '{labels.name()}' must hold polygons or points.")
     if not field:
         raise InputError(f"No class field chosen for the label layer '{labels.name()}': pick the field that holds the class names.")

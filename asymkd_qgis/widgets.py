@@ -1,5 +1,6 @@
-"""Small widgets of the dock: a step's run/cancel/progress/results panel, a layer-or-folder
-picker, a label layer + class field picker, and settings persistence for form widgets."""
+"""Small widgets of the dock: the engine state banner, a step's run/cancel/progress/results
+panel, a layer-or-folder picker, a label layer + class field picker, settings persistence for
+form widgets, and a guard that keeps the mouse wheel from changing unfocused fields."""
 
 from __future__ import annotations
 
@@ -9,13 +10,140 @@ from typing import Any
 
 from qgis.core import QgsMapLayerProxyModel, QgsProject
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtCore import QEvent, QObject, Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
-from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel,
-                                 QLineEdit, QProgressBar, QPushButton, QSpinBox, QStackedWidget,
-                                 QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout,
+                                 QFrame, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton,
+                                 QSizePolicy, QSpinBox, QStackedWidget, QVBoxLayout, QWidget)
 
 from . import settings
+from .engine import BROKEN, MISSING, EngineState
+
+ERROR_STYLE = "color: #b00020;"
+# Combo boxes may shrink to this many characters: long layer names must not widen the dock.
+COMBO_MIN_CHARS = 4
+
+
+class WheelGuard(QObject):
+    """Wheel events over a spin box or combo box that has no focus go to the form instead:
+    scrolling the dock must never change a value (e.g. a loss weight to -1 = "default")."""
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
+            event.ignore()  # ignored: Qt hands it on to the parents, i.e. the scroll area
+            return True
+        return False
+
+
+_WHEEL_GUARD = WheelGuard()
+
+
+def guard_wheel(widget: QWidget) -> QWidget:
+    """Focus by click or tab only, and no wheel changes until then."""
+    widget.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+    widget.installEventFilter(_WHEEL_GUARD)
+    return widget
+
+
+def narrow_combo(combo: QComboBox) -> QComboBox:
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(COMBO_MIN_CHARS)
+    combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    return guard_wheel(combo)
+
+
+def guard_form(root: QWidget) -> None:
+    """guard_wheel every spin box and combo box under root; combo boxes may shrink."""
+    for widget in root.findChildren(QAbstractSpinBox):
+        guard_wheel(widget)
+    for combo in root.findChildren(QComboBox):
+        narrow_combo(combo)
+
+
+def heading(html_text: str) -> QLabel:
+    """A section heading inside a form (rich text of our own), wrapped to the dock's width."""
+    label = QLabel(html_text)
+    label.setTextFormat(Qt.TextFormat.RichText)
+    label.setWordWrap(True)
+    return label
+
+
+def wrap_labels(form: QFormLayout) -> None:
+    """Let the form's row labels wrap, so a long label never sets the dock's minimum width."""
+    for row in range(form.rowCount()):
+        item = form.itemAt(row, QFormLayout.ItemRole.LabelRole)
+        if item is not None and isinstance(item.widget(), QLabel):
+            item.widget().setWordWrap(True)
+
+
+def plain_label(text: str = "") -> QLabel:
+    """A wrapping label that shows text as it is (never as rich text, where `<...>` vanishes)."""
+    label = QLabel(text)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+class EngineBanner(QFrame):
+    """The engine state at the top of the dock, with the one button that fixes it: missing
+    (create), broken (repair), being created (progress, cancel) or working (no button)."""
+
+    CREATE, REPAIR, CANCEL = "Create engine environment", "Repair engine environment", "Cancel"
+    actionRequested = pyqtSignal(str)  # the button's text
+
+    _STYLES = {MISSING: "background: #fff4ce; border: 1px solid #d9a400;",
+               BROKEN: "background: #fde7e9; border: 1px solid #c50f1f;",
+               "creating": "background: #eef4fb; border: 1px solid #6b9bd1;"}
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("asymkdEngineBanner")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(6, 4, 6, 4)
+        self.label = plain_label()
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.hide()
+        self.button = QPushButton(self.CREATE)
+        self.button.hide()
+        self.button.clicked.connect(lambda _checked=False: self.actionRequested.emit(self.button.text()))
+        layout.addWidget(self.label)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.button)
+        self.state: str = ""
+
+    def _style(self, key: str) -> None:
+        style = self._STYLES.get(key, "")
+        self.setStyleSheet(f"QFrame#asymkdEngineBanner {{ {style} border-radius: 3px; }}" if style else "")
+
+    def show_state(self, state: EngineState, failure: str = "") -> None:
+        """`failure`: why the last creation did not succeed, shown above the state."""
+        self.state = state.kind
+        self.progress.hide()
+        prefix = f"{failure}\n" if failure else ""
+        if state.kind == MISSING:
+            self.label.setText(prefix + "The AsymKD engine is not installed yet; the steps below need it. "
+                               "Creating it downloads torch and the engine packages (offline: Plugins > "
+                               "AsymKD > Create engine environment from a folder...).")
+            self.button.setText(self.CREATE)
+        elif state.kind == BROKEN:
+            self.label.setText(prefix + state.message)
+            self.button.setText(self.REPAIR)
+        else:
+            self.label.setText(prefix + f"Engine ready: asymkd {state.version}")
+            self.label.setToolTip(state.message)
+        self.button.setVisible(state.kind in (MISSING, BROKEN))
+        self._style(state.kind)
+
+    def show_creating(self, percent: float, text: str) -> None:
+        self.state = "creating"
+        self.label.setText(f"Creating the engine environment: {text}")
+        self.progress.setValue(int(round(percent)))
+        self.progress.show()
+        self.button.setText(self.CANCEL)
+        self.button.show()
+        self._style("creating")
 
 
 class StepPanel(QWidget):
@@ -36,17 +164,16 @@ class StepPanel(QWidget):
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
         layout.addWidget(self.progress)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = plain_label()
         layout.addWidget(self.status)
         self.results = QLabel("")
         self.results.setWordWrap(True)
-        self.results.setTextFormat(Qt.RichText)
+        self.results.setTextFormat(Qt.TextFormat.RichText)
         self.results.setOpenExternalLinks(True)
-        self.results.setTextInteractionFlags(Qt.TextBrowserInteraction)
+        self.results.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
         layout.addWidget(self.results)
         self.image = QLabel()
-        self.image.setAlignment(Qt.AlignCenter)
+        self.image.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.image.hide()
         layout.addWidget(self.image)
 
@@ -57,11 +184,20 @@ class StepPanel(QWidget):
             self.progress.setValue(0)
             self.results.setText("")
             self.image.hide()
-        self.status.setText(text)
+        self.set_status(text)
 
     def set_progress(self, percent: float, text: str) -> None:
         self.progress.setValue(int(round(percent)))
+        self.set_status(text)
+
+    def set_status(self, text: str, error: bool = False) -> None:
+        """The status line; an error in red until the next status replaces it."""
         self.status.setText(text)
+        self.status.setStyleSheet(ERROR_STYLE if error else "")
+
+    @property
+    def has_error(self) -> bool:
+        return bool(self.status.styleSheet())
 
     def show_results(self, metrics: dict[str, Any] | None = None, links: dict[str, str] | None = None,
                      image: str | None = None, note: str = "") -> None:
@@ -78,7 +214,8 @@ class StepPanel(QWidget):
         if image and Path(image).is_file():
             pixmap = QPixmap(str(image))
             if not pixmap.isNull():
-                self.image.setPixmap(pixmap.scaledToWidth(min(320, pixmap.width()), Qt.SmoothTransformation))
+                self.image.setPixmap(pixmap.scaledToWidth(min(260, pixmap.width()),
+                                                          Qt.TransformationMode.SmoothTransformation))
                 self.image.setToolTip(str(image))
                 self.image.show()
                 return
@@ -115,11 +252,11 @@ class SourcePicker(QWidget):
         self.mode.addItems(modes)
         self.stack = QStackedWidget()
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.layer_combo.setAllowEmptyLayer(True)
         self.layer_combo.setLayer(None)
         self.folder_widget = QgsFileWidget()
-        self.folder_widget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.folder_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.stack.addWidget(self.layer_combo)
         self.stack.addWidget(self.folder_widget)
         self.stack.addWidget(QLabel("not used"))
@@ -155,7 +292,7 @@ class LabelPicker(QWidget):
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer | QgsMapLayerProxyModel.PointLayer)
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer | QgsMapLayerProxyModel.Filter.PointLayer)
         self.layer_combo.setAllowEmptyLayer(True)
         self.layer_combo.setLayer(None)
         self.field_combo = QgsFieldComboBox()

@@ -29,7 +29,7 @@ from ..modelinfo import ModelInfoError, read_model_info
 from ..tasks import EngineCommand, ProgressMapper
 from ..validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder
 
-_LABEL_TYPES = [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorPoint]
+_LABEL_TYPES = [QgsProcessing.SourceType.TypeVectorPolygon, QgsProcessing.SourceType.TypeVectorPoint]
 
 
 @dataclass
@@ -170,7 +170,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterField(f"{prefix}_FIELD", f"{what} class field", parentLayerParameterName=f"{prefix}_LABELS",
                                                       optional=optional))
         self.addParameter(QgsProcessingParameterFile(f"{prefix}_FOLDER", f"... or a {what} folder dataset (root/<Class>/*.tif)",
-                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
 
     def add_settings_parameter(self) -> None:
         self.addParameter(QgsProcessingParameterString("SETTINGS", "More engine settings (KEY=VALUE separated by spaces, e.g. teacher.folds=0)",
@@ -188,8 +188,8 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return self.parameterAsDouble(parameters, key, context)
 
     def add_chip_parameters(self) -> None:
-        self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)", QgsProcessingParameterNumber.Integer, 64, minValue=8, maxValue=1024))
-        self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)", QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)", QgsProcessingParameterNumber.Type.Integer, 64, minValue=8, maxValue=1024))
+        self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)", QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
 
     def dataset(self, parameters, context, prefix: str, what: str, out: Path, run: jobs.RunLayout,
                 check_raster, pair_parameter: str | None = None, pair_out: Path | None = None
@@ -250,9 +250,9 @@ class TrainTeacher(EngineAlgorithm):
         self.add_chip_parameters()
         self.addParameter(QgsProcessingParameterString("BANDS", "MS band names (preset or comma list)", "sentinel2", optional=True))
         self.addParameter(QgsProcessingParameterString("BACKBONE", "Backbone", "", optional=True))
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
-        self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.add_settings_parameter()
         self.addOutput(QgsProcessingOutputFolder("TEACHER", "Teacher model folder"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
@@ -281,12 +281,12 @@ class TrainMatcher(EngineAlgorithm):
              "sample of its class.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with a teacher)", behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with a teacher)", behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.add_map_data("RGB", "RGB")
         self.addParameter(QgsProcessingParameterFile("PAIRED_FOLDER", "RGB folder paired with the MS samples by file name (optional)",
-                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
         self.add_chip_parameters()
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(jobs.PAIR_METHODS), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
         self.add_settings_parameter()
@@ -317,14 +317,14 @@ class DistillStudent(EngineAlgorithm):
              "writes an HTML report with the baseline for comparison.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)", behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)", behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.add_map_data("TEST", "RGB test")
         self.add_chip_parameters()
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         for key, label in (("W_FEAT", "Weight: feature alignment"), ("W_PSEUDO", "Weight: teacher pseudo-labels"),
                            ("W_GT", "Weight: ground truth")):
-            self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)", QgsProcessingParameterNumber.Double,
+            self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)", QgsProcessingParameterNumber.Type.Double,
                                                            None, optional=True, minValue=0.0))
         self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Also train the baseline (no distillation)", True))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
@@ -356,7 +356,7 @@ class ExportModel(EngineAlgorithm):
     _help = "Exports a trained student (a model folder, e.g. RUN/student) to ONNX with its classes, bands and normalisation inside."
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)", behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)", behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "ONNX model", "ONNX model (*.onnx)"))
 
     def plan(self, parameters, context, feedback) -> Plan:
@@ -379,14 +379,14 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
         self.addParameter(QgsProcessingParameterString("BANDS", "Bands (e.g. 1,2,3; empty = all)", "", optional=True))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Area: extent", optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons", [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons", [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterEnum("GRID", "Grid", ["Pixels (tile and stride)", "XYZ tiles (zoom level)"], defaultValue=0))
-        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Integer, 16, minValue=0, maxValue=24))
-        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Integer, 64, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Type.Integer, 16, minValue=0, maxValue=24))
+        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
-        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.TypeVectorPolygon))
+        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
 
     def plan(self, parameters, context, feedback) -> Plan:

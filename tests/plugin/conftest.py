@@ -66,7 +66,8 @@ def fake_engine(monkeypatch) -> Callable[[str], Engine]:
     """fake_engine(mode) -> an Engine that runs the fake CLI in that mode."""
     def make(mode: str = "ok") -> Engine:
         monkeypatch.setenv("FAKE_ENGINE_MODE", mode)
-        return Engine(python=Path(sys.executable), source=FAKE_ENGINE_SOURCE)
+        # QGIS's Python has no torch: the fake engine needs only its own package.
+        return Engine(python=Path(sys.executable), source=FAKE_ENGINE_SOURCE, required=("asymkd",))
     return make
 
 

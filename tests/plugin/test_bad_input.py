@@ -148,7 +148,8 @@ def test_processing_engine_crash_shows_its_last_error(proc, tmp_path, monkeypatc
     from asymkd_qgis import engine as engine_module
     monkeypatch.setenv("FAKE_ENGINE_MODE", "error")
     monkeypatch.setattr(engine_module.Engine, "from_settings",
-                        classmethod(lambda cls: cls(python=__import__("pathlib").Path(sys.executable), source=FAKE_ENGINE_SOURCE)))
+                        classmethod(lambda cls: cls(python=__import__("pathlib").Path(sys.executable), source=FAKE_ENGINE_SOURCE,
+                                                    required=("asymkd",))))
     model = tmp_path / "student"
     model.mkdir()
     (model / "meta.json").write_text("{}")

@@ -28,7 +28,21 @@ def test_diagnostics_with_a_missing_engine_say_what_to_do(plugin, monkeypatch, t
     plugin.show_diagnostics()
     assert plugin.diagnostics.job is None
     assert "missing" in plugin.diagnostics.status.text()
-    assert "Create the engine environment" in plugin.diagnostics.status.text()
+    assert "Create engine environment" in plugin.diagnostics.status.text()
+
+
+def test_diagnostics_of_a_partial_environment_say_it_is_broken(plugin, monkeypatch, tmp_path):
+    """A doctor that answers is not enough: the engine's packages must be there."""
+    import subprocess
+    venv = tmp_path / "partial"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    monkeypatch.setenv("ASYMKD_ENGINE_PYTHON", str(venv / "bin" / "python"))
+    plugin.show_diagnostics()
+    job = plugin.diagnostics.job
+    if job is not None:
+        wait_for(lambda: job.done, 120, "asymkd doctor")
+    text = plugin.diagnostics.status.text()
+    assert "broken" in text and "numpy" in text and "works" not in text
 
 
 def test_the_offer_to_create_the_environment_asks_first(plugin, dock, monkeypatch, tmp_path, qgis_iface):

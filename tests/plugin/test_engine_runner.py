@@ -67,7 +67,9 @@ def test_missing_and_broken_engine_environments(tmp_path, fake_engine):
         missing.check()
         raise AssertionError("a missing engine passed the check")
     except EngineUnavailable as exc:
-        assert "missing" in exc.message and "Create the engine environment" in exc.hint
+        assert "missing" in exc.message
+        # the hint names the plugin's real UI
+        assert "Plugins > AsymKD > Create engine environment..." in exc.hint and "Choose engine Python..." in exc.hint
     broken = tmp_path / "python"
     broken.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
     broken.chmod(0o755)

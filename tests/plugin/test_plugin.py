@@ -32,7 +32,7 @@ def test_classfactory_load_and_unload_leave_nothing(qgis_iface, qgis_new_project
     plugin = asymkd_qgis.classFactory(qgis_iface)
     plugin.initGui()
     actions, docks = _ours(qgis_iface.mainWindow())
-    assert len(actions) == 3 and len(docks) == 1
+    assert len(actions) == 4 and len(docks) == 1
     assert registry.providerById("asymkd") is not None
     dock, kept_actions = plugin.dock, list(plugin.actions)
 
