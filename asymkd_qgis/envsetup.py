@@ -422,14 +422,22 @@ def make_plan(venv: Path, base_python: str, requirements: Path | None, gpu: str 
                                1.0, kind="venv"))
     torch_lines, other = split_requirements(requirements)
     plan.requirements = torch_lines + other
+    # A current pip shows download progress in bytes (--progress-bar raw); the venv's own may
+    # be older. Not essential: a failure here is logged and the old pip goes on.
+    upgrade = pip + ["--upgrade", "pip"]
     if wheels is not None:
         plan.wheel_dirs, plan.variant = bundle_folders(wheels, gpu)
         links = [arg for folder in plan.wheel_dirs for arg in ("--find-links", str(folder))]
+        if any(w.name == "pip" for w in find_wheels(plan.wheel_dirs)):
+            plan.steps.append(PlanStep("updating pip", upgrade[:-2] + ["--no-index", *links, "--upgrade", "pip"],
+                                       0.2, kind="pip-upgrade"))
         if plan.requirements:
             plan.steps.append(PlanStep("installing the engine packages from the folder",
                                        pip + ["--no-index", *links, *plan.requirements], 6.0,
                                        packages=len(plan.requirements)))
     else:
+        plan.steps.append(PlanStep("updating pip", pip[:6] + list(registry) + ["--upgrade", "pip"], 0.2,
+                                   kind="pip-upgrade"))
         if torch_lines:
             if gpu and cuda_index:
                 plan.torch_index, plan.variant = cuda_index, f"CUDA ({gpu})"
@@ -561,6 +569,15 @@ class EnvironmentTask(QgsTask):
                     self.target = target_info(plan.python)
                     if plan.offline:
                         self._check_wheels(plan)
+            elif step.kind == "pip-upgrade":
+                if self._run(step, step.argv, base, span, quiet_failure=True):
+                    self.target = target_info(plan.python)
+                elif self.builder.cancelled:
+                    return False
+                else:
+                    log(f"pip could not be updated ({pip_failure(self.failure_lines, None)}); going on with "
+                        "the environment's own pip", Qgis.MessageLevel.Warning)
+                ok = True
             elif step.kind == "torch":
                 ok = self._torch(plan, step, base, span)
             elif step.kind == "engine":

@@ -147,7 +147,7 @@ def collect_wheels(wheels: Path, requirements: Path, variants: list[str], python
                 for path in sorted(folder.glob("*.whl")):
                     shutil.copy2(path, wheels / f"torch-{variant}" / path.name)
         return
-    _download(common, other, python_version, platform)
+    _download(common, other + ["pip"], python_version, platform)  # a current pip reports download progress
     for variant in variants:
         folder = wheels / f"torch-{variant}"
         folder.mkdir(exist_ok=True)

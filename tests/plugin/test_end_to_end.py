@@ -80,6 +80,31 @@ def test_processing_classify_scene_tiles(plugin, qgis_processing, real_engine, t
     assert names <= {c.value() for c in renderer.categories()}
 
 
+_OPEN_WITH_SYSTEM_GDAL = """
+import json, sys
+from osgeo import gdal, ogr
+messages = []
+gdal.PushErrorHandler(lambda level, number, text: messages.append(text))
+ds = ogr.Open(sys.argv[1])
+print(json.dumps({"gdal": gdal.__version__, "features": ds.GetLayer(0).GetFeatureCount(), "messages": messages}))
+"""
+
+
+def test_classified_geopackage_opens_cleanly_in_the_oldest_supported_qgis(real_engine, tiny_model, scene, tmp_path):
+    """QGIS 3.22's GDAL (Debian's system GDAL here) reads the engine's GeoPackage without the
+    'may only be partially supported' warning that GeoPackage 1.4 brings."""
+    require_commands("classify")
+    out = tmp_path / "tiles.gpkg"
+    outcome = run_engine(real_engine, ["classify", str(tiny_model), str(scene), "--out", str(out)])
+    assert outcome.ok, outcome.message()
+    done = subprocess.run(["/usr/bin/python3", "-c", _OPEN_WITH_SYSTEM_GDAL, str(out)], capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["features"] == 12
+    assert report["messages"] == [], report
+
+
 def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
     """A virtual raster layer (no file behind it) is exported for the area at the model's resolution."""
     require_commands("classify")

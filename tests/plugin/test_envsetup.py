@@ -40,13 +40,15 @@ def test_plan_takes_cuda_torch_with_a_gpu_and_cpu_torch_without(tmp_path):
     cpu = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, requirements, gpu=None, platform="linux")
     cuda = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, requirements, gpu="NVIDIA H200", platform="linux")
     assert cpu.steps[0].argv == [SYSTEM_PYTHON, "-m", "venv", str(tmp_path / "env")]
-    cpu_torch, cuda_torch = cpu.steps[1].argv, cuda.steps[1].argv
+    assert [s.kind for s in cpu.steps] == ["venv", "pip-upgrade", "torch", "pip"]
+    cpu_step, cuda_step = cpu.steps[2], cuda.steps[2]
+    cpu_torch, cuda_torch = cpu_step.argv, cuda_step.argv
     assert "--index-url" in cpu_torch and cpu_torch[cpu_torch.index("--index-url") + 1] == envsetup.DEFAULT_CPU_INDEX
     assert "--retries" in cpu_torch  # an unreachable index fails in seconds, not minutes
-    assert cpu.steps[1].fallback is not None and "--index-url" not in cpu.steps[1].fallback
-    assert "--index-url" not in cuda_torch and cuda.steps[1].fallback is None  # the registry serves CUDA builds on Linux
+    assert cpu_step.fallback is not None and "--index-url" not in cpu_step.fallback
+    assert "--index-url" not in cuda_torch and cuda_step.fallback is None  # the registry serves CUDA builds on Linux
     assert any(a.startswith("torch==") for a in cpu_torch) and any(a.startswith("torch==") for a in cuda_torch)
-    rest = cpu.steps[2].argv
+    rest = cpu.steps[3].argv
     assert not any(a.startswith(("torch==", "torchvision==")) for a in rest)
     assert any(a.startswith("onnxruntime==") for a in rest)
     for step in cpu.steps[1:]:  # everything goes into the venv's own Python, never into QGIS's
@@ -54,7 +56,7 @@ def test_plan_takes_cuda_torch_with_a_gpu_and_cpu_torch_without(tmp_path):
     assert cuda.torch_build == "CUDA (NVIDIA H200)" and cpu.torch_build == "CPU"
     # Windows: the registry's torch is the CPU build there; no CPU index needed
     windows = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, requirements, gpu=None, platform="win32")
-    assert "--index-url" not in windows.steps[1].argv and windows.torch_build == "CPU"
+    assert "--index-url" not in windows.steps[2].argv and windows.torch_build == "CPU"
 
 
 def test_windows_gpu_users_are_told_how_to_get_cuda(tmp_path):
