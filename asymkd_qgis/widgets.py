@@ -57,7 +57,10 @@ def guard_form(root: QWidget) -> None:
     for widget in root.findChildren(QAbstractSpinBox):
         guard_wheel(widget)
     for combo in root.findChildren(QComboBox):
-        narrow_combo(combo)
+        if combo.property("keep_width"):
+            guard_wheel(combo)  # a few short choices: shown in full
+        else:
+            narrow_combo(combo)
 
 
 def heading(html_text: str) -> QLabel:
@@ -250,6 +253,8 @@ class SourcePicker(QWidget):
         self.mode = QComboBox()
         modes = [self.LAYER, self.FOLDER] + ([self.NONE] if optional else [])
         self.mode.addItems(modes)
+        self.mode.setProperty("keep_width", True)
+        self.mode.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self.stack = QStackedWidget()
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Screenshots of the AsymKD plugin, rendered offscreen (`make screenshot`).
 
-Runs the whole loop from the dock on a small synthetic world (the engine's `synth`), then
-saves: the dock at each step with its results (dock-1-data.png ... dock-5-classify.png), the
+First the dock's first-run states at QGIS's default dock width: the engine missing
+(dock-0-engine-missing.png) and being created (dock-0-engine-creating.png). Then it runs the
+whole loop from the dock on a small synthetic world (the engine's `synth`) and saves: the dock
+at each step with its results (dock-1-data.png ... dock-5-classify.png), the
 test scene (map-scene.png), its classified tiles styled by class with a legend
 (map-classified.png), and the window with map and dock side by side (window.png). Run with QGIS's Python (Debian: /usr/bin/python3)
 and ASYMKD_ENGINE_PYTHON pointing to the engine environment.
@@ -52,19 +54,46 @@ def draw_legend(image, layer) -> None:
     for feature in layer.getFeatures():
         counts[str(feature[field])] = counts.get(str(feature[field]), 0) + 1
     painter = QPainter(image)
-    painter.setRenderHint(QPainter.Antialiasing)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
     font = QFont("DejaVu Sans", 10)
     painter.setFont(font)
     row, width = 20, 250
     painter.fillRect(QRectF(8, 8, width, row * len(categories) + 34), QColor(255, 255, 255, 225))
     painter.setPen(QColor("black"))
-    painter.drawText(QRectF(16, 12, width, row), Qt.AlignLeft | Qt.AlignVCenter, f"{layer.name()}: class (tiles)")
+    align = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter
+    painter.drawText(QRectF(16, 12, width, row), align, f"{layer.name()}: class (tiles)")
     for i, category in enumerate(categories):
         y = 14 + row * (i + 1)
         painter.fillRect(QRectF(16, y + 3, 14, 14), category.symbol().color())
-        painter.drawText(QRectF(38, y, width, row), Qt.AlignLeft | Qt.AlignVCenter,
+        painter.drawText(QRectF(38, y, width, row), align,
                          f"{category.label()} ({counts.get(str(category.value()), 0)})")
     painter.end()
+
+
+def first_run_screenshots(app, out: Path, work: Path) -> None:
+    """The dock as a new user first sees it: no engine yet, then the engine being created."""
+    from asymkd_qgis.dock import DOCK_WIDTH, AsymKDDock
+    from asymkd_qgis.engine import Engine
+    from asymkd_qgis.notify import Notifier
+    window, iface = main_window()
+    dock = AsymKDDock(iface, Notifier(iface), window)
+    dock.engine_factory = lambda: Engine(python=work / "no-engine" / "bin" / "python")
+    dock.setFloating(True)
+    dock.resize(DOCK_WIDTH, 900)
+    dock.show()
+    dock.refresh_engine_state()
+    for name, setup in (("engine-missing", lambda: None),
+                        ("engine-creating", lambda: dock.engine_banner.show_creating(
+                            37.0, "installing torch (CPU build): package 1, torch, 68 MB of 184 MB, 68 MB downloaded"))):
+        setup()
+        for _ in range(5):
+            app.processEvents()
+        path = out / f"dock-0-{name}.png"
+        dock.grab().save(str(path))
+        print(path)
+    dock.close()
+    dock.deleteLater()
+    window.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "out" / "screenshots"))
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each training step")
     parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--first-run-only", action="store_true", help="only the engine-missing and creating states")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     work = out / "work"
@@ -81,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
     from qgis.PyQt.QtCore import Qt
     try:
-        from asymkd_qgis.dock import AsymKDDock
+        out.mkdir(parents=True, exist_ok=True)
+        first_run_screenshots(app, out, work)
+        if args.first_run_only:
+            return 0
+        from asymkd_qgis.dock import DOCK_WIDTH, AsymKDDock
         from asymkd_qgis.engine import Engine, run_engine
         from asymkd_qgis.notify import Notifier
 
@@ -97,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         window, iface = main_window()
         canvas = iface.mapCanvas()
         dock = AsymKDDock(iface, Notifier(iface), window)
-        window.addDockWidget(Qt.RightDockWidgetArea, dock)
+        window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
         window.resize(1500, 1000)
         window.show()
 
@@ -124,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         dock.setFloating(True)
-        dock.resize(480, 1250)
+        dock.resize(DOCK_WIDTH, 1250)
         for index, step in enumerate(STEPS):
             dock.show_step(step)
             for _ in range(5):
