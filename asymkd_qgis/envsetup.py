@@ -639,7 +639,11 @@ class EnvironmentTask(QgsTask):
 
     def _check_wheels(self, plan: EnvPlan) -> None:
         tags = set(self.target.tags) if self.target else set()
-        missing = missing_wheels(plan.requirements, find_wheels(plan.wheel_dirs), tags)
+        found = find_wheels(plan.wheel_dirs)
+        if not found:
+            raise SetupError(f"{', '.join(map(str, plan.wheel_dirs))} holds no wheels (.whl files): choose the "
+                             "unpacked offline bundle (the folder with install.sh and wheels/) or a folder of wheels.")
+        missing = missing_wheels(plan.requirements, found, tags)
         if missing:
             folders = ", ".join(map(str, plan.wheel_dirs))
             raise SetupError(f"The wheel folder {folders} has no wheels for {self.target.describe()} of: "

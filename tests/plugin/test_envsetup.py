@@ -206,6 +206,15 @@ def test_a_folder_without_wheels_for_this_python_names_what_is_missing(tmp_path,
     assert settings.get("engine/python", "", str) == ""
 
 
+def test_a_folder_without_any_wheels_says_so(tmp_path, offline, qgis_app):
+    (tmp_path / "empty").mkdir()
+    plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, REPO / "backend" / "requirements.txt", gpu=None,
+                              wheels=tmp_path / "empty")
+    builder, _ = _build(plan)
+    assert builder.ok is False and "holds no wheels" in builder.message and "install.sh" in builder.message
+    assert not plan.venv.exists()
+
+
 def test_cancelled_creation_removes_the_partial_environment(bundle_dir, tmp_path, offline, qgis_app):
     plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, bundle_dir / "requirements.txt", gpu=None,
                               wheels=bundle_dir)
