@@ -88,8 +88,8 @@ class ClassifierTask(Task):
     def validate(self) -> float | None:
         if self.val_index is None:
             return None
-        logits = common.predict_logits(self.model, self.x[self.val_index], self.device, amp=self.amp)
-        return common.accuracy(logits, self.y[self.val_index])
+        probs = common.predict_normalised(self.model, self.x[self.val_index], self.device, amp=self.amp)
+        return common.accuracy(probs, self.y[self.val_index])
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         val_acc = self.validate()

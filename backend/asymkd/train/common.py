@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,11 +40,14 @@ def band_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    x = torch.as_tensor(images, dtype=torch.float32)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s
+def normalize(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per band (band axis = -3), as float32; the band counts must agree."""
+    x = torch.as_tensor(images).float()
+    m = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=x.device)
+    s = torch.as_tensor(np.asarray(std, dtype=np.float32), device=x.device)
+    if m.numel() != x.shape[-3] or s.numel() != x.shape[-3]:
+        raise ValueError(f"mean/std have {m.numel()}/{s.numel()} values for {x.shape[-3]} bands")
+    return (x - m[:, None, None]) / s[:, None, None]
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,21 +218,35 @@ def iterate_eval(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield x[i:i + batch_size]
 
 
+def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The 8 rotations/reflections of a (B, C, H, W) batch (scenes have no 'up')."""
+    for k in range(4):
+        rotated = torch.rot90(x, k, dims=(2, 3))
+        yield rotated
+        yield rotated.flip(3)
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256,
-                   amp: bool = True, tta: bool = False) -> torch.Tensor:
-    """Logits (or TTA-averaged log-probs when tta) for normalised inputs, on the CPU."""
+def batch_probs(model: nn.Module, xb: torch.Tensor, device: torch.device, amp: bool = False,
+                tta: bool = False) -> torch.Tensor:
+    """Class probabilities of one normalised batch (averaged over the 8 dihedral views
+    with `tta`), float32 on the CPU. The caller sets eval mode."""
+    xb = xb.to(device)
+    views = list(dihedral_views(xb)) if tta else [xb]
+    with autocast(device, amp):
+        probs = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
+    return probs.cpu()
+
+
+def predict_normalised(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256,
+                       amp: bool = True, tta: bool = False) -> torch.Tensor:
+    """Probabilities (N, K) for normalised inputs; the model's train/eval mode is restored."""
+    was_training = model.training
     model.eval()
-    outs = []
-    for xb in iterate_eval(x, batch_size):
-        xb = xb.to(device)
-        with autocast(device, amp):
-            if tta:
-                views = [torch.rot90(xb.flip(-1) if f else xb, k, dims=(-2, -1)) for f in (0, 1) for k in range(4)]
-                p = torch.stack([model(v).float().softmax(-1) for v in views]).mean(0)
-                outs.append(p.clamp_min(1e-8).log().cpu())
-            else:
-                outs.append(model(xb).float().cpu())
+    try:
+        outs = [batch_probs(model, xb, device, amp, tta) for xb in iterate_eval(x, batch_size)]
+    finally:
+        model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -32,7 +32,7 @@ from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import check_bands, load_model, save_model
 from . import common, loop
 from .classifier import ClassifierTask, Consistency
-from .evaluate import classification_metrics, save_confusion_png, write_metrics_json
+from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
 from .teacher import auto_epochs, build_classifier
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
@@ -241,14 +241,12 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
 def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_test: PatchSet | None,
               mean: list[float], std: list[float], history: list[dict], out_dir: Path, step: str) -> dict:
     """Validation (when held back) and test scores of the trained student."""
-    cpu = torch.device("cpu")
     metrics: dict = {"step": step, "history": history}
     if len(val_idx):
-        val_logits = common.predict_logits(student, common.normalize(rgb.images[val_idx], mean, std), cpu, amp=False)
-        metrics["val"] = classification_metrics(rgb.labels[val_idx], val_logits.argmax(1).numpy(), rgb.class_names)
+        val_pred = predict_probs(student, rgb.images[val_idx], mean, std).argmax(1)
+        metrics["val"] = classification_metrics(rgb.labels[val_idx], val_pred, rgb.class_names)
     if rgb_test is not None:
-        test_x = common.normalize(rgb_test.images, mean, std)
-        pred = common.predict_logits(student, test_x, cpu, amp=False).argmax(1).numpy()
+        pred = predict_probs(student, rgb_test.images, mean, std).argmax(1)
         metrics["test"] = classification_metrics(rgb_test.labels, pred, rgb.class_names)
         save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / "confusion.png",
                            f"{step}: test OA {metrics['test']['overall_accuracy']:.3f}")

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..data.patches import PatchSet, load_folder
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.files import atomic_write_text, check_bands, load_model
-from .common import resolve_device
+from .common import batch_probs, normalize, resolve_device
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion.png"
@@ -33,30 +33,14 @@ CONFUSION_FILE = "confusion.png"
 
 # -- preprocessing and prediction -----------------------------------------------------
 
-def normalize(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per band (band axis = -3), as float32."""
-    x = torch.as_tensor(images).float()
-    m = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=x.device)
-    s = torch.as_tensor(np.asarray(std, dtype=np.float32), device=x.device)
-    if m.numel() != x.shape[-3] or s.numel() != x.shape[-3]:
-        raise ValueError(f"mean/std have {m.numel()}/{s.numel()} values for {x.shape[-3]} bands")
-    return (x - m[:, None, None]) / s[:, None, None]
-
-
-def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The 8 rotations/reflections of a (B, C, H, W) batch (scenes have no 'up')."""
-    for k in range(4):
-        rotated = torch.rot90(x, k, dims=(2, 3))
-        yield rotated
-        yield rotated.flip(3)
-
-
 @torch.no_grad()
 def predict_probs(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                   device: str | torch.device = "cpu", batch_size: int = 256,
                   tta: bool = False, events: Events = NULL_EVENTS,
                   step: str = "predict") -> np.ndarray:
-    """Softmax probabilities (N, K) for raw (N, C, H, W) images, in eval mode.
+    """Softmax probabilities (N, K) for raw (N, C, H, W) images, normalised with the model's
+    stored statistics: the one prediction path of training-time scores, `evaluate`, soft
+    labels and the report.
 
     With `tta` the probabilities are averaged over the 8 dihedral views. The model's
     train/eval mode is restored afterwards, so trainers can call this between epochs.
@@ -69,11 +53,8 @@ def predict_probs(model: nn.Module, images: np.ndarray, mean: Sequence[float], s
     started = time.time()
     try:
         for start in range(0, len(images), batch_size):
-            batch = normalize(torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device),
-                              mean, std)
-            views = list(dihedral_views(batch)) if tta else [batch]
-            probs = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
-            out.append(probs.cpu().numpy())
+            batch = normalize(torch.as_tensor(np.asarray(images[start:start + batch_size])), mean, std)
+            out.append(batch_probs(model, batch, device, tta=tta).numpy())
             done = min(start + batch_size, len(images))
             events.progress(step, done, len(images), started, unit="patch")
     finally:

@@ -23,7 +23,7 @@ from ..models.files import atomic_write_text, save_model
 from . import common, loop
 from .classifier import ClassifierTask
 from .objectives import SupervisedObjective
-from .evaluate import classification_metrics, write_metrics_json
+from .evaluate import classification_metrics, predict_probs, write_metrics_json
 
 
 @dataclass
@@ -94,15 +94,14 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
         gen = common.generator(cfg.seed * 1000 + f + 1)
         fit = fit_classifier(x[train_idx], y[train_idx], tc, k, device, gen, events,
                              f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names)
-        logp = common.predict_logits(fit.model, x[held], device, amp=cfg.amp, tta=True)
-        soft[held] = logp.exp().numpy()
+        soft[held] = predict_probs(fit.model, ms.images[held], mean, std, device, tta=True)
         done[key] = soft[held]
         np.savez(fold_file, **done)  # a killed run keeps the folds it finished
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
                          common.Checkpoint(out_dir / "checkpoint.pt"), resume, band_names=ms.band_names)
     if not folds:  # no folds: in-sample soft labels (memorised, weaker)
-        soft = common.predict_logits(fit.model, x, device, amp=cfg.amp, tta=True).exp().numpy()
+        soft = predict_probs(fit.model, ms.images, mean, std, device, tta=True)
     oof_acc = float((soft.argmax(1) == ms.labels).mean())
     summary = {"ms_samples": len(ms), "classes": k, "folds": tc.folds,
                "out_of_fold_accuracy": oof_acc if folds else None,
