@@ -25,8 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -334,19 +332,6 @@ def _mb(value: int) -> str:
     return f"{value / 1e6:.0f} MB" if value >= 10e6 else f"{value / 1e6:.1f} MB"
 
 
-def index_unreachable(url: str, timeout_s: float = 10.0) -> str | None:
-    """Why `url` (a package index) cannot be reached, or None when it answers."""
-    try:
-        request = urllib.request.Request(url.rstrip("/") + "/torch/", method="HEAD")
-        with urllib.request.urlopen(request, timeout=timeout_s):
-            return None
-    except urllib.error.HTTPError as exc:
-        return None if exc.code < 500 else f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return str(reason) or type(exc).__name__
-
-
 # -- the plan -----------------------------------------------------------------------------------
 @dataclass
 class PlanStep:
@@ -651,25 +636,22 @@ class EnvironmentTask(QgsTask):
                              f"{self.target.minor_version}) or use Create engine environment (online).")
 
     def _torch(self, plan: EnvPlan, step: PlanStep, base: float, span: float) -> bool:
-        """torch from the index chosen for this machine; from the registry when it cannot be reached."""
-        index = plan.torch_index
-        problem = index_unreachable(index) if index else None
-        if problem is None:
-            if self._run(step, self._pip_argv(step.argv), base, span, quiet_failure=step.fallback is not None):
-                return True
-            if self.builder.cancelled or step.fallback is None:
-                return False
-            problem = connection_problem(self.failure_lines)
-            if problem is None:
-                self.builder.message = self._failure(step, step.argv, self.failure_lines, None)
-                return False
-        host = re.sub(r"^\w+://([^/]+).*$", r"\1", index or "")
-        note = (f"{host} could not be reached ({problem}), so torch came from the package registry instead"
+        """torch from the index chosen for this machine; from the registry when that fails (pip's
+        own network settings apply; an unreachable index fails within seconds, see FAST_FAIL)."""
+        if self._run(step, self._pip_argv(step.argv), base, span, quiet_failure=step.fallback is not None):
+            return True
+        if self.builder.cancelled or step.fallback is None:
+            return False
+        problem = connection_problem(self.failure_lines)
+        host = re.sub(r"^\w+://([^/]+).*$", r"\1", plan.torch_index or "")
+        why = (f"could not be reached ({problem})" if problem
+               else f"failed ({pip_failure(self.failure_lines, None)})")
+        note = (f"{host} {why}, so torch came from the package registry instead"
                 + (" (on Linux: the CUDA build, a larger download)." if plan.platform.startswith("linux") else "."))
         self.builder.notes.append(note)
         log(note, Qgis.MessageLevel.Warning)
-        fallback = PlanStep(f"installing torch from the package registry ({host} unreachable)", step.fallback,
-                            step.weight, packages=step.packages)
+        fallback = PlanStep(f"installing torch from the package registry ({host} {why.split(' (')[0]})",
+                            step.fallback, step.weight, packages=step.packages)
         return self._run(fallback, self._pip_argv(step.fallback), base, span)
 
     def _engine_package(self, plan: EnvPlan, step: PlanStep, base: float, span: float) -> bool:
