@@ -378,7 +378,9 @@ class EnvPlan:
         if self.torch_index:
             return (f"torch as a CPU build from {self.torch_index} (the package registry's CUDA build when that "
                     "cannot be reached) and the engine packages from the package registry")
-        return f"torch ({self.torch_build} build) and the engine packages from the package registry"
+        windows_gpu = (f" (the package registry has no CUDA build of torch for Windows: the final message says how "
+                       f"to get one for the {self.gpu})") if self.platform == "win32" and self.gpu else ""
+        return f"torch ({self.torch_build} build){windows_gpu} and the engine packages from the package registry"
 
 
 def torch_source(gpu: str | None, platform: str, cpu_index: str | None) -> tuple[str | None, str]:
@@ -388,7 +390,7 @@ def torch_source(gpu: str | None, platform: str, cpu_index: str | None) -> tuple
             return None, f"CUDA ({gpu})"
         return (cpu_index, "CPU") if cpu_index else (None, "CUDA (runs on the CPU too)")
     if platform == "win32":
-        return None, "CPU" + (f"; see the message for CUDA on {gpu}" if gpu else "")
+        return None, "CPU"  # the registry's only build there (torch_notes says how to get CUDA)
     return None, "CPU/MPS"
 
 

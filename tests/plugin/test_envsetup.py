@@ -61,6 +61,7 @@ def test_plan_takes_cuda_torch_with_a_gpu_and_cpu_torch_without(tmp_path):
 
 def test_windows_gpu_users_are_told_how_to_get_cuda(tmp_path):
     plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, None, gpu="RTX 4090", platform="win32")
+    assert "no CUDA build of torch for Windows" in plan.describe()
     [note] = envsetup.torch_notes("torch 2.14.1+cpu (CPU build)", plan)
     assert "CPU-only" in note and "--index-url https://download.pytorch.org/whl/cu" in note and "RTX 4090" in note
     linux = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, None, gpu=None, platform="linux")
