@@ -16,7 +16,7 @@ from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout,
-                                 QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea,
+                                 QLabel, QLineEdit, QPushButton, QScrollArea,
                                  QSpinBox, QVBoxLayout, QWidget)
 
 from . import jobs, layers, results, settings

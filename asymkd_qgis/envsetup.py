@@ -27,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from qgis.core import Qgis, QgsTask
 from qgis.PyQt.QtCore import QObject, pyqtSignal
