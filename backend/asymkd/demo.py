@@ -11,7 +11,7 @@ from .events import NULL_EVENTS, Events
 DEMO_CONFIG: dict[str, Any] = {
     "teacher": {"backbone": "resnet18_w16", "epochs": 25, "folds": 4},
     "matcher": {"epochs": 25},
-    "distill": {"backbone": "resnet18_w16", "epochs": 20, "baseline": True},
+    "distill": {"backbone": "resnet18_w16", "epochs": 20, "baseline": True, "input_size": 0},
 }
 
 

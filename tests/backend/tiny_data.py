@@ -12,7 +12,7 @@ TINY_CONFIG = {
     "matcher": {"backbone_ms": "resnet18_w16", "backbone_rgb": "resnet18_w16", "epochs": 1,
                 "batch_size": 8, "embed_dim": 16},
     "distill": {"backbone": "resnet18_w16", "epochs": 2, "batch_size": 8, "attention_dim": 16,
-                "attention_heads": 2},
+                "attention_heads": 2, "input_size": 0},
     "data": {"bands": "sentinel2", "val_fraction": 0.25},
 }
 

@@ -28,7 +28,12 @@ TARGET_RSS_RATIO = 1.2
 def add_arguments(parser) -> None:
     parser.add_argument("--model", metavar="FILE.onnx", default=None,
                         help="exported model (default: a random-weight student exported to the temp folder)")
-    parser.add_argument("--backbone", default="resnet18_w32", help="student backbone when no --model (default resnet18_w32)")
+    from ..config import DistillConfig
+    student = DistillConfig()
+    parser.add_argument("--backbone", default=student.backbone,
+                        help=f"student backbone when no --model (default: the default student, {student.backbone})")
+    parser.add_argument("--input-size", type=int, default=student.input_size,
+                        help=f"the student's input size when no --model (default {student.input_size})")
     parser.add_argument("--classes", type=int, default=10, help="classes of the generated student (default 10)")
     parser.add_argument("--size", type=int, default=8192, help="side of the large raster in pixels (default 8192)")
     parser.add_argument("--tile", type=int, default=64, help="tile size in pixels (default 64)")
@@ -52,7 +57,8 @@ def run(args, events) -> int:
 
 
 def _bench(args, events, work: Path) -> int:
-    model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events)
+    model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events,
+                                                                   args.input_size)
     small, large = args.size // 2, args.size
     rasters = {}
     for side in (small, large):
@@ -109,14 +115,14 @@ def _spin(spinning: bool) -> str:
     return "spinning threads" if spinning else "no spinning"
 
 
-def _make_model(work: Path, backbone: str, classes: int, tile: int, events) -> Path:
+def _make_model(work: Path, backbone: str, classes: int, tile: int, events, input_size: int = 0) -> Path:
     import torch
     from ..export import export_onnx
     from ..models.backbones import SceneClassifier
     from ..models.files import save_model
     torch.manual_seed(0)
-    net = SceneClassifier(backbone, 3, classes)
-    meta = {"backbone": backbone, "class_names": [f"class{i}" for i in range(classes)], "band_names": ["R", "G", "B"],
+    net = SceneClassifier(backbone, 3, classes, input_size=input_size)
+    meta = {"backbone": backbone, "input_size": input_size, "class_names": [f"class{i}" for i in range(classes)], "band_names": ["R", "G", "B"],
             "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
     save_model(work / "student", net, meta)
     return export_onnx(work / "student", work / "student.onnx", check_samples=16, overwrite=True, events=events).path

@@ -38,4 +38,25 @@ def run(args, events) -> int:
     print(f"report: {report.resolve()}")
     for name, path in outputs.items():
         print(f"{name}: {Path(path).resolve()}")
+    print(result_lines(run_dir))
     return 0
+
+
+def result_lines(run_dir: Path) -> str:
+    """The run's result in words: baseline and distilled scores on the test (or validation)
+    set and the gain, the last thing a user reads."""
+    import json
+    scores = {}
+    for name in ("baseline", "student"):
+        path = run_dir / name / "metrics.json"
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            part = doc.get("test") or doc.get("val")
+            if part:
+                scores[name] = (part["overall_accuracy"], part["macro_f1"], "test" if doc.get("test") else "validation")
+    lines = [f"{'distilled' if n == 'student' else n:>9}: {s[2]} OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
+             for n, s in sorted(scores.items())]
+    if len(scores) == 2:
+        gain = 100 * (scores["student"][0] - scores["baseline"][0])
+        lines.append(f"     gain: {gain:+.1f} OA points from the MS teacher")
+    return "\n".join(lines)
