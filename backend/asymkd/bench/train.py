@@ -43,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--epoch-samples", type=int, default=2048, help="RGB patches per epoch (0 skips; default 2048)")
     e.add_argument("--epoch-size", type=int, default=64, help="patch size in pixels (default 64)")
     e.add_argument("--epoch-count", type=int, default=3, help="epochs timed per student (default 3)")
-    e.add_argument("--student", default="resnet18_w32", help="student backbone (default resnet18_w32)")
-    e.add_argument("--teacher", default="resnet18_w32", help="teacher backbone (default resnet18_w32)")
+    from ..config import DistillConfig, TeacherConfig
+    student, teacher = DistillConfig(), TeacherConfig()
+    e.add_argument("--student", default=student.backbone, help=f"student backbone (default {student.backbone})")
+    e.add_argument("--input-size", type=int, default=student.input_size,
+                   help=f"the student's input size (default {student.input_size})")
+    e.add_argument("--teacher", default=teacher.backbone, help=f"teacher backbone (default {teacher.backbone})")
     e.add_argument("--epoch-device", default="auto", help="device for the epoch timing (default auto)")
 
 
@@ -149,7 +153,8 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                   labels=np.arange(n_ms) % k, class_names=rgb.class_names,
                   band_names=[f"b{i}" for i in range(13)], stems=[f"m{i}" for i in range(n_ms)],
                   paths=[""] * n_ms, modality="ms")
-    cfg = from_dict({"distill": {"epochs": args.epoch_count, "baseline": True, "backbone": args.student},
+    cfg = from_dict({"distill": {"epochs": args.epoch_count, "baseline": True, "backbone": args.student,
+                                 "input_size": args.input_size},
                      "data": {"val_fraction": 0.05}, "device": args.epoch_device, "seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher"
@@ -169,7 +174,8 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
     ratio = seconds["distill"] / seconds["plain"]
     return {"ratio": ratio, "target": EPOCH_RATIO_TARGET, "plain_epoch_s": seconds["plain"],
             "distill_epoch_s": seconds["distill"], "samples": n, "patch": size,
-            "student": args.student, "teacher": args.teacher}
+            "student": args.student, "teacher": args.teacher, "input_size": args.input_size,
+            "plain_images_per_s": n / seconds["plain"]}
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -192,6 +198,7 @@ def run(args: argparse.Namespace, events: Events) -> int:
             events.metrics("bench-train", {"epoch": ratio})
             verdict = "meets" if ratio["ratio"] <= ratio["target"] else "misses"
             _say(args, f"distillation epoch {ratio['distill_epoch_s']:.2f} s / plain epoch {ratio['plain_epoch_s']:.2f} s "
-                       f"({ratio['samples']} patches of {ratio['patch']} px, {ratio['student']} student): "
+                       f"({ratio['samples']} patches of {ratio['patch']} px, {ratio['student']} student at "
+                       f"{ratio['input_size'] or ratio['patch']} px): "
                        f"ratio {ratio['ratio']:.2f} (target {ratio['target']:.1f}, {verdict} it)")
     return 0
