@@ -498,6 +498,7 @@ class EnvironmentTask(QgsTask):
         self.builder = builder
         self.target: Target | None = None
         self.failure_lines: list[str] = []  # the output of the last program that failed
+        self.owns_folder = False  # True once the folder is ours to fill (and to remove on failure)
 
     # worker thread ----------------------------------------------------------------------
     def run(self) -> bool:
@@ -519,19 +520,18 @@ class EnvironmentTask(QgsTask):
             return False
         finally:
             self.builder.elapsed_s = time.monotonic() - start
-            if not self.builder.version:
+            if not self.builder.version and self.owns_folder:
                 self._remove_partial(plan.venv)
 
     def _prepare_folder(self, venv: Path) -> None:
         """An existing environment there is replaced; anything else is left alone."""
-        if not venv.exists():
-            return
-        if (venv / "pyvenv.cfg").is_file():
+        if venv.exists() and not (venv / "pyvenv.cfg").is_file() and any(venv.iterdir()):
+            raise SetupError(f"{venv} exists and is not a Python environment: move it away, or choose an "
+                             "existing engine Python (Plugins > AsymKD > Diagnostics...).")
+        self.owns_folder = True
+        if venv.exists():
             log(f"Replacing the environment in {venv}")
             shutil.rmtree(venv)
-        elif any(venv.iterdir()):
-            raise SetupError(f"{venv} exists and is not a Python environment: move it away, or choose another "
-                             "engine Python in Plugins > AsymKD > Diagnostics....")
 
     def _remove_partial(self, venv: Path) -> None:
         if not venv.exists():
@@ -674,7 +674,10 @@ class EnvironmentTask(QgsTask):
 
     def _check(self, plan: EnvPlan) -> None:
         engine = Engine(python=plan.python, source=paths.engine_source_dir())
-        self.builder.version = engine.check(plan.check_modules, timeout_s=300, imports=True)
+        state = engine.state(plan.check_modules, imports=True, timeout_s=300)
+        if not state.working:
+            raise SetupError(f"The new environment does not work: {state.message}")
+        self.builder.version = state.version
         self.builder.torch = installed_torch(plan.python) if "torch" in plan.check_modules else ""
         self.builder.notes += torch_notes(self.builder.torch, plan)
         built = f" with {self.builder.torch}" if self.builder.torch else ""

@@ -216,6 +216,16 @@ def test_a_folder_without_any_wheels_says_so(tmp_path, offline, qgis_app):
     assert not plan.venv.exists()
 
 
+def test_a_folder_that_is_not_an_environment_is_left_alone(tmp_path, qgis_app):
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    plan = envsetup.make_plan(folder, SYSTEM_PYTHON, None, gpu=None)
+    builder, _ = _build(plan, 60)
+    assert builder.ok is False and "is not a Python environment" in builder.message
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
 def test_cancelled_creation_removes_the_partial_environment(bundle_dir, tmp_path, offline, qgis_app):
     plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, bundle_dir / "requirements.txt", gpu=None,
                               wheels=bundle_dir)
