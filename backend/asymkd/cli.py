@@ -40,7 +40,7 @@ class _Terminated(BaseException):
 
 
 # SIGTERM cancels only while a command runs; once it has ended (the outputs are in place),
-# a SIGTERM during shutdown must not turn its exit code into 143 or a traceback.
+# a SIGTERM must not turn its exit code into 143 or a traceback.
 _RUNNING = {"command": False}
 
 
@@ -75,7 +75,23 @@ def _module(name: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv_given = argv
+    as_program = argv is None
+    # SIGTERM cancels from the start: the command's imports take a while
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _RUNNING["command"] = True
+    try:
+        return _main(argv, as_program)
+    except (KeyboardInterrupt, _Terminated):  # before the command started
+        print("cancelled", file=sys.stderr)
+        return 130
+    finally:
+        _RUNNING["command"] = False
+        # As the program, the outcome is decided: a SIGTERM while Python shuts down must not
+        # turn it into 143. SIG_IGN, unlike a Python handler, survives interpreter shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if as_program else previous)
+
+
+def _main(argv: Sequence[str] | None, as_program: bool) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Add the chosen command's own arguments before parsing (lazy import).
@@ -87,13 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_command", None):
         parser.print_help()
         return 0
-    as_program = argv_given is None
     if as_program and hasattr(signal, "SIGXFSZ"):
         # over the file-size limit a write fails with EFBIG (reported below) instead of
         # the process being killed without a word
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    _RUNNING["command"] = True
     with ExitStack() as stack:
         events = Events(stream=None)
         try:
@@ -120,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         finally:
             _RUNNING["command"] = False
-            if not as_program:  # called as a library (tests): leave signals as they were
-                signal.signal(signal.SIGTERM, previous)
 
 
 def _open_events(target: str | None, stack: ExitStack) -> Events:

@@ -44,6 +44,12 @@ def _temp_name(final: Path, kind: str, keep_suffix: bool = True) -> Path:
     return final.with_name(f".{final.name}.{kind}-{os.getpid()}{suffix}")
 
 
+def temp_name(final: str | Path) -> Path:
+    """The hidden temporary name beside `final` that this process writes it under (for
+    writers that need a name of their own; `remove_stale` knows it)."""
+    return _temp_name(Path(final), "tmp")
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -162,6 +168,42 @@ def check_writable(folder: str | Path, what: str = "output folder") -> None:
         raise StorageError(f"cannot write into the {what} {where}: {cause[0]}", cause[1]) from exc
 
 
+def check_raster(path: str | Path, expected: np.ndarray | None = None) -> None:
+    """Read a just-written raster back. GDAL's GeoTIFF writer reports a full disk or a
+    file-size limit only on stderr and leaves a truncated file; this turns that into a
+    StorageError. With `expected`, the pixels must equal it."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from .errors import StorageError
+    try:
+        with rasterio.open(path) as src:
+            data = src.read()
+        ok = expected is None or np.array_equal(data, expected)
+    except (RasterioError, OSError):
+        ok = False
+    if not ok:
+        raise StorageError(f"{final_path(path)} was not written completely (the disk is full or a "
+                           "file-size limit was reached)",
+                           "free some space, raise the limit (ulimit -f) or write elsewhere, then run it again")
+
+
+def check_vector(path: str | Path, layer: str, features: int) -> None:
+    """Read a just-written vector layer's summary back: GDAL can leave a truncated
+    GeoPackage on a full disk without an error. StorageError unless it holds `features`."""
+    import pyogrio
+
+    from .errors import StorageError
+    try:
+        ok = pyogrio.read_info(str(path), layer=layer)["features"] == features
+    except Exception:  # any read error of a file just written means it is incomplete
+        ok = False
+    if not ok:
+        raise StorageError(f"{final_path(path)} was not written completely (the disk is full or a "
+                           "file-size limit was reached)",
+                           "free some space, raise the limit (ulimit -f) or write elsewhere, then run it again")
+
+
 # -- folders -------------------------------------------------------------------------------
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -212,8 +254,8 @@ def staged_dir(final: str | Path,
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     stage = _temp_name(final, "partial", keep_suffix=False)
-    stage.mkdir()
-    try:
+    try:  # mkdir inside: a signal handled right after it must not leak the folder
+        stage.mkdir()
         yield stage
         commit(stage, final)
     finally:

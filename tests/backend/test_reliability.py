@@ -344,10 +344,11 @@ def test_every_exit_2_error_has_a_hint(tmp_path, capsys):
 
 
 def test_sigterm_after_success_keeps_exit_0(tmp_path):
-    code = ("import os, signal, sys\n"
+    code = ("import atexit, os, signal, sys\n"
             "from asymkd import cli\n"
+            "atexit.register(os.kill, os.getpid(), signal.SIGTERM)  # while Python shuts down\n"
             "rc = cli.main()\n"
-            "os.kill(os.getpid(), signal.SIGTERM)  # as if it arrived while the process shuts down\n"
+            "os.kill(os.getpid(), signal.SIGTERM)  # after the command, before the exit\n"
             "sys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code, "doctor"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

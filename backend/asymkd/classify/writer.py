@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyogrio.errors
 import pyogrio.raw
 import shapely
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, StorageError
+from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_name
 from .grid import Grid
 from .infer import Summary
 
@@ -31,7 +33,9 @@ class AtomicOutputs:
 
     def __init__(self, finals: Sequence[Path], overwrite: bool = False):
         self.finals = [Path(p) for p in finals]
-        self.temps = {p: p.with_name(f".{p.name}.{os.getpid()}.partial{p.suffix}") for p in self.finals}
+        self.temps = {p: temp_name(p) for p in self.finals}
+        for p in self.finals:
+            remove_stale(p)  # what a killed run left beside the outputs
         self.overwrite = overwrite
         self.committed = False
         for p in self.finals:
@@ -157,12 +161,14 @@ class TileLayerWriter:
             self._submit()
 
     def close(self) -> int:
-        """Write what is left, wait for the writes, and return the number of features."""
+        """Write what is left, wait for the writes, check the file, and return the number
+        of features."""
         try:
             self._submit()
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
+        check_vector(self.path, LAYER, self.count)
         return self.count
 
     def abort(self) -> None:
@@ -175,7 +181,13 @@ class TileLayerWriter:
     def _wait(self) -> None:
         if self._future is not None:
             future, self._future = self._future, None
-            future.result()  # re-raises a write error in the caller's thread
+            try:
+                future.result()  # re-raises a write error in the caller's thread
+            except pyogrio.errors.DataSourceError as exc:
+                # our own file, just created: GDAL cannot reopen it when a write was cut short
+                raise StorageError(f"{final_path(self.path)} was not written completely ({exc})",
+                                   "free some space, raise the limit (ulimit -f) or write elsewhere, "
+                                   "then run it again") from exc
 
     def _submit(self) -> None:
         if not self._parts:
@@ -251,6 +263,7 @@ class ClassRaster:
             dst.set_band_description(1, "class_id")
             dst.update_tags(class_names=",".join(self.class_names))
             dst.update_tags(1, **{f"class_{i}": n for i, n in enumerate(self.class_names)})
+        check_raster(path, self.array[None])
 
 
 def _rgba(color: str) -> tuple[int, int, int, int]:

@@ -29,7 +29,7 @@ from affine import Affine
 
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text, staged_dir
+from ..fileio import atomic_write_text, check_raster, remove_stale, staged_dir
 from ..models.metadata import control_chars
 from .bands import parse_band_names
 
@@ -360,6 +360,7 @@ def point_chips(labels: Labels, transform, width: int, height: int, size: int) -
 
 # -- output folders ------------------------------------------------------------------------
 def _check_out(out: Path) -> None:
+    remove_stale(out)  # what a killed run left beside it
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise DataError(f"{out} exists and is not a chip folder written before",
                         "choose a new or empty output folder")
@@ -378,6 +379,7 @@ def _write_chip(path: Path, data: np.ndarray, view: GridView, transform, names: 
             dst.descriptions = tuple(names)
         if view.colorinterp[:3] == [ColorInterp.red, ColorInterp.green, ColorInterp.blue]:
             dst.colorinterp = view.colorinterp
+    check_raster(path, data)
 
 
 def _band_names(view: GridView, spec: str | list[str] | None) -> list[str] | None:

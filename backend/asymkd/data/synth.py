@@ -29,7 +29,7 @@ from affine import Affine
 
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text, replace_dir, staged_dir
+from ..fileio import atomic_write_text, check_raster, check_vector, remove_stale, replace_dir, staged_dir
 from .bands import SENTINEL2_EUROSAT, SENTINEL2_WAVELENGTH_NM, true_colour_indices
 
 CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -442,6 +442,7 @@ def _write_ms_tif(path: Path, ms: np.ndarray, transform) -> None:
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(ms)
         dst.descriptions = tuple(BAND_NAMES)
+    check_raster(path, ms)
 
 
 @dataclasses.dataclass
@@ -496,6 +497,7 @@ def _write_scene(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Pat
             dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
         else:
             dst.descriptions = tuple(BAND_NAMES)
+    check_raster(path)
 
 
 def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Patch]) -> None:
@@ -511,6 +513,7 @@ def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Pa
         path.unlink()
     write(str(path), geometry, fields, ["class", "source", "row", "col"], layer="labels",
           driver="GPKG", geometry_type="Polygon", crs=CRS)
+    check_vector(path, "labels", len(keys))
 
 
 def _layout(patches: list[_Patch], rng: np.random.Generator, rows: int, cols: int,
@@ -526,6 +529,7 @@ def _check_out(out: Path) -> bool:
     refuse to touch a folder that holds anything else."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a folder", "choose a new or empty folder for --out")
+    remove_stale(out.absolute())  # what a killed run left beside it
     entries = [p.name for p in out.iterdir()] if out.is_dir() else []
     if not entries:
         return False
