@@ -61,7 +61,8 @@ _CAUSES: dict[int, tuple[str, str]] = {
 _WORDS = (("no space left", errno.ENOSPC), ("disk is full", errno.ENOSPC), ("storagefull", errno.ENOSPC),
           ("file too large", errno.EFBIG), ("filetoolarge", errno.EFBIG), ("quota exceeded", errno.EDQUOT),
           ("read-only file system", errno.EROFS), ("permission denied", errno.EACCES),
-          ("file write failed", -1), ("failed writing file", -1), ("disk i/o error", -1))
+          ("file write failed", -1), ("failed writing file", -1), ("disk i/o error", -1),
+          ("unexpected pos", -1))  # torch.save's zip writer cut short
 
 
 def _chain(exc: BaseException | None):

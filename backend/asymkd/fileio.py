@@ -111,6 +111,11 @@ def temp_path(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise

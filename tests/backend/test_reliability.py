@@ -333,7 +333,7 @@ def test_os_errors_are_storage_errors_naming_path_and_cause():
     assert fault.message == "cannot write or read /data/x.tif: the disk is full" and fault.hint
     wrapped = RuntimeError("sqlite3_exec(COMMIT) failed: database or disk is full")
     assert "disk is full" in storage_error(wrapped).message
-    torch_like = RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0: file write failed")
+    torch_like = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert storage_error(torch_like) is not None
     assert storage_error(ValueError("bad value")) is None
 
@@ -368,3 +368,12 @@ def test_unreadable_weights_files_are_model_file_errors(tmp_path):
         assert name in info.value.message and "weights_only" not in str(info.value), str(info.value)
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ckpt.pth")
     assert read_state_dict(tmp_path / "ckpt.pth")["w"].tolist() == [1.0, 1.0]
+
+
+def test_binary_config_file_is_refused_while_reading_the_arguments(tmp_path, capsys):
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["teacher", "--run", str(tmp_path / "r"), "--config", str(binary)])
+    assert info.value.code == 2 and "not a text file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -14,9 +14,35 @@ DATA_FLAGS = {"ms": "data.ms", "rgb": "data.rgb", "rgb_unlabeled": "data.rgb_unl
               "seed": "seed", "device": "device"}
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def config_file(text: str) -> str:
+    """A --config path; an existing file that is not UTF-8 text (a binary or an image given
+    by mistake) is refused while the arguments are read. A missing file is reported by the
+    config reader."""
+    path = Path(text)
+    if not path.is_file():
+        return text
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise argparse.ArgumentTypeError(f"{text} is larger than 1 MiB: not a config file (YAML or TOML)")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = "\x00"
+    if "\x00" in decoded:
+        raise argparse.ArgumentTypeError(f"{text} is not a text file: give a YAML or TOML config file")
+    return text
+
+
 def add_run_options(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     p.add_argument("--run", required=run_required, metavar="DIR", help="run folder (created if missing)")
-    p.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
+    p.add_argument("--config", metavar="FILE", type=config_file, help="YAML or TOML config file")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
                    help="override config keys, e.g. --set distill.epochs=5 teacher.folds=0")
     p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")

@@ -54,11 +54,12 @@ class ChipConfig:
         if not 4 <= self.size <= 4096:
             raise ConfigError(f"chip size {self.size} is out of range", "use 4..4096 pixels (EuroSAT: 64)")
         if self.resolution is not None and not self.resolution > 0:
-            raise ConfigError(f"--resolution must be positive, not {self.resolution}")
+            raise ConfigError(f"--resolution must be positive, not {self.resolution}",
+                              "give the ground resolution in raster CRS units, e.g. --resolution 10")
         if not 0 < self.min_cover <= 1:
-            raise ConfigError(f"--min-cover must be in (0, 1], not {self.min_cover}")
+            raise ConfigError(f"--min-cover must be in (0, 1], not {self.min_cover}", "e.g. --min-cover 0.75")
         if not 0 <= self.max_nodata < 1:
-            raise ConfigError(f"--max-nodata must be in [0, 1), not {self.max_nodata}")
+            raise ConfigError(f"--max-nodata must be in [0, 1), not {self.max_nodata}", "e.g. --max-nodata 0.5")
 
 
 @dataclasses.dataclass
@@ -259,7 +260,8 @@ def read_labels(path: str | Path, field: str, layer: str | None, raster_crs,
         _, fids, wkb, values = read(str(path), layer=layer, columns=[field], bbox=tuple(bbox),
                                     return_fids=True)
     except Exception as exc:  # GDAL errors on a broken layer
-        raise DataError(f"cannot read labels {path} (layer '{layer}'): {exc}") from exc
+        raise DataError(f"cannot read labels {path} (layer '{layer}'): {exc}",
+                        "check the file in QGIS, or save the layer again as a GeoPackage") from exc
     geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
     classes = np.array([_class_text(v) for v in values[0]], dtype=object)
     if not same_crs and len(geoms):
@@ -475,7 +477,7 @@ def _check_labels(found: Labels, field: str, labels, raster, bounds) -> None:
                         "use polygons (areas of one class) or points (chip centres)")
     classes = sorted(set(found.classes))
     if len(classes) < 2:
-        raise DataError(f"label field '{field}' has only one class ('{classes[0]}') over the raster",
+        raise DataError(f"label field '{field}' has only one class ({classes[0]!r}) over the raster",
                         "a classifier needs at least two classes: label more classes or pick another field")
 
 

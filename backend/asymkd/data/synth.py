@@ -115,7 +115,8 @@ class SynthConfig:
         try:
             n = int(self.classes)
         except (TypeError, ValueError):
-            raise ConfigError(f"--classes must be 'all' or a number, not {self.classes!r}") from None
+            raise ConfigError(f"--classes must be 'all' or a number, not {self.classes!r}",
+                              f"e.g. --classes 3 (2..{len(CLASSES)})") from None
         if not 2 <= n <= len(CLASSES):
             raise ConfigError(f"--classes {n} is out of range", f"use 2..{len(CLASSES)} or 'all'")
         return CLASSES[:n]
