@@ -8,7 +8,7 @@ QGIS_ENV := $(QGIS_VENV)/.installed
 OUT ?= runs
 EUROSAT ?= ../shared/data/eurosat
 
-.PHONY: demo test test-backend test-plugin bench env qgis-env package deploy screenshot clean
+.PHONY: demo test test-backend test-plugin bench gpu-check env qgis-env package deploy screenshot clean
 
 env: $(ENGINE)
 
@@ -35,6 +35,9 @@ bench: $(ENGINE)
 	$(VENV)/bin/asymkd bench train
 	$(VENV)/bin/asymkd bench classify
 	$(VENV)/bin/asymkd bench accuracy --data $(EUROSAT)
+
+gpu-check: $(ENGINE)
+	PY=$(VENV)/bin/python tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(QGIS_VENV) build dist *.zip

@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compress", choices=("none", "deflate"), default="none", help="compression of the synthetic rasters")
     parser.add_argument("--workdir", default=None, help="folder for the synthetic rasters (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime provider for both measurements (default cpu)")
 
 
 def run(args, events) -> int:
@@ -74,7 +76,8 @@ def _bench(args, events, work: Path) -> int:
     runs = []
     for _ in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits both
         for spinning in (True, False):
-            rate, cpu = _pure_ort(model, args.batch_size, args.tile, args.threads, args.seconds, spinning)
+            rate, cpu = _pure_ort(model, args.batch_size, args.tile, args.threads, args.seconds, spinning,
+                                  args.device)
             pure[spinning] = max(pure.get(spinning, 0.0), rate)
             pure_cpu[spinning] = min(pure_cpu.get(spinning, float("inf")), cpu)
             print(f"(a) pure onnxruntime ({_spin(spinning)}): {rate:.0f} tiles/s, {cpu * 1000:.2f} CPU ms/tile",
@@ -157,12 +160,14 @@ def _cpu_s() -> float:
     return t.user + t.system
 
 
-def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, spinning: bool) -> tuple[float, float]:
+def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, spinning: bool,
+              device: str = "cpu") -> tuple[float, float]:
     """(tiles/s, CPU seconds per tile) of onnxruntime alone on one in-memory batch."""
     import onnxruntime as ort
+    from ..classify.infer import providers_for
     from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options
     sess = ort.InferenceSession(str(model), sess_options=onnx_session_options(threads, spinning),
-                                providers=["CPUExecutionProvider"])
+                                providers=providers_for(device))
     x = np.random.default_rng(0).uniform(0, 255, size=(batch, 3, tile, tile)).astype(np.float32)
     for _ in range(3):
         sess.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})
@@ -176,7 +181,7 @@ def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, 
 def _child_classify(model: Path, raster: Path, out: Path, args, spinning: bool) -> dict:
     """Run classify in a fresh process; it reports its own time and peak RSS."""
     cmd = [sys.executable, "-c", "from asymkd.bench.classify import _child; _child()", str(model), str(raster),
-           str(out), str(args.batch_size), str(args.threads), str(int(spinning))]
+           str(out), str(args.batch_size), str(args.threads), str(int(spinning)), args.device]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -201,13 +206,13 @@ def _peak_rss_kb() -> float:
 
 
 def _child() -> None:
-    model, raster, out, batch, threads, spinning = sys.argv[1:7]
+    model, raster, out, batch, threads, spinning, device = sys.argv[1:8]
     import onnxruntime  # noqa: F401 - imports are process start-up, not classification
     from ..classify import classify
     from ..classify import run as _run  # noqa: F401
     start, cpu = time.perf_counter(), _cpu_s()
     res = classify(model, raster, out, batch_size=int(batch), threads=int(threads), spinning=bool(int(spinning)),
-                   overwrite=True)
+                   overwrite=True, device=device)
     seconds = time.perf_counter() - start
     cpu_per_tile = (_cpu_s() - cpu) / max(res.tiles_classified, 1)
     peak_kb = _peak_rss_kb()
