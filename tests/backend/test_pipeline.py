@@ -167,3 +167,22 @@ def test_without_semi_supervision_the_baseline_sees_labeled_samples_only(tmp_pat
     assert student["summary"]["rgb_train"] > student["summary"]["labeled_train"]
     assert baseline["summary"]["rgb_train"] == baseline["summary"]["labeled_train"]
     assert "train_unlabeled" not in student["history"][0]
+
+
+def test_matcher_is_reproducible_alone_and_after_kill_and_resume(tmp_path, dataset):
+    extra = {"matcher": {**TINY_CONFIG["matcher"], "epochs": 3}}
+    weights = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        torch.manual_seed(len(name) * 17 + hash(name) % 5)  # whatever state torch was left in
+        step_matcher(_cfg(run, dataset, **extra), run)
+        weights.append(load_file(str(run / "matcher" / "model.safetensors")))
+    killed = tmp_path / "killed"
+    cfg = _cfg(killed, dataset, **extra)
+    with pytest.raises(KeyboardInterrupt):
+        step_matcher(cfg, killed, _KillAfter("matcher", 2))
+    step_matcher(cfg, killed, resume=True)
+    weights.append(load_file(str(killed / "matcher" / "model.safetensors")))
+    for other in weights[1:]:
+        for key in weights[0]:
+            assert torch.equal(weights[0][key], other[key]), key
