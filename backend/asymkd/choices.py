@@ -19,6 +19,9 @@ SEMI_SUPERVISED = {"none": "unlabeled RGB joins only through pairing and soft la
                    "fixmatch": "weak/strong consistency with confidence-thresholded pseudo-labels"}
 POSITIVES = {"auto": "explicit pairs when given, else pseudo-RGB",
              "pairs": "explicit same-target pairs only", "pseudo-rgb": "MS true-colour bands as RGB"}
+# `--device` / `device`; "cuda:N" stands for any CUDA device number
+DEVICES = {"auto": "CUDA when available, else the CPU", "cpu": "the CPU",
+           "cuda": "the first CUDA GPU (bfloat16 autocast)", "cuda:N": "CUDA GPU number N, e.g. cuda:1"}
 
 # config key -> its table
 CONFIG_CHOICES = {"distill.domain_loss": DOMAIN_LOSSES, "pairing.method": PAIRING_METHODS,

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "classify": "classify the tiles of a raster into a styled GeoPackage",
     "bench": "benchmarks: accuracy, train, classify",
     "doctor": "print Python, torch, CUDA, onnxruntime versions and devices as JSON",
+    "choices": "print the named choices (backbones, losses, pairing, devices) and defaults as JSON",
 }
 
 

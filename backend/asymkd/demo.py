@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .events import NULL_EVENTS, Events
+from .layout import RunFolder
 
 # Small epochs: the demo shows the whole loop in minutes on 2 CPU cores.
 DEMO_CONFIG: dict[str, Any] = {
@@ -35,10 +37,11 @@ def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path
     from .export import export_onnx
     from .pipeline import load_rgb_test, resolve_config
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     cfg = resolve_config(run_dir, write=False)
-    meta = json.loads((run_dir / "student" / "meta.json").read_text())
+    meta = json.loads((run.student / layout.META).read_text())
     test = load_rgb_test(cfg, meta["class_names"])
-    onnx = export_onnx(run_dir / "student", run_dir / "student.onnx", overwrite=True,
+    onnx = export_onnx(run.student, run.student_onnx, overwrite=True,
                        check_data=test.images[:128] if test is not None else None, events=events).path
     world = json.loads((run_dir / "world" / "world.json").read_text())
     scene = run_dir / "world" / world["paths"]["rgb_test_scene"]  # relative to the world folder

@@ -3,6 +3,9 @@
 Every long job reports through an `Events` object. With `--events FILE|-` each event is
 one JSON object per line (the protocol the QGIS plugin reads, see README); on a terminal a
 tqdm bar is shown as well. Events are flushed at once so a reader sees them live.
+
+The first event of a stream also carries `protocol` (PROTOCOL_VERSION) and `engine` (the
+engine version), so that a reader can refuse a stream it does not understand.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, TextIO, TypeVar
 
+from . import __version__
+
 T = TypeVar("T")
 
-PROTOCOL_VERSION = 1
+# "major.minor": a reader refuses another major (fields removed or changed in meaning);
+# a new minor only adds events or fields.
+PROTOCOL_VERSION = "1.0"
 
 
 def _jsonable(value: Any) -> Any:
@@ -47,6 +54,7 @@ class Events:
         self._last_progress: dict[str, float] = {}
         self._bars: dict[str, Any] = {}
         self.copies: list[TextIO] = []  # e.g. RUN/events.jsonl beside the user's stream
+        self._introduced = False  # whether the protocol version has been sent
 
     # -- raw -------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -54,6 +62,9 @@ class Events:
         if not targets:
             return
         record = {"event": event, "time": round(time.time(), 3), **_jsonable(fields)}
+        if not self._introduced:
+            record.update(protocol=PROTOCOL_VERSION, engine=__version__)
+            self._introduced = True
         line = json.dumps(record, ensure_ascii=False) + "\n"
         for target in targets:
             target.write(line)

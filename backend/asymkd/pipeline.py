@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from . import config as config_mod
+from . import layout
 from .config import RunConfig
 from .data.patches import PatchSet, load_folder, require_classes, scan_folder
 from .errors import DataError
 from .events import NULL_EVENTS, Events
+from .layout import RunFolder
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = layout.CONFIG
 
 
 # -- configuration -------------------------------------------------------------------
@@ -121,8 +123,8 @@ def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     with events.step("teacher"):
         ms = load_ms(cfg)
         events.log(f"teacher: {len(ms)} MS patches, {ms.num_bands} bands, classes {ms.class_counts()}")
-        metrics = train_teacher(cfg, ms, Path(run_dir) / "teacher", events, resume)
-        events.result("teacher", model=Path(run_dir) / "teacher")
+        metrics = train_teacher(cfg, ms, RunFolder(run_dir).teacher, events, resume)
+        events.result("teacher", model=RunFolder(run_dir).teacher)
     return metrics
 
 
@@ -131,8 +133,8 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     with events.step("matcher"):
         ms = load_ms(cfg)
         paired = load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names) if cfg.data.rgb_paired else None
-        metrics = train_matcher(cfg, ms, paired, Path(run_dir) / "matcher", events, resume)
-        events.result("matcher", model=Path(run_dir) / "matcher")
+        metrics = train_matcher(cfg, ms, paired, RunFolder(run_dir).matcher, events, resume)
+        events.result("matcher", model=RunFolder(run_dir).matcher)
     return metrics
 
 
@@ -142,11 +144,11 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
     from .train.matcher import embed, load_matcher
     from .train.evaluate import write_metrics_json
     from .train.pairing import assign_pairs, pairing_stats
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     with events.step("pair"):
         ms = load_ms(cfg)
         rgb = load_rgb_train(cfg, ms.class_names)
-        model, meta = load_matcher(run_dir / "matcher")
+        model, meta = load_matcher(run.matcher)
         device = common.resolve_device(cfg.device)
         model = model.to(device)
         z_ms = embed(model.ms, common.normalize(ms.images, meta["ms_mean"], meta["ms_std"]), device)
@@ -160,9 +162,9 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
         # Labeled samples are paired in their own class: full confidence. Unlabeled ones are
         # trusted as far as the matcher's neighbours agree on a class.
         confidence = np.where(lab, 1.0, probs.max(1)).astype(np.float32)
-        out = run_dir / "pairs"
+        out = run.pairs
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "pairs.npz", ms_index=assign, rgb_stems=np.array(rgb.stems),
+        np.savez(run.pairs_file, ms_index=assign, rgb_stems=np.array(rgb.stems),
                  score=sim[np.arange(len(assign)), assign], confidence=confidence)
         stats = pairing_stats(assign, ms.labels)
         summary = {"rgb_samples": len(rgb), "unlabeled": int((~lab).sum()), "ms_samples": len(ms),
@@ -170,9 +172,9 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
                    "matcher_accuracy_on_labeled_rgb": float((probs[lab].argmax(1) == rgb.labels[lab]).mean())
                    if lab.any() else None,
                    "unlabeled_mean_confidence": float(confidence[~lab].mean()) if (~lab).any() else None}
-        write_metrics_json(out / "metrics.json", {"step": "pairs", "summary": summary})
+        write_metrics_json(run.metrics(layout.PAIRS), {"step": layout.PAIRS, "summary": summary})
         events.metrics("pair", summary)
-        events.result("pair", pairs=out / "pairs.npz")
+        events.result("pair", pairs=run.pairs_file)
     return summary
 
 
@@ -190,7 +192,7 @@ def matcher_class_probs(sim: np.ndarray, ms_labels: np.ndarray, num_classes: int
 
 def load_pairs(run_dir: Path, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
     """MS partner index and pairing confidence of every RGB training sample."""
-    path = Path(run_dir) / "pairs" / "pairs.npz"
+    path = RunFolder(run_dir).pairs_file
     if not path.is_file():
         raise DataError(f"{path} does not exist", "run `asymkd pair --run RUN` first")
     data = np.load(path)
@@ -204,38 +206,38 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
                  skip_done: bool = False) -> dict:
     from .report import write_report
     from .train.distill import train_student
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     ms = load_ms(cfg)
     rgb = load_rgb_train(cfg, ms.class_names)
     test = load_rgb_test(cfg, ms.class_names)
     results = {}
-    if not (skip_done and (run_dir / "student" / "metrics.json").is_file()):
+    if not (skip_done and run.metrics(layout.STUDENT).is_file()):
         with events.step("distill"):
-            pairs, confidence = load_pairs(run_dir, rgb)
-            results["student"] = train_student(cfg, rgb, run_dir / "student", baseline=False,
-                                               teacher_dir=run_dir / "teacher", ms=ms, pairs=pairs,
-                                               pair_confidence=confidence,
-                                               rgb_test=test, events=events, resume=resume)
-            events.result("distill", model=run_dir / "student")
-    if cfg.distill.baseline and not (skip_done and (run_dir / "baseline" / "metrics.json").is_file()):
+            pairs, confidence = load_pairs(run.root, rgb)
+            results[layout.STUDENT] = train_student(cfg, rgb, run.student, baseline=False,
+                                                    teacher_dir=run.teacher, ms=ms, pairs=pairs,
+                                                    pair_confidence=confidence,
+                                                    rgb_test=test, events=events, resume=resume)
+            events.result("distill", model=run.student)
+    if cfg.distill.baseline and not (skip_done and run.metrics(layout.BASELINE).is_file()):
         with events.step("baseline"):
-            results["baseline"] = train_student(cfg, rgb, run_dir / "baseline", baseline=True, ms=ms,
-                                                rgb_test=test, events=events, resume=resume)
-            events.result("baseline", model=run_dir / "baseline")
-    report = write_report(run_dir)
+            results[layout.BASELINE] = train_student(cfg, rgb, run.baseline, baseline=True, ms=ms,
+                                                     rgb_test=test, events=events, resume=resume)
+            events.result("baseline", model=run.baseline)
+    report = write_report(run.root)
     events.result("report", report=report)
     return results
 
 
 def run_all(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> Path:
     """teacher -> matcher -> pair -> distill (+ baseline) -> report."""
-    run_dir = Path(run_dir)
-    done = lambda step: resume and (run_dir / step / "metrics.json").is_file()  # noqa: E731
-    if not done("teacher"):
-        step_teacher(cfg, run_dir, events, resume)
-    if not done("matcher"):
-        step_matcher(cfg, run_dir, events, resume)
-    if not done("pairs"):
-        step_pair(cfg, run_dir, events)
-    step_distill(cfg, run_dir, events, resume, skip_done=resume)
-    return run_dir / "report.html"
+    run = RunFolder(run_dir)
+    done = lambda step: resume and run.metrics(step).is_file()  # noqa: E731
+    if not done(layout.TEACHER):
+        step_teacher(cfg, run.root, events, resume)
+    if not done(layout.MATCHER):
+        step_matcher(cfg, run.root, events, resume)
+    if not done(layout.PAIRS):
+        step_pair(cfg, run.root, events)
+    step_distill(cfg, run.root, events, resume, skip_done=resume)
+    return run.report

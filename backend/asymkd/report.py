@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .errors import DataError
 from .models.files import atomic_write_text
 
-STEPS = ("teacher", "matcher", "pairs", "baseline", "student")
-STEP_TITLES = {"teacher": "MS teacher", "matcher": "Matcher", "pairs": "Pairing",
-               "baseline": "Baseline student (no distillation)", "student": "Distilled student"}
-REPORT_FILE = "report.html"
-CONFIG_FILE = "config.yaml"
+STEPS = layout.STEP_FOLDERS
+STEP_TITLES = {layout.TEACHER: "MS teacher", layout.MATCHER: "Matcher", layout.PAIRS: "Pairing",
+               layout.BASELINE: "Baseline student (no distillation)", layout.STUDENT: "Distilled student"}
+REPORT_FILE = layout.REPORT
+CONFIG_FILE = layout.CONFIG
 SPLITS = (("test", "test"), ("val", "validation"))
 
 CSS = """
@@ -82,15 +83,16 @@ def _read_step(run_dir: Path, name: str) -> Step | None:
     folder = run_dir / name
     if not folder.is_dir():
         return None
-    path = folder / "metrics.json"
+    path = folder / layout.METRICS
+    where = f"{name}/{layout.METRICS}"
     if not path.is_file():
-        return Step(name, folder, error=f"{name}/metrics.json is missing (step not finished?)")
+        return Step(name, folder, error=f"{where} is missing (step not finished?)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return Step(name, folder, error=f"{name}/metrics.json could not be read: {exc}")
+        return Step(name, folder, error=f"{where} could not be read: {exc}")
     if not isinstance(doc, dict):
-        return Step(name, folder, error=f"{name}/metrics.json is not a JSON object")
+        return Step(name, folder, error=f"{where} is not a JSON object")
     return Step(name, folder, doc=doc)
 
 
@@ -381,7 +383,7 @@ def build_report_html(run_dir: str | Path) -> str:
     found = {name: _read_step(run_dir, name) for name in STEPS}
     steps = [s for s in found.values() if s is not None]
     problems = "".join(note(s.error, "warn") for s in steps if s.error)
-    baseline, student = found["baseline"], found["student"]
+    baseline, student = found[layout.BASELINE], found[layout.STUDENT]
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     present = ", ".join(s.name for s in steps) or "none"
     body = "".join([
@@ -393,8 +395,8 @@ def build_report_html(run_dir: str | Path) -> str:
         section_confusions(baseline, student),
         section_scores_overview(steps),
         section_curves(steps),
-        section_pairing(found["matcher"], found["pairs"], student),
-        section_teacher(found["teacher"]),
+        section_pairing(found[layout.MATCHER], found[layout.PAIRS], student),
+        section_teacher(found[layout.TEACHER]),
         section_student_summaries(baseline, student),
         section_config(run_dir),
     ])

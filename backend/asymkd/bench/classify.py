@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layout import RunFolder
+
 TARGET_RATIO = 0.9
 TARGET_RSS_RATIO = 1.2
 
@@ -127,8 +129,9 @@ def _make_model(work: Path, backbone: str, classes: int, tile: int, events, inpu
     net = SceneClassifier(backbone, 3, classes, input_size=input_size)
     meta = {"backbone": backbone, "input_size": input_size, "class_names": [f"class{i}" for i in range(classes)], "band_names": ["R", "G", "B"],
             "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
-    save_model(work / "student", net, meta)
-    return export_onnx(work / "student", work / "student.onnx", check_samples=16, overwrite=True, events=events).path
+    run = RunFolder(work)
+    save_model(run.student, net, meta)
+    return export_onnx(run.student, run.student_onnx, check_samples=16, overwrite=True, events=events).path
 
 
 def _write_raster(path: Path, side: int, compress: str) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..events import Events
+from ..layout import RunFolder
 from ..train.pairing import pairing_stats, repair_by_kl
 
 REPAIR_TARGET_S = 2.0
@@ -157,7 +158,7 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                                  "input_size": args.input_size},
                      "data": {"val_fraction": 0.05}, "device": args.epoch_device, "seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = Path(tmp) / "teacher"
+        teacher = RunFolder(tmp).teacher
         save_model(teacher, SceneClassifier(args.teacher, 13, k),
                    {"backbone": args.teacher, "class_names": ms.class_names, "band_names": ms.band_names,
                     "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})

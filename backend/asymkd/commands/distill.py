@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from ..choices import DOMAIN_LOSSES, PSEUDO_MODES, SEMI_SUPERVISED
+from ..layout import RunFolder
 from ..pipeline import resolve_config, step_distill
 from ._options import add_data_options, add_run_options, overrides
 
@@ -47,5 +48,5 @@ def run(args, events) -> int:
         part = m.get("test") or m.get("val")
         which = "test" if "test" in m else "validation"
         print(f"{name}: {which} OA {part['overall_accuracy']:.4f}, macro-F1 {part['macro_f1']:.4f}")
-    print(f"report: {args.run}/report.html")
+    print(f"report: {RunFolder(args.run).report}")
     return 0

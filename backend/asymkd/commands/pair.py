@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from ..choices import PAIRING_METHODS
+from ..layout import RunFolder
 from ..pipeline import resolve_config, step_pair
 from ._options import add_data_options, add_run_options, overrides
 
@@ -18,5 +19,5 @@ def add_arguments(p) -> None:
 def run(args, events) -> int:
     cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
     s = step_pair(cfg, args.run, events)
-    print(f"paired {s['rgb_samples']} RGB samples with MS samples: {args.run}/pairs/pairs.npz")
+    print(f"paired {s['rgb_samples']} RGB samples with MS samples: {RunFolder(args.run).pairs_file}")
     return 0

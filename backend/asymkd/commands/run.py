@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import layout
 from ..config import merge
+from ..layout import RunFolder
 from ..pipeline import resolve_config, run_all
 from ._options import add_run_options, overrides
 
@@ -21,10 +23,10 @@ def run(args, events) -> int:
     run_dir = Path(args.run or args.out or "")
     if not (args.run or args.out):
         raise ConfigError("no run folder given", "pass --out DIR (e.g. --out runs/demo)")
-    if not args.config and not args.demo and not (run_dir / "config.yaml").is_file():
+    if not args.config and not args.demo and not RunFolder(run_dir).config.is_file():
         raise ConfigError("nothing to run: give --config FILE, or --demo for the synthetic world")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with events.copy_to(run_dir / "events.jsonl"):
+    with events.copy_to(RunFolder(run_dir).events):
         values = overrides(args, {})
         if args.demo:
             from ..demo import DEMO_CONFIG, demo_world
@@ -47,16 +49,16 @@ def result_lines(run_dir: Path) -> str:
     set and the gain, the last thing a user reads."""
     import json
     scores = {}
-    for name in ("baseline", "student"):
-        path = run_dir / name / "metrics.json"
+    for name in (layout.BASELINE, layout.STUDENT):
+        path = RunFolder(run_dir).metrics(name)
         if path.is_file():
             doc = json.loads(path.read_text())
             part = doc.get("test") or doc.get("val")
             if part:
                 scores[name] = (part["overall_accuracy"], part["macro_f1"], "test" if doc.get("test") else "validation")
-    lines = [f"{'distilled' if n == 'student' else n:>9}: {s[2]} OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
+    lines = [f"{'distilled' if n == layout.STUDENT else n:>9}: {s[2]} OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
              for n, s in sorted(scores.items())]
     if len(scores) == 2:
-        gain = 100 * (scores["student"][0] - scores["baseline"][0])
+        gain = 100 * (scores[layout.STUDENT][0] - scores[layout.BASELINE][0])
         lines.append(f"     gain: {gain:+.1f} OA points from the MS teacher")
     return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The names of a run folder's parts, written once for the engine.
+
+The QGIS plugin keeps the same names in `asymkd_qgis/layout.py` (it never imports the
+engine); a test checks that both copies agree. Change a name here and there together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# files at the top of a run folder
+CONFIG = "config.yaml"
+EVENTS = "events.jsonl"
+REPORT = "report.html"
+STUDENT_ONNX = "student.onnx"
+
+# one folder per step
+TEACHER = "teacher"
+MATCHER = "matcher"
+PAIRS = "pairs"
+STUDENT = "student"
+BASELINE = "baseline"
+STEP_FOLDERS = (TEACHER, MATCHER, PAIRS, BASELINE, STUDENT)
+
+# files inside a step or model folder
+METRICS = "metrics.json"
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+PAIRS_FILE = "pairs.npz"
+CONFUSION = "confusion.png"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of one run: `RunFolder(run_dir).teacher`, `.metrics(STUDENT)`, ..."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def step(self, name: str) -> Path:
+        return self.root / name
+
+    def metrics(self, step: str) -> Path:
+        """A step's metrics.json: it exists once the step has finished."""
+        return self.root / step / METRICS
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def events(self) -> Path:
+        return self.root / EVENTS
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / TEACHER
+
+    @property
+    def matcher(self) -> Path:
+        return self.root / MATCHER
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / PAIRS
+
+    @property
+    def pairs_file(self) -> Path:
+        return self.root / PAIRS / PAIRS_FILE
+
+    @property
+    def student(self) -> Path:
+        return self.root / STUDENT
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / BASELINE
+
+    @property
+    def student_onnx(self) -> Path:
+        return self.root / STUDENT_ONNX
