@@ -113,10 +113,6 @@ class RunConfig:
     workers: int = 0                   # torch threads (0 = torch default)
 
 
-SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "matcher": MatcherConfig,
-            "pairing": PairingConfig, "distill": DistillConfig}
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check and convert one value to its field type (strings from --set included)."""
     origin = get_origin(hint)
