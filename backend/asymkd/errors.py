@@ -88,7 +88,8 @@ def storage_error(exc: BaseException) -> StorageError | None:
         if isinstance(e, OSError) and e.errno in _CAUSES:
             cause, hint = _CAUSES[e.errno]
             from .fileio import final_path  # temporary names stand for the file being written
-            where = "a file" if e.filename is None else final_path(e.filename)
+            where = final_path(e.filename) if e.filename is not None else \
+                "the output stream" if e.errno == errno.EPIPE else "a file"
             if e.filename2 is not None:
                 where += f" -> {final_path(e.filename2)}"
             return StorageError(f"cannot write or read {where}: {cause}", hint)

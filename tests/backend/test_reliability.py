@@ -377,3 +377,15 @@ def test_binary_config_file_is_refused_while_reading_the_arguments(tmp_path, cap
         cli.main(["teacher", "--run", str(tmp_path / "r"), "--config", str(binary)])
     assert info.value.code == 2 and "not a text file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_export_check_data_with_other_bands_does_not_blame_bands(tiny_model, tmp_path, capsys):
+    folder, _, _ = tiny_model
+    for name in ("A", "B"):
+        path = tmp_path / "ms" / name / f"{name}.tif"
+        path.parent.mkdir(parents=True)
+        with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=4, dtype="uint16") as dst:
+            dst.write(np.ones((4, 16, 16), np.uint16))
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "ms")]) == 2
+    err = capsys.readouterr().err
+    assert "4 bands" in err and "--bands" not in err
