@@ -352,3 +352,32 @@ def test_kills_during_chips_leave_the_old_chips_or_the_new(world, tmp_path):
             assert not _own(_leftovers(out), pid)
     assert _run([*args, "--size", "16", "--out", str(out / "c"), "--pair-out", str(out / "p")])[0] == 0
     assert _files(out) == _files(new) and not _leftovers(out)
+
+
+def test_kills_during_classify_leave_no_output_or_the_whole_one(model, tmp_path):
+    raster = tmp_path / "big.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=1024, height=1024, count=3, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(500000, 5200000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (3, 1024, 1024), dtype=np.uint8))
+    out = tmp_path / "out"
+    args = ["classify", str(model["onnx"]), str(raster), "--out", str(out / "t.gpkg"), "--class-raster",
+            str(out / "c.tif"), "--overwrite", "--batch-size", "16", "--threads", "1"]
+    rng = random.Random(5)
+    for trial in range(4):
+        sig = signal.SIGTERM if trial % 2 == 0 else signal.SIGKILL
+        code, pid = _kill_at(args, rng.uniform(0.0, 1.0), sig)
+        assert code in (0, 130, -signal.SIGKILL), code
+        finals = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []
+        assert finals in ([], ["c.tif", "t.gpkg", "t.qml"]), finals
+        if code in (0, 130):
+            assert not _own(_leftovers(out), pid)
+    code, err = _run(args)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["c.tif", "t.gpkg", "t.qml"]
+
+
+def test_a_resolution_far_finer_than_the_raster_is_refused(world, tmp_path, capsys):
+    maps = world / "old" / "map"
+    assert cli.main(["chips", "--raster", str(maps / "ms_scene.tif"), "--labels", str(maps / "ms_labels.gpkg"),
+                     "--size", "16", "--resolution", "0.00001", "--out", str(tmp_path / "c")]) == 2
+    assert "--resolution" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -199,6 +199,18 @@ def chipping_grid(src, resolution: float | None) -> tuple[Any, int, int, bool]:
     return grid, width, height, resolution > abs(t.a)
 
 
+MAX_GRID_CELLS = 100_000_000
+
+
+def _check_grid_size(width: int, height: int, cfg: ChipConfig) -> None:
+    """A --resolution far finer than the raster's makes a grid too large to search."""
+    cells = (width // cfg.size) * (height // cfg.size)
+    if cells > MAX_GRID_CELLS:
+        raise ConfigError(f"at --resolution {cfg.resolution:g} the raster becomes {width} x {height} pixels, "
+                          f"{cells:.3g} chip cells (at most {MAX_GRID_CELLS:.0e})",
+                          "use a --resolution nearer the raster's own, or omit it")
+
+
 def _grid_bounds(transform, width: int, height: int) -> tuple[float, float, float, float]:
     xs, ys = zip(*(transform @ (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))))
     return min(xs), min(ys), max(xs), max(ys)
@@ -412,6 +424,7 @@ def chip_map(raster: str | Path, labels: str | Path, out: str | Path, cfg: ChipC
     with ExitStack() as stack, events.step("chips", raster=str(raster), labels=str(labels)):
         src = stack.enter_context(_open_raster(raster, "raster"))
         transform, width, height, down = chipping_grid(src, cfg.resolution)
+        _check_grid_size(width, height, cfg)
         view = GridView(src, src.crs, transform, width, height, stack, down)
         bounds = _grid_bounds(transform, width, height)
         pair_view = None
