@@ -15,10 +15,16 @@ Every writer of the engine goes through here:
     with staged_dir(final_dir) as stage:   # a whole folder: build it under `stage`,
         ...                                # then it replaces `final_dir` in one step
 
-Temporary names start with "." and end with ".tmp-<pid>" (files) or ".partial-<pid>"
-(folders), in the final path's own folder so the rename stays on one file system. A
-`kill -9` cannot run cleanup code; `remove_stale(final)` (called by every helper here)
-removes what a dead process left beside `final`.
+Temporary names start with "." and carry ".tmp-<pid>" (files, keeping the suffix so
+GDAL still knows the format) or ".partial-<pid>" (folders), in the final path's own folder
+so the rename stays on one file system. A `kill -9` cannot run cleanup code;
+`remove_stale(final)` (called by every helper here) removes what a dead process left beside
+`final`. `final_path(tmp)` maps a temporary name back, so messages name the user's file.
+
+Checks for writers that cannot promise a complete file: `check_writable(folder)` probes an
+output folder before long work; `check_raster` and `check_vector` read back what GDAL wrote
+(on a full disk it can leave a truncated GeoTIFF or GeoPackage without raising). Failures
+are `StorageError`s (exit 2).
 """
 
 from __future__ import annotations
