@@ -1,14 +1,14 @@
 """The AsymKD dock: the whole loop in five steps (Data, Teacher, Matcher and pairing,
 Distill, Classify), each with Run, Cancel, a progress bar and its results.
 
-Each Run checks the inputs (validation.py), builds engine command lines (jobs.py) and starts
-one background EngineJob; the classified layer is loaded with its style when the job ends.
+Each Run turns the step's widgets into the options and inputs of its spec (steps.py, which the
+Processing algorithms share), and starts one background EngineJob: exports first, in the
+job's worker thread, then the engine. The classified layer is loaded with its style.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,17 +19,19 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinB
                                  QLabel, QLineEdit, QPushButton, QScrollArea,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from . import jobs, layers, results, settings
+from . import choices, layers, results, settings, steps
 from .engine import WORKING, Engine, EngineState, EngineUnavailable
+from .layout import RunLayout
 from .modelinfo import ModelInfoError, read_model_info
 from .notify import Notifier
-from .tasks import EngineCommand, EngineJob, PreStep
-from .validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder, require_layer
-from .widgets import EngineBanner, LabelPicker, Persist, SourcePicker, StepPanel, guard_form, heading, wrap_labels
+from .steps import Prepared
+from .tasks import EngineJob
+from .validation import InputError, check_ms_raster, check_rgb_raster, require_folder, require_layer
+from .widgets import (EngineBanner, LabelPicker, ModelPicker, Persist, SourcePicker, StepPanel, guard_form, heading,
+                      wrap_labels)
 
 STEPS = ("data", "teacher", "matcher", "distill", "classify")
-STEP_TITLES = {"data": "1. Data", "teacher": "2. Teacher", "matcher": "3. Matcher and pairing",
-               "distill": "4. Distill", "classify": "5. Classify"}
+STEP_TITLES = {step: f"{number}. {steps.SPECS[step].title}" for number, step in enumerate(STEPS, 1)}
 # Short enough for a narrow dock: "Run matcher", not "Run matcher and pairing".
 RUN_LABELS = {"data": "Prepare data", "teacher": "Run teacher", "matcher": "Run matcher",
               "distill": "Run distill", "classify": "Run classify"}
@@ -64,12 +66,13 @@ def _combo(items, editable: bool = False) -> QComboBox:
     return combo
 
 
-@dataclass
-class PreparedJob:
-    name: str
-    commands: list[EngineCommand]
-    on_success: Callable[[EngineJob], None] | None = None
-    pre_steps: list[PreStep] = field(default_factory=list)
+def _input_size(default_text: str = "default") -> QSpinBox:
+    """Input size in pixels; at the minimum (-1) the engine's default."""
+    spin = _spin(-1, 1024, -1, " px")
+    spin.setSpecialValueText(default_text)
+    spin.setToolTip("Resize patches to this size inside the model (0 = as the patches are); "
+                    "pretrained networks often gain from larger inputs, at more compute per patch")
+    return spin
 
 
 class AsymKDDock(QDockWidget):
@@ -177,9 +180,16 @@ class AsymKDDock(QDockWidget):
         """Check the engine (its modules are looked up, not imported: fast) and show the state."""
         if self.builder is not None and not self.builder.done:
             return self.engine_state
-        self.engine_state = self.engine_factory().state()
+        engine = self.engine_factory()
+        self.engine_state = engine.state()
         self._show_engine_state()
+        self._offer_engine_choices(engine)
         return self.engine_state
+
+    def _offer_engine_choices(self, engine: Engine, refresh: bool = False) -> None:
+        """The forms offer what a working engine names (asked once per session, cached)."""
+        if self.engine_state is not None and self.engine_state.working:
+            self.apply_choices(choices.engine_choices(engine, refresh=refresh))
 
     def _show_engine_state(self, failure: str = "") -> None:
         self.engine_banner.show_state(self.engine_state, failure)
@@ -203,8 +213,10 @@ class AsymKDDock(QDockWidget):
 
     def _builder_finished(self, builder) -> None:
         self.builder = None
-        self.engine_state = self.engine_factory().state()
+        engine = self.engine_factory()
+        self.engine_state = engine.state()
         self._show_engine_state("" if builder.ok else builder.message)
+        self._offer_engine_choices(engine, refresh=True)
         if builder.ok:
             self.notifier.clear("engine")
 
@@ -250,15 +262,18 @@ class AsymKDDock(QDockWidget):
 
     def _build_teacher(self, form: QFormLayout) -> None:
         self.teacher_bands = self.persist.bind("teacher/bands", _combo(["sentinel2", "sentinel2-ordered", ""], editable=True))
-        self.teacher_backbone = self.persist.bind("teacher/backbone", _combo(["", "resnet18_w32", "resnet18", "resnet50"], editable=True))
+        self.teacher_model = self._model_picker("teacher")
+        self.teacher_input_size = self.persist.bind("teacher/input_size", _input_size())
         self.teacher_epochs = self.persist.bind("teacher/epochs", _spin(0, 1000, 0))
         self.teacher_epochs.setSpecialValueText("default")
-        self.device = self.persist.bind("device", _combo(jobs.DEVICES))
+        self.device = self.persist.bind("device", _combo(steps.DEVICES))
         self.seed = self.persist.bind("seed", _spin(0, 2**31 - 1, 0))
         form.addRow("MS band names", self.teacher_bands)
-        form.addRow("Backbone", self.teacher_backbone)
+        form.addRow("Backbone", self.teacher_model)
+        form.addRow("Input size", self.teacher_input_size)
         form.addRow("Epochs", self.teacher_epochs)
         self.teacher_settings = self._settings_edit("teacher/settings", "e.g. teacher.folds=0 teacher.lr=0.001")
+        self._watch_weights(self.teacher_settings, self.teacher_model)
         form.addRow("Device", self.device)
         form.addRow("Seed", self.seed)
         form.addRow("More settings", self.teacher_settings)
@@ -266,7 +281,7 @@ class AsymKDDock(QDockWidget):
     def _build_matcher(self, form: QFormLayout) -> None:
         self.matcher_epochs = self.persist.bind("matcher/epochs", _spin(0, 1000, 0))
         self.matcher_epochs.setSpecialValueText("default")
-        self.pair_method = self.persist.bind("matcher/method", _combo(jobs.PAIR_METHODS))
+        self.pair_method = self.persist.bind("matcher/method", _combo(steps.PAIR_METHODS))
         self.matcher_settings = self._settings_edit("matcher/settings", "e.g. matcher.embed_dim=128")
         form.addRow("Matcher epochs", self.matcher_epochs)
         form.addRow("Pairing", self.pair_method)
@@ -290,13 +305,22 @@ class AsymKDDock(QDockWidget):
         self.baseline = self.persist.bind("distill/baseline", QCheckBox("Train the baseline too"))
         self.baseline.setToolTip("The same student trained without distillation, for comparison")
         self.baseline.setChecked(settings.get("dock/distill/baseline", True, bool))
-        self.distill_device = self.persist.bind("distill/device", _combo(jobs.DEVICES))
+        self.distill_device = self.persist.bind("distill/device", _combo(steps.DEVICES))
+        self.distill_model = self._model_picker("distill")
+        self.distill_input_size = self.persist.bind("distill/input_size", _input_size())
+        self.domain_loss = QComboBox()
+        self._refill(self.domain_loss, ("",) + steps.DOMAIN_LOSSES, None)
+        self.persist.bind("distill/domain_loss", self.domain_loss)
+        form.addRow("Student backbone", self.distill_model)
+        form.addRow("Input size", self.distill_input_size)
         form.addRow("Epochs", self.distill_epochs)
         form.addRow("Re-pair every", self.repair_every)
         form.addRow("Weight: feature alignment", self.w_feat)
         form.addRow("Weight: teacher pseudo-labels", self.w_pseudo)
         form.addRow("Weight: ground truth", self.w_gt)
-        self.distill_settings = self._settings_edit("distill/settings", "e.g. distill.domain_loss=mmd distill.temperature=4")
+        form.addRow("Domain-shift loss", self.domain_loss)
+        self.distill_settings = self._settings_edit("distill/settings", "e.g. distill.temperature=4 distill.lr=0.001")
+        self._watch_weights(self.distill_settings, self.distill_model)
         form.addRow("Device", self.distill_device)
         form.addRow("More settings", self.distill_settings)
         form.addRow(self.baseline)
@@ -326,7 +350,7 @@ class AsymKDDock(QDockWidget):
         self.stride.setSpecialValueText("= tile")
         self.zoom = self.persist.bind("classify/zoom", _spin(0, 24, 16))
         self.batch_size = self.persist.bind("classify/batch_size", _spin(1, 4096, 64))
-        self.classify_device = self.persist.bind("classify/device", _combo(jobs.DEVICES))
+        self.classify_device = self.persist.bind("classify/device", _combo(steps.DEVICES))
         self._grid_labels: dict[QLabel, QWidget] = {}
         form.addRow("Raster layer", self.classify_layer)
         form.addRow("Bands", self.classify_bands)
@@ -347,10 +371,51 @@ class AsymKDDock(QDockWidget):
         edit.setToolTip("Engine configuration keys as KEY=VALUE, separated by spaces (passed as --set)")
         return edit
 
+    def _model_picker(self, section: str) -> ModelPicker:
+        picker = ModelPicker(section)
+        self.persist.bind(f"{section}/backbone", picker.backbone)
+        self.persist.bind(f"{section}/pretrained", picker.pretrained)
+        picker.set_choices(choices.cached())
+        return picker
+
+    @staticmethod
+    def _watch_weights(edit: QLineEdit, picker: ModelPicker) -> None:
+        """A weights file given in More settings shows as the backbone's source."""
+        key = f"{picker.section}.weights="
+        edit.textChanged.connect(lambda text: picker.set_weights_file(key in text))
+        picker.set_weights_file(key in edit.text())
+
+    def apply_choices(self, found: choices.EngineChoices) -> None:
+        """Offer the engine's backbones, pairing methods and losses, with its defaults."""
+        for picker in (self.teacher_model, self.distill_model):
+            picker.set_choices(found)
+        for spin, section in ((self.teacher_input_size, "teacher"), (self.distill_input_size, "distill")):
+            size = found.default(section, "input_size")
+            spin.setSpecialValueText("default" if size is None else
+                                     f"default ({size} px)" if size else "default (as they are)")
+        self._refill(self.pair_method, found.names("pairing.method", steps.PAIR_METHODS), found.config.get("pairing.method"))
+        self._refill(self.domain_loss, ("",) + found.names("distill.domain_loss", steps.DOMAIN_LOSSES),
+                     found.config.get("distill.domain_loss"))
+
+    @staticmethod
+    def _refill(combo: QComboBox, names: tuple[str, ...], about: dict[str, str] | None) -> None:
+        """Replace a combo's items, keeping the current choice where it still exists."""
+        current = combo.currentIndex()
+        text = (combo.itemData(current) or combo.currentText()) if current >= 0 else ""
+        combo.blockSignals(True)
+        combo.clear()
+        for name in names:
+            combo.addItem(name or "default", name)  # "": the engine's default
+            if about and about.get(name):
+                combo.setItemData(combo.count() - 1, about[name], Qt.ItemDataRole.ToolTipRole)
+        index = combo.findData(text)
+        combo.setCurrentIndex(max(index, 0))
+        combo.blockSignals(False)
+
     @staticmethod
     def _settings(edit: QLineEdit) -> list[str]:
         try:
-            return jobs.parse_settings(edit.text())
+            return steps.parse_settings(edit.text())
         except ValueError as exc:
             raise InputError(f"More settings: {exc}") from exc
 
@@ -361,27 +426,27 @@ class AsymKDDock(QDockWidget):
 
     # -- helpers -------------------------------------------------------------------------
     @property
-    def layout_(self) -> jobs.RunLayout:
+    def layout_(self) -> RunLayout:
         path = self.run_dir.filePath().strip()
         if not path:
             raise InputError("No run folder chosen: pick a folder for this run's data and models.")
-        return jobs.RunLayout(Path(path))
+        return RunLayout(Path(path))
 
-    def _ms_dir(self, run: jobs.RunLayout) -> Path:
+    def _ms_dir(self, run: RunLayout) -> Path:
         if self.ms_source.kind() == SourcePicker.FOLDER:
             return require_folder(self.ms_source.folder(), "MS folder")
         if not run.ms.is_dir():
             raise InputError("The MS chips do not exist yet: run the Data step first (or choose an MS folder).")
         return run.ms
 
-    def _rgb_dir(self, run: jobs.RunLayout) -> Path:
+    def _rgb_dir(self, run: RunLayout) -> Path:
         if self.rgb_source.kind() == SourcePicker.FOLDER:
             return require_folder(self.rgb_source.folder(), "RGB folder")
         if not run.rgb.is_dir():
             raise InputError("The RGB chips do not exist yet: run the Data step first (or choose an RGB folder).")
         return run.rgb
 
-    def _test_dir(self, run: jobs.RunLayout) -> Path | None:
+    def _test_dir(self, run: RunLayout) -> Path | None:
         kind = self.test_source.kind()
         if kind == SourcePicker.FOLDER:
             return require_folder(self.test_source.folder(), "RGB test folder")
@@ -390,115 +455,91 @@ class AsymKDDock(QDockWidget):
         return None
 
     @staticmethod
-    def _raster_file(layer: QgsRasterLayer, run: jobs.RunLayout, extent, extent_crs, resolution,
-                     pre_steps: list[PreStep]) -> str:
-        """The layer's file; a layer that is not a local file is exported by the job, in its
-        worker thread, before the engine starts (web layers can take a while)."""
-        path, export = layers.raster_source(layer, run.exports, extent, extent_crs, resolution)
-        if export is not None:
-            pre_steps.append(PreStep(f"exporting '{layer.name()}' for the area", export.run))
-        return path
+    def _model(picker: ModelPicker, input_size: QSpinBox) -> steps.ModelOptions:
+        size = input_size.value()
+        return steps.ModelOptions(backbone=picker.name(), input_size=size if size >= 0 else None,
+                                  pretrained=picker.pretrained.isChecked())
 
-    def _map_data(self, raster: QgsRasterLayer, labels: LabelPicker, run: jobs.RunLayout,
-                  pre_steps: list[PreStep]) -> jobs.MapData:
-        check_labels(labels.layer(), labels.field(), raster)
-        vector = layers.vector_source_for(labels.layer(), run.exports)
-        resolution = self.chip_resolution.value() or None
-        raster_file = self._raster_file(raster, run, raster.extent(), raster.crs(), resolution, pre_steps)
-        return jobs.MapData(raster_file, vector.path, labels.field(), vector.layer_name)
-
-    # -- preparing each step's job ---------------------------------------------------------
-    def prepare_data(self) -> PreparedJob:
+    # -- preparing each step's job (steps.py holds what the Processing algorithms share) ----
+    def prepare_data(self) -> Prepared:
         run = self.layout_
-        commands: list[EngineCommand] = []
-        pre_steps: list[PreStep] = []
-        size, resolution = self.chip_size.value(), self.chip_resolution.value() or None
+        prepared = Prepared(steps.SPECS["data"].title)
+        chips = steps.ChipOptions(self.chip_size.value(), self.chip_resolution.value() or None)
         if self.ms_source.kind() == SourcePicker.LAYER:
-            ms = check_ms_raster(self.ms_source.layer())
-            pair = self.pair_raster.currentLayer()
-            pair_file = None
-            if pair is not None:
-                check_rgb_raster(pair, "co-registered RGB layer")
-                pair_file = self._raster_file(pair, run, ms.extent(), ms.crs(), resolution, pre_steps)
-            data = self._map_data(ms, self.ms_labels, run, pre_steps)
-            commands.append(jobs.chips_command(data, run.ms, size, resolution, pair_file,
-                                               run.rgb_paired if pair_file else None, "cutting MS chips"))
+            ms = steps.MapSource(self.ms_source.layer(), self.ms_labels.layer(), self.ms_labels.field())
+            prepared.add(steps.map_chips(ms, "MS", run.ms, run, chips, check_ms_raster,
+                                         self.pair_raster.currentLayer(), run.rgb_paired))
         else:
             require_folder(self.ms_source.folder(), "MS folder")
         if self.rgb_source.kind() == SourcePicker.LAYER:
-            rgb = check_rgb_raster(self.rgb_source.layer())
-            commands.append(jobs.chips_command(self._map_data(rgb, self.rgb_labels, run, pre_steps), run.rgb, size,
-                                               resolution, label="cutting RGB chips"))
+            rgb = steps.MapSource(self.rgb_source.layer(), self.rgb_labels.layer(), self.rgb_labels.field())
+            prepared.add(steps.map_chips(rgb, "RGB", run.rgb, run, chips, check_rgb_raster))
         else:
             require_folder(self.rgb_source.folder(), "RGB folder")
         if self.test_source.kind() == SourcePicker.LAYER:
-            test = check_rgb_raster(self.test_source.layer(), "RGB test layer")
-            commands.append(jobs.chips_command(self._map_data(test, self.test_labels, run, pre_steps), run.rgb_test,
-                                               size, resolution, label="cutting RGB test chips"))
+            test = steps.MapSource(self.test_source.layer(), self.test_labels.layer(), self.test_labels.field())
+            prepared.add(steps.map_chips(test, "RGB test", run.rgb_test, run, chips,
+                                         lambda layer: check_rgb_raster(layer, "RGB test layer")))
         elif self.test_source.kind() == SourcePicker.FOLDER:
             require_folder(self.test_source.folder(), "RGB test folder")
-        return PreparedJob("Data", commands, self._data_done, pre_steps)
+        return prepared
 
-    def prepare_teacher(self) -> PreparedJob:
+    def prepare_teacher(self) -> Prepared:
         run = self.layout_
-        options = jobs.TeacherOptions(bands=self.teacher_bands.currentText().strip(),
-                                      backbone=self.teacher_backbone.currentText().strip(),
-                                      epochs=self.teacher_epochs.value(), device=self.device.currentText(),
-                                      seed=self.seed.value(), settings=self._settings(self.teacher_settings))
-        return PreparedJob("Teacher", [jobs.teacher_command(run.root, self._ms_dir(run), options)],
-                           self._training_done("teacher"))
+        options = steps.TeacherOptions(bands=self.teacher_bands.currentText().strip(),
+                                       model=self._model(self.teacher_model, self.teacher_input_size),
+                                       epochs=self.teacher_epochs.value(), device=self.device.currentText(),
+                                       seed=self.seed.value(), settings=self._settings(self.teacher_settings))
+        return Prepared(steps.SPECS["teacher"].title, [steps.teacher_command(run.root, self._ms_dir(run), options)])
 
-    def prepare_matcher(self) -> PreparedJob:
+    def prepare_matcher(self) -> Prepared:
         run = self.layout_
-        if not run.teacher.is_dir():
-            raise InputError("There is no teacher in this run folder yet: run the Teacher step first.")
+        steps.require_previous(run, "matcher")
         paired = run.rgb_paired if run.rgb_paired.is_dir() else None
-        options = jobs.MatcherOptions(epochs=self.matcher_epochs.value(), method=self.pair_method.currentText(),
-                                      device=self.device.currentText(), settings=self._settings(self.matcher_settings))
-        return PreparedJob("Matcher and pairing", jobs.matcher_commands(run.root, self._rgb_dir(run), options, paired),
-                           self._training_done("matcher"))
+        options = steps.MatcherOptions(epochs=self.matcher_epochs.value(), method=self.pair_method.currentText(),
+                                       device=self.device.currentText(), settings=self._settings(self.matcher_settings))
+        return Prepared(steps.SPECS["matcher"].title, steps.matcher_commands(run.root, self._rgb_dir(run), options, paired))
 
-    def prepare_distill(self) -> PreparedJob:
+    def prepare_distill(self) -> Prepared:
         run = self.layout_
-        if not (run.root / "pairs").is_dir():
-            raise InputError("There are no pairs in this run folder yet: run the Matcher and pairing step first.")
-        options = jobs.DistillOptions(epochs=self.distill_epochs.value(), repair_every=self.repair_every.value(),
-                                      w_feat=self.w_feat.value(), w_pseudo=self.w_pseudo.value(),
-                                      w_gt=self.w_gt.value(), baseline=self.baseline.isChecked(),
-                                      device=self.distill_device.currentText(),
-                                      settings=self._settings(self.distill_settings))
-        return PreparedJob("Distill", [jobs.distill_command(run.root, options, self._test_dir(run))],
-                           self._training_done("distill"))
+        steps.require_previous(run, "distill")
+        options = steps.DistillOptions(model=self._model(self.distill_model, self.distill_input_size),
+                                       domain_loss=self.domain_loss.currentData() or "",
+                                       epochs=self.distill_epochs.value(), repair_every=self.repair_every.value(),
+                                       w_feat=self.w_feat.value(), w_pseudo=self.w_pseudo.value(),
+                                       w_gt=self.w_gt.value(), baseline=self.baseline.isChecked(),
+                                       device=self.distill_device.currentText(),
+                                       settings=self._settings(self.distill_settings))
+        return Prepared(steps.SPECS["distill"].title, [steps.distill_command(run.root, options, self._test_dir(run))])
 
-    def prepare_classify(self) -> PreparedJob:
+    def prepare_classify(self) -> Prepared:
         run = self.layout_
         raster = check_rgb_raster(self.classify_layer.currentLayer(), "raster layer to classify")
-        commands: list[EngineCommand] = []
+        prepared = Prepared(steps.SPECS["classify"].title)
         model = Path(self.model_file.filePath().strip()) if self.model_file.filePath().strip() else None
         if model is None:
             model = run.student_onnx
-            weights = run.student / "model.safetensors"
+            weights = run.student_weights
             if not weights.is_file() and not model.is_file():
                 raise InputError("There is no student model in this run folder: run the Distill step first, or choose an .onnx model.")
             if weights.is_file() and (not model.is_file() or model.stat().st_mtime < weights.stat().st_mtime):
-                commands.append(jobs.export_command(run.student, model))
+                prepared.commands.append(steps.export_command(run.student, model))
         elif not model.is_file():
             raise InputError(f"The model file {model} does not exist: choose an exported .onnx model.")
         info = self._model_info(model, run)
-        options = jobs.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value(),
-                                       device=self.classify_device.currentText())
+        options = steps.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value(),
+                                        device=self.classify_device.currentText())
         if self.grid.currentIndex() == 1:
             options.xyz_zoom = self.zoom.value()
         else:
             options.tile, options.stride = self.tile.value(), self.stride.value()
-        extent, extent_crs = self._area(raster, options, run)
-        pre_steps: list[PreStep] = []
-        raster_file = self._raster_file(raster, run, extent, extent_crs, info.gsd if info else None, pre_steps)
-        out = run.classified / f"{layers._safe_name(raster.name())}.gpkg"
-        commands.append(jobs.classify_command(model, raster_file, out, options))
-        return PreparedJob("Classify", commands, lambda job, out=out: self._classify_done(job, out), pre_steps)
+        extent, extent_crs = self._area(raster, options, run, prepared)
+        raster_file = steps.raster_file(raster, run.exports, extent, extent_crs, info.gsd if info else None, prepared)
+        prepared.output = run.classified / f"{layers._safe_name(raster.name())}.gpkg"
+        prepared.commands.append(steps.classify_command(model, raster_file, prepared.output, options))
+        return prepared
 
-    def _model_info(self, model: Path, run: jobs.RunLayout):
+    def _model_info(self, model: Path, run: RunLayout):
         for candidate in (model, run.student):
             try:
                 return read_model_info(candidate)
@@ -506,7 +547,7 @@ class AsymKDDock(QDockWidget):
                 continue
         return None
 
-    def _area(self, raster: QgsRasterLayer, options: jobs.ClassifyOptions, run: jobs.RunLayout):
+    def _area(self, raster: QgsRasterLayer, options: steps.ClassifyOptions, run: RunLayout, prepared: Prepared):
         """Fill bbox/mask options from the chosen area; return (extent, crs) for exports."""
         area = self.area.currentText()
         if area == "Canvas extent":
@@ -520,7 +561,7 @@ class AsymKDDock(QDockWidget):
             mask = require_layer(self.mask_layer.currentLayer(), "polygon layer for the area")
             if mask.selectedFeatureCount() == 0:
                 raise InputError(f"No polygons are selected in '{mask.name()}': select the area's polygons first.")
-            options.mask = layers.vector_source_for(mask, run.exports, only_selected=True).path
+            options.mask = steps.vector_file(mask, run.exports, prepared, only_selected=True).path
             return mask.boundingBoxOfSelected(), mask.crs()
         return raster.extent(), raster.crs()
 
@@ -578,7 +619,7 @@ class AsymKDDock(QDockWidget):
         if self._chain:
             self.run_step(self._chain.pop(0))
 
-    def _job_finished(self, step: str, job: EngineJob, prepared: PreparedJob) -> None:
+    def _job_finished(self, step: str, job: EngineJob, prepared: Prepared) -> None:
         panel = self.panels[step]
         panel.set_running(False)
         ok = job.state == EngineJob.OK
@@ -587,8 +628,7 @@ class AsymKDDock(QDockWidget):
             panel.set_status(f"{job.name} finished.")
             self.notifier.clear(step)  # an old error of this step no longer applies
             try:
-                if prepared.on_success is not None:
-                    prepared.on_success(job)
+                self._show_results(step, job, prepared)
             except InputError as exc:
                 ok = False
                 panel.set_status(str(exc), error=True)
@@ -623,16 +663,12 @@ class AsymKDDock(QDockWidget):
     def _show(self, step: str, shown: results.StepResults) -> None:
         self.panels[step].show_results(metrics=shown.rows, links=shown.links, image=shown.image, note=shown.note)
 
-    def _data_done(self, job: EngineJob) -> None:  # noqa: ARG002 - the files tell more than the events
-        self._show("data", results.data_results(self.layout_))
-
-    def _training_done(self, step: str) -> Callable[[EngineJob], None]:
-        summaries = {"teacher": results.teacher_results, "matcher": results.matcher_results,
-                     "distill": results.distill_results}
-
-        def done(job: EngineJob) -> None:  # noqa: ARG001
-            self._show(step, summaries[step](self.layout_))
-        return done
+    def _show_results(self, step: str, job: EngineJob, prepared: Prepared) -> None:
+        """A finished step's results: read from the run folder by its spec, or the classified layer."""
+        if step == "classify":
+            self._classify_done(job, prepared.output)
+            return
+        self._show(step, steps.SPECS[step].read_results(self.layout_))
 
     def _classify_done(self, job: EngineJob, out: Path) -> None:
         path = next((v for v in job.results.values() if v.endswith(".gpkg")), str(out))

@@ -41,6 +41,10 @@ _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
 _LAUNCH = "import sys; from asymkd.cli import main; sys.exit(main())"
 
 
+# The event protocol this plugin reads (the engine's `events.PROTOCOL_VERSION`, "major.minor").
+# The engine sends its version in the first event of every command; another major is refused.
+PROTOCOL_VERSION = "1.0"
+
 # What the engine imports to run at all; an environment without one of them is broken.
 REQUIRED_MODULES = ("numpy", "torch", "onnxruntime", "rasterio", "asymkd")
 
@@ -86,6 +90,28 @@ class EngineUnavailable(Exception):
         return f"{self.message} {self.hint}".strip()
 
 
+class EngineMismatch(EngineUnavailable):
+    """The engine speaks another major version of the event protocol than this plugin."""
+
+
+def _major(version: Any) -> str:
+    return str(version).split(".", 1)[0] if version not in (None, "") else ""
+
+
+def check_protocol(event: dict[str, Any]) -> None:
+    """EngineMismatch unless `event` (an engine command's first) speaks this plugin's protocol."""
+    version = event.get("protocol")
+    if _major(version) == _major(PROTOCOL_VERSION):
+        return
+    engine = event.get("engine") or "(version unknown)"
+    spoken = f"event protocol {version}" if version not in (None, "") else "no event protocol version (an older engine)"
+    needed = paths.plugin_version()
+    raise EngineMismatch(f"The AsymKD engine {engine} speaks {spoken}; this plugin reads protocol "
+                         f"{PROTOCOL_VERSION} and needs AsymKD engine {needed}.",
+                         f"Install engine {needed}: Plugins > AsymKD > Create engine environment... "
+                         f"installs the engine that ships with this plugin.")
+
+
 @dataclass
 class EngineState:
     """What the engine environment is: missing, broken (which modules) or working (version)."""
@@ -125,6 +151,7 @@ class Outcome:
     stderr_tail: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    engine_version: str | None = None  # from the first event, once its protocol is checked
 
     @property
     def ok(self) -> bool:
@@ -336,6 +363,7 @@ def run_engine(engine: Engine, args: Sequence[str], *, on_event: EventCallback |
 
     `on_event` is called in the calling thread for every event, `on_stderr` for every
     stderr line. A cancel terminates the subprocess and returns within grace_s + POLL_S.
+    An engine that speaks another event protocol is stopped at its first event (EngineMismatch).
     """
     outcome = Outcome(command=str(args[0]) if args else "")
     start = time.monotonic()
@@ -360,6 +388,9 @@ def _handle_stdout(text: str, outcome: Outcome, on_event: EventCallback | None) 
         if not text.strip():
             return
         event = {"event": "log", "level": "info", "message": text}  # a stray print
+    elif outcome.engine_version is None:
+        check_protocol(event)  # raising here stops the process (stream_process)
+        outcome.engine_version = str(event.get("engine") or "")
     kind = event.get("event")
     if kind == "result":
         outcome.results.update({str(k): str(v) for k, v in (event.get("paths") or {}).items()})

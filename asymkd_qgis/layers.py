@@ -1,5 +1,8 @@
 """Layer I/O between QGIS and the engine: file paths for layers, exports of layers that are
 not local files, and loading the engine's results (GeoPackage + QML style) into the project.
+
+An export is planned in the main thread (where layers live) and written later, in a job's
+worker thread: planning writes nothing, so checking a form's inputs never writes a file.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeedback,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureRequest, QgsFeedback,
                        QgsProject, QgsProviderRegistry, QgsRasterBlockFeedback, QgsRasterFileWriter,
                        QgsRasterLayer, QgsRasterPipe, QgsRasterProjector, QgsRectangle,
                        QgsVectorFileWriter, QgsVectorLayer)
@@ -106,14 +109,6 @@ def plan_export(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float, 
     return RasterExport(layer.name(), provider, layer.crs(), crs, extent, width, height, Path(out_path))
 
 
-def export_raster(layer: QgsRasterLayer, extent: QgsRectangle, resolution: float, out_path: Path,
-                  crs: QgsCoordinateReferenceSystem | None = None,
-                  feedback: QgsFeedback | None = None) -> str:
-    """Write `extent` (in `crs`, default the layer's) of any raster layer to a GeoTIFF at
-    `resolution` map units per pixel. Web layers (WMS, XYZ) come out as RGBA images."""
-    return plan_export(layer, extent, resolution, out_path, crs).run(feedback)
-
-
 def projected_crs_for(layer: QgsRasterLayer) -> QgsCoordinateReferenceSystem:
     """The layer's CRS when it is projected; Web Mercator otherwise (resolutions are metres)."""
     crs = layer.crs()
@@ -142,33 +137,56 @@ def raster_source(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | No
     return str(out), export
 
 
-def raster_file_for(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None,
-                    extent_crs: QgsCoordinateReferenceSystem | None, resolution: float | None,
-                    feedback: QgsFeedback | None = None) -> str:
-    """A local file for a raster layer: its own file, or an export of the area (now)."""
-    path, export = raster_source(layer, folder, extent, extent_crs, resolution)
-    return export.run(feedback) if export is not None else path
-
-
 # -- vectors ------------------------------------------------------------------------------
-def vector_source_for(layer: QgsVectorLayer, folder: Path, only_selected: bool = False) -> VectorSource:
-    """A GeoPackage or other OGR file for a vector layer (exported when it is not one)."""
+@dataclass
+class VectorExport:
+    """The export of a vector layer to a GeoPackage: its features are copied into memory in
+    the main thread (no file), so that `run` can write them from a worker thread."""
+
+    name: str
+    copy: QgsVectorLayer | None  # a memory layer of the features to write
+    out_path: Path
+    layer_name: str
+
+    def run(self, feedback: QgsFeedback | None = None) -> str:
+        """Write the file; a cancelled feedback stops it (InputError)."""
+        if self.copy is None:
+            raise InputError(f"The export of '{self.name}' has already run.")
+        if feedback is not None and feedback.isCanceled():
+            raise InputError(f"Exporting '{self.name}' was cancelled.")
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        layer, self.copy = self.copy, None
+        options = QgsVectorFileWriter.SaveVectorOptions()
+        options.driverName = "GPKG"
+        options.layerName = self.layer_name
+        options.feedback = feedback
+        result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(self.out_path),
+                                                           QgsProject.instance().transformContext(), options)
+        if feedback is not None and feedback.isCanceled():
+            self.out_path.unlink(missing_ok=True)
+            raise InputError(f"Exporting '{self.name}' was cancelled.")
+        if result[0] != QgsVectorFileWriter.WriterError.NoError:
+            raise InputError(f"Exporting '{self.name}' to {self.out_path} failed: {result[1]}")
+        return str(self.out_path)
+
+
+def vector_source(layer: QgsVectorLayer, folder: Path,
+                  only_selected: bool = False) -> tuple[VectorSource, VectorExport | None]:
+    """The OGR file the engine reads for a vector layer, and the export that writes it first
+    (None when the layer is a whole local file already)."""
     if not only_selected and layer.providerType() == "ogr" and not layer.subsetString():
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path")
         if path and os.path.isfile(path):
-            return VectorSource(path, parts.get("layerName") or None)
+            return VectorSource(path, parts.get("layerName") or None), None
     suffix = "_selection" if only_selected else ""
     out = Path(folder) / f"{_safe_name(layer.name())}{suffix}.gpkg"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.layerName = _safe_name(layer.name())
-    options.onlySelectedFeatures = only_selected
-    result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(out), QgsProject.instance().transformContext(), options)
-    if result[0] != QgsVectorFileWriter.WriterError.NoError:
-        raise InputError(f"Exporting '{layer.name()}' to {out} failed: {result[1]}")
-    return VectorSource(str(out), options.layerName)
+    request = QgsFeatureRequest()
+    if only_selected:
+        request.setFilterFids(layer.selectedFeatureIds())
+    copy = layer.materialize(request)
+    source = VectorSource(str(out), _safe_name(layer.name()))
+    return source, VectorExport(layer.name(), copy, out, source.layer_name)
 
 
 # -- results ------------------------------------------------------------------------------
@@ -196,20 +214,3 @@ def load_vector_result(path: str | Path, name: str | None = None, add: bool = Tr
     """Load an engine GeoPackage with the QML style written beside it."""
     path = Path(path)
     return _styled(QgsVectorLayer(str(path), name or path.stem, "ogr"), path, "vector", add, strict=True)
-
-
-def load_raster_result(path: str | Path, name: str | None = None, add: bool = True) -> QgsRasterLayer:
-    path = Path(path)
-    return _styled(QgsRasterLayer(str(path), name or path.stem, "gdal"), path, "raster", add, strict=False)
-
-
-def load_results(paths: dict[str, str], add: bool = True) -> list:
-    """Load every map layer among an engine result's paths (GeoPackages, GeoTIFFs)."""
-    layers = []
-    for key, value in paths.items():
-        suffix = Path(value).suffix.lower()
-        if suffix == ".gpkg" and Path(value).is_file():
-            layers.append(load_vector_result(value, add=add))
-        elif suffix in (".tif", ".tiff") and Path(value).is_file() and "raster" in key.lower():
-            layers.append(load_raster_result(value, add=add))
-    return layers

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .jobs import RunLayout
+from . import layout
+from .layout import RunLayout
 
 
 @dataclass
@@ -38,7 +39,7 @@ def _scores(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 def data_results(run: RunLayout) -> StepResults:
     out = StepResults(note=f"Chips written under {run.data}")
     for label, folder in (("MS chips", run.ms), ("RGB chips", run.rgb), ("RGB test chips", run.rgb_test)):
-        manifest = _json(folder / "chips.json")
+        manifest = _json(folder / layout.CHIPS_MANIFEST)
         counts = manifest.get("counts") or {}
         if counts:
             out.rows[label] = f"{sum(counts.values())} in {len(counts)} classes"
@@ -48,7 +49,7 @@ def data_results(run: RunLayout) -> StepResults:
 
 
 def teacher_results(run: RunLayout) -> StepResults:
-    metrics = _json(run.teacher / "metrics.json")
+    metrics = _json(run.metrics(layout.TEACHER))
     summary = metrics.get("summary") or {}
     out = StepResults()
     out.rows["MS samples"] = summary.get("ms_samples")
@@ -68,8 +69,8 @@ def teacher_results(run: RunLayout) -> StepResults:
 
 
 def matcher_results(run: RunLayout) -> StepResults:
-    matcher = (_json(run.root / "matcher" / "metrics.json").get("summary") or {})
-    pairs = (_json(run.root / "pairs" / "metrics.json").get("summary") or {})
+    matcher = (_json(run.metrics(layout.MATCHER)).get("summary") or {})
+    pairs = (_json(run.metrics(layout.PAIRS)).get("summary") or {})
     rows = {"positives": matcher.get("positives"), "same-target pairs": matcher.get("pairs"),
             "retrieval top-1": matcher.get("retrieval_top1"),
             "retrieval same class": matcher.get("retrieval_same_class"),
@@ -80,17 +81,16 @@ def matcher_results(run: RunLayout) -> StepResults:
 
 def distill_results(run: RunLayout) -> StepResults:
     out = StepResults()
-    for name in ("student", "baseline"):
-        scores = _scores(_json(run.root / name / "metrics.json"))
+    for name in (layout.STUDENT, layout.BASELINE):
+        scores = _scores(_json(run.metrics(name)))
         if scores:
             which, part = scores
             out.rows[f"{name} {which} accuracy"] = part["overall_accuracy"]
             out.rows[f"{name} {which} macro-F1"] = part.get("macro_f1")
     if run.report.is_file():
-        out.links["Open the report (report.html)"] = str(run.report)
-    confusion = run.student / "confusion.png"
-    if confusion.is_file():
-        out.image = str(confusion)
+        out.links[f"Open the report ({layout.REPORT})"] = str(run.report)
+    if run.confusion.is_file():
+        out.image = str(run.confusion)
     out.rows = {k: v for k, v in out.rows.items() if v is not None}
     return out
 

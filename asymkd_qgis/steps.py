@@ -1,73 +1,135 @@
-"""Engine command lines for each step, shared by the dock and the Processing algorithms
-(one code path per job). Pure functions of plain values: no widgets, no layers.
+"""One spec per step of a run, shared by the dock and the Processing algorithms: options ->
+engine command lines, input preparation (chips cut from map layers; layers that are not
+files exported by the job, in its worker thread), the run-folder paths a step needs and
+writes, and the reader of its results. The forms only turn their widgets or parameters into
+these options and inputs.
 
-A run folder holds everything of one training run; the plugin keeps the map datasets it cuts
-under RUN/data/ and the engine writes RUN/teacher, RUN/matcher, RUN/pairs, RUN/student, ...
+A run folder holds everything of one training run (layout.py): the plugin keeps the map
+datasets it cuts under RUN/data/, the engine writes RUN/teacher, RUN/matcher, RUN/pairs, ...
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .tasks import EngineCommand
+from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle, QgsVectorLayer
 
+from . import layers, layout, results
+from .layout import RunLayout
+from .tasks import EngineCommand, PreStep
+from .validation import InputError, check_labels, check_rgb_raster
+
+# The device choices of the forms (the engine also takes cuda:N, e.g. in More settings).
 DEVICES = ("auto", "cpu", "cuda")
+# Offered when the engine cannot be asked (choices.FALLBACK); otherwise `asymkd choices` names them.
 PAIR_METHODS = ("balanced", "nearest")
-GRIDS = ("pixels", "xyz")
+DOMAIN_LOSSES = ("coral", "coral_rel", "mmd")
 
 
 @dataclass
-class RunLayout:
-    root: Path
+class Prepared:
+    """What one step runs: exports in the job's worker thread, then the engine commands.
+    Preparing writes nothing (a form's inputs can be checked with it)."""
 
-    def __post_init__(self) -> None:
-        self.root = Path(self.root)
+    name: str
+    commands: list[EngineCommand] = field(default_factory=list)
+    pre_steps: list[PreStep] = field(default_factory=list)
+    output: Path | None = None  # the file the step writes, when the form loads it
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
+    def add(self, other: "Prepared") -> "Prepared":
+        self.commands += other.commands
+        self.pre_steps += other.pre_steps
+        return self
 
-    @property
-    def ms(self) -> Path:
-        return self.data / "ms"
 
-    @property
-    def rgb_paired(self) -> Path:
-        return self.data / "rgb_paired"
+@dataclass(frozen=True)
+class StepSpec:
+    """A step's name in the forms, the run folder it needs first, and where its results are."""
 
-    @property
-    def rgb(self) -> Path:
-        return self.data / "rgb"
+    title: str
+    needs: str | None = None                       # a folder of the run that must exist
+    needs_hint: str = ""
+    read_results: Callable[[RunLayout], results.StepResults] | None = None
+    outputs: Callable[[RunLayout], dict[str, Path]] = lambda run: {}
 
-    @property
-    def rgb_test(self) -> Path:
-        return self.data / "rgb_test"
 
-    @property
-    def exports(self) -> Path:
-        """Layers that are not local files, written out for the engine."""
-        return self.data / "exports"
+SPECS: dict[str, StepSpec] = {
+    "data": StepSpec("Data", read_results=results.data_results),
+    "teacher": StepSpec("Teacher", read_results=results.teacher_results,
+                        outputs=lambda run: {"TEACHER": run.teacher}),
+    "matcher": StepSpec("Matcher and pairing", layout.TEACHER, "run the Teacher step first",
+                        results.matcher_results, lambda run: {"MATCHER": run.matcher, "PAIRS": run.pairs_file}),
+    "distill": StepSpec("Distill", layout.PAIRS, "run the Matcher and pairing step first",
+                        results.distill_results, lambda run: {"STUDENT": run.student, "REPORT": run.report}),
+    "classify": StepSpec("Classify"),
+}
 
-    @property
-    def student(self) -> Path:
-        return self.root / "student"
 
-    @property
-    def student_onnx(self) -> Path:
-        return self.root / "student.onnx"
+def require_previous(run: RunLayout, step: str) -> None:
+    """InputError unless the run folder holds what `step` builds on."""
+    spec = SPECS[step]
+    if spec.needs and not (run.root / spec.needs).is_dir():
+        raise InputError(f"There {'are' if spec.needs.endswith('s') else 'is'} no {spec.needs} in this run folder "
+                         f"yet ({run.root / spec.needs} is missing): {spec.needs_hint} on the same run folder.")
 
-    @property
-    def teacher(self) -> Path:
-        return self.root / "teacher"
 
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
+# -- inputs ---------------------------------------------------------------------------------
+def raster_file(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None,
+                extent_crs: QgsCoordinateReferenceSystem | None, resolution: float | None,
+                prepared: Prepared) -> str:
+    """The layer's file; a layer that is not a local file is exported by the job, in its
+    worker thread, before the engine starts (web layers can take a while)."""
+    path, export = layers.raster_source(layer, folder, extent, extent_crs, resolution)
+    if export is not None:
+        prepared.pre_steps.append(PreStep(f"exporting '{layer.name()}' for the area", export.run))
+    return path
 
-    @property
-    def classified(self) -> Path:
-        return self.root / "classified"
+
+def vector_file(layer: QgsVectorLayer, folder: Path, prepared: Prepared,
+                only_selected: bool = False) -> layers.VectorSource:
+    """The layer's OGR file; other layers (or a selection) are exported by the job first."""
+    source, export = layers.vector_source(layer, folder, only_selected)
+    if export is not None:
+        prepared.pre_steps.append(PreStep(f"exporting '{layer.name()}'", export.run))
+    return source
+
+
+@dataclass
+class MapSource:
+    """A raster layer and its labeled polygons or points, chosen in a form."""
+
+    raster: QgsRasterLayer | None
+    labels: QgsVectorLayer | None
+    field: str
+
+
+@dataclass
+class ChipOptions:
+    size: int = 64
+    resolution: float | None = None  # ground resolution; None = the raster's
+
+
+def map_chips(source: MapSource, what: str, out: Path, run: RunLayout, chips: ChipOptions,
+              check_raster: Callable, pair: QgsRasterLayer | None = None,
+              pair_out: Path | None = None) -> Prepared:
+    """Check a map dataset and cut it into chips under `out` (co-located chips of `pair`,
+    an RGB raster co-registered with it, under `pair_out`)."""
+    raster = check_raster(source.raster)
+    if pair is not None:
+        check_rgb_raster(pair, "co-registered RGB layer")
+    check_labels(source.labels, source.field, raster)
+    prepared = Prepared(f"cutting {what} chips")
+    pair_file = None
+    if pair is not None:
+        pair_file = raster_file(pair, run.exports, raster.extent(), raster.crs(), chips.resolution, prepared)
+    vector = vector_file(source.labels, run.exports, prepared)
+    data = MapData(raster_file(raster, run.exports, raster.extent(), raster.crs(), chips.resolution, prepared),
+                   vector.path, source.field, vector.layer_name)
+    prepared.commands.append(chips_command(data, out, chips.size, chips.resolution, pair_file,
+                                           pair_out if pair_file else None, f"cutting {what} chips"))
+    return prepared
 
 
 @dataclass
@@ -108,9 +170,30 @@ def _with_settings(args: list[str], settings: list[str]) -> list[str]:
 
 
 @dataclass
+class ModelOptions:
+    """The network a step trains: empty / None values leave the engine's default."""
+
+    backbone: str = ""
+    input_size: int | None = None  # resize patches to this many pixels (0 = as they are)
+    pretrained: bool = True        # False: random weights (--no-pretrained)
+    weights: str = ""              # a local state dict to start from
+
+    def args(self, section: str) -> tuple[list[str], list[str]]:
+        """(flags, --set items) for the `teacher` or `distill` command."""
+        args: list[str] = []
+        if self.backbone:
+            args += ["--backbone", self.backbone]
+        if self.input_size is not None and self.input_size >= 0:
+            args += ["--input-size", str(int(self.input_size))]
+        if not self.pretrained:
+            args.append("--no-pretrained")
+        return args, ([f"{section}.weights={self.weights}"] if self.weights else [])
+
+
+@dataclass
 class TeacherOptions:
     bands: str = ""
-    backbone: str = ""
+    model: ModelOptions = field(default_factory=ModelOptions)
     epochs: int = 0
     device: str = "auto"
     seed: int | None = None
@@ -121,15 +204,15 @@ def teacher_command(run: Path, ms: Path, options: TeacherOptions) -> EngineComma
     args = ["teacher", "--run", str(run), "--ms", str(ms)]
     if options.bands:
         args += ["--bands", options.bands]
-    if options.backbone:
-        args += ["--backbone", options.backbone]
+    model_args, model_settings = options.model.args("teacher")
+    args += model_args
     if options.epochs:
         args += ["--epochs", str(int(options.epochs))]
     if options.device:
         args += ["--device", options.device]
     if options.seed is not None:
         args += ["--seed", str(int(options.seed))]
-    return EngineCommand(_with_settings(args, options.settings), "training the teacher", weight=3.0)
+    return EngineCommand(_with_settings(args, model_settings + options.settings), "training the teacher", weight=3.0)
 
 
 @dataclass
@@ -162,6 +245,8 @@ def matcher_commands(run: Path, rgb: Path, options: MatcherOptions, rgb_paired: 
 
 @dataclass
 class DistillOptions:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    domain_loss: str = ""  # empty: the engine's default
     epochs: int = 0
     repair_every: int = 0
     w_feat: float | None = None
@@ -176,6 +261,10 @@ def distill_command(run: Path, options: DistillOptions, rgb_test: Path | None = 
     args = ["distill", "--run", str(run)]
     if rgb_test is not None:
         args += ["--rgb-test", str(rgb_test)]
+    model_args, model_settings = options.model.args("distill")
+    args += model_args
+    if options.domain_loss:
+        args += ["--domain-loss", options.domain_loss]
     if options.epochs:
         args += ["--epochs", str(int(options.epochs))]
     if options.repair_every:
@@ -188,7 +277,8 @@ def distill_command(run: Path, options: DistillOptions, rgb_test: Path | None = 
     if options.device:
         args += ["--device", options.device]
     phases = ("distill", "baseline") if options.baseline else ("distill",)
-    return EngineCommand(_with_settings(args, options.settings), "distilling the student", weight=4.0, phases=phases)
+    return EngineCommand(_with_settings(args, model_settings + options.settings), "distilling the student",
+                         weight=4.0, phases=phases)
 
 
 def export_command(model: Path, out: Path) -> EngineCommand:

@@ -17,6 +17,7 @@ from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDouble
                                  QSizePolicy, QSpinBox, QStackedWidget, QVBoxLayout, QWidget)
 
 from . import settings
+from .choices import FALLBACK, EngineChoices
 from .engine import BROKEN, MISSING, EngineState
 
 ERROR_STYLE = "color: #b00020;"
@@ -325,6 +326,64 @@ class LabelPicker(QWidget):
         self.field_combo.setLayer(layer)
         if field:
             self.field_combo.setField(field)
+
+
+class ModelPicker(QWidget):
+    """A backbone (any timm name may be typed), whether it starts from ImageNet weights, and
+    where its weights come from, as the engine's `asymkd choices` names them."""
+
+    def __init__(self, section: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.section = section  # "teacher" or "distill": the engine's config section
+        self.choices: EngineChoices = FALLBACK
+        self.weights_file = False  # a weights file is given (More settings)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        self.backbone = QComboBox()
+        self.backbone.setEditable(True)
+        self.backbone.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.pretrained = QCheckBox("Pretrained")  # short: the dock is narrow
+        self.pretrained.setToolTip("Start from ImageNet weights (bundled, or downloaded once from the timm hub); "
+                                   "unchecked: random weights")
+        self.pretrained.setChecked(True)
+        self.source = plain_label()
+        for widget in (self.backbone, self.pretrained, self.source):
+            box.addWidget(widget)
+        self.backbone.currentTextChanged.connect(lambda *_: self._show_source())
+        self.pretrained.toggled.connect(lambda *_: self._show_source())
+        self.set_choices(FALLBACK)
+
+    def name(self) -> str:
+        """The backbone typed or picked; empty = the engine's default."""
+        return self.backbone.currentText().strip()
+
+    def set_choices(self, choices: EngineChoices) -> None:
+        current = self.name()
+        self.choices = choices
+        self.backbone.blockSignals(True)
+        self.backbone.clear()
+        for name, spec in choices.backbones.items():
+            self.backbone.addItem(name)
+            if spec.get("about"):
+                self.backbone.setItemData(self.backbone.count() - 1, spec["about"], Qt.ItemDataRole.ToolTipRole)
+        self.backbone.setCurrentText(current)
+        self.backbone.blockSignals(False)
+        default = choices.default(self.section, "backbone")
+        self.backbone.lineEdit().setPlaceholderText(f"default: {default}" if default else "the engine's default")
+        tip = choices.note or "any timm model name works too (weights from the hub)"
+        self.backbone.setToolTip(f"Named backbones of the engine; {tip}")
+        self._show_source()
+
+    def set_weights_file(self, given: bool) -> None:
+        self.weights_file = given
+        self._show_source()
+
+    def _show_source(self) -> None:
+        name = self.name() or self.choices.default(self.section, "backbone", "")
+        text = self.choices.describe(name, self.pretrained.isChecked(), self.weights_file) if name else ""
+        if self.choices.fallback:
+            text = "built-in list of names (the engine could not be asked)" + (f"; {text}" if text and "source" not in text else "")
+        self.source.setText(f"Weights: {text}" if text else "")
 
 
 class Persist:

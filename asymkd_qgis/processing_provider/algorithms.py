@@ -1,6 +1,10 @@
 """Processing algorithms: Train teacher, Train matcher and pair, Distill student, Export
-model, Classify scene tiles. Each checks its inputs, builds the same engine command lines as
-the dock (jobs.py) and runs them with progress and cancel through the feedback object."""
+model, Classify scene tiles. Each turns its parameters into the options and inputs of the
+step's spec that the dock uses too (steps.py), and runs it with progress and cancel through
+the feedback object: exports of layers that are not files first, then the engine.
+
+Checking the parameters and preparing write nothing; the exports run once, in
+processAlgorithm (the worker thread in the toolbox), and a cancel stops them."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingException, QgsProcessingFeatureSourceDefinition, QgsProcessingFeedback,
                        QgsProcessingLayerPostProcessorInterface, QgsProcessingOutputFile,
                        QgsProcessingOutputFolder, QgsProcessingOutputHtml,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
@@ -23,20 +27,22 @@ from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingConte
                        QgsProcessingParameterVectorLayer, QgsProcessingUtils, QgsVectorLayer)
 from qgis.PyQt.QtGui import QIcon
 
-from .. import jobs, layers, paths
+from .. import choices, layers, layout, paths, steps
 from ..engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
+from ..layout import RunLayout
 from ..modelinfo import ModelInfoError, read_model_info
-from ..tasks import EngineCommand, ProgressMapper
-from ..validation import InputError, check_labels, check_ms_raster, check_rgb_raster, require_folder
+from ..steps import Prepared
+from ..tasks import ProgressMapper
+from ..validation import InputError, check_ms_raster, check_rgb_raster, require_folder
 
 _LABEL_TYPES = [QgsProcessing.SourceType.TypeVectorPolygon, QgsProcessing.SourceType.TypeVectorPoint]
 
 
 @dataclass
 class Plan:
-    """The engine commands of one algorithm run and how to turn their outcomes into outputs."""
+    """What one algorithm run does (exports, engine commands) and how its outcomes become outputs."""
 
-    commands: list[EngineCommand]
+    prepared: Prepared
     finish: Callable[[list[Outcome]], dict]
 
 
@@ -63,6 +69,8 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     _name = ""
     _group = "Training"
     _help = ""
+    _models = False  # whether the algorithm offers backbones (its help lists them)
+    last_outcomes: tuple[Outcome, ...] = ()  # of the latest run
 
     def createInstance(self):
         return type(self)()
@@ -79,19 +87,32 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     def groupId(self) -> str:
         return self._group.lower()
 
-    def shortHelpString(self) -> str:
-        return self._help
-
     def icon(self) -> QIcon:
         return QIcon(paths.icon_path())
 
     # -- running ---------------------------------------------------------------------------
-    def run_commands(self, commands: list[EngineCommand], feedback: QgsProcessingFeedback) -> list[Outcome]:
+    def run_prepared(self, prepared: Prepared, feedback: QgsProcessingFeedback) -> list[Outcome]:
+        """The exports, then the engine commands; an unusable engine stops it before any export."""
         engine = Engine.from_settings()
         try:
             engine.check()
-        except EngineUnavailable as exc:
+            self.run_exports(prepared, feedback)
+            return self.run_commands(engine, prepared, feedback)
+        except EngineUnavailable as exc:  # missing, broken, or another event protocol
             raise QgsProcessingException(str(exc)) from exc
+        except InputError as exc:  # an export failed or was cancelled
+            raise QgsProcessingException(str(exc)) from exc
+
+    @staticmethod
+    def run_exports(prepared: Prepared, feedback: QgsProcessingFeedback) -> None:
+        for step in prepared.pre_steps:
+            if feedback.isCanceled():
+                raise InputError("Cancelled: nothing was written.")
+            feedback.pushInfo(f"{step.label}...")
+            step.run(feedback)
+
+    def run_commands(self, engine: Engine, prepared: Prepared, feedback: QgsProcessingFeedback) -> list[Outcome]:
+        commands = prepared.commands
         total = sum(c.weight for c in commands) or 1.0
         done = 0.0
         outcomes = []
@@ -129,25 +150,21 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         elif kind == "error":
             feedback.reportError(f"{event.get('message')}" + (f" ({event['hint']})" if event.get("hint") else ""))
 
-    checking = False  # True while checkParameterValues runs plan() for its checks only
-
     def checkParameterValues(self, parameters, context):  # noqa: N802 - QGIS API
         """Bad input is refused before the run: a message box in the toolbox, an exception
-        from processing.run, an error from qgis_process. No file is written here."""
+        from processing.run, an error from qgis_process. Planning writes no file."""
         ok, message = super().checkParameterValues(parameters, context)
         if not ok:
             return ok, message
-        self.checking = True
         try:
             self.plan(parameters, context, QgsProcessingFeedback())
         except InputError as exc:
             return False, str(exc)
-        finally:
-            self.checking = False
         return True, ""
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802 - QGIS API
-        """Main thread: read and check the layers, export what is not a file, build the commands."""
+        """Main thread: read and check the layers and plan the exports and commands (no file
+        is written: the exports run in processAlgorithm)."""
         try:
             self._plan = self.plan(parameters, context, feedback)
         except InputError as exc:
@@ -157,7 +174,9 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS API
         """Worker thread (toolbox) or main thread (qgis_process): run the engine."""
         plan, self._plan = self._plan, None
-        return plan.finish(self.run_commands(plan.commands, feedback))
+        outcomes = self.run_prepared(plan.prepared, feedback)
+        self.last_outcomes = tuple(outcomes)
+        return plan.finish(outcomes)
 
     def plan(self, parameters, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> "Plan":
         raise NotImplementedError
@@ -178,7 +197,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
 
     def engine_settings(self, parameters, context) -> list[str]:
         try:
-            return jobs.parse_settings(self.parameterAsString(parameters, "SETTINGS", context) or "")
+            return steps.parse_settings(self.parameterAsString(parameters, "SETTINGS", context) or "")
         except ValueError as exc:
             raise InputError(f"More engine settings: {exc}") from exc
 
@@ -191,54 +210,84 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)", QgsProcessingParameterNumber.Type.Integer, 64, minValue=8, maxValue=1024))
         self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)", QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
 
-    def dataset(self, parameters, context, prefix: str, what: str, out: Path, run: jobs.RunLayout,
+    def dataset(self, parameters, context, prefix: str, what: str, out: Path, run: RunLayout,
                 check_raster, pair_parameter: str | None = None, pair_out: Path | None = None
-                ) -> tuple[Path | None, list[EngineCommand]]:
-        """A folder dataset as is, or chips of a raster + labels (command to cut them)."""
+                ) -> tuple[Path | None, Prepared]:
+        """A folder dataset as is, or chips of a raster + labels (exports and the command to cut them)."""
         folder = self.parameterAsFile(parameters, f"{prefix}_FOLDER", context)
         raster = self.parameterAsRasterLayer(parameters, f"{prefix}_RASTER", context)
         if folder and raster is None:
-            return require_folder(folder, f"{what} folder"), []
+            return require_folder(folder, f"{what} folder"), Prepared(what)
         if raster is None:
-            return None, []
-        check_raster(raster)
+            return None, Prepared(what)
         labels = self.parameterAsVectorLayer(parameters, f"{prefix}_LABELS", context)
         field = (self.parameterAsFields(parameters, f"{prefix}_FIELD", context) or [""])[0]
-        check_labels(labels, field, raster)
         pair = self.parameterAsRasterLayer(parameters, pair_parameter, context) if pair_parameter else None
-        if pair is not None:
-            check_rgb_raster(pair, "co-registered RGB layer")
-        if self.checking:
-            return out, []
-        resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
-        size = self.parameterAsInt(parameters, "CHIP_SIZE", context)
-        vector = layers.vector_source_for(labels, run.exports)
-        raster_file = layers.raster_file_for(raster, run.exports, raster.extent(), raster.crs(), resolution)
-        pair_file = None
-        if pair is not None:
-            pair_file = layers.raster_file_for(pair, run.exports, raster.extent(), raster.crs(), resolution)
-        data = jobs.MapData(raster_file, vector.path, field, vector.layer_name)
-        command = jobs.chips_command(data, out, size, resolution, pair_file, pair_out if pair_file else None,
-                                     f"cutting {what} chips")
-        return out, [command]
+        chips = steps.ChipOptions(self.parameterAsInt(parameters, "CHIP_SIZE", context),
+                                  self.parameterAsDouble(parameters, "RESOLUTION", context) or None)
+        return out, steps.map_chips(steps.MapSource(raster, labels, field), what, out, run, chips, check_raster,
+                                    pair, pair_out)
+
+    def add_model_parameters(self, section: str, what: str) -> None:
+        """Backbone (its source shown, from `asymkd choices`), input size, ImageNet start, weights file."""
+        found = choices.cached()
+        named = ", ".join(f"{name} ({choices.SOURCE_TEXT.get(spec.get('source', ''), 'source unknown')})"
+                          for name, spec in found.backbones.items())
+        marker = " [built-in list: the engine was not asked]" if found.fallback else ""
+        default = found.default(section, "backbone")
+        self.addParameter(QgsProcessingParameterString(
+            "BACKBONE", f"{what} backbone: {named}, or any timm model name (timm hub){marker}; "
+            f"empty = {default or 'the engine default'}", "", optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            "INPUT_SIZE", "Input size in pixels (0 = as the patches are; empty = the engine default)",
+            QgsProcessingParameterNumber.Type.Integer, None, optional=True, minValue=0, maxValue=1024))
+        self.addParameter(QgsProcessingParameterBoolean("PRETRAINED", "Start from ImageNet weights (bundled or hub)", True))
+        self.addParameter(QgsProcessingParameterFile("WEIGHTS", "Backbone weights file to start from (.safetensors, .pth)",
+                                                     optional=True))
+
+    def model_options(self, parameters, context, section: str, feedback: QgsProcessingFeedback) -> steps.ModelOptions:
+        size = parameters.get("INPUT_SIZE")
+        model = steps.ModelOptions(backbone=self.parameterAsString(parameters, "BACKBONE", context).strip(),
+                                   input_size=None if size in (None, "") else self.parameterAsInt(parameters, "INPUT_SIZE", context),
+                                   pretrained=self.parameterAsBoolean(parameters, "PRETRAINED", context),
+                                   weights=self.parameterAsFile(parameters, "WEIGHTS", context) or "")
+        found = choices.cached()
+        name = model.backbone or found.default(section, "backbone", "")
+        if name:
+            feedback.pushInfo(f"{section} backbone {name}: {found.describe(name, model.pretrained, bool(model.weights))}")
+        return model
+
+    def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
+        if not self._models:
+            return self._help
+        # asked once per session, when the help is first shown (not while QGIS starts)
+        found = choices.engine_choices(Engine.from_settings())
+        rows = "".join(f"<li><b>{name}</b>: {choices.SOURCE_TEXT.get(spec.get('source', ''), 'source unknown')}"
+                       f"{' - ' + spec['about'] if spec.get('about') else ''}</li>" for name, spec in found.backbones.items())
+        note = found.note or "any timm model name works too"
+        return f"{self._help}<p>Backbones:</p><ul>{rows}</ul><p>{note}</p>"
 
 
 def _device(algorithm: QgsProcessingAlgorithm, parameters, context) -> str:
-    return jobs.DEVICES[algorithm.parameterAsEnum(parameters, "DEVICE", context)]
+    return steps.DEVICES[algorithm.parameterAsEnum(parameters, "DEVICE", context)]
 
 
-def _run_folder(algorithm: QgsProcessingAlgorithm, parameters, context, must_exist: str = "") -> jobs.RunLayout:
+def _run_folder(algorithm: QgsProcessingAlgorithm, parameters, context, step: str) -> RunLayout:
     path = algorithm.parameterAsString(parameters, "RUN", context)
     if not path:
         raise InputError("No run folder given.")
-    run = jobs.RunLayout(Path(path))
-    if must_exist and not (run.root / must_exist).exists():
-        raise InputError(f"{run.root / must_exist} does not exist: run the step before this one on the same run folder.")
+    run = RunLayout(Path(path))
+    steps.require_previous(run, step)
     return run
+
+
+def _outputs(run: RunLayout, step: str, **more) -> dict:
+    return {**{key: str(path) for key, path in steps.SPECS[step].outputs(run).items()}, **more}
 
 
 class TrainTeacher(EngineAlgorithm):
     _id, _name = "teacher", "Train teacher"
+    _models = True
     _help = ("Trains the multispectral (MS) teacher on labeled MS samples: an MS raster with labeled "
              "polygons or points (cut into chips), or a folder dataset. An RGB raster co-registered "
              "with the MS raster gives same-target pairs for the matcher.")
@@ -249,29 +298,29 @@ class TrainTeacher(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("PAIRED_RGB", "RGB raster co-registered with the MS raster (same-target pairs)", optional=True))
         self.add_chip_parameters()
         self.addParameter(QgsProcessingParameterString("BANDS", "MS band names (preset or comma list)", "sentinel2", optional=True))
-        self.addParameter(QgsProcessingParameterString("BACKBONE", "Backbone", "", optional=True))
+        self.add_model_parameters("teacher", "Teacher")
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
         self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.add_settings_parameter()
         self.addOutput(QgsProcessingOutputFolder("TEACHER", "Teacher model folder"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
 
     def plan(self, parameters, context, feedback) -> Plan:
-        run = _run_folder(self, parameters, context)
-        ms, commands = self.dataset(parameters, context, "MS", "MS", run.ms, run, check_ms_raster,
+        run = _run_folder(self, parameters, context, "teacher")
+        ms, prepared = self.dataset(parameters, context, "MS", "MS", run.ms, run, check_ms_raster,
                                     "PAIRED_RGB", run.rgb_paired)
         if ms is None:
             raise InputError("No MS layer chosen: give an MS raster layer with its labels, or an MS folder dataset.")
-        options = jobs.TeacherOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
-                                      backbone=self.parameterAsString(parameters, "BACKBONE", context).strip(),
-                                      epochs=self.parameterAsInt(parameters, "EPOCHS", context),
-                                      device=_device(self, parameters, context),
-                                      seed=self.parameterAsInt(parameters, "SEED", context),
-                                      settings=self.engine_settings(parameters, context))
-        return Plan(commands + [jobs.teacher_command(run.root, ms, options)],
-                    lambda outcomes: {"RUN": str(run.root), "TEACHER": str(run.teacher),
-                                      "METRICS": json.dumps(outcomes[-1].metrics)})
+        options = steps.TeacherOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
+                                       model=self.model_options(parameters, context, "teacher", feedback),
+                                       epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                                       device=_device(self, parameters, context),
+                                       seed=self.parameterAsInt(parameters, "SEED", context),
+                                       settings=self.engine_settings(parameters, context))
+        prepared.commands.append(steps.teacher_command(run.root, ms, options))
+        return Plan(prepared, lambda outcomes: _outputs(run, "teacher", RUN=str(run.root),
+                                                        METRICS=json.dumps(outcomes[-1].metrics)))
 
 
 class TrainMatcher(EngineAlgorithm):
@@ -287,31 +336,32 @@ class TrainMatcher(EngineAlgorithm):
                                                      behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
         self.add_chip_parameters()
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(jobs.PAIR_METHODS), defaultValue=0))
-        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(steps.PAIR_METHODS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
         self.add_settings_parameter()
         self.addOutput(QgsProcessingOutputFolder("RUN_FOLDER", "Run folder (for the next step)"))
         self.addOutput(QgsProcessingOutputFolder("MATCHER", "Matcher folder"))
         self.addOutput(QgsProcessingOutputFile("PAIRS", "Pairs"))
 
     def plan(self, parameters, context, feedback) -> Plan:
-        run = _run_folder(self, parameters, context, must_exist="teacher")
-        rgb, commands = self.dataset(parameters, context, "RGB", "RGB", run.rgb, run, check_rgb_raster)
+        run = _run_folder(self, parameters, context, "matcher")
+        rgb, prepared = self.dataset(parameters, context, "RGB", "RGB", run.rgb, run, check_rgb_raster)
         if rgb is None:
             raise InputError("No RGB layer chosen: give an RGB raster layer with its labels, or an RGB folder dataset.")
         paired_folder = self.parameterAsFile(parameters, "PAIRED_FOLDER", context)
         paired = Path(paired_folder) if paired_folder else (run.rgb_paired if run.rgb_paired.is_dir() else None)
-        options = jobs.MatcherOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
-                                      method=jobs.PAIR_METHODS[self.parameterAsEnum(parameters, "METHOD", context)],
+        options = steps.MatcherOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+                                      method=steps.PAIR_METHODS[self.parameterAsEnum(parameters, "METHOD", context)],
                                       device=_device(self, parameters, context),
                                       settings=self.engine_settings(parameters, context))
-        return Plan(commands + jobs.matcher_commands(run.root, rgb, options, paired),
-                    lambda outcomes: {"RUN_FOLDER": str(run.root), "MATCHER": str(run.root / "matcher"),
-                                      "PAIRS": outcomes[-1].results.get("pairs", str(run.root / "pairs" / "pairs.npz"))})
+        prepared.commands += steps.matcher_commands(run.root, rgb, options, paired)
+        return Plan(prepared, lambda outcomes: _outputs(run, "matcher", RUN_FOLDER=str(run.root),
+                                                        PAIRS=outcomes[-1].results.get("pairs", str(run.pairs_file))))
 
 
 class DistillStudent(EngineAlgorithm):
     _id, _name = "distill", "Distill student"
+    _models = True
     _help = ("Distills the teacher into the RGB student over the matcher's pairs (cross-modal attention, "
              "domain-shift loss, teacher pseudo-labels, re-pairing), evaluates it on the RGB test set and "
              "writes an HTML report with the baseline for comparison.")
@@ -320,6 +370,7 @@ class DistillStudent(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)", behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.add_map_data("TEST", "RGB test")
         self.add_chip_parameters()
+        self.add_model_parameters("distill", "Student")
         self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         for key, label in (("W_FEAT", "Weight: feature alignment"), ("W_PSEUDO", "Weight: teacher pseudo-labels"),
@@ -327,7 +378,7 @@ class DistillStudent(EngineAlgorithm):
             self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)", QgsProcessingParameterNumber.Type.Double,
                                                            None, optional=True, minValue=0.0))
         self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Also train the baseline (no distillation)", True))
-        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
         self.add_settings_parameter()
         self.addOutput(QgsProcessingOutputFolder("RUN_FOLDER", "Run folder"))
         self.addOutput(QgsProcessingOutputFolder("STUDENT", "Student model folder"))
@@ -335,9 +386,10 @@ class DistillStudent(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
 
     def plan(self, parameters, context, feedback) -> Plan:
-        run = _run_folder(self, parameters, context, must_exist="pairs")
-        test, commands = self.dataset(parameters, context, "TEST", "RGB test", run.rgb_test, run, check_rgb_raster)
-        options = jobs.DistillOptions(epochs=self.parameterAsInt(parameters, "EPOCHS", context),
+        run = _run_folder(self, parameters, context, "distill")
+        test, prepared = self.dataset(parameters, context, "TEST", "RGB test", run.rgb_test, run, check_rgb_raster)
+        options = steps.DistillOptions(model=self.model_options(parameters, context, "distill", feedback),
+                                      epochs=self.parameterAsInt(parameters, "EPOCHS", context),
                                       repair_every=self.parameterAsInt(parameters, "REPAIR_EVERY", context),
                                       w_feat=self.optional_double(parameters, context, "W_FEAT"),
                                       w_pseudo=self.optional_double(parameters, context, "W_PSEUDO"),
@@ -345,10 +397,10 @@ class DistillStudent(EngineAlgorithm):
                                       baseline=self.parameterAsBoolean(parameters, "BASELINE", context),
                                       device=_device(self, parameters, context),
                                       settings=self.engine_settings(parameters, context))
-        return Plan(commands + [jobs.distill_command(run.root, options, test)],
-                    lambda outcomes: {"RUN_FOLDER": str(run.root), "STUDENT": str(run.student),
-                                      "REPORT": outcomes[-1].results.get("report", str(run.report)),
-                                      "METRICS": json.dumps(outcomes[-1].metrics)})
+        prepared.commands.append(steps.distill_command(run.root, options, test))
+        return Plan(prepared, lambda outcomes: _outputs(run, "distill", RUN_FOLDER=str(run.root),
+                                                        REPORT=outcomes[-1].results.get("report", str(run.report)),
+                                                        METRICS=json.dumps(outcomes[-1].metrics)))
 
 
 class ExportModel(EngineAlgorithm):
@@ -361,10 +413,10 @@ class ExportModel(EngineAlgorithm):
 
     def plan(self, parameters, context, feedback) -> Plan:
         model = Path(self.parameterAsFile(parameters, "MODEL", context))
-        if not (model / "meta.json").is_file():
-            raise InputError(f"{model} is not a model folder (no meta.json): choose the student folder of a run.")
+        if not (model / layout.META).is_file():
+            raise InputError(f"{model} is not a model folder (no {layout.META}): choose the student folder of a run.")
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
-        return Plan([jobs.export_command(model, Path(out))], lambda outcomes: {"OUTPUT": out})
+        return Plan(Prepared(self._name, [steps.export_command(model, Path(out))]), lambda outcomes: {"OUTPUT": out})
 
 
 class ClassifyTiles(EngineAlgorithm):
@@ -385,7 +437,7 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Type.Integer, 16, minValue=0, maxValue=24))
         self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
-        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(jobs.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
 
@@ -398,7 +450,7 @@ class ClassifyTiles(EngineAlgorithm):
             gsd = read_model_info(model).gsd
         except ModelInfoError as exc:
             raise InputError(str(exc)) from exc
-        options = jobs.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
+        options = steps.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
                                        batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
                                        device=_device(self, parameters, context))
         if self.parameterAsEnum(parameters, "GRID", context) == 1:
@@ -406,9 +458,8 @@ class ClassifyTiles(EngineAlgorithm):
         else:
             options.tile = self.parameterAsInt(parameters, "TILE", context)
             options.stride = self.parameterAsInt(parameters, "STRIDE", context)
-        if self.checking:
-            return None
         temp = Path(QgsProcessingUtils.tempFolder())
+        prepared = Prepared(self._name)
         extent, extent_crs = raster.extent(), raster.crs()
         if parameters.get("EXTENT"):
             extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
@@ -416,10 +467,8 @@ class ClassifyTiles(EngineAlgorithm):
             options.bbox = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
             options.bbox_crs = extent_crs.authid()
         elif parameters.get("MASK"):
-            source = self.parameterAsSource(parameters, "MASK", context)
-            options.mask = self.parameterAsCompatibleSourceLayerPath(parameters, "MASK", context, ["gpkg", "shp"], "gpkg", feedback)
-            extent, extent_crs = source.sourceExtent(), source.sourceCrs()
-        raster_file = layers.raster_file_for(raster, temp, extent, extent_crs, gsd, feedback)
+            extent, extent_crs = self._mask(parameters, context, options, temp, prepared)
+        raster_file = steps.raster_file(raster, temp, extent, extent_crs, gsd, prepared)
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
 
         def finish(outcomes: list[Outcome]) -> dict:
@@ -430,7 +479,21 @@ class ClassifyTiles(EngineAlgorithm):
             if qml is not None and context.willLoadLayerOnCompletion(out):
                 context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
             return {"OUTPUT": out, "TILES": result_layer.featureCount()}
-        return Plan([jobs.classify_command(model, raster_file, Path(out), options)], finish)
+        prepared.commands.append(steps.classify_command(model, raster_file, Path(out), options))
+        return Plan(prepared, finish)
+
+    def _mask(self, parameters, context, options: steps.ClassifyOptions, folder: Path, prepared: Prepared):
+        """The MASK polygons as a file for --mask (exported by the run when they are not one);
+        returns their extent and CRS."""
+        mask = self.parameterAsVectorLayer(parameters, "MASK", context)
+        if mask is None:
+            raise InputError("The polygon layer for the area cannot be read: choose a polygon layer.")
+        value = parameters.get("MASK")
+        selected = isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly
+        if selected and mask.selectedFeatureCount() == 0:
+            raise InputError(f"No polygons are selected in '{mask.name()}': select the area's polygons first.")
+        options.mask = steps.vector_file(mask, folder, prepared, only_selected=selected).path
+        return (mask.boundingBoxOfSelected() if selected else mask.extent()), mask.crs()
 
 
 ALGORITHMS = (TrainTeacher, TrainMatcher, DistillStudent, ExportModel, ClassifyTiles)

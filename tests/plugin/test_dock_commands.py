@@ -32,7 +32,14 @@ def test_classify_selected_polygons_become_a_mask(classify_ready, layers):
     with pytest.raises(InputError, match="No polygons are selected in 'labels'"):
         dock.prepare_classify()
     labels.selectByIds([f.id() for f in labels.getFeatures()][:2])
-    args = dock.prepare_classify().commands[-1].args
+    prepared = dock.prepare_classify()
+    args = prepared.commands[-1].args
+    # the selection is written by the job (its worker thread), not while preparing
+    from pathlib import Path
+    from qgis.core import QgsFeedback
+    assert not Path(_value(args, "--mask")).exists()
+    for step in prepared.pre_steps:
+        step.run(QgsFeedback())
     mask = QgsVectorLayer(_value(args, "--mask"), "mask", "ogr")
     assert mask.featureCount() == 2
     assert not any(a.startswith("--bbox") for a in args)

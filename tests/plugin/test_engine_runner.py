@@ -116,3 +116,51 @@ def test_progress_of_several_sub_steps_maps_onto_one_bar():
     distill = ProgressMapper(("distill", "baseline"))
     values = [distill(p("distill", 1.0)), distill(p("evaluate", 0.1)), distill(p("baseline", 0.5))]
     assert values == [0.5, 0.5, 0.75]  # an evaluation pass does not move the bar back
+
+
+# -- the event protocol -------------------------------------------------------------------
+def test_another_major_protocol_is_refused_with_the_engine_version_needed(fake_engine, monkeypatch):
+    import pytest
+
+    from asymkd_qgis import paths
+    from asymkd_qgis.engine import EngineMismatch
+    monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "2.0")
+    started = []
+    begun = time.monotonic()
+    with pytest.raises(EngineMismatch) as info:
+        run_engine(fake_engine("sleep"), ["teacher"], on_start=started.append)
+    assert time.monotonic() - begun < 10
+    text = str(info.value)
+    assert "engine 9.9.9 speaks event protocol 2.0" in text
+    assert f"needs AsymKD engine {paths.plugin_version()}" in text and "Create engine environment" in text
+    assert not process_alive(started[0])  # stopped at its first event
+    assert isinstance(info.value, EngineUnavailable)  # the dock offers to repair the environment
+
+
+def test_an_engine_without_a_protocol_version_is_refused(fake_engine, monkeypatch):
+    import pytest
+
+    from asymkd_qgis.engine import EngineMismatch
+    monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "none")
+    with pytest.raises(EngineMismatch, match="no event protocol version"):
+        run_engine(fake_engine("ok"), ["teacher"])
+
+
+def test_a_newer_minor_protocol_is_accepted(fake_engine, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "1.7")
+    assert run_engine(fake_engine("ok"), ["teacher"]).ok
+
+
+def test_the_plugin_reads_the_protocol_the_engine_sends():
+    import re
+    from pathlib import Path
+
+    from asymkd_qgis import engine, paths
+    events = (paths.engine_source_dir() or Path("backend")) / "asymkd" / "events.py"
+    sent = re.search(r'^PROTOCOL_VERSION = "([^"]+)"', events.read_text(encoding="utf-8"), re.M).group(1)
+    assert sent.split(".")[0] == engine.PROTOCOL_VERSION.split(".")[0]
+
+
+def test_the_real_engine_passes_the_protocol_check(real_engine):
+    outcome = run_engine(real_engine, ["choices"])
+    assert outcome.ok and outcome.engine_version

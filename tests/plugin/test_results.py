@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from asymkd_qgis import results
-from asymkd_qgis.jobs import RunLayout
+from asymkd_qgis.layout import RunLayout
 
 
 def _write(path, data):

@@ -8,6 +8,9 @@ crash      a traceback on stderr, exit 1, no error event
 error      an InternalError event and a traceback, exit 1
 usererror  a DataError event with a hint, exit 2
 nomodule   ModuleNotFoundError for torch on stderr, exit 1
+
+The first event carries the protocol version FAKE_ENGINE_PROTOCOL (default 1.0; "none" leaves
+it out, as an engine from before the protocol check would).
 """
 
 import json
@@ -17,8 +20,16 @@ import sys
 import time
 
 
+_FIRST = {"sent": False}
+
+
 def emit(event, **fields):
-    sys.stdout.write(json.dumps({"event": event, "time": time.time(), **fields}, ensure_ascii=False) + "\n")
+    record = {"event": event, "time": time.time(), **fields}
+    protocol = os.environ.get("FAKE_ENGINE_PROTOCOL", "1.0")
+    if not _FIRST["sent"] and protocol != "none":
+        record.update(protocol=protocol, engine="9.9.9" if protocol != "1.0" else "0.1.0")
+    _FIRST["sent"] = True
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 
