@@ -26,10 +26,6 @@ class ModelInfo:
     gsd: float | None = None  # ground resolution, metres per pixel
     raw: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def num_bands(self) -> int | None:
-        return len(self.band_names) or None
-
 
 class ModelInfoError(Exception):
     pass

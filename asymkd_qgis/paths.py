@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 PLUGIN_DIR = Path(__file__).resolve().parent
-PLUGIN_NAME = PLUGIN_DIR.name
 
 
 def _inside_or_beside(name: str) -> Path:

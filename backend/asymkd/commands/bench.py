@@ -3,7 +3,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-HELP = "benchmarks: accuracy, train, classify"
 KINDS = {"accuracy": "teacher, baseline and distilled students on a real folder dataset, over seeds",
          "train": "distillation epoch time vs a plain student epoch; re-pairing time",
          "classify": "onnxruntime compute vs end-to-end classify throughput; peak memory"}

@@ -6,8 +6,6 @@ import json
 
 from ..data.mapchips import ChipConfig, chip_map
 
-HELP = "cut a raster and its labeled polygons/points into a patch folder dataset"
-
 
 def add_arguments(parser) -> None:
     d = ChipConfig()

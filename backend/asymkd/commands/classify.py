@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-HELP = "classify the tiles of a raster into a styled GeoPackage"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="model file written by `asymkd export`")

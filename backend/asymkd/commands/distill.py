@@ -5,7 +5,6 @@ from ..layout import RunFolder
 from ..pipeline import resolve_config, step_distill
 from ._options import add_data_options, add_run_options, overrides
 
-HELP = "distill the teacher into the RGB student (with optional baseline)"
 FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size": "distill.batch_size",
          "lr": "distill.lr", "repair_every": "distill.repair_every", "w_feat": "distill.w_feat",
          "w_pseudo": "distill.w_pseudo", "w_gt": "distill.w_gt", "pseudo": "distill.pseudo",

@@ -4,8 +4,6 @@ import json
 
 from ..doctor import doctor_report
 
-HELP = "print Python, torch, CUDA, onnxruntime versions and devices as JSON"
-
 
 def add_arguments(parser) -> None:  # noqa: ARG001 - no options
     pass

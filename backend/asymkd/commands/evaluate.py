@@ -9,8 +9,6 @@ from typing import Any, TextIO
 
 from ..errors import ConfigError
 
-HELP = "evaluate a student on a labeled RGB test set"
-
 
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):

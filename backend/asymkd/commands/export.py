@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "export a student to ONNX with its metadata"
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL_FOLDER", help="model folder (model.safetensors + meta.json), e.g. runs/demo/student")

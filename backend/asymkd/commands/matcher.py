@@ -4,7 +4,6 @@ from ..choices import POSITIVES
 from ..pipeline import resolve_config, step_matcher
 from ._options import add_data_options, add_run_options, overrides
 
-HELP = "train the MS/RGB matcher (contrastive, same-target positives)"
 FLAGS = {"epochs": "matcher.epochs", "positives": "matcher.positives", "embed_dim": "matcher.embed_dim"}
 
 

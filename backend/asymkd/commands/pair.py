@@ -5,7 +5,6 @@ from ..layout import RunFolder
 from ..pipeline import resolve_config, step_pair
 from ._options import add_data_options, add_run_options, overrides
 
-HELP = "pair every RGB sample with an MS sample of its class"
 FLAGS = {"method": "pairing.method"}
 
 

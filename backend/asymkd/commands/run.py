@@ -8,8 +8,6 @@ from ..layout import RunFolder
 from ..pipeline import resolve_config, run_all
 from ._options import add_run_options, overrides
 
-HELP = "all steps from one config file (YAML or TOML)"
-
 
 def add_arguments(p) -> None:
     add_run_options(p, run_required=False)

@@ -6,8 +6,6 @@ import json
 
 from ..data.synth import SynthConfig, make_world
 
-HELP = "write the synthetic Sentinel-2-like world (patches, scenes, labels)"
-
 
 def add_arguments(parser) -> None:
     d = SynthConfig()

@@ -3,7 +3,6 @@ from __future__ import annotations
 from ..pipeline import resolve_config, step_teacher
 from ._options import add_data_options, add_run_options, overrides
 
-HELP = "train the MS teacher"
 FLAGS = {"backbone": "teacher.backbone", "epochs": "teacher.epochs", "batch_size": "teacher.batch_size",
          "lr": "teacher.lr", "folds": "teacher.folds", "weights": "teacher.weights",
          "input_size": "teacher.input_size", "pretrained": "teacher.pretrained"}
