@@ -30,7 +30,7 @@ from .validation import InputError, check_ms_raster, check_rgb_raster, require_f
 from .widgets import (EngineBanner, LabelPicker, ModelPicker, Persist, SourcePicker, StepPanel, guard_form, heading,
                       wrap_labels)
 
-STEPS = ("data", "teacher", "matcher", "distill", "classify")
+STEPS = tuple(steps.SPECS)  # data, teacher, matcher, distill, classify
 STEP_TITLES = {step: f"{number}. {steps.SPECS[step].title}" for number, step in enumerate(STEPS, 1)}
 # Short enough for a narrow dock: "Run matcher", not "Run matcher and pairing".
 RUN_LABELS = {"data": "Prepare data", "teacher": "Run teacher", "matcher": "Run matcher",

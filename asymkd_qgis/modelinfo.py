@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .layout import META
+
 _METADATA_PROPS = 14
 _MAX_STRING = 64 * 1024 * 1024
 
@@ -137,9 +139,9 @@ def read_model_info(path: str | Path) -> ModelInfo:
     """Metadata of an .onnx file or a model folder (meta.json)."""
     path = Path(path)
     if path.is_dir():
-        meta_file = path / "meta.json"
+        meta_file = path / META
         if not meta_file.is_file():
-            raise ModelInfoError(f"{path} is not a model folder (no meta.json)")
+            raise ModelInfoError(f"{path} is not a model folder (no {META})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     elif path.is_file():
         try:
