@@ -159,3 +159,29 @@ def test_one_spec_per_step_names_what_a_step_needs():
     with pytest.raises(InputError, match="no pairs in this run folder"):
         steps.require_previous(RunLayout(Path("/nonexistent/run")), "distill")
     assert steps.SPECS["distill"].outputs(RunLayout(Path("R")))["REPORT"] == Path("R") / "report.html"
+
+
+# -- the event protocol, seen from the forms --------------------------------------------------
+def test_the_dock_refuses_an_engine_of_another_protocol(dock, fake_engine, tmp_path, monkeypatch):
+    from conftest import wait_for
+    monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "2.0")
+    (tmp_path / "ms").mkdir()
+    dock.run_dir.setFilePath(str(tmp_path / "run"))
+    dock.ms_source.set_folder(str(tmp_path / "ms"))
+    dock.engine_factory = lambda: fake_engine("ok")
+    job = dock.run_step("teacher")
+    wait_for(lambda: job.done, 30, "the job")
+    assert job.state == job.FAILED and job.engine_unavailable
+    assert "needs AsymKD engine" in job.message()
+    assert "needs AsymKD engine" in dock.panels["teacher"].status.text()
+
+
+def test_processing_refuses_an_engine_of_another_protocol(plugin, qgis_processing, tmp_path,
+                                                          fake_processing_engine, monkeypatch):
+    import processing
+    monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "2.0")
+    model = tmp_path / "student"
+    model.mkdir()
+    (model / "meta.json").write_text("{}")
+    with pytest.raises(QgsProcessingException, match="needs AsymKD engine"):
+        processing.run("asymkd:export", {"MODEL": str(model), "OUTPUT": str(tmp_path / "m.onnx")})
