@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, layout
 from .errors import ConfigError, DataError, ModelFileError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_write_bytes, check_writable
@@ -102,7 +102,7 @@ def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
                    parity: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON object stored in the ONNX file (format version FORMAT_VERSION)."""
     from .models.metadata import validate_meta
-    meta = validate_meta(meta, str(model_folder / "meta.json") if model_folder else "meta.json")
+    meta = validate_meta(meta, str(model_folder / layout.META) if model_folder else layout.META)
     summary = meta.get("summary")
     return {
         "format_version": FORMAT_VERSION,

@@ -172,7 +172,7 @@ def _confusion_png(step: Step, split: str, scores: dict[str, Any]) -> bytes | No
                                    f"{step.title} ({split}): OA {pct(scores['overall_accuracy'])}")
     except (KeyError, TypeError, ValueError):
         # A metrics file without a usable matrix: fall back to the PNG the trainer wrote.
-        fallback = step.folder / "confusion.png"
+        fallback = step.folder / layout.CONFUSION
         return fallback.read_bytes() if fallback.is_file() else None
 
 

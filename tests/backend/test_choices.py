@@ -115,3 +115,9 @@ def test_plugin_and_engine_spell_the_run_layout_alike():
     for name in ("teacher", "matcher", "pairs", "pairs_file", "student", "baseline", "report", "student_onnx"):
         assert getattr(run, name) == getattr(other, name), name
     assert run.metrics(layout.STUDENT) == other.metrics(layout.STUDENT)
+
+
+def test_model_file_names_agree_with_the_layout():
+    # models/files.py names the files it writes; the run layout must name the same ones
+    from asymkd.models import files
+    assert (files.WEIGHTS, files.META) == (layout.WEIGHTS, layout.META)
