@@ -92,7 +92,7 @@ def test_missing_ms_class_is_a_clear_data_error():
         repair_by_kl(s, t, [0, 2, 1], [0, 1])
     with pytest.raises(DataError, match="no class label"):
         assign_pairs(np.zeros((3, 2)), [0, 1, 1], [0, -1])
-    with pytest.raises(ValueError, match="'balanced' or 'nearest'"):
+    with pytest.raises(ValueError, match="balanced, nearest, random"):
         assign_pairs(np.zeros((3, 2)), [0, 1, 1], [0, 1], method="greedy")
     with pytest.raises(ValueError, match=r"\(N_rgb, N_ms\)"):
         assign_pairs(np.zeros((2, 2)), [0, 1, 1], [0, 1])

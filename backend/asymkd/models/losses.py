@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-UNLABELED = -1
+from ..data.patches import UNLABELED
+
 
 
 def as_samples(x: torch.Tensor) -> torch.Tensor:

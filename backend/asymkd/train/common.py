@@ -4,7 +4,6 @@ optimisers, and resumable checkpoints."""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
+from ..fileio import temp_path
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -178,13 +178,8 @@ class Checkpoint:
         state = {"epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "modules": {k: v.state_dict() for k, v in modules.items()}, "extra": extra or {},
                  "fingerprint": fingerprint}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
+        with temp_path(self.path) as tmp:  # a full disk or a cancel leaves no temporary file behind
             torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:  # a full disk or a cancel leaves no temporary file behind
-            tmp.unlink(missing_ok=True)
-            raise
 
     def load(self, modules: dict[str, Any], gen: torch.Generator,
              fingerprint: str = "") -> tuple[int, dict[str, Any]]:

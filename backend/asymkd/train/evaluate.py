@@ -24,7 +24,8 @@ from torch import nn
 from ..data.patches import PatchSet, load_folder
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
-from ..models.files import atomic_write_text, check_bands, load_model
+from ..fileio import atomic_write_text
+from ..models.files import check_bands, load_model
 from .common import batch_probs, normalize, resolve_device
 
 METRICS_FILE = "metrics.json"

@@ -23,7 +23,8 @@ from ..data.patches import PatchSet, match_pairs
 from ..errors import DataError, ModelFileError
 from ..events import NULL_EVENTS, Events
 from ..models.losses import masked_info_nce
-from ..models.files import atomic_write_text, save_state
+from ..fileio import atomic_write_text
+from ..models.files import save_state
 from . import common, loop
 from .evaluate import write_metrics_json
 

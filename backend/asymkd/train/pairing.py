@@ -27,7 +27,6 @@ import torch
 from ..choices import PAIRING_METHODS
 from ..errors import DataError
 
-UNLABELED = -1
 ArrayLike = np.ndarray | torch.Tensor | Sequence[int] | Sequence[float]
 # Student log-probabilities below this are treated as this (a probability of e^-10000 is 0
 # anyway); it keeps 0 * log(0) out of the GEMM, where it would be NaN.

@@ -19,7 +19,8 @@ from ..config import RunConfig, TeacherConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
 from ..models.backbones import SceneClassifier, weights_source
-from ..models.files import atomic_write_text, save_model
+from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
+from ..models.files import save_model
 from . import common, loop
 from .classifier import ClassifierTask
 from .objectives import SupervisedObjective
@@ -96,7 +97,7 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                              f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names)
         soft[held] = predict_probs(fit.model, ms.images[held], mean, std, device, tta=True)
         done[key] = soft[held]
-        np.savez(fold_file, **done)  # a killed run keeps the folds it finished
+        atomic_save_npz(fold_file, **done)  # a killed run keeps the folds it finished
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
                          common.Checkpoint(out_dir / "checkpoint.pt"), resume, band_names=ms.band_names)
@@ -111,7 +112,7 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
             "input_size": tc.input_size, "weights_source": weights_source(tc.backbone, tc.pretrained, tc.weights),
             "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
-    np.save(out_dir / "soft_labels.npy", soft)
+    atomic_save_npy(out_dir / "soft_labels.npy", soft)
     atomic_write_text(out_dir / "ms_index.json", json.dumps({"stems": ms.stems, "paths": ms.paths,
                                                             "labels": ms.labels.tolist()}))
     val = None
