@@ -172,3 +172,18 @@ def test_cli_export(model_folder, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert cli.main(["export", str(model_folder), "--out", str(out), "--check-samples", "4"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_input_resize_lives_inside_the_exported_graph(tmp_path):
+    torch.manual_seed(1)
+    net = SceneClassifier("resnet18_w16", 3, len(CLASSES), input_size=48)
+    net.head.weight.data *= 20
+    folder = save_model(tmp_path / "student", net, _meta(input_size=48))
+    result = export_onnx(folder, tmp_path / "student.onnx", check_samples=8)
+    graph = onnx.load(str(result.path)).graph
+    assert any(node.op_type == "Resize" for node in graph.node)
+    # the graph takes 32 px tiles as before: classify needs nothing new
+    x = np.random.default_rng(0).uniform(0, 255, (4, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    probs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.allclose(probs, _torch_probs(folder, x), atol=1e-4)
