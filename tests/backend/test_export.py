@@ -187,3 +187,14 @@ def test_the_input_resize_lives_inside_the_exported_graph(tmp_path):
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     probs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     assert np.allclose(probs, _torch_probs(folder, x), atol=1e-4)
+
+
+def test_a_matcher_folder_is_refused_by_name(tmp_path, capsys):
+    folder = tmp_path / "matcher"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "meta.json").write_text(json.dumps({"kind": "matcher", "ms_backbone": "resnet18_w16"}))
+    with pytest.raises(ModelFileError, match="holds a matcher model"):
+        load_model(folder)
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "holds a matcher model" in capsys.readouterr().err

@@ -22,6 +22,7 @@ __all__ = ["WEIGHTS", "META", "atomic_write_text", "save_state", "save_model", "
            "check_bands"]
 
 WEIGHTS = "model.safetensors"
+CLASSIFIER_KINDS = ("student", "teacher")  # `kind` in meta.json; a matcher folder says "matcher"
 META = "meta.json"
 
 
@@ -99,6 +100,13 @@ def read_meta(folder: Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{folder / META} is not valid JSON ({exc})",
                              "the file is damaged: train the step again (or restore the file)") from exc
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and kind is None and "ms_backbone" in meta:
+        kind = "matcher"  # written before model folders named their kind
+    if kind is not None and kind not in CLASSIFIER_KINDS:
+        raise ModelFileError(f"{folder} holds a {kind} model; this needs a scene classifier "
+                             f"({' or '.join(CLASSIFIER_KINDS)})",
+                             "point to the run's student folder (e.g. runs/demo/student), or its teacher folder")
     return validate_meta(meta, str(folder / META))
 
 
