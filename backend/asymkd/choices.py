@@ -17,7 +17,7 @@ PSEUDO_MODES = {"kl": "KL to the teacher's softened output at the temperature",
                 "ce": "cross-entropy with the teacher's hard pseudo-label"}
 SEMI_SUPERVISED = {"none": "unlabeled RGB joins only through pairing and soft labels",
                    "fixmatch": "weak/strong consistency with confidence-thresholded pseudo-labels"}
-POSITIVES = {"auto": "explicit pairs when given, else pseudo-RGB",
+POSITIVES = {"auto": "explicit pairs, plus pseudo-RGB (calibrated on the pairs) for MS samples without one",
              "pairs": "explicit same-target pairs only", "pseudo-rgb": "MS true-colour bands as RGB"}
 # `--device` / `device`; "cuda:N" stands for any CUDA device number
 DEVICES = {"auto": "CUDA when available, else the CPU", "cpu": "the CPU",

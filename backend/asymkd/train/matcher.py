@@ -63,14 +63,35 @@ def positive_pairs(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None,
     if mode == "pairs" and rgb_paired is None:
         raise DataError("matcher.positives is 'pairs' but no paired RGB folder was given",
                         "give --rgb-paired DIR (same file stems as the MS set) or use positives=auto")
+    idx = np.flatnonzero(ms.labeled)
     if rgb_paired is not None and mode != "pseudo-rgb":
         ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
         keep = ms.labels[ms_idx] >= 0
-        events.log(f"matcher: {int(keep.sum())} explicit same-target pairs")
-        return ms_idx[keep], rgb_paired.images[rgb_idx[keep]], "pairs"
-    idx = np.flatnonzero(ms.labeled)
+        ms_idx, rgb_images = ms_idx[keep], rgb_paired.images[rgb_idx[keep]]
+        events.log(f"matcher: {len(ms_idx)} explicit same-target pairs")
+        rest = np.setdiff1d(idx, ms_idx)
+        if mode == "pairs" or len(rest) == 0 or len(ms_idx) < 2:
+            return ms_idx, rgb_images, "pairs"
+        # The MS samples without a pair join as pseudo-RGB, brought to the RGB sensor's scale
+        # by a per-band linear fit on the pairs: more positives than the pairs alone.
+        gain, offset = _fit_pseudo_rgb(pseudo_rgb(ms)[ms_idx], rgb_images)
+        extra = pseudo_rgb(ms)[rest] * gain[None, :, None, None] + offset[None, :, None, None]
+        events.log(f"matcher: {len(rest)} more MS samples as calibrated pseudo-RGB")
+        return (np.concatenate([ms_idx, rest]), np.concatenate([rgb_images, extra.astype(rgb_images.dtype)]),
+                "pairs+pseudo-rgb")
     events.log(f"matcher: pseudo-RGB positives from MS bands {true_colour_indices(ms.band_names)}")
     return idx, pseudo_rgb(ms)[idx], "pseudo-rgb"
+
+
+def _fit_pseudo_rgb(pseudo: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band gain and offset taking pseudo-RGB patch means to the paired RGB patch means."""
+    p = pseudo.reshape(len(pseudo), 3, -1).mean(-1).astype(np.float64)
+    r = rgb.reshape(len(rgb), 3, -1).mean(-1).astype(np.float64)
+    gain, offset = np.ones(3), np.zeros(3)
+    for b in range(3):
+        if np.ptp(p[:, b]) > 0:
+            gain[b], offset[b] = np.polyfit(p[:, b], r[:, b], 1)
+    return gain, offset
 
 
 class ContrastiveTask(loop.Task):
