@@ -44,8 +44,7 @@ class EngineChoices:
         return known.get("source") or "unknown"
 
     def describe(self, backbone: str, pretrained: bool = True, weights: bool = False) -> str:
-        if self.fallback and backbone in self.backbones and not weights and pretrained:
-            return "source unknown: the engine is not installed"
+        """The source in words; empty where it is unknown (names from the built-in list)."""
         return SOURCE_TEXT.get(self.source(backbone, pretrained, weights), "")
 
 

@@ -382,7 +382,7 @@ class ModelPicker(QWidget):
         name = self.name() or self.choices.default(self.section, "backbone", "")
         text = self.choices.describe(name, self.pretrained.isChecked(), self.weights_file) if name else ""
         if self.choices.fallback:
-            text = "built-in list of names (the engine could not be asked)" + (f"; {text}" if text and "source" not in text else "")
+            text = "built-in list of names (the engine could not be asked)" + (f"; {text}" if text else "")
         self.source.setText(f"Weights: {text}" if text else "")
 
 

@@ -123,7 +123,9 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
         processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": virtual, "OUTPUT": str(tmp_path / "v.gpkg")})
     from asymkd_qgis import layers
     assert layers.local_raster_path(virtual) is None
-    exported = layers.raster_file_for(virtual, tmp_path / "exports", extent, virtual.crs(), 10.0)
+    path, export = layers.raster_source(virtual, tmp_path / "exports", extent, virtual.crs(), 10.0)
+    exported = export.run()
+    assert exported == path
     written = QgsRasterLayer(exported, "exported", "gdal")
     assert (written.width(), written.height()) == (source.width(), source.height())
     del written

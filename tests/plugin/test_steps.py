@@ -37,11 +37,14 @@ def test_choices_come_from_the_engine_once_per_session(real_engine, monkeypatch)
     assert choices.cached() is found
 
 
-def test_without_an_engine_the_forms_fall_back_to_names_only(tmp_path):
+def test_without_an_engine_the_forms_fall_back_to_names_only(dock, tmp_path):
     from asymkd_qgis.engine import Engine
     found = choices.engine_choices(Engine(python=tmp_path / "none" / "python"))
     assert found is choices.FALLBACK and found.fallback
     assert "efficientnet_lite0" in found.backbones
+    dock.apply_choices(found)
+    dock.teacher_model.backbone.setCurrentText("efficientnet_lite0")
+    assert dock.teacher_model.source.text() == "Weights: built-in list of names (the engine could not be asked)"
 
 
 def test_the_dock_offers_the_engine_backbones_with_their_source(dock, engine_choices, tmp_path):
