@@ -376,8 +376,9 @@ def test_kills_during_classify_leave_no_output_or_the_whole_one(model, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["c.tif", "t.gpkg", "t.qml"]
 
 
-def test_a_resolution_far_finer_than_the_raster_is_refused(world, tmp_path, capsys):
+@pytest.mark.parametrize("resolution", ["0.00001", "inf", "nan"])
+def test_an_absurd_chip_resolution_is_refused(world, tmp_path, capsys, resolution):
     maps = world / "old" / "map"
     assert cli.main(["chips", "--raster", str(maps / "ms_scene.tif"), "--labels", str(maps / "ms_labels.gpkg"),
-                     "--size", "16", "--resolution", "0.00001", "--out", str(tmp_path / "c")]) == 2
+                     "--size", "16", "--resolution", resolution, "--out", str(tmp_path / "c")]) == 2
     assert "--resolution" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -23,6 +23,7 @@ __all__ = ["classify", "ClassifyOptions", "ClassifyResult"]
 
 MAX_TILE = 4096
 MAX_BATCH = 65_536
+MAX_THREADS = 256
 MAX_BATCH_BYTES = 4 * 2**30  # one batch of tiles in memory (a few are in flight)
 
 
@@ -61,8 +62,12 @@ class ClassifyOptions:
             raise ConfigError(f"--min-valid {self.min_valid} must be between 0 and 1", "e.g. --min-valid 0.5")
         if self.xyz_zoom is not None and (self.stride is not None):
             raise ConfigError("--stride does not apply to the XYZ grid", "drop --stride, or drop --xyz-zoom")
-        if self.threads < 0 or self.prefetch < 1:
-            raise ConfigError("threads must be >= 0 and prefetch >= 1", "e.g. --threads 0")
+        if not 0 <= self.threads <= MAX_THREADS:
+            # onnxruntime would try to start them all (10^5 threads take tens of GB)
+            raise ConfigError(f"--threads {self.threads} is out of range",
+                              f"use 0 (onnxruntime decides) up to {MAX_THREADS}")
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
 
     def check_memory(self, tile: int, bands: int) -> None:
         """Refuse a batch of tiles too large to hold in memory, once the tile size and the

@@ -53,8 +53,8 @@ class ChipConfig:
     def validate(self) -> None:
         if not 4 <= self.size <= 4096:
             raise ConfigError(f"chip size {self.size} is out of range", "use 4..4096 pixels (EuroSAT: 64)")
-        if self.resolution is not None and not self.resolution > 0:
-            raise ConfigError(f"--resolution must be positive, not {self.resolution}",
+        if self.resolution is not None and not (self.resolution > 0 and math.isfinite(self.resolution)):
+            raise ConfigError(f"--resolution must be a positive number, not {self.resolution}",
                               "give the ground resolution in raster CRS units, e.g. --resolution 10")
         if not 0 < self.min_cover <= 1:
             raise ConfigError(f"--min-cover must be in (0, 1], not {self.min_cover}", "e.g. --min-cover 0.75")
