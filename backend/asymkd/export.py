@@ -184,6 +184,7 @@ def onnx_session_options(threads: int = 0, spinning: bool = True):
 
 MIN_OPSET, MAX_OPSET = 13, 20  # what the TorchScript exporter writes for these models
 MAX_CHECK_SAMPLES = 4096
+CHECK_BYTES = 512 * 2**20  # memory for the check patches
 
 
 def check_export_options(opset: int, check_samples: int) -> None:
@@ -219,6 +220,12 @@ def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
     check_export_options(opset, check_samples)
     check_writable(out.parent)
     model, meta = load_model(folder)
+    per_patch = int(meta["in_chans"]) * int(meta["patch_size"]) ** 2 * 4
+    fits = max(1, CHECK_BYTES // per_patch)  # large patches: fewer check patches, bounded memory
+    if check_samples > fits:
+        events.log(f"checking on {fits} patches, not {check_samples}: larger batches of "
+                   f"{meta['patch_size']}-px patches would not fit in memory")
+        check_samples = fits
     batch, source = _check_batches(meta, check_data, check_samples)
     size = int(meta["patch_size"])
     if batch.shape[-2:] != (size, size):

@@ -389,3 +389,11 @@ def test_export_check_data_with_other_bands_does_not_blame_bands(tiny_model, tmp
     assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "ms")]) == 2
     err = capsys.readouterr().err
     assert "4 bands" in err and "--bands" not in err
+
+
+def test_export_check_batch_memory_is_bounded(tiny_model, tmp_path, monkeypatch):
+    from asymkd import export
+    folder, _, _ = tiny_model
+    monkeypatch.setattr(export, "CHECK_BYTES", 3 * 3 * 16 * 16 * 4)  # room for three 16-px RGB patches
+    result = export.export_onnx(folder, tmp_path / "m.onnx", check_samples=128)
+    assert result.checked_samples == 3
