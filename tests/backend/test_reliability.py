@@ -397,3 +397,15 @@ def test_export_check_batch_memory_is_bounded(tiny_model, tmp_path, monkeypatch)
     monkeypatch.setattr(export, "CHECK_BYTES", 3 * 3 * 16 * 16 * 4)  # room for three 16-px RGB patches
     result = export.export_onnx(folder, tmp_path / "m.onnx", check_samples=128)
     assert result.checked_samples == 3
+
+
+def test_band_names_a_model_could_not_hold_are_refused_at_load(tmp_path):
+    for name in ("A", "B"):
+        path = tmp_path / name / f"{name}.tif"
+        path.parent.mkdir(parents=True)
+        with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=2, dtype="uint16") as dst:
+            dst.write(np.ones((2, 8, 8), np.uint16))
+            dst.descriptions = ("B04", "B08\nB8A")
+    with pytest.raises(DataError, match="control characters"):
+        load_folder(tmp_path, "ms")
+    assert load_folder(tmp_path, "ms", bands="red,nir").band_names == ["red", "nir"]

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..models.metadata import control_chars
+from ..models.metadata import MAX_CHANS, MAX_NAME, control_chars
 from .bands import default_band_names, parse_band_names
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png"}
@@ -125,6 +125,18 @@ def _check_class_names(names: list[str], root: Path) -> None:
                         "rename the folder(s) to plain names, e.g. Forest or Sea_Lake")
 
 
+def _check_band_names(names: list[str], example: Path) -> None:
+    """What a model file may hold (models/metadata.py), refused here rather than after training."""
+    if len(names) > MAX_CHANS:
+        raise DataError(f"the images of {example.parent.parent} have {len(names)} bands; at most {MAX_CHANS} "
+                        "are supported", "select the bands to use, e.g. with gdal_translate -b")
+    bad = [n for n in names if control_chars(n) or len(n) > MAX_NAME]
+    if bad:
+        raise DataError(f"band names of {example} hold control characters or are longer than {MAX_NAME} "
+                        f"characters: {', '.join(ascii(n) for n in bad[:3])}",
+                        "name the bands with --bands (e.g. --bands sentinel2 or B01,B02,...)")
+
+
 def _non_finite_files(items: list[tuple[Path, int]], arrays: list[np.ndarray]) -> list[Path]:
     # NaN is a common nodata value of float GeoTIFFs; it would make the normalisation
     # statistics and then every weight NaN, so such patches are refused here.
@@ -167,6 +179,7 @@ def load_folder(root: str | Path, modality: str, bands: str | list[str] | None =
     images = np.stack([r[0] for r in read])
     file_names = read[0][1]
     band_names = parse_band_names(bands, images.shape[1]) or file_names or default_band_names(images.shape[1])
+    _check_band_names(band_names, items[0][0])
     labels = np.array([remap.get(lab, UNLABELED) if lab >= 0 else UNLABELED for _, lab in items])
     return PatchSet(images=images, labels=labels, class_names=names, band_names=band_names,
                     stems=[p.stem for p, _ in items], paths=[str(p) for p, _ in items],

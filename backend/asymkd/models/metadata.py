@@ -19,7 +19,7 @@ from ..errors import ModelFileError
 MAX_CHANS = 1024
 MAX_CLASSES = 10_000
 MAX_PATCH = 2048
-MAX_NAME = 200
+MAX_NAME = 255  # a file name's length on common file systems
 MAX_GSD = 1e6
 
 _HINT_META = "the model's meta.json is damaged or was edited: train the step again (or restore the file)"
