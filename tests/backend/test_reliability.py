@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -409,3 +410,32 @@ def test_band_names_a_model_could_not_hold_are_refused_at_load(tmp_path):
     with pytest.raises(DataError, match="control characters"):
         load_folder(tmp_path, "ms")
     assert load_folder(tmp_path, "ms", bands="red,nir").band_names == ["red", "nir"]
+
+
+def test_overwriting_commits_of_two_runs_never_mix_their_files(tmp_path):
+    import threading
+
+    from asymkd.classify.writer import AtomicOutputs
+    finals = [tmp_path / "t.gpkg", tmp_path / "t.qml"]
+
+    class Slow(AtomicOutputs):
+        def _place(self, tmp, final):
+            super()._place(tmp, final)
+            time.sleep(self.pause)  # a slow file system between the two renames
+
+    def commit(run: str, pause: float, start: float) -> None:
+        time.sleep(start)
+        outputs = Slow(finals, overwrite=True)
+        outputs.temps = {p: p.with_name(f".{p.name}.{run}") for p in finals}  # two runs, one process
+        outputs.pause = pause
+        for final in finals:
+            outputs.temp(final).write_text(run)
+        outputs.commit()
+
+    threads = [threading.Thread(target=commit, args=("A", 0.3, 0.0)),
+               threading.Thread(target=commit, args=("B", 0.0, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {p.read_text() for p in finals} in ({"A"}, {"B"})
