@@ -103,12 +103,12 @@ def repair_timing(args: argparse.Namespace, events: Events) -> RepairTiming:
     rgb_labels[rng.random(args.rgb) < args.unlabeled] = -1
 
     times = []
-    assign = None
+    assign = np.zeros(0, np.int64)
     for _ in events.track(range(args.repeats + 1), total=args.repeats + 1, step="bench-repair", unit="run"):
         _sync(device)
         start = time.perf_counter()
-        assign = repair_by_kl(student_logp, teacher_p, rgb_labels, ms_labels, chunk=args.chunk,
-                              workers=args.workers)
+        assign = np.asarray(repair_by_kl(student_logp, teacher_p, rgb_labels, ms_labels, chunk=args.chunk,
+                                         workers=args.workers))
         _sync(device)
         times.append(time.perf_counter() - start)
     labeled = rgb_labels >= 0
@@ -119,8 +119,8 @@ def repair_timing(args: argparse.Namespace, events: Events) -> RepairTiming:
     return RepairTiming(n_rgb=args.rgb, n_ms=args.ms, classes=k, unlabeled=args.unlabeled,
                         threads=args.workers or torch.get_num_threads(), device=str(device), first_s=times[0],
                         median_s=median, best_s=min(times[1:]), target_s=REPAIR_TARGET_S,
-                        ratio=median / REPAIR_TARGET_S, distinct_ms=stats["distinct_ms"],
-                        max_count=stats["max_count"])
+                        ratio=median / REPAIR_TARGET_S, distinct_ms=int(stats["distinct_ms"]),
+                        max_count=int(stats["max_count"]))
 
 
 def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | None:
@@ -158,7 +158,7 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                                  "input_size": args.input_size},
                      "data": {"val_fraction": 0.05}, "device": args.epoch_device, "seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = RunFolder(tmp).teacher
+        teacher = RunFolder(Path(tmp)).teacher
         save_model(teacher, SceneClassifier(args.teacher, 13, k),
                    {"backbone": args.teacher, "class_names": ms.class_names, "band_names": ms.band_names,
                     "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})

@@ -197,7 +197,7 @@ class SceneClassifier(nn.Module):
         self.backbone_name = backbone
         self.body = create_body(backbone, in_chans, pretrained=pretrained, weights=weights,
                                 band_names=band_names, global_pool="")
-        self.num_features = int(self.body.num_features)
+        self.num_features: int = self.body.num_features  # type: ignore[assignment]  # timm sets an int
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
 
@@ -212,7 +212,7 @@ class SceneClassifier(nn.Module):
             # inside the model, so the exported ONNX graph resizes too
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           align_corners=False, antialias=False)
-        return self.body.forward_features(x)
+        return self.body.forward_features(x)  # type: ignore[operator]  # every timm model has it
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(feats.mean(dim=(2, 3))))

@@ -10,7 +10,7 @@ Feature inputs of `coral_loss` and `mmd_loss` may be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ def mmd_loss(a: torch.Tensor, b: torch.Tensor,
     m = x.shape[0]
     base = sq.detach().sum() / max(m * m - m, 1)
     base = torch.clamp(base, min=1e-12)
-    k = sum(torch.exp(-sq / (base * float(w))) for w in kernels)
+    k = torch.stack([torch.exp(-sq / (base * float(w))) for w in kernels]).sum(0)
     return k[:n, :n].mean() + k[n:, n:].mean() - 2.0 * k[:n, n:].mean()
 
 
@@ -93,7 +93,7 @@ def relative_coral_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # Implementations of choices.DOMAIN_LOSSES, by the same names.
-DOMAIN_LOSSES = {"coral": coral_loss, "coral_rel": relative_coral_loss, "mmd": mmd_loss}
+DOMAIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"coral": coral_loss, "coral_rel": relative_coral_loss, "mmd": mmd_loss}
 
 
 def masked_info_nce(z_rgb: torch.Tensor, z_ms: torch.Tensor, rgb_labels: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -156,7 +156,10 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def prepare_model(model: M, device: torch.device) -> M:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -229,7 +232,7 @@ def batch_probs(model: nn.Module, xb: torch.Tensor, device: torch.device, amp: b
     xb = xb.to(device)
     views = list(dihedral_views(xb)) if tta else [xb]
     with autocast(device, amp):
-        probs = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
+        probs = torch.stack([torch.softmax(model(v).float(), dim=1) for v in views]).mean(0)
     return probs.cpu()
 
 

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,9 @@ class DistillTask(ClassifierTask):
     every sample, re-pairs every K steps (step 5) and lowers the pseudo-label gate as the
     student's validation accuracy nears the teacher's."""
 
-    def __init__(self, *args, objective: DistillObjective, cache: TeacherCache, rgb_labels: np.ndarray,
-                 repair_every: int, repair, **kwargs):
-        super().__init__(*args, objective=objective, **kwargs)
+    def __init__(self, model: SceneClassifier, *, objective: DistillObjective, cache: TeacherCache,
+                 rgb_labels: np.ndarray, repair_every: int, repair: Callable[..., np.ndarray], **kwargs: Any):
+        super().__init__(model, objective, **kwargs)
         self.objective: DistillObjective = objective
         self.cache, self.rgb_labels = cache, rgb_labels
         self.repair_every, self.repair = repair_every, repair
@@ -155,6 +156,54 @@ def _distill_objective(cfg: RunConfig, cache: TeacherCache, student: SceneClassi
                             use_trust=dc.trust, label_smoothing=dc.label_smoothing)
 
 
+@dataclass
+class StudentData:
+    """The RGB samples a student trains on, normalised with statistics of its training rows."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    train_index: np.ndarray          # labeled rows (and unlabeled ones without semi-supervision)
+    val_index: np.ndarray
+    consistency: Consistency | None  # the unlabeled rows with semi-supervision
+    mean: list[float]
+    std: list[float]
+
+
+def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool) -> StudentData:
+    dc = cfg.distill
+    train_idx, val_idx = _split(rgb, cfg)
+    unlabeled = train_idx[rgb.labels[train_idx] < 0]
+    consistency = None
+    if dc.semi_supervised == "fixmatch" and len(unlabeled):
+        # baseline and student alike: labeled batches, each with its share of unlabeled samples
+        consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
+                                  dc.w_unlabeled)
+    mean, std = common.band_stats(rgb.images[train_idx if consistency is not None or not baseline
+                                             else train_idx[rgb.labels[train_idx] >= 0]])
+    if consistency is not None or baseline:  # without semi-supervision the baseline sees labels only
+        train_idx = train_idx[rgb.labels[train_idx] >= 0]
+    return StudentData(common.normalize(rgb.images, mean, std), torch.as_tensor(rgb.labels), train_idx, val_idx,
+                       consistency, mean, std)
+
+
+def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, out_dir: Path, device: torch.device,
+                  cache: TeacherCache | None, pairs: np.ndarray | None, pair_confidence: np.ndarray | None,
+                  rgb_labels: np.ndarray) -> ClassifierTask:
+    """The baseline's task (ground truth alone) or, with a teacher cache, the distillation's."""
+    dc = cfg.distill
+    common_args = (student,)
+    kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=device, amp=cfg.amp,
+                                  val_index=data.val_index, best_path=out_dir / "best.safetensors",
+                                  consistency=data.consistency)
+    if cache is None:
+        return ClassifierTask(*common_args, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
+    assert pairs is not None
+    objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
+    per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
+    return DistillTask(*common_args, objective=objective, cache=cache, rgb_labels=rgb_labels,
+                       repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), **kwargs)
+
+
 def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: bool,
                   teacher_dir: Path | None = None, ms: PatchSet | None = None,
                   pairs: np.ndarray | None = None, pair_confidence: np.ndarray | None = None,
@@ -165,77 +214,56 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
-    train_idx, val_idx = _split(rgb, cfg)
-    consistency = None
-    if dc.semi_supervised == "fixmatch" and (rgb.labels[train_idx] < 0).any():
-        # baseline and student alike: labeled batches, each with its share of unlabeled samples
-        unlabeled = train_idx[rgb.labels[train_idx] < 0]
-        consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
-                                  dc.w_unlabeled)
-        mean, std = common.band_stats(rgb.images[train_idx])
-        train_idx = train_idx[rgb.labels[train_idx] >= 0]
-    else:
-        if baseline:  # without a semi-supervised recipe the baseline sees labeled samples only
-            train_idx = train_idx[rgb.labels[train_idx] >= 0]
-        mean, std = common.band_stats(rgb.images[train_idx])
-    x = common.normalize(rgb.images, mean, std)
-    y = torch.as_tensor(rgb.labels)
+    data = student_data(cfg, rgb, baseline)
     gen = common.generator(cfg.seed + 101)
     source = weights_source(dc.backbone, dc.pretrained, dc.weights)
     student = build_classifier(dc.backbone, 3, len(rgb.class_names), pretrained=dc.pretrained,
                                weights=dc.weights, input_size=dc.input_size, band_names=rgb.band_names,
                                device=device)
-    common_args = (student,)
-    kwargs = dict(x=x, y=y, train_index=train_idx, device=device, amp=cfg.amp, val_index=val_idx,
-                  best_path=out_dir / "best.safetensors", consistency=consistency)
     cache = None
-    if baseline:
-        task: ClassifierTask = ClassifierTask(*common_args, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing),
-                                              **kwargs)
-    else:
+    if not baseline:
         if teacher_dir is None or ms is None or pairs is None:
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
         cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
-        objective = _distill_objective(cfg, cache, student, x, pairs, pair_confidence, device)
-        per_epoch = loop.steps_per_epoch(len(train_idx), dc.batch_size)
-        task = DistillTask(*common_args, objective=objective, cache=cache, rgb_labels=rgb.labels,
-                           repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), **kwargs)
-    epochs = auto_epochs(dc.epochs, dc.min_steps, len(train_idx), dc.batch_size, source != "scratch")
-    step = "baseline" if baseline else "distill"
-    settings = loop.LoopSettings(step, epochs, dc.batch_size, dc.lr, dc.weight_decay,
-                                 common.Checkpoint(out_dir / "checkpoint.pt"), cfg.checkpoint_every, resume,
+    task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence, rgb.labels)
+    epochs = auto_epochs(dc.epochs, dc.min_steps, len(data.train_index), dc.batch_size, source != "scratch")
+    checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
+    settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
+                                 dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
                                  fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline})
     started = time.time()
-    history = loop.fit(task, len(train_idx), settings, gen, events)
-    student = task.final_model()
-    metrics = _evaluate(student, rgb, val_idx, rgb_test, mean, std, history, out_dir,
+    history = loop.fit(task, len(data.train_index), settings, gen, events)
+    metrics = _evaluate(task.final_model(), rgb, data.val_index, rgb_test, data.mean, data.std, history, out_dir,
                         "baseline" if baseline else "student")
-    rows = task.trained_rows().numpy()
-    summary = {"rgb_train": int(len(rows)), "rgb_val": int(len(val_idx)),
-               "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
-               "semi_supervised": dc.semi_supervised if consistency is not None else "none",
-               "best_val_accuracy": task.best_acc if len(val_idx) else None,
-               "train_seconds": round(time.time() - started, 1), "backbone": dc.backbone,
-               "weights_source": source, "input_size": dc.input_size}
-    if cache is not None:
-        assert isinstance(task, DistillTask)
-        summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,
-                       **{f"final_pairs_{k_}": v for k_, v in
-                          pairing_stats(task.objective.partners[task.trained_rows()].numpy(),
-                                        cache.labels.numpy()).items()})
-    metrics["summary"] = summary
+    metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
     meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,
-            "mean": mean, "std": std, "patch_size": rgb.size, "role": metrics["step"], "kind": "student",
-            "input_size": dc.input_size, "weights_source": source,
+            "mean": data.mean, "std": data.std, "patch_size": rgb.size, "role": metrics["step"],
+            "kind": "student", "input_size": dc.input_size, "weights_source": source,
             # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
-            "gsd": rgb.gsd or (ms.gsd if ms is not None else None),
-            "summary": summary, "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
-                                            for s in ("val", "test") if s in metrics}}
-    save_model(out_dir, student, meta)
+            "gsd": rgb.gsd or (ms.gsd if ms is not None else None), "summary": metrics["summary"],
+            "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
+                        for s in ("val", "test") if s in metrics}}
+    save_model(out_dir, task.model, meta)
     write_metrics_json(out_dir / "metrics.json", metrics)
-    settings.checkpoint.remove()
-    events.metrics(metrics["step"], {**summary, **meta["metrics"]})
+    checkpoint.remove()
+    events.metrics(metrics["step"], {**metrics["summary"], **meta["metrics"]})
     return metrics
+
+
+def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet, cache: TeacherCache | None,
+             epochs: int, seconds: float, source: str) -> dict[str, Any]:
+    rows = task.trained_rows().numpy()
+    summary: dict[str, Any] = {
+        "rgb_train": int(len(rows)), "rgb_val": int(len(data.val_index)),
+        "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
+        "semi_supervised": cfg.distill.semi_supervised if data.consistency is not None else "none",
+        "best_val_accuracy": task.best_acc if len(data.val_index) else None, "train_seconds": round(seconds, 1),
+        "backbone": cfg.distill.backbone, "weights_source": source, "input_size": cfg.distill.input_size}
+    if cache is not None and isinstance(task, DistillTask):
+        stats = pairing_stats(task.objective.partners[task.trained_rows()].numpy(), cache.labels.numpy())
+        summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,
+                       **{f"final_pairs_{k}": v for k, v in stats.items()})
+    return summary
 
 
 def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_test: PatchSet | None,

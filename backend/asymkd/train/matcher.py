@@ -36,7 +36,7 @@ class Encoder(nn.Module):
         super().__init__()
         from ..models.backbones import create_body
         self.body = create_body(backbone, in_chans)
-        width = int(self.body.num_features)
+        width: int = self.body.num_features  # type: ignore[assignment]  # timm sets an int
         self.proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +126,8 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     gen = common.generator(cfg.seed + 7)  # seeds torch before the network is built: reproducible
     model = common.prepare_model(Matcher(mc.backbone_ms, mc.backbone_rgb, ms.num_bands, mc.embed_dim), device)
     task = ContrastiveTask(model, x_ms, x_rgb, labels, mc.temperature, device)
-    settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4,
-                                 common.Checkpoint(out_dir / "checkpoint.pt"), resume=resume,
+    checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
+    settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4, checkpoint, resume=resume,
                                  fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source})
     history = loop.fit(task, len(x_ms), settings, gen, events)
     # Top-1 retrieval of the true partner among all positives: how well the matcher matches.
@@ -144,7 +144,7 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
     metrics = {"step": "matcher", "history": history, "summary": summary}
     write_metrics_json(out_dir / "metrics.json", metrics)
-    settings.checkpoint.remove()
+    checkpoint.remove()
     events.metrics("matcher", summary)
     return metrics
 

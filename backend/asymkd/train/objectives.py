@@ -81,5 +81,5 @@ class DistillObjective(SupervisedObjective):
             s_tok, t_tok = self.attention(batch.feats.float(), self.features[j])
             terms["feat"] = self.w_feat * self.domain(s_tok.reshape(-1, s_tok.shape[-1]),
                                                       t_tok.reshape(-1, t_tok.shape[-1]))
-        terms["loss"] = sum(v for k, v in terms.items() if k != "loss")
+        terms["loss"] = torch.stack([v for k, v in terms.items() if k != "loss"]).sum()
         return terms
