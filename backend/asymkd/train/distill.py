@@ -17,8 +17,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from . import common, loop
 from .classifier import ClassifierTask, Consistency
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
-from .teacher import auto_epochs, build_classifier
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
+from .teacher import auto_epochs, build_classifier
 
 
 @dataclass

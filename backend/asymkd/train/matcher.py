@@ -22,9 +22,9 @@ from ..data.bands import true_colour_indices
 from ..data.patches import PatchSet, match_pairs
 from ..errors import DataError, ModelFileError
 from ..events import NULL_EVENTS, Events
-from ..models.losses import masked_info_nce
 from ..fileio import atomic_write_text
 from ..models.files import save_state
+from ..models.losses import masked_info_nce
 from . import common, loop
 from .evaluate import write_metrics_json
 

@@ -54,7 +54,8 @@ def check_classes(rgb_labels: ArrayLike, ms_labels: ArrayLike,
     """Raise DataError if an RGB class has no MS sample, or an MS sample has no class."""
     rgb, ms = _labels(rgb_labels, "rgb_labels"), _labels(ms_labels, "ms_labels")
     if len(ms) == 0:
-        raise DataError("there are no MS samples to pair with", "give an MS dataset with at least one labeled patch per class")
+        raise DataError("there are no MS samples to pair with",
+                        "give an MS dataset with at least one labeled patch per class")
     if (ms < 0).any():
         raise DataError(f"{int((ms < 0).sum())} MS samples have no class label",
                         "MS samples are the teacher's training set and must all be labeled")
@@ -189,7 +190,7 @@ def sinkhorn_blocks(blocks: list[Block], scores: list[torch.Tensor], n_rows: int
         used[b.cols] = True
     n_classes = int(col_class.max()) + 1 if n_cols else 0
     per_class = torch.bincount(col_class[used], minlength=n_classes).clamp_min(1).float()
-    pairs = list(zip(blocks, logits))
+    pairs = list(zip(blocks, logits, strict=True))
 
     def update_rows(item: tuple[Block, torch.Tensor]) -> None:
         b, lg = item
@@ -208,11 +209,11 @@ def sinkhorn_blocks(blocks: list[Block], scores: list[torch.Tensor], n_rows: int
         stack.enter_context(_intra_op_threads(1))
         # One worker runs inline: a thread hand-off per block costs a scheduler slice on a busy CPU.
         pmap = stack.enter_context(ThreadPoolExecutor(workers)).map if workers > 1 else map
-        for it in range(1, iters + 1):
+        for it in range(1, iters + 1):  # noqa: B007 - the count reached is returned below
             list(pmap(update_rows, pairs))
             log_col = torch.full((n_cols,), float("-inf"))
             # The unlabeled block shares columns with the class blocks: combine in order.
-            for b, contrib in zip(blocks, pmap(column_sums, pairs)):
+            for b, contrib in zip(blocks, pmap(column_sums, pairs), strict=True):
                 log_col[b.cols] = torch.logaddexp(log_col[b.cols], contrib)
             target = torch.zeros(n_classes).index_add_(0, col_class[used], log_col[used]) / per_class
             gap = target[col_class[used]] - log_col[used]
@@ -232,7 +233,7 @@ def _balanced_from_scores(blocks: list[Block], scores: list[torch.Tensor], n_row
     res = sinkhorn_blocks(blocks, scores, n_rows, col_class, epsilon, iters, tol, workers)
     gen = torch.Generator().manual_seed(seed)
     assign = np.full(n_rows, -1, dtype=np.int64)
-    for b, s in zip(blocks, scores):
+    for b, s in zip(blocks, scores, strict=True):
         # f_i is constant along a row, so the plan's row argmax is argmax_j S_ij/eps + g_j.
         logits = s / res.epsilon + res.col_potential[b.cols][None, :]
         if rounding == "argmax":

@@ -18,13 +18,13 @@ import torch
 from ..config import RunConfig, TeacherConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
-from ..models.backbones import SceneClassifier, weights_source
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
+from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import save_model
 from . import common, loop
 from .classifier import ClassifierTask
-from .objectives import SupervisedObjective
 from .evaluate import classification_metrics, predict_probs, write_metrics_json
+from .objectives import SupervisedObjective
 
 
 @dataclass
