@@ -18,6 +18,7 @@ from .config import RunConfig
 from .data.patches import PatchSet, load_folder, require_classes, scan_folder
 from .errors import DataError
 from .events import NULL_EVENTS, Events
+from .fileio import atomic_save_npz
 from .layout import RunFolder
 
 CONFIG_FILE = layout.CONFIG
@@ -141,8 +142,8 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
 def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
 
     from .train import common
-    from .train.matcher import embed, load_matcher
     from .train.evaluate import write_metrics_json
+    from .train.matcher import embed, load_matcher
     from .train.pairing import assign_pairs, pairing_stats
     run = RunFolder(run_dir)
     with events.step("pair"):
@@ -164,7 +165,7 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
         confidence = np.where(lab, 1.0, probs.max(1)).astype(np.float32)
         out = run.pairs
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(run.pairs_file, ms_index=assign, rgb_stems=np.array(rgb.stems),
+        atomic_save_npz(run.pairs_file, ms_index=assign, rgb_stems=np.array(rgb.stems),
                  score=sim[np.arange(len(assign)), assign], confidence=confidence)
         stats = pairing_stats(assign, ms.labels)
         summary = {"rgb_samples": len(rgb), "unlabeled": int((~lab).sum()), "ms_samples": len(ms),

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.patches import PatchSet, load_folder
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text
 from ..models.files import check_bands, load_model
 from .common import batch_probs, normalize, resolve_device
 
@@ -174,15 +174,6 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
 def confusion_png_bytes(confusion: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
                         title: str = "") -> bytes:
     """Confusion matrix as PNG: colours are row-normalised (recall), cells show counts."""
@@ -215,7 +206,7 @@ def confusion_png_bytes(confusion: Sequence[Sequence[int]] | np.ndarray, class_n
 
 def save_confusion_png(confusion: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
                        path: str | Path, title: str = "") -> Path:
-    return _write_bytes(path, confusion_png_bytes(confusion, class_names, title))
+    return atomic_write_bytes(path, confusion_png_bytes(confusion, class_names, title))
 
 
 def _numeric_series(history: Sequence[dict[str, Any]]) -> tuple[list[float], dict[str, list[float]]]:
@@ -292,7 +283,7 @@ def curves_png_bytes(history: Sequence[dict[str, Any]], title: str = "") -> byte
 def save_curves_png(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Write the training curves; returns None (and writes nothing) for an empty history."""
     data = curves_png_bytes(history, title)
-    return _write_bytes(path, data) if data is not None else None
+    return atomic_write_bytes(path, data) if data is not None else None
 
 
 # -- evaluation of models ----------------------------------------------------------------
