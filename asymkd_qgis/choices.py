@@ -63,7 +63,8 @@ def from_report(report: dict[str, Any]) -> EngineChoices:
                  for name, spec in (report.get("backbones") or {}).items()}
     if not backbones:
         raise ValueError("the engine's choices name no backbone")
-    config = {str(key): {str(n): str(a) for n, a in table.items()} for key, table in (report.get("config") or {}).items()}
+    config = {str(key): {str(n): str(a) for n, a in table.items()}
+              for key, table in (report.get("config") or {}).items()}
     return EngineChoices(backbones, config, dict(report.get("defaults") or {}), str(report.get("backbone_note", "")))
 
 

@@ -9,8 +9,16 @@ import sys
 from typing import Any, Callable
 
 from qgis.core import Qgis
-from qgis.PyQt.QtWidgets import (QDialog, QDialogButtonBox, QFileDialog, QGridLayout, QPushButton,
-                                 QTableWidget, QTableWidgetItem, QVBoxLayout)
+from qgis.PyQt.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QGridLayout,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+)
 
 from . import paths, settings
 from .engine import Engine
@@ -24,7 +32,8 @@ def plugin_rows() -> list[tuple[str, str]]:
             ("QGIS", Qgis.QGIS_VERSION), ("QGIS Python (never used by the engine)", sys.version.split()[0]),
             ("engine Python", str(engine.python)), ("engine source", str(engine.source or "not bundled")),
             ("engine environment folder (default)", str(settings.default_engine_dir())),
-            ("base Python (to create the environment)", settings.get("engine/base_python", "", str) or "found on the PATH")]
+            ("base Python (to create the environment)",
+             settings.get("engine/base_python", "", str) or "found on the PATH")]
 
 
 def doctor_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -34,7 +43,8 @@ def doctor_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if device:
         reason = report.get("cuda_reason")
         devices = ", ".join(report.get("cuda_devices") or [])
-        rows.append(("device used", f"{device}" + (f" ({devices})" if devices else "") + (f" - {reason}" if reason else "")))
+        rows.append(("device used",
+                     f"{device}" + (f" ({devices})" if devices else "") + (f" - {reason}" if reason else "")))
     for key in ("python", "executable", "platform", "torch_cuda_build", "cuda_available", "cpu_threads",
                 "onnxruntime_providers", "asymkd_path", "torch_error", "onnxruntime_error"):
         if key in report:
@@ -72,7 +82,8 @@ class DiagnosticsDialog(QDialog):
         self.choose_button = QPushButton("Choose engine Python...")
         self.choose_button.clicked.connect(self.choose_python)
         self.base_button = QPushButton("Choose base Python...")
-        self.base_button.setToolTip("The system Python 3.10+ that Create engine environment builds the environment from")
+        self.base_button.setToolTip("The system Python 3.10+ that Create engine environment builds the "
+                                    "environment from")
         self.base_button.clicked.connect(self.choose_base_python)
         self.create_button = QPushButton("Create engine environment")
         self.create_button.clicked.connect(self._create)

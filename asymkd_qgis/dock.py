@@ -15,9 +15,20 @@ from typing import Callable
 from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
-from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout,
-                                 QLabel, QLineEdit, QPushButton, QScrollArea,
-                                 QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from . import choices, layers, results, settings, steps
 from .engine import WORKING, Engine, EngineState, EngineUnavailable
@@ -27,8 +38,17 @@ from .notify import Notifier
 from .steps import Prepared
 from .tasks import EngineJob
 from .validation import InputError, check_ms_raster, check_rgb_raster, require_folder, require_layer
-from .widgets import (EngineBanner, LabelPicker, ModelPicker, Persist, SourcePicker, StepPanel, guard_form, heading,
-                      wrap_labels)
+from .widgets import (
+    EngineBanner,
+    LabelPicker,
+    ModelPicker,
+    Persist,
+    SourcePicker,
+    StepPanel,
+    guard_form,
+    heading,
+    wrap_labels,
+)
 
 STEPS = tuple(steps.SPECS)  # data, teacher, matcher, distill, classify
 STEP_TITLES = {step: f"{number}. {steps.SPECS[step].title}" for number, step in enumerate(STEPS, 1)}
@@ -261,7 +281,8 @@ class AsymKDDock(QDockWidget):
         form.addRow("Ground resolution (m)", self.chip_resolution)
 
     def _build_teacher(self, form: QFormLayout) -> None:
-        self.teacher_bands = self.persist.bind("teacher/bands", _combo(["sentinel2", "sentinel2-ordered", ""], editable=True))
+        self.teacher_bands = self.persist.bind("teacher/bands",
+                                               _combo(["sentinel2", "sentinel2-ordered", ""], editable=True))
         self.teacher_model = self._model_picker("teacher")
         self.teacher_input_size = self.persist.bind("teacher/input_size", _input_size())
         self.teacher_epochs = self.persist.bind("teacher/epochs", _spin(0, 1000, 0))
@@ -393,7 +414,8 @@ class AsymKDDock(QDockWidget):
             size = found.default(section, "input_size")
             spin.setSpecialValueText("default" if size is None else
                                      f"default ({size} px)" if size else "default (as they are)")
-        self._refill(self.pair_method, found.names("pairing.method", steps.PAIR_METHODS), found.config.get("pairing.method"))
+        self._refill(self.pair_method, found.names("pairing.method", steps.PAIR_METHODS),
+                     found.config.get("pairing.method"))
         self._refill(self.domain_loss, ("",) + found.names("distill.domain_loss", steps.DOMAIN_LOSSES),
                      found.config.get("distill.domain_loss"))
 
@@ -498,7 +520,8 @@ class AsymKDDock(QDockWidget):
         paired = run.rgb_paired if run.rgb_paired.is_dir() else None
         options = steps.MatcherOptions(epochs=self.matcher_epochs.value(), method=self.pair_method.currentText(),
                                        device=self.device.currentText(), settings=self._settings(self.matcher_settings))
-        return Prepared(steps.SPECS["matcher"].title, steps.matcher_commands(run.root, self._rgb_dir(run), options, paired))
+        return Prepared(steps.SPECS["matcher"].title,
+                        steps.matcher_commands(run.root, self._rgb_dir(run), options, paired))
 
     def prepare_distill(self) -> Prepared:
         run = self.layout_
@@ -521,7 +544,8 @@ class AsymKDDock(QDockWidget):
             model = run.student_onnx
             weights = run.student_weights
             if not weights.is_file() and not model.is_file():
-                raise InputError("There is no student model in this run folder: run the Distill step first, or choose an .onnx model.")
+                raise InputError("There is no student model in this run folder: run the Distill step first, "
+                                 "or choose an .onnx model.")
             if weights.is_file() and (not model.is_file() or model.stat().st_mtime < weights.stat().st_mtime):
                 prepared.commands.append(steps.export_command(run.student, model))
         elif not model.is_file():

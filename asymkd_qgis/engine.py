@@ -307,6 +307,24 @@ class ProcessResult:
     stderr_tail: list[str]
 
 
+def _pump_lines(lines: queue.Queue[tuple[str, str | None]], is_cancelled: Callable[[], bool],
+                on_line: Callable[[str, str], None]) -> bool:
+    """Hand each (stream tag, line) to on_line until both streams end; True when cancelled first."""
+    open_streams = 2
+    while open_streams:
+        if is_cancelled():
+            return True
+        try:
+            tag, text = lines.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        if text is None:
+            open_streams -= 1
+        else:
+            on_line(tag, text)
+    return False
+
+
 def stream_process(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                    on_stdout: LineCallback | None = None, on_stderr: LineCallback | None = None,
                    is_cancelled: Callable[[], bool] = lambda: False,
@@ -322,29 +340,22 @@ def stream_process(argv: Sequence[str], *, env: dict[str, str] | None = None, cw
     for reader in readers:
         reader.start()
     stderr_tail: deque[str] = deque(maxlen=40)
-    cancelled = False
-    open_streams = 2
+
+    def on_line(tag: str, text: str) -> None:
+        if tag == "err":
+            stderr_tail.append(text)
+            if on_stderr is not None:
+                on_stderr(text)
+        elif on_stdout is not None:
+            on_stdout(text)
+
     try:
         if on_start is not None:
             on_start(proc.pid)
-        while open_streams:
-            if is_cancelled():
-                cancelled = True
-                _stop(proc, grace_s)
-                break
-            try:
-                tag, text = lines.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if text is None:
-                open_streams -= 1
-            elif tag == "err":
-                stderr_tail.append(text)
-                if on_stderr is not None:
-                    on_stderr(text)
-            elif on_stdout is not None:
-                on_stdout(text)
-        if not cancelled:
+        cancelled = _pump_lines(lines, is_cancelled, on_line)
+        if cancelled:
+            _stop(proc, grace_s)
+        else:
             proc.wait()
     finally:
         if proc.poll() is None:  # an exception in a callback: never leave the process running

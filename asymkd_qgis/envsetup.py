@@ -19,6 +19,7 @@ engine versions always match. A failed or cancelled creation removes what it wro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -137,7 +138,8 @@ def parse_wheel(path: Path) -> Wheel | None:
     if len(parts) not in (5, 6):
         return None
     name, version, pythons, abis, platforms = parts[0], parts[1], parts[-3], parts[-2], parts[-1]
-    tags = frozenset(f"{p}-{a}-{pl}" for p in pythons.split(".") for a in abis.split(".") for pl in platforms.split("."))
+    tags = frozenset(f"{p}-{a}-{pl}"
+                     for p in pythons.split(".") for a in abis.split(".") for pl in platforms.split("."))
     return Wheel(path, normalize(name), version, tags)
 
 
@@ -374,7 +376,8 @@ class EnvPlan:
     def describe(self) -> str:
         """Where the packages come from, for the question before creating."""
         if self.offline:
-            return f"torch ({self.torch_build} build) and the engine packages from {', '.join(map(str, self.wheel_dirs))} (no download)"
+            folders = ", ".join(map(str, self.wheel_dirs))
+            return f"torch ({self.torch_build} build) and the engine packages from {folders} (no download)"
         if self.torch_index:
             return (f"torch as a CPU build from {self.torch_index} (the package registry's CUDA build when that "
                     "cannot be reached) and the engine packages from the package registry")
@@ -475,10 +478,8 @@ class EnvironmentBuilder(QObject):
 
     def cancel(self) -> None:
         if self.task is not None:
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.task.cancel()
-            except RuntimeError:
-                pass
 
     @property
     def done(self) -> bool:
@@ -611,7 +612,7 @@ class EnvironmentTask(QgsTask):
 
     def _failure(self, step: PlanStep, argv: list[str], lines: list[str], returncode: int | None) -> str:
         if step.kind == "venv":
-            last = next((l for l in reversed(lines) if l.strip()), f"exit code {returncode}")
+            last = next((line for line in reversed(lines) if line.strip()), f"exit code {returncode}")
             hint = " (on Debian/Ubuntu: apt install python3-venv)" if "ensurepip" in last or "venv" in last else ""
             return f"Creating the engine environment failed while {step.label}: {last}{hint}"
         reason = pip_failure(lines, returncode)
@@ -681,7 +682,8 @@ class EnvironmentTask(QgsTask):
         self.builder.torch = installed_torch(plan.python) if "torch" in plan.check_modules else ""
         self.builder.notes += torch_notes(self.builder.torch, plan)
         built = f" with {self.builder.torch}" if self.builder.torch else ""
-        self.builder.message = " ".join([f"The engine environment is ready: {plan.python}{built}.", *self.builder.notes])
+        self.builder.message = " ".join([f"The engine environment is ready: {plan.python}{built}.",
+                                         *self.builder.notes])
 
     def _report(self, percent: float, text: str) -> None:
         self.setProgress(percent)

@@ -13,10 +13,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureRequest, QgsFeedback,
-                       QgsProject, QgsProviderRegistry, QgsRasterBlockFeedback, QgsRasterFileWriter,
-                       QgsRasterLayer, QgsRasterPipe, QgsRasterProjector, QgsRectangle,
-                       QgsVectorFileWriter, QgsVectorLayer)
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsFeedback,
+    QgsProject,
+    QgsProviderRegistry,
+    QgsRasterBlockFeedback,
+    QgsRasterFileWriter,
+    QgsRasterLayer,
+    QgsRasterPipe,
+    QgsRasterProjector,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtCore import Qt
 
 from .validation import InputError

@@ -5,6 +5,7 @@ in `history` and written to the log panel, so nothing shown is lost when the bar
 
 from __future__ import annotations
 
+import contextlib
 import html
 from dataclasses import dataclass, field
 from typing import Callable
@@ -100,7 +101,5 @@ class Notifier:
         return self._push(title, text, Qgis.MessageLevel.Critical, 0, actions, key)
 
     def _open_log(self) -> None:
-        try:
+        with contextlib.suppress(AttributeError):
             self.iface.openMessageLog()
-        except AttributeError:
-            pass

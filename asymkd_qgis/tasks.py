@@ -7,6 +7,7 @@ GUI through queued signals; log lines go to the QGIS log panel (thread-safe).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +20,8 @@ from .validation import InputError
 
 LOG_TAG = "AsymKD"
 
-_LOG_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.Critical}
+_LOG_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning,
+               "error": Qgis.MessageLevel.Critical}
 
 
 @dataclass
@@ -120,10 +122,8 @@ class EngineJob(QObject):
 
     def cancel(self) -> None:
         if self.task is not None and self.state == self.RUNNING:
-            try:
+            with contextlib.suppress(RuntimeError):  # the task already ended and was deleted
                 self.task.cancel()
-            except RuntimeError:  # the task already ended and was deleted
-                pass
 
     @property
     def done(self) -> bool:
@@ -230,7 +230,8 @@ class EngineTask(QgsTask):
         elif kind == "warning":
             log(str(event.get("message", "")), Qgis.MessageLevel.Warning)
         elif kind == "error":
-            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(), Qgis.MessageLevel.Critical)
+            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(),
+                Qgis.MessageLevel.Critical)
         elif kind == "step" and event.get("status") == "started":
             self.job.progressChanged.emit(base, f"{label} - {event.get('step')}")
         self.job.eventReceived.emit(event)

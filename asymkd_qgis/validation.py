@@ -9,8 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsMapLayer,
-                       QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer, QgsWkbTypes)
+from qgis.core import (
+    Qgis,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsGeometry,
+    QgsMapLayer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
 
 MIN_CLASSES = 2
 
@@ -81,7 +91,8 @@ def check_labels(labels: QgsVectorLayer | None, field: str | None, raster: QgsRa
             QgsWkbTypes.GeometryType.PolygonGeometry, QgsWkbTypes.GeometryType.PointGeometry):
         raise InputError(f"The label layer '{labels.name()}' must hold polygons or points.")
     if not field:
-        raise InputError(f"No class field chosen for the label layer '{labels.name()}': pick the field that holds the class names.")
+        raise InputError(f"No class field chosen for the label layer '{labels.name()}': "
+                         "pick the field that holds the class names.")
     index = labels.fields().indexOf(field)
     if index < 0:
         raise InputError(f"The label layer '{labels.name()}' has no field '{field}'.")

@@ -4,17 +4,34 @@ form widgets, and a guard that keeps the mouse wheel from changing unfocused fie
 
 from __future__ import annotations
 
+import contextlib
 import html
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qgis.core import QgsMapLayerProxyModel, QgsProject
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QEvent, QObject, Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
-from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout,
-                                 QFrame, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton,
-                                 QSizePolicy, QSpinBox, QStackedWidget, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QAbstractSpinBox,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from . import settings
 from .choices import FALLBACK, EngineChoices
@@ -419,69 +436,64 @@ class Persist:
             _set_value(self.widgets[key], stored)
 
 
+@dataclass(frozen=True)
+class _Binding:
+    """How Persist watches, reads and restores one kind of widget."""
+    kind: type
+    signal: Callable[[Any], Any]
+    get: Callable[[Any], Any]
+    set: Callable[[Any, Any], None]
+
+
+def _layer_id(widget: QgsMapLayerComboBox) -> str:
+    layer = widget.currentLayer()
+    return layer.id() if layer is not None else ""
+
+
+def _set_layer(widget: QgsMapLayerComboBox, value: Any) -> None:
+    layer = QgsProject.instance().mapLayer(str(value)) if value else None
+    if layer is not None:
+        widget.setLayer(layer)
+
+
+def _set_choice(widget: QComboBox, value: Any) -> None:
+    if widget.isEditable() or widget.findText(str(value)) >= 0:
+        widget.setCurrentText(str(value))
+
+
+# The first kind a widget is an instance of wins: the layer and field combo boxes are QComboBoxes.
+_BINDINGS = (
+    _Binding(QSpinBox, lambda w: w.valueChanged, lambda w: w.value(), lambda w, v: w.setValue(int(float(v)))),
+    _Binding(QDoubleSpinBox, lambda w: w.valueChanged, lambda w: w.value(), lambda w, v: w.setValue(float(v))),
+    _Binding(QgsMapLayerComboBox, lambda w: w.layerChanged, _layer_id, _set_layer),
+    _Binding(QgsFieldComboBox, lambda w: w.fieldChanged, lambda w: w.currentField(),
+             lambda w, v: w.setField(str(v))),
+    _Binding(QComboBox, lambda w: w.currentTextChanged, lambda w: w.currentText(), _set_choice),
+    _Binding(QLineEdit, lambda w: w.textChanged, lambda w: w.text(), lambda w, v: w.setText(str(v))),
+    _Binding(QCheckBox, lambda w: w.toggled, lambda w: w.isChecked(),
+             lambda w, v: w.setChecked(v in (True, "true", "True", "1", 1))),
+    _Binding(QgsFileWidget, lambda w: w.fileChanged, lambda w: w.filePath(), lambda w, v: w.setFilePath(str(v))),
+    _Binding(SourcePicker, lambda w: w.mode.currentTextChanged, lambda w: w.kind(),
+             lambda w, v: w.mode.setCurrentText(str(v))),
+)
+
+
+def _binding(widget: QWidget) -> _Binding | None:
+    return next((b for b in _BINDINGS if isinstance(widget, b.kind)), None)
+
+
 def _change_signal(widget: QWidget):
-    if isinstance(widget, (QSpinBox, QDoubleSpinBox)):
-        return widget.valueChanged
-    if isinstance(widget, QgsMapLayerComboBox):
-        return widget.layerChanged
-    if isinstance(widget, QgsFieldComboBox):
-        return widget.fieldChanged
-    if isinstance(widget, QComboBox):
-        return widget.currentTextChanged
-    if isinstance(widget, QLineEdit):
-        return widget.textChanged
-    if isinstance(widget, QCheckBox):
-        return widget.toggled
-    if isinstance(widget, QgsFileWidget):
-        return widget.fileChanged
-    if isinstance(widget, SourcePicker):
-        return widget.mode.currentTextChanged
-    return None
+    binding = _binding(widget)
+    return binding.signal(widget) if binding is not None else None
 
 
 def _value(widget: QWidget) -> Any:
-    if isinstance(widget, (QSpinBox, QDoubleSpinBox)):
-        return widget.value()
-    if isinstance(widget, QgsMapLayerComboBox):
-        layer = widget.currentLayer()
-        return layer.id() if layer is not None else ""
-    if isinstance(widget, QgsFieldComboBox):
-        return widget.currentField()
-    if isinstance(widget, QComboBox):
-        return widget.currentText()
-    if isinstance(widget, QLineEdit):
-        return widget.text()
-    if isinstance(widget, QCheckBox):
-        return widget.isChecked()
-    if isinstance(widget, QgsFileWidget):
-        return widget.filePath()
-    if isinstance(widget, SourcePicker):
-        return widget.kind()
-    return None
+    binding = _binding(widget)
+    return binding.get(widget) if binding is not None else None
 
 
 def _set_value(widget: QWidget, value: Any) -> None:
-    try:
-        if isinstance(widget, QSpinBox):
-            widget.setValue(int(float(value)))
-        elif isinstance(widget, QDoubleSpinBox):
-            widget.setValue(float(value))
-        elif isinstance(widget, QgsMapLayerComboBox):
-            layer = QgsProject.instance().mapLayer(str(value)) if value else None
-            if layer is not None:
-                widget.setLayer(layer)
-        elif isinstance(widget, QgsFieldComboBox):
-            widget.setField(str(value))
-        elif isinstance(widget, QComboBox):
-            if widget.isEditable() or widget.findText(str(value)) >= 0:
-                widget.setCurrentText(str(value))
-        elif isinstance(widget, QLineEdit):
-            widget.setText(str(value))
-        elif isinstance(widget, QCheckBox):
-            widget.setChecked(value in (True, "true", "True", "1", 1))
-        elif isinstance(widget, QgsFileWidget):
-            widget.setFilePath(str(value))
-        elif isinstance(widget, SourcePicker):
-            widget.mode.setCurrentText(str(value))
-    except (TypeError, ValueError):
-        pass  # a stored value of another type: keep the default
+    binding = _binding(widget)
+    if binding is not None:
+        with contextlib.suppress(TypeError, ValueError):  # a stored value of another type: keep the default
+            binding.set(widget, value)

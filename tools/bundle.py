@@ -57,7 +57,8 @@ if [ -z "$variant" ]; then
   if [ -d "$here/wheels/torch-cuda" ] && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; else variant=cpu; fi
 fi
 if [ ! -d "$here/wheels/torch-$variant" ]; then
-  echo "This bundle has no torch-$variant wheels: choose one of: $(ls "$here/wheels" | sed -n 's/^torch-//p' | tr '\n' ' ')" >&2
+  builds=$(ls "$here/wheels" | sed -n 's/^torch-//p' | tr '\n' ' ')
+  echo "This bundle has no torch-$variant wheels: choose one of: $builds" >&2
   exit 2
 fi
 plugins="$profile/python/plugins"
@@ -66,7 +67,9 @@ rm -rf "$plugins/asymkd_qgis"
 "$python" -m zipfile -e "$here/asymkd_qgis.zip" "$plugins/"
 env="$profile/asymkd/engine-env"
 rm -rf "$env"
-trap 'status=$?; if [ $status -ne 0 ]; then rm -rf "$env"; echo "Installing the engine failed; nothing was left in $env." >&2; fi' EXIT
+trap 'status=$?; if [ $status -ne 0 ]; then
+  rm -rf "$env"; echo "Installing the engine failed; nothing was left in $env." >&2
+fi' EXIT
 "$python" -m venv "$env"
 "$env/bin/python" -m pip install --disable-pip-version-check --no-input --no-index \
   --find-links "$here/wheels/common" --find-links "$here/wheels/torch-$variant" \

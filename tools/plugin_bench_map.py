@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda value, s=step: print(f"  {s}: {value}% {dock.panels[s].status.text()}", flush=True)
                 if value % 10 == 0 else None)
         dock.run_all()
-        wait(app, lambda: len(finished) == len(STEPS) or any(s != "ok" for _, s, _ in finished), args.timeout, "the five steps")
+        wait(app, lambda: len(finished) == len(STEPS) or any(s != "ok" for _, s, _ in finished), args.timeout,
+             "the five steps")
         for step, state, seconds in finished:
             print(f"{step}: {state} after {seconds:.0f} s")
         if any(state != "ok" for _, state, _ in finished):

@@ -6,8 +6,8 @@ First the dock's first-run states at QGIS's default dock width: the engine missi
 whole loop from the dock on a small synthetic world (the engine's `synth`) and saves: the dock
 at each step with its results (dock-1-data.png ... dock-5-classify.png), the
 test scene (map-scene.png), its classified tiles styled by class with a legend
-(map-classified.png), and the window with map and dock side by side (window.png). Run with QGIS's Python (Debian: /usr/bin/python3)
-and ASYMKD_ENGINE_PYTHON pointing to the engine environment.
+(map-classified.png), and the window with map and dock side by side (window.png). Run with QGIS's Python
+(Debian: /usr/bin/python3) and ASYMKD_ENGINE_PYTHON pointing to the engine environment.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def first_run_screenshots(app, out: Path, work: Path) -> None:
     dock.refresh_engine_state()
     for name, setup in (("engine-missing", lambda: None),
                         ("engine-creating", lambda: dock.engine_banner.show_creating(
-                            37.0, "installing torch (CPU build): package 1, torch, 68 MB of 184 MB, 68 MB downloaded"))):
+                            37.0,
+                            "installing torch (CPU build): package 1, torch, 68 MB of 184 MB, 68 MB downloaded"))):
         setup()
         for _ in range(5):
             app.processEvents()

@@ -72,9 +72,36 @@ def _enum_value(node: ast.Attribute, parents: dict[ast.AST, ast.AST]) -> bool:
     parent = parents.get(node)
     if isinstance(parent, ast.Attribute) and parent.value is node:
         return False  # Qt.AlignmentFlag.AlignLeft: node is the enum type
-    if isinstance(parent, ast.Call) and parent.func is node:
-        return False  # a nested class constructed: QFormLayout.TakeRowResult(...)
-    return True
+    # not a nested class constructed: QFormLayout.TakeRowResult(...)
+    return not (isinstance(parent, ast.Call) and parent.func is node)
+
+
+def _import_findings(path: Path, node: ast.Import | ast.ImportFrom, parents: dict[ast.AST, ast.AST]) -> list[Finding]:
+    found: list[Finding] = []
+    modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+    for module in modules:
+        if module.split(".")[0] in ("PyQt5", "PyQt6", "PySide2", "PySide6"):
+            found.append(Finding(path, node.lineno, f"import of {module}: import from qgis.PyQt instead"))
+    if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("QtWidgets"):
+        moved = sorted(MOVED_TO_GUI & {a.name for a in node.names})
+        if moved and not _in_import_fallback(node, parents):
+            found.append(Finding(path, node.lineno, f"{', '.join(moved)} from QtWidgets: QtGui in Qt6 "
+                                 "(try QtGui, except ImportError: QtWidgets)"))
+    for alias in node.names:
+        if alias.name in REMOVED_NAMES:
+            found.append(Finding(path, node.lineno,
+                                 f"{alias.name} was removed in Qt6: use {REMOVED_NAMES[alias.name]}"))
+    return found
+
+
+def _attribute_findings(path: Path, node: ast.Attribute, parents: dict[ast.AST, ast.AST]) -> list[Finding]:
+    if node.attr in REMOVED_METHODS and isinstance(parents.get(node), ast.Call):
+        return [Finding(path, node.lineno, f".{node.attr}() is gone in Qt6: use {REMOVED_METHODS[node.attr]}")]
+    enum = node.value
+    if isinstance(enum, ast.Name) and _enum_value(node, parents):
+        return [Finding(path, node.lineno,
+                        f"unscoped enum {enum.id}.{node.attr}: write {enum.id}.<EnumType>.{node.attr}")]
+    return []
 
 
 def check_source(path: Path, source: str) -> list[Finding]:
@@ -83,24 +110,9 @@ def check_source(path: Path, source: str) -> list[Finding]:
     found: list[Finding] = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-            for module in modules:
-                if module.split(".")[0] in ("PyQt5", "PyQt6", "PySide2", "PySide6"):
-                    found.append(Finding(path, node.lineno, f"import of {module}: import from qgis.PyQt instead"))
-            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("QtWidgets"):
-                moved = sorted(MOVED_TO_GUI & {a.name for a in node.names})
-                if moved and not _in_import_fallback(node, parents):
-                    found.append(Finding(path, node.lineno, f"{', '.join(moved)} from QtWidgets: QtGui in Qt6 "
-                                         "(try QtGui, except ImportError: QtWidgets)"))
-            for alias in getattr(node, "names", []):
-                if alias.name in REMOVED_NAMES:
-                    found.append(Finding(path, node.lineno, f"{alias.name} was removed in Qt6: use {REMOVED_NAMES[alias.name]}"))
+            found += _import_findings(path, node, parents)
         elif isinstance(node, ast.Attribute):
-            if node.attr in REMOVED_METHODS and isinstance(parents.get(node), ast.Call):
-                found.append(Finding(path, node.lineno, f".{node.attr}() is gone in Qt6: use {REMOVED_METHODS[node.attr]}"))
-            elif _enum_value(node, parents):
-                found.append(Finding(path, node.lineno, f"unscoped enum {node.value.id}.{node.attr}: "
-                                     f"write {node.value.id}.<EnumType>.{node.attr}"))
+            found += _attribute_findings(path, node, parents)
         elif isinstance(node, ast.Name) and node.id in REMOVED_NAMES and REMOVED_NAMES[node.id]:
             found.append(Finding(path, node.lineno, f"{node.id} was removed in Qt6: use {REMOVED_NAMES[node.id]}"))
     unique = {(f.line, f.text): f for f in found}
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if findings:
         print(f"{len(findings)} Qt5-only construct(s): QGIS 4 (Qt6) would not load the plugin.", file=sys.stderr)
         return 1
-    print(f"Qt6 check: no Qt5-only constructs in {', '.join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths)}")
+    shown = ", ".join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths)
+    print(f"Qt6 check: no Qt5-only constructs in {shown}")
     return 0
 
 

@@ -13,18 +13,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeatureSourceDefinition, QgsProcessingFeedback,
-                       QgsProcessingLayerPostProcessorInterface, QgsProcessingOutputFile,
-                       QgsProcessingOutputFolder, QgsProcessingOutputHtml,
-                       QgsProcessingOutputNumber, QgsProcessingOutputString,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource,
-                       QgsProcessingParameterField, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterFolderDestination,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
-                       QgsProcessingParameterString, QgsProcessingParameterVectorDestination,
-                       QgsProcessingParameterVectorLayer, QgsProcessingUtils, QgsVectorLayer)
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeatureSourceDefinition,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputFolder,
+    QgsProcessingOutputHtml,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
+    QgsProcessingUtils,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtGui import QIcon
 
 from .. import choices, layers, layout, paths, steps
@@ -183,17 +200,22 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
 
     # -- shared parameters -----------------------------------------------------------------
     def add_map_data(self, prefix: str, what: str, optional: bool = True) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(f"{prefix}_RASTER", f"{what} raster layer", optional=optional))
+        self.addParameter(QgsProcessingParameterRasterLayer(f"{prefix}_RASTER", f"{what} raster layer",
+                                                            optional=optional))
         self.addParameter(QgsProcessingParameterVectorLayer(f"{prefix}_LABELS", f"{what} labels (polygons or points)",
                                                             _LABEL_TYPES, optional=optional))
-        self.addParameter(QgsProcessingParameterField(f"{prefix}_FIELD", f"{what} class field", parentLayerParameterName=f"{prefix}_LABELS",
+        self.addParameter(QgsProcessingParameterField(f"{prefix}_FIELD", f"{what} class field",
+                                                      parentLayerParameterName=f"{prefix}_LABELS",
                                                       optional=optional))
-        self.addParameter(QgsProcessingParameterFile(f"{prefix}_FOLDER", f"... or a {what} folder dataset (root/<Class>/*.tif)",
-                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterFile(f"{prefix}_FOLDER",
+                                                     f"... or a {what} folder dataset (root/<Class>/*.tif)",
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder,
+                                                     optional=True))
 
     def add_settings_parameter(self) -> None:
-        self.addParameter(QgsProcessingParameterString("SETTINGS", "More engine settings (KEY=VALUE separated by spaces, e.g. teacher.folds=0)",
-                                                       "", optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            "SETTINGS", "More engine settings (KEY=VALUE separated by spaces, e.g. teacher.folds=0)", "",
+            optional=True))
 
     def engine_settings(self, parameters, context) -> list[str]:
         try:
@@ -207,8 +229,11 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return self.parameterAsDouble(parameters, key, context)
 
     def add_chip_parameters(self) -> None:
-        self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)", QgsProcessingParameterNumber.Type.Integer, 64, minValue=8, maxValue=1024))
-        self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)", QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 64, minValue=8,
+                                                       maxValue=1024))
+        self.addParameter(QgsProcessingParameterNumber("RESOLUTION", "Ground resolution of chips (m, 0 = native)",
+                                                       QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
 
     def dataset(self, parameters, context, prefix: str, what: str, out: Path, run: RunLayout,
                 check_raster, pair_parameter: str | None = None, pair_out: Path | None = None
@@ -241,20 +266,24 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             "INPUT_SIZE", "Input size in pixels (0 = as the patches are; empty = the engine default)",
             QgsProcessingParameterNumber.Type.Integer, None, optional=True, minValue=0, maxValue=1024))
-        self.addParameter(QgsProcessingParameterBoolean("PRETRAINED", "Start from ImageNet weights (bundled or hub)", True))
-        self.addParameter(QgsProcessingParameterFile("WEIGHTS", "Backbone weights file to start from (.safetensors, .pth)",
+        self.addParameter(QgsProcessingParameterBoolean("PRETRAINED", "Start from ImageNet weights (bundled or hub)",
+                                                        True))
+        self.addParameter(QgsProcessingParameterFile("WEIGHTS",
+                                                     "Backbone weights file to start from (.safetensors, .pth)",
                                                      optional=True))
 
     def model_options(self, parameters, context, section: str, feedback: QgsProcessingFeedback) -> steps.ModelOptions:
         size = parameters.get("INPUT_SIZE")
         model = steps.ModelOptions(backbone=self.parameterAsString(parameters, "BACKBONE", context).strip(),
-                                   input_size=None if size in (None, "") else self.parameterAsInt(parameters, "INPUT_SIZE", context),
+                                   input_size=(None if size in (None, "")
+                                               else self.parameterAsInt(parameters, "INPUT_SIZE", context)),
                                    pretrained=self.parameterAsBoolean(parameters, "PRETRAINED", context),
                                    weights=self.parameterAsFile(parameters, "WEIGHTS", context) or "")
         found = choices.cached()
         name = model.backbone or found.default(section, "backbone", "")
         if name:
-            feedback.pushInfo(f"{section} backbone {name}: {found.describe(name, model.pretrained, bool(model.weights))}")
+            described = found.describe(name, model.pretrained, bool(model.weights))
+            feedback.pushInfo(f"{section} backbone {name}: {described}")
         return model
 
     def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
@@ -263,7 +292,8 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         # asked once per session, when the help is first shown (not while QGIS starts)
         found = choices.engine_choices(Engine.from_settings())
         rows = "".join(f"<li><b>{name}</b>: {choices.SOURCE_TEXT.get(spec.get('source', ''), 'source unknown')}"
-                       f"{' - ' + spec['about'] if spec.get('about') else ''}</li>" for name, spec in found.backbones.items())
+                       f"{' - ' + spec['about'] if spec.get('about') else ''}</li>"
+                       for name, spec in found.backbones.items())
         note = found.note or "any timm model name works too"
         return f"{self._help}<p>Backbones:</p><ul>{rows}</ul><p>{note}</p>"
 
@@ -295,13 +325,17 @@ class TrainTeacher(EngineAlgorithm):
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterFolderDestination("RUN", "Run folder"))
         self.add_map_data("MS", "MS")
-        self.addParameter(QgsProcessingParameterRasterLayer("PAIRED_RGB", "RGB raster co-registered with the MS raster (same-target pairs)", optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            "PAIRED_RGB", "RGB raster co-registered with the MS raster (same-target pairs)", optional=True))
         self.add_chip_parameters()
-        self.addParameter(QgsProcessingParameterString("BANDS", "MS band names (preset or comma list)", "sentinel2", optional=True))
+        self.addParameter(QgsProcessingParameterString("BANDS", "MS band names (preset or comma list)", "sentinel2",
+                                                       optional=True))
         self.add_model_parameters("teacher", "Teacher")
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
-        self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("SEED", "Seed", QgsProcessingParameterNumber.Type.Integer, 0,
+                                                       minValue=0))
         self.add_settings_parameter()
         self.addOutput(QgsProcessingOutputFolder("TEACHER", "Teacher model folder"))
         self.addOutput(QgsProcessingOutputString("METRICS", "Metrics (JSON)"))
@@ -330,12 +364,16 @@ class TrainMatcher(EngineAlgorithm):
              "sample of its class.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with a teacher)", behavior=QgsProcessingParameterFile.Behavior.Folder))
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with a teacher)",
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.add_map_data("RGB", "RGB")
-        self.addParameter(QgsProcessingParameterFile("PAIRED_FOLDER", "RGB folder paired with the MS samples by file name (optional)",
-                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterFile("PAIRED_FOLDER",
+                                                     "RGB folder paired with the MS samples by file name (optional)",
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder,
+                                                     optional=True))
         self.add_chip_parameters()
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Matcher epochs (0 = default)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterEnum("METHOD", "Pairing", list(steps.PAIR_METHODS), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
         self.add_settings_parameter()
@@ -367,15 +405,19 @@ class DistillStudent(EngineAlgorithm):
              "writes an HTML report with the baseline for comparison.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)", behavior=QgsProcessingParameterFile.Behavior.Folder))
+        self.addParameter(QgsProcessingParameterFile("RUN", "Run folder (with teacher, matcher and pairs)",
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.add_map_data("TEST", "RGB test")
         self.add_chip_parameters()
         self.add_model_parameters("distill", "Student")
-        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("EPOCHS", "Epochs (0 = default)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("REPAIR_EVERY", "Re-pair every K steps (0 = default)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
         for key, label in (("W_FEAT", "Weight: feature alignment"), ("W_PSEUDO", "Weight: teacher pseudo-labels"),
                            ("W_GT", "Weight: ground truth")):
-            self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)", QgsProcessingParameterNumber.Type.Double,
+            self.addParameter(QgsProcessingParameterNumber(key, f"{label} (empty = engine default)",
+                                                           QgsProcessingParameterNumber.Type.Double,
                                                            None, optional=True, minValue=0.0))
         self.addParameter(QgsProcessingParameterBoolean("BASELINE", "Also train the baseline (no distillation)", True))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
@@ -405,10 +447,12 @@ class DistillStudent(EngineAlgorithm):
 
 class ExportModel(EngineAlgorithm):
     _id, _name, _group = "export", "Export model", "Mapping"
-    _help = "Exports a trained student (a model folder, e.g. RUN/student) to ONNX with its classes, bands and normalisation inside."
+    _help = ("Exports a trained student (a model folder, e.g. RUN/student) to ONNX with its classes, bands and "
+             "normalisation inside.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)", behavior=QgsProcessingParameterFile.Behavior.Folder))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Model folder (e.g. RUN/student)",
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "ONNX model", "ONNX model (*.onnx)"))
 
     def plan(self, parameters, context, feedback) -> Plan:
@@ -431,14 +475,24 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
         self.addParameter(QgsProcessingParameterString("BANDS", "Bands (e.g. 1,2,3; empty = all)", "", optional=True))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Area: extent", optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons", [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterEnum("GRID", "Grid", ["Pixels (tile and stride)", "XYZ tiles (zoom level)"], defaultValue=0))
-        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)", QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", QgsProcessingParameterNumber.Type.Integer, 16, minValue=0, maxValue=24))
-        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size", QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
+        self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons",
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon],
+                                                              optional=True))
+        self.addParameter(QgsProcessingParameterEnum("GRID", "Grid",
+                                                     ["Pixels (tile and stride)", "XYZ tiles (zoom level)"],
+                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)",
+                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level",
+                                                       QgsProcessingParameterNumber.Type.Integer, 16, minValue=0,
+                                                       maxValue=24))
+        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size",
+                                                       QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
-        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles", QgsProcessing.SourceType.TypeVectorPolygon))
+        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
+                                                                  QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
 
     def plan(self, parameters, context, feedback) -> Plan:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
+import tomllib
 import yaml
 
 from . import choices
@@ -113,6 +113,25 @@ class RunConfig:
     workers: int = 0                   # torch threads (0 = torch default)
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    return bool(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: float, str: str}
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check and convert one value to its field type (strings from --set included)."""
     origin = get_origin(hint)
@@ -125,29 +144,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         hint = next(a for a in args if a is not type(None))
+    convert = _SCALARS.get(hint)
+    if convert is None:
+        return value
     try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            number = float(value)
-            if not math.isfinite(number):  # inf/nan settings train NaN models
-                raise ConfigError(f"{where} must be a finite number, not {value!r}")
-            return number
-        if hint is str:
-            return str(value)
+        converted = convert(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, not {value!r}") from None
-    return value
+    if hint is float and not math.isfinite(converted):  # inf/nan settings train NaN models
+        raise ConfigError(f"{where} must be a finite number, not {value!r}")
+    return converted
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:

@@ -28,7 +28,8 @@ def doctor_report() -> dict[str, Any]:
         cuda = torch.cuda.is_available()
         report["torch_cuda_build"] = torch.version.cuda
         report["cuda_available"] = cuda
-        report["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+        count = torch.cuda.device_count() if cuda else 0
+        report["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(count)]
         report["device"] = "cuda" if cuda else "cpu"
         if not cuda:
             report["cuda_reason"] = ("torch is a CPU build" if torch.version.cuda is None

@@ -194,6 +194,11 @@ def _split_name(split: str) -> str:
     return dict(SPLITS).get(split, split)
 
 
+def _present(*steps: Step | None) -> list[Step]:
+    """The steps this run has, in the order given."""
+    return [step for step in steps if step is not None]
+
+
 def _comparable(baseline: Step | None, student: Step | None) -> tuple[str, dict, dict] | None:
     """The split both students were scored on (test first)."""
     if baseline is None or student is None:
@@ -217,8 +222,8 @@ def section_headline(baseline: Step | None, student: Step | None) -> str:
                 f'<p class="sub">Scores on the {esc(_split_name(split))} set ({esc(n_text)}). '
                 "The baseline is the same student trained on the same RGB labels without the teacher.</p>"
                 + table(["", "Baseline", "Distilled student", "Gain"], rows, cls="headline"))
-    for step in (student, baseline):
-        found = step.best_split() if step is not None else None
+    for step in _present(student, baseline):
+        found = step.best_split()
         if found is not None:
             split, scores = found
             rows = [["Overall accuracy", pct(scores["overall_accuracy"])],
@@ -257,8 +262,8 @@ def section_per_class(baseline: Step | None, student: Step | None) -> str:
 
 def section_confusions(baseline: Step | None, student: Step | None) -> str:
     figs = []
-    for step in (baseline, student):
-        found = step.best_split() if step is not None else None
+    for step in _present(baseline, student):
+        found = step.best_split()
         if found is not None:
             split, scores = found
             figs.append(figure(_confusion_png(step, split, scores),
@@ -359,8 +364,8 @@ def section_teacher(teacher: Step | None) -> str:
 
 def section_student_summaries(baseline: Step | None, student: Step | None) -> str:
     parts = []
-    for step in (baseline, student):
-        summary = step.doc.get("summary") if step is not None else None
+    for step in _present(baseline, student):
+        summary = step.doc.get("summary")
         if isinstance(summary, dict):
             summary = {k: v for k, v in summary.items() if not k.startswith(FINAL_PAIRS_PREFIX)}
             if summary:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from asymkd.models.attention import CrossModalAttention, to_tokens
 from asymkd.models.losses import coral_loss
-from torch import nn
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from asymkd.cli import main
-
 from tiny_data import TINY_CONFIG, make_dataset, write_ms
 
 

@@ -46,7 +46,8 @@ def test_choices_json_matches_the_engine_tables():
 def test_choices_is_fast_and_imports_no_torch():
     code = ("import sys, time; t = time.time(); from asymkd.commands.choices import choices_report; "
             "choices_report(); print(time.time() - t, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "backend", timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "backend",
+                          timeout=60)
     seconds, torch_loaded = proc.stdout.split()
     assert torch_loaded == "False"
     assert float(seconds) < 2.0

@@ -16,8 +16,13 @@ from asymkd.errors import DataError, ModelFileError
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
 from asymkd.train.common import normalize
-from asymkd.train.evaluate import (classification_metrics, evaluate_model_folder, predict_probs,
-                                   save_confusion_png, save_curves_png)
+from asymkd.train.evaluate import (
+    classification_metrics,
+    evaluate_model_folder,
+    predict_probs,
+    save_confusion_png,
+    save_curves_png,
+)
 
 torch.set_num_threads(1)
 

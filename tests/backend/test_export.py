@@ -12,8 +12,15 @@ import torch
 
 from asymkd import cli
 from asymkd.errors import ConfigError, ModelFileError
-from asymkd.export import (FORMAT_VERSION, META_KEY, VERSION_KEY, class_colors, export_onnx, fallback_color,
-                           read_onnx_metadata)
+from asymkd.export import (
+    FORMAT_VERSION,
+    META_KEY,
+    VERSION_KEY,
+    class_colors,
+    export_onnx,
+    fallback_color,
+    read_onnx_metadata,
+)
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import load_model, save_model
 

@@ -8,7 +8,6 @@ from asymkd import config as config_mod
 from asymkd.data.patches import load_folder
 from asymkd.events import NULL_EVENTS
 from asymkd.train.matcher import positive_pairs, pseudo_rgb
-
 from tiny_data import make_dataset
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from asymkd.errors import DataError
 from asymkd.train.pairing import (
     assign_pairs,
@@ -154,7 +155,7 @@ def test_balanced_pairing_recovers_a_clear_one_to_one_matching():
 
 def _dense_plan(blocks, scores, res, n_rows, n_cols):
     plan = torch.zeros(n_rows, n_cols)
-    for b, s in zip(blocks, scores):
+    for b, s in zip(blocks, scores, strict=True):
         p = torch.exp(s / res.epsilon + res.row_potential[b.rows][:, None] + res.col_potential[b.cols][None, :])
         plan[b.rows[:, None], b.cols[None, :]] = p
     return plan

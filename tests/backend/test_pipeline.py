@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from asymkd import config as config_mod
 from asymkd.events import Events
 from asymkd.pipeline import resolve_config, run_all, step_distill, step_matcher, step_pair, step_teacher
-
 from tiny_data import TINY_CONFIG, data_config, make_dataset
 
 

@@ -71,6 +71,7 @@ def write_xyz_tiles(folder: Path, zoom: int = 15, lon: float = 9.0, lat: float =
     Returns (uri of a QGIS XYZ layer, (minx, miny, maxx, maxy) of the tiles in EPSG:3857).
     """
     import math
+
     from qgis.PyQt.QtGui import QColor, QImage, QPainter
     n = 2 ** zoom
     x0 = int((lon + 180.0) / 360.0 * n)

@@ -128,11 +128,13 @@ def test_processing_bad_inputs(proc, layers, tmp_path):
     assert "has 3 band(s)" in _processing_error("teacher", {**base, "MS_RASTER": layers["rgb"]})
     assert "has 1 class (Forest)" in _processing_error("teacher", {**base, "MS_LABELS": layers["one_class"]})
     assert "no features over the raster" in _processing_error("teacher", {**base, "MS_LABELS": layers["elsewhere"]})
-    assert "The co-registered RGB layer 'gray' has 1 band(s)" in _processing_error("teacher", {**base, "PAIRED_RGB": layers["gray"]})
+    error = _processing_error("teacher", {**base, "PAIRED_RGB": layers["gray"]})
+    assert "The co-registered RGB layer 'gray' has 1 band(s)" in error
     model = tmp_path / "m.onnx"
     model.write_bytes(b"")
     out = str(tmp_path / "out.gpkg")
-    assert "has 1 band(s)" in _processing_error("classify", {"MODEL": str(model), "INPUT": layers["gray"], "OUTPUT": out})
+    assert "has 1 band(s)" in _processing_error("classify",
+                                                {"MODEL": str(model), "INPUT": layers["gray"], "OUTPUT": out})
     (tmp_path / "run" / "teacher").mkdir(parents=True)
     assert "No RGB layer chosen" in _processing_error("matcher", {"RUN": run})
 
@@ -148,7 +150,8 @@ def test_processing_engine_crash_shows_its_last_error(proc, tmp_path, monkeypatc
     from asymkd_qgis import engine as engine_module
     monkeypatch.setenv("FAKE_ENGINE_MODE", "error")
     monkeypatch.setattr(engine_module.Engine, "from_settings",
-                        classmethod(lambda cls: cls(python=__import__("pathlib").Path(sys.executable), source=FAKE_ENGINE_SOURCE,
+                        classmethod(lambda cls: cls(python=__import__("pathlib").Path(sys.executable),
+                                                    source=FAKE_ENGINE_SOURCE,
                                                     required=("asymkd",))))
     model = tmp_path / "student"
     model.mkdir()

@@ -36,6 +36,7 @@ def test_classify_selected_polygons_become_a_mask(classify_ready, layers):
     args = prepared.commands[-1].args
     # the selection is written by the job (its worker thread), not while preparing
     from pathlib import Path
+
     from qgis.core import QgsFeedback
     assert not Path(_value(args, "--mask")).exists()
     for step in prepared.pre_steps:
@@ -108,6 +109,7 @@ def test_classify_a_web_layer_exports_it_for_the_area(classify_ready, tmp_path, 
     assert raster.startswith(str(tmp_path / "run" / "data" / "exports"))
     # the export runs in the job's worker thread, before the engine: not while preparing
     from pathlib import Path
+
     from qgis.core import QgsFeedback
     assert not Path(raster).exists()
     [export] = prepared.pre_steps

@@ -70,8 +70,8 @@ def test_processing_classify_scene_tiles(plugin, qgis_processing, real_engine, t
     assert result["TILES"] == 12
     layer = QgsVectorLayer(str(out), "tiles", "ogr")
     assert layer.isValid() and layer.featureCount() == 12
-    loaded = [l for l in QgsProject.instance().mapLayers().values()
-              if isinstance(l, QgsVectorLayer) and Path(l.source().split("|")[0]) == out]
+    loaded = [found for found in QgsProject.instance().mapLayers().values()
+              if isinstance(found, QgsVectorLayer) and Path(found.source().split("|")[0]) == out]
     assert len(loaded) == 1
     renderer = loaded[0].renderer()
     assert isinstance(renderer, QgsCategorizedSymbolRenderer)
@@ -105,13 +105,15 @@ def test_classified_geopackage_opens_cleanly_in_the_oldest_supported_qgis(real_e
     assert report["messages"] == [], report
 
 
-def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
+def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing, real_engine, tiny_model, scene,
+                                                        tmp_path):
     """A virtual raster layer (no file behind it) is exported for the area at the model's resolution."""
     require_commands("classify")
     import processing
     source = QgsRasterLayer(str(scene), "source", "gdal")
     extent = source.extent()
-    uri = (f"?crs=EPSG:{mapdata.EPSG}&extent={extent.xMinimum()},{extent.yMinimum()},{extent.xMaximum()},{extent.yMaximum()}"
+    uri = (f"?crs=EPSG:{mapdata.EPSG}"
+           f"&extent={extent.xMinimum()},{extent.yMinimum()},{extent.xMaximum()},{extent.yMaximum()}"
            f"&width={source.width()}&height={source.height()}&formula=%22s@1%22&s:uri={scene}&s:provider=gdal")
     virtual = QgsRasterLayer(uri, "virtual", "virtualraster")
     if not virtual.isValid():
@@ -120,7 +122,8 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
     # one band: the classify algorithm must refuse it as an RGB layer
     from qgis.core import QgsProcessingException
     with pytest.raises(QgsProcessingException, match="has 1 band"):
-        processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": virtual, "OUTPUT": str(tmp_path / "v.gpkg")})
+        processing.run("asymkd:classify",
+                       {"MODEL": str(tiny_model), "INPUT": virtual, "OUTPUT": str(tmp_path / "v.gpkg")})
     from asymkd_qgis import layers
     assert layers.local_raster_path(virtual) is None
     path, export = layers.raster_source(virtual, tmp_path / "exports", extent, virtual.crs(), 10.0)
@@ -131,7 +134,8 @@ def test_processing_classify_a_layer_that_is_not_a_file(plugin, qgis_processing,
     del written
 
 
-def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_processing, real_engine, tiny_model, tmp_path):
+def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_processing, real_engine, tiny_model,
+                                                                tmp_path):
     """A web map layer (XYZ tiles, here from local files) is exported for the area at the
     model's resolution, then classified."""
     require_commands("classify")
@@ -143,7 +147,8 @@ def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_pro
     # a 640 m x 320 m box: 64 x 32 pixels at the model's 10 m, two 32-pixel tiles
     box = f"{minx + 200},{minx + 840},{maxy - 520},{maxy - 200} [EPSG:3857]"
     out = tmp_path / "xyz tiles.gpkg"
-    result = processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": xyz, "EXTENT": box, "OUTPUT": str(out)})
+    result = processing.run("asymkd:classify",
+                            {"MODEL": str(tiny_model), "INPUT": xyz, "EXTENT": box, "OUTPUT": str(out)})
     assert result["TILES"] == 2
     assert QgsVectorLayer(str(out), "t", "ogr").featureCount() == 2
 
@@ -151,13 +156,21 @@ def test_processing_classify_an_xyz_layer_exported_for_the_area(plugin, qgis_pro
 def test_model_designer_chain_export_then_classify(plugin, qgis_processing, real_engine, tiny_model, scene, tmp_path):
     """The algorithms chain in a Processing model: Export model feeds Classify scene tiles."""
     require_commands("export", "classify")
-    from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingModelAlgorithm,
-                           QgsProcessingModelChildAlgorithm, QgsProcessingModelChildParameterSource,
-                           QgsProcessingModelOutput, QgsProcessingModelParameter, QgsProcessingParameterFile,
-                           QgsProcessingParameterRasterLayer)
+    from qgis.core import (
+        QgsProcessingContext,
+        QgsProcessingFeedback,
+        QgsProcessingModelAlgorithm,
+        QgsProcessingModelChildAlgorithm,
+        QgsProcessingModelChildParameterSource,
+        QgsProcessingModelOutput,
+        QgsProcessingModelParameter,
+        QgsProcessingParameterFile,
+        QgsProcessingParameterRasterLayer,
+    )
     source = QgsProcessingModelChildParameterSource
     model = QgsProcessingModelAlgorithm("export and classify", "tests")
-    model.addModelParameter(QgsProcessingParameterFile("student", "student", behavior=QgsProcessingParameterFile.Folder),
+    model.addModelParameter(QgsProcessingParameterFile("student", "student",
+                                                       behavior=QgsProcessingParameterFile.Folder),
                             QgsProcessingModelParameter("student"))
     model.addModelParameter(QgsProcessingParameterRasterLayer("scene", "scene"), QgsProcessingModelParameter("scene"))
     export = QgsProcessingModelChildAlgorithm("asymkd:export")
@@ -230,7 +243,8 @@ def test_full_dock_job_teacher_matcher_distill_classify(dock, real_engine, synth
     dock.jobFinished.connect(lambda step, job: finished.append((step, job.state, job.message())))
     dock.run_all()
     wait_for(lambda: len(finished) == 5 or any(state != "ok" for _, state, _ in finished), 600, "all five steps")
-    assert [(s, state) for s, state, _ in finished] == [(s, "ok") for s in ("data", "teacher", "matcher", "distill", "classify")], finished
+    expected = [(s, "ok") for s in ("data", "teacher", "matcher", "distill", "classify")]
+    assert [(s, state) for s, state, _ in finished] == expected, finished
     run = tmp_path / "run with space"
     assert (run / "report.html").is_file() and (run / "student.onnx").is_file()
     assert "report.html" in dock.panels["distill"].results.text()
@@ -278,7 +292,8 @@ def test_zip_installs_into_a_fresh_profile_and_loads(installed_profile):
     # the installed plugin uses its bundled engine source, not the repository's
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from asymkd_qgis import paths; "
             "print(paths.engine_source_dir()); print(paths.resources_dir())")
-    where = subprocess.run([sys.executable, "-c", code, str(plugin_dir.parent)], capture_output=True, text=True, check=True)
+    where = subprocess.run([sys.executable, "-c", code, str(plugin_dir.parent)], capture_output=True, text=True,
+                           check=True)
     assert where.stdout.splitlines() == [str(plugin_dir / "backend"), str(plugin_dir / "resources")]
 
 

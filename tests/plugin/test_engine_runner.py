@@ -6,7 +6,6 @@ import threading
 import time
 
 from asymkd_qgis.engine import Engine, EngineUnavailable, describe_progress, parse_line, run_engine
-
 from conftest import process_alive
 
 
@@ -99,7 +98,8 @@ def test_engine_environment_drops_qgis_python_variables(monkeypatch, tmp_path):
 def test_parse_line_and_progress_text():
     assert parse_line("not json") is None
     assert parse_line('{"no_event": 1}') is None
-    event = parse_line('{"event": "progress", "step": "teacher", "done": 3, "total": 10, "rate": 2.5, "unit": "epochs", "eta_s": 125}')
+    event = parse_line('{"event": "progress", "step": "teacher", "done": 3, "total": 10, "rate": 2.5, '
+                       '"unit": "epochs", "eta_s": 125}')
     assert describe_progress(event) == "teacher: 3/10 epochs, 2.5/s, 2 min 05 s left"
 
 

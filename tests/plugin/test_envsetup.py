@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import wheels
 from asymkd_qgis import envsetup, paths, settings
 from asymkd_qgis.engine import REQUIRED_MODULES, Engine
-
-import wheels
 from conftest import REPO, wait_for
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -88,7 +87,8 @@ def test_an_unreachable_index_is_said_in_one_line():
         "ERROR: Could not find a version that satisfies the requirement torch==2.14.1 (from versions: none)",
         "ERROR: No matching distribution found for torch==2.14.1"]
     assert envsetup.connection_problem(lines) == "[Errno -3] Temporary failure in name resolution"
-    assert envsetup.pip_failure(lines, 1) == "Could not find a version that satisfies the requirement torch==2.14.1 (from versions: none)"
+    assert envsetup.pip_failure(lines, 1) == ("Could not find a version that satisfies the requirement torch==2.14.1 "
+                                              "(from versions: none)")
     assert envsetup.pip_failure([RETRY] * 3, 1) == "the network failed: [Errno -3] Temporary failure in name resolution"
 
 
@@ -201,7 +201,8 @@ def test_a_folder_without_wheels_for_this_python_names_what_is_missing(tmp_path,
     builder, _ = _build(plan)
     print(f"\n{builder.message}")
     assert builder.ok is False
-    assert "torch==2.14.1 (only for cp39-cp39-win_amd64)" in builder.message and "onnxruntime==1.32.0" in builder.message
+    assert "torch==2.14.1 (only for cp39-cp39-win_amd64)" in builder.message
+    assert "onnxruntime==1.32.0" in builder.message
     assert "Python 3." in builder.message and "numpy" not in builder.message.split("of:")[1]
     assert not plan.venv.exists()  # nothing half-written
     assert settings.get("engine/python", "", str) == ""

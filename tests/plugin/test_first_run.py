@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 from qgis.PyQt.QtCore import QObject, QPoint, QPointF, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QWheelEvent
-from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QApplication, QMainWindow, QMessageBox, QPushButton,
-                                 QTextEdit, QWidget)
+from qgis.PyQt.QtWidgets import (
+    QAbstractSpinBox,
+    QApplication,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QTextEdit,
+    QWidget,
+)
 
 from asymkd_qgis import dock as dock_module
 from asymkd_qgis.engine import BROKEN, MISSING, WORKING, Engine, stream_process
@@ -78,7 +85,7 @@ def test_a_crash_in_a_broken_environment_offers_repair_whatever_its_wording(fake
     broken_env = EngineJob("x", [EngineCommand(["export"])], engine())
     for job in (ok_env, broken_env):
         job.start()
-        wait_for(lambda: job.done, 30, "the crash")
+        wait_for(lambda job=job: job.done, 30, "the crash")
     assert not dock_module.AsymKDDock._env_broken(ok_env)
     assert dock_module.AsymKDDock._env_broken(broken_env)
 
@@ -115,7 +122,8 @@ def test_creation_progress_and_cancel_show_in_the_banner(dock, tmp_path):
     assert banner.button.text() == EngineBanner.CANCEL
     banner.button.click()
     assert builder.cancelled
-    builder.ok, builder.message = False, "Creating the engine environment was cancelled; the partial environment was removed."
+    builder.ok = False
+    builder.message = "Creating the engine environment was cancelled; the partial environment was removed."
     builder.builderFinished.emit(builder)
     assert banner.progress.isHidden() and banner.button.text() == EngineBanner.CREATE
     assert "cancelled" in banner.label.text() and "not installed" in banner.label.text()

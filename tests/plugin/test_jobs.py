@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import time
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsProject, QgsRendererCategory, QgsSymbol,
-                       QgsVectorLayer, QgsWkbTypes)
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsProject,
+    QgsRendererCategory,
+    QgsSymbol,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
 
 import mapdata
 from conftest import process_alive, wait_for

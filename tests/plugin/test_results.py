@@ -20,10 +20,12 @@ def test_step_results_from_run_files(tmp_path):
     assert results.data_results(run).rows == {"MS chips": "5 in 2 classes", "same-target RGB pairs": 4,
                                               "RGB chips": "10 in 2 classes"}
     _write(run.teacher / "metrics.json", {"summary": {"ms_samples": 5, "classes": 2, "out_of_fold_accuracy": 0.8},
-                                          "history": [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5}]})
+                                          "history": [{"epoch": 1, "train_loss": 2.0},
+                                                      {"epoch": 2, "train_loss": 1.5}]})
     rows = results.teacher_results(run).rows
     assert rows["out-of-fold accuracy"] == 0.8 and rows["epochs"] == 2 and rows["final training loss"] == 1.5
-    _write(run.student / "metrics.json", {"test": {"overall_accuracy": 0.9, "macro_f1": 0.85}, "val": {"overall_accuracy": 1.0}})
+    _write(run.student / "metrics.json",
+           {"test": {"overall_accuracy": 0.9, "macro_f1": 0.85}, "val": {"overall_accuracy": 1.0}})
     _write(run.root / "baseline" / "metrics.json", {"val": {"overall_accuracy": 0.7, "macro_f1": 0.6}})
     run.report.write_text("<html></html>")
     shown = results.distill_results(run)

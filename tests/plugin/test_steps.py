@@ -7,8 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from qgis.core import (QgsApplication, QgsFeatureRequest, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProject)
+from qgis.core import (
+    QgsApplication,
+    QgsFeatureRequest,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProject,
+)
 
 from asymkd_qgis import choices, steps
 from conftest import FAKE_ENGINE_SOURCE

@@ -46,7 +46,8 @@ def stub_bundle_wheels(folder: Path) -> Path:
     """common/ (every requirement but torch), torch-cpu/ and torch-cuda/: an offline bundle's layout."""
     for name, version in requirements():
         if name == "torch":
-            stub_wheel(folder / "torch-cpu", name, f"{version}+cpu", TORCH_CODE.format(version=f"{version}+cpu", cuda=None))
+            stub_wheel(folder / "torch-cpu", name, f"{version}+cpu",
+                       TORCH_CODE.format(version=f"{version}+cpu", cuda=None))
             stub_wheel(folder / "torch-cuda", name, version, TORCH_CODE.format(version=version, cuda="12.8"))
         elif name == "torchvision":
             stub_wheel(folder / "torch-cpu", name, f"{version}+cpu")

@@ -128,7 +128,7 @@ def _main_table(bench: _Bench, counts: list[int], args) -> dict[str, dict[str, l
           f"{'baseline F1':>13} {'distilled F1':>13}  per-seed gains")
     for count in counts:
         b, s = results[f"{count}/baseline"], results[f"{count}/student"]
-        gains = [100 * (x - y) for x, y in zip(s["oa"], b["oa"])]
+        gains = [100 * (x - y) for x, y in zip(s["oa"], b["oa"], strict=True)]
         print(f"{count:>7} {len(b['oa']):>5} {_summary(b['oa']):>13} {_summary(s['oa']):>13} "
               f"{statistics.mean(gains):+6.1f} {_summary(b['f1']):>13} {_summary(s['f1']):>13}  "
               + " ".join(f"{g:+.1f}" for g in gains))

@@ -43,7 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: its default)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of the pure onnxruntime measurement")
     parser.add_argument("--repeat", type=int, default=2, help="end-to-end runs on the large raster (best is kept)")
-    parser.add_argument("--compress", choices=("none", "deflate"), default="none", help="compression of the synthetic rasters")
+    parser.add_argument("--compress", choices=("none", "deflate"), default="none",
+                        help="compression of the synthetic rasters")
     parser.add_argument("--workdir", default=None, help="folder for the synthetic rasters (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -122,12 +123,14 @@ def _spin(spinning: bool) -> str:
 
 def _make_model(work: Path, backbone: str, classes: int, tile: int, events, input_size: int = 0) -> Path:
     import torch
+
     from ..export import export_onnx
     from ..models.backbones import SceneClassifier
     from ..models.files import save_model
     torch.manual_seed(0)
     net = SceneClassifier(backbone, 3, classes, input_size=input_size)
-    meta = {"backbone": backbone, "input_size": input_size, "class_names": [f"class{i}" for i in range(classes)], "band_names": ["R", "G", "B"],
+    meta = {"backbone": backbone, "input_size": input_size, "class_names": [f"class{i}" for i in range(classes)],
+            "band_names": ["R", "G", "B"],
             "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
     run = RunFolder(work)
     save_model(run.student, net, meta)
@@ -167,6 +170,7 @@ def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, 
               device: str = "cpu") -> tuple[float, float]:
     """(tiles/s, CPU seconds per tile) of onnxruntime alone on one in-memory batch."""
     import onnxruntime as ort
+
     from ..classify.infer import providers_for
     from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options
     sess = ort.InferenceSession(str(model), sess_options=onnx_session_options(threads, spinning),
@@ -211,6 +215,7 @@ def _peak_rss_kb() -> float:
 def _child() -> None:
     model, raster, out, batch, threads, spinning, device = sys.argv[1:8]
     import onnxruntime  # noqa: F401 - imports are process start-up, not classification
+
     from ..classify import classify
     from ..classify import run as _run  # noqa: F401
     start, cpu = time.perf_counter(), _cpu_s()
@@ -222,5 +227,6 @@ def _child() -> None:
     print(json.dumps({"tiles": res.tiles_classified, "seconds": seconds,
                       "tiles_per_s": res.tiles_classified / seconds,
                       "loop_tiles_per_s": res.tiles_classified / max(res.timings["loop_s"], 1e-9),
-                      "peak_rss_mb": peak_kb / 1024.0, "cpu_ms_per_tile": cpu_per_tile * 1000, "timings": res.timings, "provider": res.provider,
+                      "peak_rss_mb": peak_kb / 1024.0, "cpu_ms_per_tile": cpu_per_tile * 1000, "timings": res.timings,
+                      "provider": res.provider,
                       "spinning": bool(int(spinning))}))

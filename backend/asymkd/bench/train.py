@@ -198,7 +198,8 @@ def run(args: argparse.Namespace, events: Events) -> int:
         if ratio is not None:
             events.metrics("bench-train", {"epoch": ratio})
             verdict = "meets" if ratio["ratio"] <= ratio["target"] else "misses"
-            _say(args, f"distillation epoch {ratio['distill_epoch_s']:.2f} s / plain epoch {ratio['plain_epoch_s']:.2f} s "
+            _say(args, f"distillation epoch {ratio['distill_epoch_s']:.2f} s / "
+                       f"plain epoch {ratio['plain_epoch_s']:.2f} s "
                        f"({ratio['samples']} patches of {ratio['patch']} px, {ratio['student']} student at "
                        f"{ratio['input_size'] or ratio['patch']} px): "
                        f"ratio {ratio['ratio']:.2f} (target {ratio['target']:.1f}, {verdict} it)")

@@ -18,10 +18,12 @@ def add_arguments(parser) -> None:
                         help="ground resolution in raster CRS units; resampled when it differs (default: the raster's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<Class>/<stem>.tif")
     parser.add_argument("--pair-raster", default=None, metavar="R2",
-                        help="a second raster over the same ground (e.g. RGB over the MS scene): co-located chips are same-target pairs")
+                        help="a second raster over the same ground (e.g. RGB over the MS scene): "
+                             "co-located chips are same-target pairs")
     parser.add_argument("--pair-out", default=None, metavar="DIR2", help="folder for the pair chips (same stems)")
     parser.add_argument("--bands", default=None,
-                        help="band names written into the chips when the raster has none: a preset (sentinel2) or B01,B02,...")
+                        help="band names written into the chips when the raster has none: "
+                             "a preset (sentinel2) or B01,B02,...")
     parser.add_argument("--min-cover", type=float, default=d.min_cover,
                         help="share of a chip that must lie inside its polygon (default %(default)s)")
     parser.add_argument("--max-nodata", type=float, default=d.max_nodata,

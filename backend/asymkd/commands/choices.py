@@ -63,10 +63,18 @@ def backbone_table() -> dict[str, dict[str, str]]:
 def _parse_backbones(source: str) -> dict[str, dict[str, str]]:
     """The BACKBONES literal: {name: BackboneSpec(timm_name, ..., bundled=..., about="...")}."""
     for node in ast.parse(source).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and target.id == "BACKBONES" and isinstance(node.value, ast.Dict):
-            return {ast.literal_eval(key): _spec_entry(value) for key, value in zip(node.value.keys, node.value.values)}
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        if node.target.id == "BACKBONES" and isinstance(node.value, ast.Dict):
+            return {_literal_key(key): _spec_entry(value)
+                    for key, value in zip(node.value.keys, node.value.values, strict=True)}
     raise ValueError("no BACKBONES literal in models/backbones.py")
+
+
+def _literal_key(key: ast.expr | None) -> str:
+    if key is None:  # {**other}
+        raise ValueError("the BACKBONES literal unpacks another mapping")
+    return ast.literal_eval(key)
 
 
 def _spec_entry(call: ast.expr) -> dict[str, str]:

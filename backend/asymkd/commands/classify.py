@@ -8,24 +8,32 @@ import json
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="model file written by `asymkd export`")
     parser.add_argument("raster", metavar="RASTER", help="GeoTIFF, VRT or anything GDAL opens")
-    parser.add_argument("--out", required=True, metavar="OUT.gpkg", help="output GeoPackage (a .qml style is written beside it)")
+    parser.add_argument("--out", required=True, metavar="OUT.gpkg",
+                        help="output GeoPackage (a .qml style is written beside it)")
     parser.add_argument("--bands", metavar="1,2,3", default=None,
                         help="raster bands feeding the model's bands, in the model's order "
                              "(default: by band description, colour interpretation, or band order)")
     area = parser.add_mutually_exclusive_group()
-    area.add_argument("--bbox", metavar="minx,miny,maxx,maxy", default=None, help="classify only the tiles that meet this box (write --bbox=-1.5,... when minx is negative)")
+    area.add_argument("--bbox", metavar="minx,miny,maxx,maxy", default=None,
+                      help="classify only the tiles that meet this box (write --bbox=-1.5,... when minx is negative)")
     area.add_argument("--mask", metavar="VECTOR", default=None, help="classify only tiles meeting these polygons")
     parser.add_argument("--bbox-crs", metavar="EPSG:xxxx", default=None, help="CRS of --bbox (default: the raster's)")
     parser.add_argument("--mask-layer", default=None, help="layer of --mask (default: the first)")
-    parser.add_argument("--tile", type=int, default=None, help="tile size in pixels at the model's resolution (default: the model's patch size)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile size in pixels at the model's resolution (default: the model's patch size)")
     parser.add_argument("--stride", type=int, default=None, help="tile step in pixels (default: the tile size)")
-    parser.add_argument("--xyz-zoom", type=int, default=None, metavar="Z", help="use the XYZ web-map tiles of zoom Z (keys z/x/y)")
+    parser.add_argument("--xyz-zoom", type=int, default=None, metavar="Z",
+                        help="use the XYZ web-map tiles of zoom Z (keys z/x/y)")
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per inference batch (default 64)")
-    parser.add_argument("--class-raster", metavar="OUT.tif", default=None, help="also write a class raster (one pixel per tile step)")
+    parser.add_argument("--class-raster", metavar="OUT.tif", default=None,
+                        help="also write a class raster (one pixel per tile step)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="onnxruntime device (auto: CUDA when available)")
-    parser.add_argument("--min-valid", type=float, default=0.5, help="skip tiles with a smaller fraction of valid pixels (default 0.5)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: onnxruntime decides)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="onnxruntime device (auto: CUDA when available)")
+    parser.add_argument("--min-valid", type=float, default=0.5,
+                        help="skip tiles with a smaller fraction of valid pixels (default 0.5)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads (default 0: onnxruntime decides)")
 
 
 def run(args, events) -> int:

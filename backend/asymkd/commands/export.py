@@ -6,8 +6,10 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL_FOLDER", help="model folder (model.safetensors + meta.json), e.g. runs/demo/student")
-    parser.add_argument("--out", metavar="FILE.onnx", default=None, help="output file (default: MODEL_FOLDER/model.onnx)")
+    parser.add_argument("model", metavar="MODEL_FOLDER",
+                        help="model folder (model.safetensors + meta.json), e.g. runs/demo/student")
+    parser.add_argument("--out", metavar="FILE.onnx", default=None,
+                        help="output file (default: MODEL_FOLDER/model.onnx)")
     parser.add_argument("--data", metavar="FOLDER", default=None,
                         help="patch folder whose images check ONNX against torch (default: synthetic patches "
                              "drawn from the training mean/std)")
@@ -22,6 +24,7 @@ def run(args, events) -> int:
     check = None
     if args.data:
         import numpy as np
+
         from ..data.patches import load_folder
         from ..models.files import check_bands, read_meta
         meta = read_meta(Path(args.model))

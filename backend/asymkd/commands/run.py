@@ -54,7 +54,8 @@ def result_lines(run_dir: Path) -> str:
             part = doc.get("test") or doc.get("val")
             if part:
                 scores[name] = (part["overall_accuracy"], part["macro_f1"], "test" if doc.get("test") else "validation")
-    lines = [f"{'distilled' if n == layout.STUDENT else n:>9}: {s[2]} OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
+    lines = [f"{'distilled' if n == layout.STUDENT else n:>9}: {s[2]} "
+             f"OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
              for n, s in sorted(scores.items())]
     if len(scores) == 2:
         gain = 100 * (scores[layout.STUDENT][0] - scores[layout.BASELINE][0])

@@ -52,7 +52,8 @@ class CrossModalAttention(nn.Module):
         """Tokens of both modalities at the common width, before attention."""
         s, t = to_tokens(student), to_tokens(teacher)
         if s.shape[0] != t.shape[0]:
-            raise ValueError(f"student and teacher batches differ: {s.shape[0]} vs {t.shape[0]} (one MS partner per RGB sample)")
+            raise ValueError(f"student and teacher batches differ: {s.shape[0]} vs {t.shape[0]} "
+                             "(one MS partner per RGB sample)")
         return self.proj_student(s), self.proj_teacher(t)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
         raise ModelFileError(f"bundled weights hold {len(src)} tensors, the network {len(dst)}",
                              "reinstall the engine's pinned requirements")
     out = {}
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         if source[s].shape != target[d].shape and not (d == dst[0] and source[s].dim() == 4):
             raise ModelFileError(f"bundled weight {s} {tuple(source[s].shape)} does not fit {d} "
                                  f"{tuple(target[d].shape)}", "reinstall the engine's pinned requirements")
@@ -133,7 +133,7 @@ def widen_input_conv(weight: torch.Tensor, band_names: list[str] | None, in_chan
         from ..errors import DataError
         try:
             r, g, b = true_colour_indices(band_names)
-            for src, dst in zip((0, 1, 2), (r, g, b)):
+            for src, dst in zip((0, 1, 2), (r, g, b), strict=True):
                 out[:, dst] = weight[:, src]
         except DataError:
             pass  # no true-colour bands known: every band starts from the mean filter
@@ -163,8 +163,9 @@ def _hub_weights(timm_name: str) -> dict[str, torch.Tensor]:
     try:
         return timm.create_model(timm_name, pretrained=True).state_dict()
     except Exception as exc:  # offline, or no pretrained weights for this name
+        bundled = ", ".join(n for n, s in BACKBONES.items() if s.bundled)
         raise ConfigError(f"cannot get pretrained weights for '{timm_name}': {exc}",
-                          f"offline, use a bundled backbone ({', '.join(n for n, s in BACKBONES.items() if s.bundled)}), "
+                          f"offline, use a bundled backbone ({bundled}), "
                           "a local weights file (weights=FILE), or pretrained=false") from None
 
 

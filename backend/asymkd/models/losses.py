@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..data.patches import UNLABELED
 
 
-
 def as_samples(x: torch.Tensor) -> torch.Tensor:
     """Flatten features to (samples, dim): (N,D) as is, (B,L,D) -> (B*L,D), (B,C,h,w) -> (B*h*w,C)."""
     if x.dim() == 2:
@@ -93,7 +92,8 @@ def relative_coral_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # Implementations of choices.DOMAIN_LOSSES, by the same names.
-DOMAIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"coral": coral_loss, "coral_rel": relative_coral_loss, "mmd": mmd_loss}
+DOMAIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "coral": coral_loss, "coral_rel": relative_coral_loss, "mmd": mmd_loss}
 
 
 def masked_info_nce(z_rgb: torch.Tensor, z_ms: torch.Tensor, rgb_labels: torch.Tensor,
@@ -206,6 +206,7 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor, temperature: fl
     if weights is not None:
         weights = torch.as_tensor(weights, dtype=per_sample.dtype, device=per_sample.device).detach()
         if weights.shape != per_sample.shape:
-            raise ValueError(f"weights must be one per sample ({per_sample.shape[0]}), got shape {tuple(weights.shape)}")
+            raise ValueError(f"weights must be one per sample ({per_sample.shape[0]}), "
+                             f"got shape {tuple(weights.shape)}")
         per_sample = per_sample * weights
     return per_sample.mean()

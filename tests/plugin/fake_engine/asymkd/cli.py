@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 
-
 _FIRST = {"sent": False}
 
 
