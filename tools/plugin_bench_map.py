@@ -14,12 +14,9 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from qgis_headless import fill_data_step, main_window, start_qgis, wait
-
-STEPS = ("data", "teacher", "matcher", "distill", "classify")
+from qgis_headless import fill_data_step, main_window, run_all_steps, start_qgis
 
 
 def tile_accuracy(tiles, labels, field: str = "class") -> dict:
@@ -51,7 +48,7 @@ def tile_accuracy(tiles, labels, field: str = "class") -> dict:
             "per_class_recall": {k: round(c / n, 4) for k, (c, n) in sorted(per_class.items())}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/eurosat_map")
     parser.add_argument("--out", default="runs/plugin-map")
@@ -61,69 +58,86 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="teacher.folds=0", help="more engine settings (KEY=VALUE ...)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--timeout", type=float, default=6 * 3600)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def open_layers(data: Path) -> dict:
+    """The map's scenes and label layers, added to the project."""
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+    layer = {name: QgsRasterLayer(str(data / f"{name}.tif"), name, "gdal")
+             for name in ("ms_scene", "rgb_overlap", "rgb_scene", "rgb_test_scene")}
+    layer.update({name: QgsVectorLayer(str(data / f"{name}.gpkg"), name, "ogr")
+                  for name in ("ms_labels", "rgb_labels", "rgb_test_labels")})
+    bad = [name for name, item in layer.items() if not item.isValid()]
+    if bad:
+        raise SystemExit(f"cannot open {bad} in {data}")
+    QgsProject.instance().addMapLayers(list(layer.values()))
+    return layer
+
+
+def fill_dock(dock, layer: dict, run_dir: Path, args: argparse.Namespace) -> None:
+    """Every step's inputs and options, and a progress line per 10 % of each step."""
+    from asymkd_qgis.dock import STEPS
+    fill_data_step(dock, layer, run_dir, layer["rgb_overlap"])
+    dock.chip_size.setValue(64)
+    dock.teacher_bands.setCurrentText("sentinel2")
+    dock.teacher_epochs.setValue(args.teacher_epochs)
+    dock.matcher_epochs.setValue(args.matcher_epochs)
+    dock.distill_epochs.setValue(args.distill_epochs)
+    for edit in (dock.teacher_settings, dock.matcher_settings, dock.distill_settings):
+        edit.setText(args.settings)
+    dock.device.setCurrentText(args.device)
+    dock.distill_device.setCurrentText(args.device)
+    dock.baseline.setChecked(True)
+    dock.classify_layer.setLayer(layer["rgb_test_scene"])
+    dock.area.setCurrentText("Whole layer")
+    dock.grid.setCurrentIndex(0)
+    dock.tile.setValue(64)
+    dock.stride.setValue(64)
+    for step in STEPS:
+        dock.panels[step].progress.valueChanged.connect(
+            lambda value, s=step: print(f"  {s}: {value}% {dock.panels[s].status.text()}", flush=True)
+            if value % 10 == 0 else None)
+
+
+def bench_report(data: Path, run_dir: Path, args: argparse.Namespace, finished, tiles, labels) -> dict:
+    """Tile accuracy on the test labels, timings, and the chip test scores of student and baseline."""
+    report = {"data": str(data), "epochs": {"teacher": args.teacher_epochs, "matcher": args.matcher_epochs,
+                                             "distill": args.distill_epochs}, "settings": args.settings,
+              "finished_after_s": {step: round(seconds, 1) for step, _, seconds in finished},
+              "tiles": tiles.featureCount(), **tile_accuracy(tiles, labels)}
+    for name in ("student", "baseline"):
+        metrics_file = run_dir / name / "metrics.json"
+        if metrics_file.is_file():
+            test = json.loads(metrics_file.read_text()).get("test") or {}
+            report[f"{name}_chip_test_accuracy"] = test.get("overall_accuracy")
+            report[f"{name}_chip_test_macro_f1"] = test.get("macro_f1")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     if not (data / "ms_scene.tif").is_file():
         raise SystemExit(f"{data} has no ms_scene.tif: give --data the eurosat_map folder")
     shutil.rmtree(out / "run", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     app = start_qgis(out / "qgis-config")
-    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+    from qgis.core import QgsProject
     try:
         from asymkd_qgis.dock import AsymKDDock
         from asymkd_qgis.notify import Notifier
         window, iface = main_window()
         dock = AsymKDDock(iface, Notifier(iface), window)
-        layer = {name: QgsRasterLayer(str(data / f"{name}.tif"), name, "gdal")
-                 for name in ("ms_scene", "rgb_overlap", "rgb_scene", "rgb_test_scene")}
-        layer.update({name: QgsVectorLayer(str(data / f"{name}.gpkg"), name, "ogr")
-                      for name in ("ms_labels", "rgb_labels", "rgb_test_labels")})
-        bad = [name for name, item in layer.items() if not item.isValid()]
-        if bad:
-            raise SystemExit(f"cannot open {bad} in {data}")
-        QgsProject.instance().addMapLayers(list(layer.values()))
-        fill_data_step(dock, layer, out / "run", layer["rgb_overlap"])
-        dock.chip_size.setValue(64)
-        dock.teacher_bands.setCurrentText("sentinel2")
-        dock.teacher_epochs.setValue(args.teacher_epochs)
-        dock.matcher_epochs.setValue(args.matcher_epochs)
-        dock.distill_epochs.setValue(args.distill_epochs)
-        for edit in (dock.teacher_settings, dock.matcher_settings, dock.distill_settings):
-            edit.setText(args.settings)
-        dock.device.setCurrentText(args.device)
-        dock.distill_device.setCurrentText(args.device)
-        dock.baseline.setChecked(True)
-        dock.classify_layer.setLayer(layer["rgb_test_scene"])
-        dock.area.setCurrentText("Whole layer")
-        dock.grid.setCurrentIndex(0)
-        dock.tile.setValue(64)
-        dock.stride.setValue(64)
-        finished: list[tuple[str, str, float]] = []
-        start = time.monotonic()
-        dock.jobFinished.connect(lambda step, job: finished.append((step, job.state, time.monotonic() - start)))
-        for step in STEPS:
-            dock.panels[step].progress.valueChanged.connect(
-                lambda value, s=step: print(f"  {s}: {value}% {dock.panels[s].status.text()}", flush=True)
-                if value % 10 == 0 else None)
-        dock.run_all()
-        wait(app, lambda: len(finished) == len(STEPS) or any(s != "ok" for _, s, _ in finished), args.timeout,
-             "the five steps")
+        layer = open_layers(data)
+        fill_dock(dock, layer, out / "run", args)
+        finished = run_all_steps(app, dock, args.timeout)
         for step, state, seconds in finished:
             print(f"{step}: {state} after {seconds:.0f} s")
         if any(state != "ok" for _, state, _ in finished):
             print(f"failed: {dock.notifier.last.text if dock.notifier.last else ''}", file=sys.stderr)
             return 1
-        tiles = dock.loaded_layers[-1]
-        report = {"data": str(data), "epochs": {"teacher": args.teacher_epochs, "matcher": args.matcher_epochs,
-                                                 "distill": args.distill_epochs}, "settings": args.settings,
-                  "finished_after_s": {step: round(seconds, 1) for step, _, seconds in finished},
-                  "tiles": tiles.featureCount(), **tile_accuracy(tiles, layer["rgb_test_labels"])}
-        for name in ("student", "baseline"):
-            metrics_file = out / "run" / name / "metrics.json"
-            if metrics_file.is_file():
-                test = json.loads(metrics_file.read_text()).get("test") or {}
-                report[f"{name}_chip_test_accuracy"] = test.get("overall_accuracy")
-                report[f"{name}_chip_test_macro_f1"] = test.get("macro_f1")
+        report = bench_report(data, out / "run", args, finished, dock.loaded_layers[-1], layer["rgb_test_labels"])
         (out / "plugin-map-bench.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         QgsProject.instance().removeAllMapLayers()

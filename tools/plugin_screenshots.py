@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from qgis_headless import REPO, fill_data_step, main_window, start_qgis, wait
-
-STEPS = ("data", "teacher", "matcher", "distill", "classify")
+from qgis_headless import REPO, fill_data_step, main_window, run_all_steps, save_grab, start_qgis, wait
 
 
 def render_map(layers, extent, path: Path, size=(900, 700), legend_layer=None) -> None:
@@ -87,14 +85,101 @@ def first_run_screenshots(app, out: Path, work: Path) -> None:
                             37.0,
                             "installing torch (CPU build): package 1, torch, 68 MB of 184 MB, 68 MB downloaded"))):
         setup()
-        for _ in range(5):
-            app.processEvents()
-        path = out / f"dock-0-{name}.png"
-        dock.grab().save(str(path))
-        print(path)
+        save_grab(app, dock, out / f"dock-0-{name}.png")
     dock.close()
     dock.deleteLater()
     window.close()
+
+
+def synthetic_world(work: Path, classes: int) -> dict:
+    """The engine's small synthetic world: {"ms_scene": path, ...}."""
+    from asymkd_qgis.engine import Engine, run_engine
+    engine = Engine.from_settings()
+    print(f"engine: {engine.python} (asymkd {engine.check()})")
+    world = run_engine(engine, ["synth", "--out", str(work / "world"), "--size", "64", "--ms-per-class", "10",
+                                "--rgb-per-class", "12", "--test-per-class", "9", "--unlabeled-per-class", "0",
+                                "--paired", "0", "--classes", str(classes)])
+    if not world.ok:
+        raise SystemExit(f"synth failed: {world.message()}")
+    return world.results
+
+
+def add_layers(paths: dict) -> dict:
+    """The world's scenes and label layers, added to the project."""
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+    layer = {}
+    for key in ("ms_scene", "rgb_scene", "rgb_test_scene"):
+        layer[key] = QgsRasterLayer(paths[key], key.replace("_", " "), "gdal")
+    for key in ("ms_labels", "rgb_labels", "rgb_test_labels"):
+        layer[key] = QgsVectorLayer(paths[key], key.replace("_", " "), "ogr")
+    QgsProject.instance().addMapLayers(list(layer.values()))
+    return layer
+
+
+def run_loop(app, dock, layer: dict, run_dir: Path, epochs: int) -> None:
+    """The five steps from the dock, with a few epochs each."""
+    fill_data_step(dock, layer, run_dir, layer["rgb_scene"])
+    for spin in (dock.teacher_epochs, dock.matcher_epochs, dock.distill_epochs):
+        spin.setValue(epochs)
+    dock.teacher_settings.setText("teacher.folds=0")
+    dock.classify_layer.setLayer(layer["rgb_test_scene"])
+    finished = run_all_steps(app, dock, 1800)
+    print(f"all steps: {[(step, state) for step, state, _ in finished]} in {finished[-1][2]:.0f} s")
+    if any(state != "ok" for _, state, _ in finished):
+        print(f"a step failed: {dock.notifier.last.text if dock.notifier.last else ''}", file=sys.stderr)
+
+
+def step_screenshots(app, dock, out: Path) -> None:
+    from asymkd_qgis.dock import DOCK_WIDTH, STEPS
+    dock.setFloating(True)
+    dock.resize(DOCK_WIDTH, 1250)
+    for index, step in enumerate(STEPS):
+        dock.show_step(step)
+        save_grab(app, dock, out / f"dock-{index + 1}-{step}.png")
+    dock.setFloating(False)
+
+
+def map_screenshots(app, window, canvas, classified, scene, out: Path) -> None:
+    """The scene, its classified tiles with a legend, and the window with both under the dock."""
+    render_map([scene], classified.extent(), out / "map-scene.png")
+    render_map([classified], classified.extent(), out / "map-classified.png", legend_layer=classified)
+    print(out / "map-scene.png")
+    print(out / "map-classified.png")
+    classified.setOpacity(0.6)
+    canvas.setLayers([classified, scene])
+    canvas.setDestinationCrs(classified.crs())
+    canvas.setExtent(classified.extent())
+    canvas.refresh()
+    wait(lambda: not canvas.isDrawing(), 60, "the canvas")
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.02)
+    window.grab().save(str(out / "window.png"))
+    print(out / "window.png")
+
+
+def loop_screenshots(app, out: Path, work: Path, args: argparse.Namespace) -> None:
+    """The whole loop run from the dock in a main window, then the dock at each step and the maps."""
+    from qgis.core import QgsProject
+    from qgis.PyQt.QtCore import Qt
+
+    from asymkd_qgis.dock import AsymKDDock
+    from asymkd_qgis.notify import Notifier
+    paths = synthetic_world(work, args.classes)
+    window, iface = main_window()
+    dock = AsymKDDock(iface, Notifier(iface), window)
+    window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+    window.resize(1500, 1000)
+    window.show()
+    layer = add_layers(paths)
+    run_loop(app, dock, layer, work / "run", args.epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    step_screenshots(app, dock, out)
+    if dock.loaded_layers:
+        map_screenshots(app, window, iface.mapCanvas(), dock.loaded_layers[-1], layer["rgb_test_scene"], out)
+    window.close()
+    dock.deleteLater()
+    QgsProject.instance().removeAllMapLayers()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,86 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     app = start_qgis(work / "qgis-config")
-    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
-    from qgis.PyQt.QtCore import Qt
     try:
         out.mkdir(parents=True, exist_ok=True)
         first_run_screenshots(app, out, work)
-        if args.first_run_only:
-            return 0
-        from asymkd_qgis.dock import DOCK_WIDTH, AsymKDDock
-        from asymkd_qgis.engine import Engine, run_engine
-        from asymkd_qgis.notify import Notifier
-
-        engine = Engine.from_settings()
-        print(f"engine: {engine.python} (asymkd {engine.check()})")
-        world = run_engine(engine, ["synth", "--out", str(work / "world"), "--size", "64", "--ms-per-class", "10",
-                                    "--rgb-per-class", "12", "--test-per-class", "9", "--unlabeled-per-class", "0",
-                                    "--paired", "0", "--classes", str(args.classes)])
-        if not world.ok:
-            raise SystemExit(f"synth failed: {world.message()}")
-        paths = world.results
-
-        window, iface = main_window()
-        canvas = iface.mapCanvas()
-        dock = AsymKDDock(iface, Notifier(iface), window)
-        window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
-        window.resize(1500, 1000)
-        window.show()
-
-        project = QgsProject.instance()
-        layer = {}
-        for key in ("ms_scene", "rgb_scene", "rgb_test_scene"):
-            layer[key] = QgsRasterLayer(paths[key], key.replace("_", " "), "gdal")
-        for key in ("ms_labels", "rgb_labels", "rgb_test_labels"):
-            layer[key] = QgsVectorLayer(paths[key], key.replace("_", " "), "ogr")
-        project.addMapLayers(list(layer.values()))
-        fill_data_step(dock, layer, work / "run", layer["rgb_scene"])
-        for spin in (dock.teacher_epochs, dock.matcher_epochs, dock.distill_epochs):
-            spin.setValue(args.epochs)
-        dock.teacher_settings.setText("teacher.folds=0")
-        dock.classify_layer.setLayer(layer["rgb_test_scene"])
-        finished: list[tuple[str, str]] = []
-        dock.jobFinished.connect(lambda step, job: finished.append((step, job.state)))
-        start = time.monotonic()
-        dock.run_all()
-        wait(app, lambda: len(finished) == len(STEPS) or any(s != "ok" for _, s in finished), 1800, "the five steps")
-        print(f"all steps: {finished} in {time.monotonic() - start:.0f} s")
-        if any(state != "ok" for _, state in finished):
-            print(f"a step failed: {dock.notifier.last.text if dock.notifier.last else ''}", file=sys.stderr)
-
-        out.mkdir(parents=True, exist_ok=True)
-        dock.setFloating(True)
-        dock.resize(DOCK_WIDTH, 1250)
-        for index, step in enumerate(STEPS):
-            dock.show_step(step)
-            for _ in range(5):
-                app.processEvents()
-            path = out / f"dock-{index + 1}-{step}.png"
-            dock.grab().save(str(path))
-            print(path)
-        dock.setFloating(False)
-
-        classified = dock.loaded_layers[-1] if dock.loaded_layers else None
-        if classified is not None:
-            render_map([layer["rgb_test_scene"]], classified.extent(), out / "map-scene.png")
-            render_map([classified], classified.extent(), out / "map-classified.png", legend_layer=classified)
-            print(out / "map-scene.png")
-            print(out / "map-classified.png")
-            classified.setOpacity(0.6)
-            canvas.setLayers([classified, layer["rgb_test_scene"]])
-            canvas.setDestinationCrs(classified.crs())
-            canvas.setExtent(classified.extent())
-            canvas.refresh()
-            wait(app, lambda: not canvas.isDrawing(), 60, "the canvas")
-            for _ in range(20):
-                app.processEvents()
-                time.sleep(0.02)
-            window.grab().save(str(out / "window.png"))
-            print(out / "window.png")
-        window.close()
-        dock.deleteLater()
-        project.removeAllMapLayers()
+        if not args.first_run_only:
+            loop_screenshots(app, out, work, args)
     finally:
         app.exitQgis()
     return 0

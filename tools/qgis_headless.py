@@ -56,13 +56,25 @@ def main_window():
     return window, HeadlessIface(window, canvas, bar)
 
 
-def wait(app, predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what: str, pause: float = 0.05) -> float:
+    """Process Qt events until predicate() holds; the seconds it took (TimeoutError after timeout)."""
+    from qgis.PyQt.QtCore import QCoreApplication
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
-        app.processEvents()
-        time.sleep(0.05)
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        QCoreApplication.processEvents()
+        time.sleep(pause)
+    QCoreApplication.processEvents()
+    return time.monotonic() - start
+
+
+def wait(predicate, timeout: float, what: str) -> None:
+    """wait_until for a tool: a timeout ends the program with a message."""
+    try:
+        wait_until(predicate, timeout, what)
+    except TimeoutError:
+        raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}") from None
 
 
 def fill_data_step(dock, layer: dict, run_dir: Path, pair_layer) -> None:
@@ -76,3 +88,24 @@ def fill_data_step(dock, layer: dict, run_dir: Path, pair_layer) -> None:
     dock.rgb_labels.set(layer["rgb_labels"], "class")
     dock.test_source.set_layer(layer["rgb_test_scene"])
     dock.test_labels.set(layer["rgb_test_labels"], "class")
+
+
+def run_all_steps(app, dock, timeout: float) -> list[tuple[str, str, float]]:
+    """Run the dock's steps in order and wait until all end or one fails: (step, state, seconds
+    since the start) of each that ended."""
+    from asymkd_qgis.dock import STEPS
+    finished: list[tuple[str, str, float]] = []
+    start = time.monotonic()
+    dock.jobFinished.connect(lambda step, job: finished.append((step, job.state, time.monotonic() - start)))
+    dock.run_all()
+    wait(lambda: len(finished) == len(STEPS) or any(s != "ok" for _, s, _ in finished), timeout,
+         f"the {len(STEPS)} steps")
+    return finished
+
+
+def save_grab(app, widget, path: Path) -> None:
+    """Let the widget paint, then save it as a PNG and print where."""
+    for _ in range(5):
+        app.processEvents()
+    widget.grab().save(str(path))
+    print(path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +16,9 @@ HERE = Path(__file__).resolve().parent
 FAKE_ENGINE_SOURCE = HERE / "fake_engine"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for folder in (HERE, REPO / "tools"):  # the test helpers, and the offscreen QGIS helpers of the tools
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 # The engine environment used by the tests: the repository's engine venv unless given.
 os.environ.setdefault("ASYMKD_ENGINE_PYTHON", str(REPO / ".venv" / "bin" / "python"))
 
@@ -27,18 +27,12 @@ from qgis.PyQt.QtCore import QCoreApplication  # noqa: E402
 
 import mapdata  # noqa: E402
 from asymkd_qgis.engine import Engine  # noqa: E402
+from qgis_headless import wait_until  # noqa: E402
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> float:
     """Process Qt events until predicate() holds; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
-    QCoreApplication.processEvents()
-    return time.monotonic() - start
+    return wait_until(predicate, timeout, what, pause=0.02)
 
 
 def process_alive(pid: int) -> bool:
