@@ -17,14 +17,15 @@ TINY_CONFIG = {
 }
 
 
-def write_ms(path: Path, data: np.ndarray) -> None:
+def write_ms(path: Path, data: np.ndarray, dtype: str = "uint16") -> None:
+    """A georeferenced GeoTIFF of (bands, height, width) data."""
     import rasterio
     from rasterio.transform import from_origin
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
-                       count=data.shape[0], dtype="uint16", crs="EPSG:32632",
+                       count=data.shape[0], dtype=dtype, crs="EPSG:32632",
                        transform=from_origin(500000, 5200000, 10, 10)) as dst:
-        dst.write(data.astype(np.uint16))
+        dst.write(data.astype(dtype))
 
 
 def write_rgb(path: Path, data: np.ndarray) -> None:
