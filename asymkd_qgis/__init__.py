@@ -2,6 +2,6 @@
 map tiles, with the engine running in its own Python environment as a subprocess."""
 
 
-def classFactory(iface):  # noqa: N802 - QGIS entry point
+def classFactory(iface):
     from .plugin import AsymKDPlugin
     return AsymKDPlugin(iface)

@@ -168,7 +168,7 @@ class AsymKDDock(QDockWidget):
         self._connect_applicability()
         self.update_applicable()
 
-    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+    def sizeHint(self) -> QSize:
         return QSize(DOCK_WIDTH, super().sizeHint().height())
 
     def _connect_applicability(self) -> None:

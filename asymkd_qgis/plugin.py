@@ -33,14 +33,14 @@ class AsymKDPlugin:
         self.notifier = Notifier(iface, create_environment=self.create_environment)
 
     # -- Processing (also called alone by qgis_process) -----------------------------------
-    def initProcessing(self) -> None:  # noqa: N802 - QGIS API
+    def initProcessing(self) -> None:
         if self.provider is None:
             from .processing_provider import AsymKDProvider
             self.provider = AsymKDProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
 
     # -- GUI -----------------------------------------------------------------------------
-    def initGui(self) -> None:  # noqa: N802 - QGIS API
+    def initGui(self) -> None:
         self.initProcessing()
         from .dock import AsymKDDock
         self.dock = AsymKDDock(self.iface, self.notifier, self.iface.mainWindow())

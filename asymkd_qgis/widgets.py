@@ -46,7 +46,7 @@ class WheelGuard(QObject):
     """Wheel events over a spin box or combo box that has no focus go to the form instead:
     scrolling the dock must never change a value (e.g. a loss weight to -1 = "default")."""
 
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
             event.ignore()  # ignored: Qt hands it on to the parents, i.e. the scroll area
             return True

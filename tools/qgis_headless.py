@@ -18,16 +18,16 @@ class HeadlessIface:
     def __init__(self, window, canvas, bar):
         self._window, self._canvas, self._bar = window, canvas, bar
 
-    def mainWindow(self):  # noqa: N802 - QGIS API
+    def mainWindow(self):
         return self._window
 
-    def mapCanvas(self):  # noqa: N802
+    def mapCanvas(self):
         return self._canvas
 
-    def messageBar(self):  # noqa: N802
+    def messageBar(self):
         return self._bar
 
-    def openMessageLog(self):  # noqa: N802
+    def openMessageLog(self):
         pass
 
 

@@ -73,7 +73,7 @@ class _StyleLoader(QgsProcessingLayerPostProcessorInterface):
         self.qml = qml
         _StyleLoader._alive.append(self)
 
-    def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
+    def postProcessLayer(self, layer, context, feedback) -> None:
         if isinstance(layer, QgsVectorLayer):
             layer.loadNamedStyle(self.qml)
             layer.triggerRepaint()
@@ -167,7 +167,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         elif kind == "error":
             feedback.reportError(f"{event.get('message')}" + (f" ({event['hint']})" if event.get("hint") else ""))
 
-    def checkParameterValues(self, parameters, context):  # noqa: N802 - QGIS API
+    def checkParameterValues(self, parameters, context):
         """Bad input is refused before the run: a message box in the toolbox, an exception
         from processing.run, an error from qgis_process. Planning writes no file."""
         ok, message = super().checkParameterValues(parameters, context)
@@ -179,7 +179,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             return False, str(exc)
         return True, ""
 
-    def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802 - QGIS API
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:
         """Main thread: read and check the layers and plan the exports and commands (no file
         is written: the exports run in processAlgorithm)."""
         try:
@@ -188,7 +188,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(str(exc)) from exc
         return True
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS API
+    def processAlgorithm(self, parameters, context, feedback):
         """Worker thread (toolbox) or main thread (qgis_process): run the engine."""
         plan, self._plan = self._plan, None
         outcomes = self.run_prepared(plan.prepared, feedback)
@@ -286,7 +286,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             feedback.pushInfo(f"{section} backbone {name}: {described}")
         return model
 
-    def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
+    def shortHelpString(self) -> str:
         if not self._models:
             return self._help
         # asked once per session, when the help is first shown (not while QGIS starts)

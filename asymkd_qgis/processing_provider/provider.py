@@ -33,5 +33,5 @@ class AsymKDProvider(QgsProcessingProvider):
     def supportedOutputVectorLayerExtensions(self) -> list[str]:
         return ["gpkg"]  # the engine writes GeoPackages
 
-    def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:  # noqa: N803 - Qt API
+    def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:
         return "gpkg"

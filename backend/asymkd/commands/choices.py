@@ -23,7 +23,7 @@ HUB_NOTE = ("any timm model name works too (source 'hub': ImageNet weights downl
             "pretrained, else random); 'weights=FILE' starts from a local state dict (source 'file')")
 
 
-def add_arguments(parser) -> None:  # noqa: ARG001 - no options
+def add_arguments(parser) -> None:
     pass
 
 

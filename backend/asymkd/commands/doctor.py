@@ -5,11 +5,11 @@ import json
 from ..doctor import doctor_report
 
 
-def add_arguments(parser) -> None:  # noqa: ARG001 - no options
+def add_arguments(parser) -> None:
     pass
 
 
-def run(args, events) -> int:  # noqa: ARG001
+def run(args, events) -> int:
     report = doctor_report()
     events.emit("doctor", report=report)
     if args.events != "-":
