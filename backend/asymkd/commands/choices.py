@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from .. import __version__, choices
 from ..config import DistillConfig, TeacherConfig
 from ..events import PROTOCOL_VERSION
+from ._report import send_report
 
 BACKBONES_SOURCE = Path(__file__).resolve().parents[1] / "models" / "backbones.py"
 HUB_NOTE = ("any timm model name works too (source 'hub': ImageNet weights downloaded once when "
@@ -28,11 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, events) -> int:
-    report = choices_report()
-    events.emit("choices", choices=report)
-    if args.events != "-":
-        print(json.dumps(report, indent=2))
-    return 0
+    return send_report(args, events, "choices", "choices", choices_report())
 
 
 def choices_report() -> dict[str, Any]:

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import json
-
 from ..doctor import doctor_report
+from ._report import send_report
 
 
 def add_arguments(parser) -> None:
@@ -10,8 +9,4 @@ def add_arguments(parser) -> None:
 
 
 def run(args, events) -> int:
-    report = doctor_report()
-    events.emit("doctor", report=report)
-    if args.events != "-":
-        print(json.dumps(report, indent=2))
-    return 0
+    return send_report(args, events, "doctor", "report", doctor_report())
