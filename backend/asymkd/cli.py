@@ -11,7 +11,7 @@ import importlib
 import signal
 import sys
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import Sequence
 
 from . import __version__
@@ -45,7 +45,7 @@ class _Terminated(BaseException):
 _RUNNING = {"command": False}
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
+def _on_sigterm(signum, frame):
     if _RUNNING["command"]:
         raise _Terminated()
 
@@ -59,7 +59,8 @@ _DEFAULT_HINTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asymkd", description="AsymKD: an MS teacher teaches an RGB student without same-target pairs.")
+    parser = argparse.ArgumentParser(
+        prog="asymkd", description="AsymKD: an MS teacher teaches an RGB student without same-target pairs.")
     parser.add_argument("--version", action="version", version=f"asymkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
@@ -162,10 +163,8 @@ def _report(exc: AsymKDError, events: Events, command: str) -> int:
 
 def _quietly(emit, *args, **kwargs) -> None:
     """Report on the event stream unless the stream itself is what failed (disk full, closed pipe)."""
-    try:
+    with suppress(OSError, ValueError):
         emit(*args, **kwargs)
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from . import __version__, layout
 from .errors import ConfigError, DataError, ModelFileError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_write_bytes, check_writable
+from .palette import class_color
 
 FORMAT_VERSION = 1
 META_KEY = "asymkd"
@@ -81,10 +82,6 @@ def class_colors(meta: dict[str, Any]) -> list[str]:
     class palette (the same colour for a name everywhere), else a deterministic fallback."""
     names = list(meta["class_names"])
     given = meta.get("colors")
-    try:
-        from .palette import class_color
-    except ImportError:
-        class_color = None
     out = []
     for i, name in enumerate(names):
         color = None
@@ -92,7 +89,7 @@ def class_colors(meta: dict[str, Any]) -> list[str]:
             color = _hex(given.get(name))
         elif isinstance(given, (list, tuple)) and i < len(given):
             color = _hex(given[i])
-        if color is None and class_color is not None:
+        if color is None:
             color = _hex(class_color(name))
         out.append(color or fallback_color(i))
     return out
@@ -207,6 +204,7 @@ def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
     export fails and leaves no file when the probabilities differ by more than `tolerance`.
     """
     import torch
+
     from .models.files import load_model
 
     folder = Path(model_folder)
@@ -229,7 +227,8 @@ def export_onnx(model_folder: str | Path, out: str | Path | None = None, *,
     batch, source = _check_batches(meta, check_data, check_samples)
     size = int(meta["patch_size"])
     if batch.shape[-2:] != (size, size):
-        events.warning(f"check patches are {batch.shape[-2]}x{batch.shape[-1]} pixels, the model's patch size is {size}")
+        events.warning(f"check patches are {batch.shape[-2]}x{batch.shape[-1]} pixels, "
+                       f"the model's patch size is {size}")
     deploy = _Deployable.wrap(model, meta["mean"], meta["std"])
     with events.step("export", model=str(folder), out=str(out)):
         blob = _to_onnx_bytes(deploy, batch[:2], opset)
@@ -258,7 +257,9 @@ def _to_onnx_bytes(module, example: np.ndarray, opset: int) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter needs no extra packages and handles these CNNs exactly.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.from_numpy(np.ascontiguousarray(example)),), buf, dynamo=False,
+        # torch documents a file-like object for `f`; its annotation only names paths.
+        torch.onnx.export(module, (torch.from_numpy(np.ascontiguousarray(example)),), buf,  # type: ignore[arg-type]
+                          dynamo=False,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
                           dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
                                         OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}})
@@ -273,7 +274,7 @@ def _parity(module, blob: bytes, batch: np.ndarray, torch) -> float:
     worst = 0.0
     # one single-sample batch, then batches of up to 64
     bounds = [0, 1] + list(range(65, len(batch), 64)) + [len(batch)]
-    chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     with torch.no_grad():
         for a, b in chunks:
             x = batch[a:b]

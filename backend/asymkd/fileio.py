@@ -130,11 +130,10 @@ def temp_path(final: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (fsync'd before the rename)."""
     path = Path(path)
-    with temp_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with temp_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -153,7 +152,7 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """`np.savez` to exactly `path`, atomically."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub checks **arrays against allow_pickle
     return atomic_write_bytes(path, buf.getvalue())
 
 

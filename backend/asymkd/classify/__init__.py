@@ -57,7 +57,8 @@ class ClassifyOptions:
                 raise ConfigError(f"{flag} {value} is out of range", f"use 1..{MAX_TILE} pixels, or leave {flag} "
                                   "out for the default (the model's patch size)")
         if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ConfigError(f"batch size {self.batch_size} is out of range", f"use 1..{MAX_BATCH}, e.g. --batch-size 64")
+            raise ConfigError(f"batch size {self.batch_size} is out of range",
+                              f"use 1..{MAX_BATCH}, e.g. --batch-size 64")
         if not 0.0 <= self.min_valid <= 1.0:
             raise ConfigError(f"--min-valid {self.min_valid} must be between 0 and 1", "e.g. --min-valid 0.5")
         if self.xyz_zoom is not None and (self.stride is not None):

@@ -3,9 +3,8 @@ a grid that it selects."""
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,7 +30,7 @@ class TilePlan:
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         every = np.arange(self.grid.cols, dtype=np.int64)
-        for r, c in zip(self.rows, self.cols):
+        for r, c in zip(self.rows, self.cols, strict=True):
             yield r, (every if c is None else c)
 
 
@@ -47,7 +46,8 @@ def parse_bbox(text: str | Sequence[float]) -> tuple[float, float, float, float]
                           "write --bbox minx,miny,maxx,maxy with four finite numbers")
     minx, miny, maxx, maxy = vals
     if not (minx < maxx and miny < maxy):
-        raise ConfigError(f"bounding box {vals} is empty or inverted", "write --bbox minx,miny,maxx,maxy with min < max")
+        raise ConfigError(f"bounding box {vals} is empty or inverted",
+                          "write --bbox minx,miny,maxx,maxy with min < max")
     return minx, miny, maxx, maxy
 
 
@@ -79,7 +79,8 @@ def read_mask(path: str | Path, layer: str | None = None):
     import pyogrio
     path = Path(path)
     if not path.exists():
-        raise DataError(f"mask file {path} does not exist", "give a vector file with polygons (GeoPackage, shapefile, GeoJSON)")
+        raise DataError(f"mask file {path} does not exist",
+                        "give a vector file with polygons (GeoPackage, shapefile, GeoJSON)")
     try:
         meta, _, wkb, _ = pyogrio.raw.read(str(path), layer=layer, columns=[], read_geometry=True)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError

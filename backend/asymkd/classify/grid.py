@@ -77,9 +77,9 @@ class Grid:
     def key_strings(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         k = self.keys(rows, cols)
         if self.kind == "xyz":
-            parts = zip(k["z"].tolist(), k["x"].tolist(), k["y"].tolist())
+            parts = zip(k["z"].tolist(), k["x"].tolist(), k["y"].tolist(), strict=True)
             return np.array([f"{z}/{x}/{y}" for z, x, y in parts], dtype=object)
-        return np.array([f"{r}/{c}" for r, c in zip(k["row"].tolist(), k["col"].tolist())], dtype=object)
+        return np.array([f"{r}/{c}" for r, c in zip(k["row"].tolist(), k["col"].tolist(), strict=True)], dtype=object)
 
 
 def tiles_along(n: int, tile: int, stride: int) -> int:

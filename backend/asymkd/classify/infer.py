@@ -9,9 +9,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, ModelFileError
+from ..export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    load_onnx_proto,
+    onnx_session_options,
+    parse_metadata,
+    read_onnx_metadata,
+    resolve_model_path,
+)
 from ..models.metadata import check_graph_shapes
-from ..export import (INPUT_NAME, OUTPUT_NAMES, load_onnx_proto, onnx_session_options, parse_metadata,
-                      read_onnx_metadata, resolve_model_path)
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -40,7 +40,8 @@ def resolve_bands(src, band_names: Sequence[str], bands: Sequence[int] | str | N
             try:
                 bands = [int(b) for b in bands.split(",") if b.strip()]
             except ValueError as exc:
-                raise ConfigError(f"--bands '{bands}' is not a list of band numbers", "write e.g. --bands 1,2,3") from exc
+                raise ConfigError(f"--bands '{bands}' is not a list of band numbers",
+                                  "write e.g. --bands 1,2,3") from exc
         bands = [int(b) for b in bands]
         if len(bands) != need:
             raise ConfigError(f"--bands gives {len(bands)} band(s) but the model needs {need} ({wanted})",
@@ -70,8 +71,10 @@ def _by_colour_interp(src, band_names: Sequence[str]) -> list[int] | None:
     out = []
     for name in band_names:
         wave = wavelength_nm(name)
-        colour = None if wave is None else min(TRUE_COLOUR_NM, key=lambda c: abs(TRUE_COLOUR_NM[c] - wave))
-        if colour is None or abs(TRUE_COLOUR_NM[colour] - wave) > 40 or _COLOUR_INTERP[colour] not in interp:
+        if wave is None:
+            return None
+        colour = min(TRUE_COLOUR_NM, key=lambda c: abs(TRUE_COLOUR_NM[c] - wave))
+        if abs(TRUE_COLOUR_NM[colour] - wave) > 40 or _COLOUR_INTERP[colour] not in interp:
             return None
         out.append(interp.index(_COLOUR_INTERP[colour]) + 1)
     return out if len(set(out)) == len(out) else None
@@ -145,7 +148,7 @@ class _Source:
             ok = np.ones(part.shape[1:], dtype=bool)
         elif self.mode == "nodata":
             is_nd = [(np.isnan(b) if nd is not None and np.isnan(nd) else b == nd)
-                     for b, nd in zip(part, self.nodata) if nd is not None]
+                     for b, nd in zip(part, self.nodata, strict=True) if nd is not None]
             ok = ~np.logical_and.reduce(is_nd)
         else:
             ok = src.read_masks(self.bands[0], window=win) > 0
@@ -171,11 +174,11 @@ class PrefetchReader:
         self.plan = plan
         self.grid = plan.grid
         self.bands = bands
-        fill = np.asarray(fill, np.float64).reshape(-1, 1, 1)
+        fill_values = np.asarray(fill, np.float64).reshape(-1, 1, 1)
         if self.dtype.kind in "iu":  # the nearest value the batch dtype holds
             info = np.iinfo(self.dtype)
-            fill = np.clip(np.rint(fill), info.min, info.max)
-        self.fill = fill.astype(self.dtype)
+            fill_values = np.clip(np.rint(fill_values), info.min, info.max)
+        self.fill = fill_values.astype(self.dtype)
         self.batch_size = int(batch_size)
         self.min_valid = float(min_valid)
         self.max_strip_tiles = max(1, int(max_strip_tiles))
@@ -258,7 +261,7 @@ class PrefetchReader:
                 offs = (chunk - c0) * S
                 csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
                 frac = (csum[offs + T] - csum[offs]) / float(T * T)
-                for off, c, f in zip(offs.tolist(), chunk.tolist(), frac.tolist()):
+                for off, c, f in zip(offs.tolist(), chunk.tolist(), frac.tolist(), strict=True):
                     if f < self.min_valid or f <= 0.0:
                         skipped += 1
                         continue

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..export import read_onnx_metadata
 from ..events import Events
+from ..export import read_onnx_metadata
 from . import ClassifyOptions, ClassifyResult
 from .area import plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
@@ -142,7 +142,7 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
         tw = time.perf_counter()
         writer.close()
         outputs.temp(qml).write_text(style, encoding="utf-8")
-        if raster_out is not None:
+        if raster_out is not None and class_raster is not None:
             raster_out.write(outputs.temp(class_raster), colors)
         write_s = time.perf_counter() - tw
     except BaseException:

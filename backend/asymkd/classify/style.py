@@ -42,7 +42,7 @@ def qml_text(class_names: Sequence[str], colors: Sequence[str], attr: str = "cla
                                                    "forceraster": "0"})
     cats = ET.SubElement(renderer, "categories")
     syms = ET.SubElement(renderer, "symbols")
-    for i, (name, color) in enumerate(zip(class_names, colors)):
+    for i, (name, color) in enumerate(zip(class_names, colors, strict=True)):
         ET.SubElement(cats, "category", {"value": str(name), "label": str(name), "symbol": str(i), "render": "true"})
         _fill_symbol(syms, str(i), color)
     ET.SubElement(root, "layerOpacity").text = "1"

@@ -40,7 +40,8 @@ class AtomicOutputs:
         self.committed = False
         for p in self.finals:
             if p.exists() and not overwrite:
-                raise ConfigError(f"output {p} already exists", "pass --overwrite to replace it, or choose another name")
+                raise ConfigError(f"output {p} already exists",
+                                  "pass --overwrite to replace it, or choose another name")
             if p.is_dir():
                 raise ConfigError(f"output {p} is a folder", "give a file name, e.g. tiles.gpkg")
         for p in self.finals:
@@ -58,10 +59,8 @@ class AtomicOutputs:
             raise DataError(f"cannot write output {path}: {exc.strerror or exc}",
                             "choose a folder you can write to") from exc
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 probe.unlink()
-            except OSError:
-                pass
 
     def temp(self, final: Path) -> Path:
         return self.temps[Path(final)]

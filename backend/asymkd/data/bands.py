@@ -30,7 +30,8 @@ def parse_band_names(spec: str | list[str] | None, count: int) -> list[str] | No
     if names is None:
         names = [s.strip() for s in str(spec).split(",") if s.strip()]
     if len(names) != count:
-        raise DataError(f"the band names given (--bands or data.bands: {spec if isinstance(spec, str) else ','.join(names)}) "
+        given = spec if isinstance(spec, str) else ",".join(names)
+        raise DataError(f"the band names given (--bands or data.bands: {given}) "
                         f"are {len(names)} but the data has {count} bands",
                         f"give exactly {count} comma-separated names or a preset: {', '.join(PRESETS)}")
     return names

@@ -146,6 +146,7 @@ class GridView:
             valid = self.vrt.read(self.count + 1, window=window) > 0 if self.has_alpha \
                 else np.ones((size, size), bool)
         else:
+            assert self.offset is not None  # read directly only when the raster lies on the grid
             c0, r0 = col_off + self.offset[0], row_off + self.offset[1]
             valid = np.zeros((size, size), bool)
             ys = slice(max(0, -r0), min(size, self.src.height - r0))
@@ -212,7 +213,7 @@ def _check_grid_size(width: int, height: int, cfg: ChipConfig) -> None:
 
 
 def _grid_bounds(transform, width: int, height: int) -> tuple[float, float, float, float]:
-    xs, ys = zip(*(transform @ (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))))
+    xs, ys = zip(*(transform @ (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))), strict=True)
     return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -276,14 +277,14 @@ def read_labels(path: str | Path, field: str, layer: str | None, raster_crs,
                         "check the file in QGIS, or save the layer again as a GeoPackage") from exc
     geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
     classes = np.array([_class_text(v) for v in values[0]], dtype=object)
-    if not same_crs and len(geoms):
+    if label_crs is not None and not same_crs and len(geoms):
         from pyproj import Transformer
         tf = Transformer.from_crs(label_crs.to_wkt(), raster_crs.to_wkt(), always_xy=True)
         geoms = shapely.transform(geoms, lambda xy: np.column_stack(tf.transform(xy[:, 0], xy[:, 1])))
     keep = np.array([g is not None and not g.is_empty for g in geoms], bool) & (classes != None)  # noqa: E711
     if len(geoms):
         keep &= shapely.intersects(geoms, shapely.box(*raster_bounds))
-    dropped = int(sum(1 for g, c in zip(geoms, classes) if g is None or c is None))
+    dropped = int(sum(1 for g, c in zip(geoms, classes, strict=True) if g is None or c is None))
     return Labels(geoms[keep], classes[keep], np.asarray(fids)[keep],
                   label_crs.to_string() if label_crs else None, dropped)
 
@@ -320,20 +321,19 @@ def polygon_chips(labels: Labels, transform, width: int, height: int, size: int,
     n_cols, n_rows = width // size, height // size
     best: dict[tuple[int, int], tuple[float, str]] = {}
     cell_area = abs(transform.a * transform.e - transform.b * transform.d) * size * size
-    for geom, cls in zip(labels.geoms, labels.classes):
+    for geom, cls in zip(labels.geoms, labels.classes, strict=True):
         if geom.geom_type not in _POLYGONS:
             continue
         minx, miny, maxx, maxy = geom.bounds
-        cols, rows = zip(*(inverse @ (x, y) for x in (minx, maxx) for y in (miny, maxy)))
+        cols, rows = zip(*(inverse @ (x, y) for x in (minx, maxx) for y in (miny, maxy)), strict=True)
         c0, c1 = max(0, int(min(cols) // size)), min(n_cols - 1, int(max(cols) // size))
         r0, r1 = max(0, int(min(rows) // size)), min(n_rows - 1, int(max(rows) // size))
         if c0 > c1 or r0 > r1:
             continue
-        cc, rr = np.meshgrid(np.arange(c0, c1 + 1), np.arange(r0, r1 + 1))
-        cc, rr = cc.ravel(), rr.ravel()
+        cc, rr = (a.ravel() for a in np.meshgrid(np.arange(c0, c1 + 1), np.arange(r0, r1 + 1)))
         cells = _cell_polygons(transform, cc, rr, size)
         cover = shapely.area(shapely.intersection(cells, geom)) / cell_area
-        for c, r, f in zip(cc, rr, cover):
+        for c, r, f in zip(cc, rr, cover, strict=True):
             if f >= min_cover - 1e-9 and f > best.get((int(r), int(c)), (0.0, ""))[0]:
                 best[(int(r), int(c))] = (float(f), cls)
     return [Chip(c * size, r * size, cls, f"{safe_name(cls)}_r{r}_c{c}")
@@ -356,7 +356,7 @@ def point_chips(labels: Labels, transform, width: int, height: int, size: int) -
     import shapely
     inverse = ~transform
     chips, edge = [], 0
-    for geom, cls, fid in zip(labels.geoms, labels.classes, labels.fids):
+    for geom, cls, fid in zip(labels.geoms, labels.classes, labels.fids, strict=True):
         if geom.geom_type not in _POINTS:
             continue
         parts = shapely.get_parts(geom)
@@ -412,15 +412,7 @@ def chip_map(raster: str | Path, labels: str | Path, out: str | Path, cfg: ChipC
     cfg = cfg or ChipConfig()
     cfg.validate()
     out = Path(out)
-    if (pair_raster is None) != (pair_out is None):
-        raise ConfigError("a pair raster needs a pair output folder and the other way round",
-                          "give both --pair-raster and --pair-out, or neither")
-    pair_out = Path(pair_out) if pair_out is not None else None
-    if pair_out is not None and pair_out.resolve() == out.resolve():
-        raise ConfigError("--pair-out must differ from --out", "pairs go to a second folder with the same stems")
-    for folder in (out, pair_out):
-        if folder is not None:
-            _check_out(folder)
+    pair_out = _check_outputs(out, pair_raster, pair_out)
     with ExitStack() as stack, events.step("chips", raster=str(raster), labels=str(labels)):
         src = stack.enter_context(_open_raster(raster, "raster"))
         transform, width, height, down = chipping_grid(src, cfg.resolution)
@@ -448,22 +440,41 @@ def chip_map(raster: str | Path, labels: str | Path, out: str | Path, cfg: ChipC
                 (staged_dir(pair_out) if pair_out is not None else nullcontext()) as pair_partial:
             written, pairs = _cut(chips, view, pair_view, partial, pair_partial, cfg, events, skipped)
             _write_manifest(partial, raster, labels, cfg, view, written, skipped, pairs, pair_raster)
-            if pair_partial is not None:
+            if pair_partial is not None and pair_view is not None:
                 _write_manifest(pair_partial, pair_raster, labels, cfg, pair_view, pairs, {}, pairs, raster)
     classes = sorted({c.class_name for c in written})
     res = ChipResult(out=out, pair_out=pair_out, classes=classes,
                      counts={k: sum(c.class_name == k for c in written) for k in classes},
                      chips=len(written), pairs=len(pairs), features=len(found.geoms),
                      skipped=skipped, seconds=round(time.time() - start, 3))
-    for reason, n in skipped.items():
+    _report(res, pair_raster, events)
+    return res
+
+
+def _check_outputs(out: Path, pair_raster: str | Path | None, pair_out: str | Path | None) -> Path | None:
+    """The pair output folder (given with a pair raster, apart from `out`); both folders writable."""
+    if (pair_raster is None) != (pair_out is None):
+        raise ConfigError("a pair raster needs a pair output folder and the other way round",
+                          "give both --pair-raster and --pair-out, or neither")
+    pair_folder = Path(pair_out) if pair_out is not None else None
+    if pair_folder is not None and pair_folder.resolve() == out.resolve():
+        raise ConfigError("--pair-out must differ from --out", "pairs go to a second folder with the same stems")
+    for folder in (out, pair_folder):
+        if folder is not None:
+            _check_out(folder)
+    return pair_folder
+
+
+def _report(res: ChipResult, pair_raster: str | Path | None, events: Events) -> None:
+    """Warnings for what was skipped, then the metrics and result events."""
+    for reason, n in res.skipped.items():
         if n and reason != "pair_nodata":
             events.warning(f"chips: skipped {n} ({reason.replace('_', ' ')})")
-    if pair_out is not None and not pairs:
+    if res.pair_out is not None and not res.pairs:
         events.warning(f"chips: the pair raster {pair_raster} has no valid data under any chip; no pairs written")
     events.metrics("chips", res.summary())
-    paths = {"chips": out} | ({"pairs": pair_out} if pair_out else {})
+    paths = {"chips": res.out} | ({"pairs": res.pair_out} if res.pair_out else {})
     events.result("chips", **paths)
-    return res
 
 
 def _pair_view(path, crs, transform, width, height, bounds, stack) -> GridView:

@@ -63,7 +63,7 @@ class PatchSet:
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
-        return {c: int(n) for c, n in zip(self.class_names, counts)}
+        return {c: int(n) for c, n in zip(self.class_names, counts, strict=True)}
 
 
 def read_image(path: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -140,7 +140,7 @@ def _check_band_names(names: list[str], example: Path) -> None:
 def _non_finite_files(items: list[tuple[Path, int]], arrays: list[np.ndarray]) -> list[Path]:
     # NaN is a common nodata value of float GeoTIFFs; it would make the normalisation
     # statistics and then every weight NaN, so such patches are refused here.
-    return [p for (p, _), a in zip(items, arrays) if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    return [p for (p, _), a in zip(items, arrays, strict=True) if a.dtype.kind == "f" and not np.isfinite(a).all()]
 
 
 def load_folder(root: str | Path, modality: str, bands: str | list[str] | None = None,
@@ -171,7 +171,7 @@ def load_folder(root: str | Path, modality: str, bands: str | list[str] | None =
     shapes = {r[0].shape for r in read}
     if len(shapes) > 1:
         by_shape: dict[tuple, Path] = {}
-        for (p, _), (arr, _) in zip(items, read):
+        for (p, _), (arr, _) in zip(items, read, strict=True):
             by_shape.setdefault(arr.shape, p)
         detail = "; ".join(f"{s} e.g. {p.name}" for s, p in by_shape.items())
         raise DataError(f"images in {root} differ in band count or size: {detail}",

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -518,7 +519,7 @@ def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Pa
 
 
 def _layout(patches: list[_Patch], rng: np.random.Generator, rows: int, cols: int,
-            skip: set[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], _Patch]:
+            skip: AbstractSet[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], _Patch]:
     """Patches placed in shuffled order over the free cells of a rows x cols grid."""
     free = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in skip]
     order = rng.permutation(len(patches))
@@ -637,31 +638,9 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
     rows, cols = _square_grid(len(ms_patches))
     ms_grid = _SceneGrid(SCENE_ORIGIN, rows, cols, cfg.size)
     ms_cells = _layout(ms_patches, _rng(cfg.seed, "shuffle", 0), rows, cols)
-    cell_of = {p.stem: rc for rc, p in ms_cells.items()}
-    # MS patches carry the georeference of their scene cell (the scene is made of them).
-    for p in ms_patches:
-        _write_ms_tif(out / "ms" / p.class_name / f"{p.stem}.tif", p.data,
-                      ms_grid.cell_transform(*cell_of[p.stem]))
-    for set_name in ("rgb_train", "rgb_test"):
-        for p in sets[set_name]:
-            _write_png(out / set_name / p.class_name / f"{p.stem}.png", p.data)
-    for p in unlabeled:
-        _write_png(out / "rgb_unlabeled" / f"{p.stem}.png", p.data)
     paired = _paired_stems(ms_patches, names, cfg.paired)
-    for p in ms_patches:
-        if p.stem in paired:
-            _write_png(out / "rgb_paired" / p.class_name / f"{p.stem}.png", render_rgb(p.data))
-
-    # RGB scene: starts `overlap_cols` cell columns before the MS scene's right edge, same rows.
-    k = min(cfg.overlap_cols, cols)
-    rgb_cols = k + max(1, int(np.ceil(len(sets["rgb_train"]) / rows)))
-    rgb_grid = _SceneGrid((SCENE_ORIGIN[0] + (cols - k) * ms_grid.cell_m, SCENE_ORIGIN[1]),
-                          rows, rgb_cols, cfg.size)
-    overlap = {(r, c - (cols - k)): _Patch(p.class_name, p.stem, render_rgb(p.data))
-               for (r, c), p in ms_cells.items() if c >= cols - k}
-    rgb_cells = _layout(sets["rgb_train"], _rng(cfg.seed, "shuffle", 1), rows, rgb_cols,
-                        skip={(r, c) for r in range(rows) for c in range(k)})
-    rgb_cells.update(overlap)
+    _write_patches(out, sets, unlabeled, ms_grid, ms_cells, paired)
+    rgb_grid, rgb_cells, overlap = _rgb_scene(cfg, sets["rgb_train"], ms_grid, ms_cells)
     t_rows, t_cols = _square_grid(len(sets["rgb_test"]))
     test_origin = (SCENE_ORIGIN[0], ms_grid.bounds()[1] - 10 * ms_grid.cell_m)
     test_grid = _SceneGrid(test_origin, t_rows, t_cols, cfg.size)
@@ -672,18 +651,7 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
                               ("rgb_test", test_grid, test_cells)):
         _write_scene(m / f"{stem}_scene.tif", grid, cells)
         _write_labels(m / f"{stem}_labels.gpkg", grid, cells)
-
-    paths = {"root": str(out), "ms": str(out / "ms"), "rgb_train": str(out / "rgb_train"),
-             "rgb_test": str(out / "rgb_test"), "rgb_unlabeled": str(out / "rgb_unlabeled"),
-             "rgb_paired": str(out / "rgb_paired"),
-             "ms_scene": str(m / "ms_scene.tif"), "ms_labels": str(m / "ms_labels.gpkg"),
-             "rgb_scene": str(m / "rgb_scene.tif"), "rgb_labels": str(m / "rgb_labels.gpkg"),
-             "rgb_test_scene": str(m / "rgb_test_scene.tif"),
-             "rgb_test_labels": str(m / "rgb_test_labels.gpkg"), "world": str(out / MARKER)}
-    if not unlabeled:
-        del paths["rgb_unlabeled"]
-    if not paired:
-        del paths["rgb_paired"]
+    paths = _world_paths(out, bool(unlabeled), bool(paired))
 
     def per_class(patches: list[_Patch]) -> dict[str, int]:
         return {n: sum(p.class_name == n for p in patches) for n in names}
@@ -697,7 +665,7 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
                    "rgb_paired": len(paired)},
         "map": {
             "ms_scene": {"origin": ms_grid.origin, "rows": rows, "cols": cols, "cells": len(ms_cells)},
-            "rgb_scene": {"origin": rgb_grid.origin, "rows": rows, "cols": rgb_cols,
+            "rgb_scene": {"origin": rgb_grid.origin, "rows": rows, "cols": rgb_grid.cols,
                           "cells": len(rgb_cells), "overlap_cells": len(overlap),
                           "overlap_bounds": _overlap_bounds(ms_grid, rgb_grid)},
             "rgb_test_scene": {"origin": test_grid.origin, "rows": t_rows, "cols": t_cols,
@@ -706,6 +674,58 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
         "paths": {k: os.path.relpath(v, out) for k, v in paths.items()},
     }
     atomic_write_text(out / MARKER, json.dumps(world, indent=2) + "\n")
+    return paths
+
+
+def _write_patches(out: Path, sets: dict[str, list[_Patch]], unlabeled: list[_Patch], ms_grid: _SceneGrid,
+                   ms_cells: dict[tuple[int, int], _Patch], paired: set[str]) -> None:
+    """The patch folders: ms/ (GeoTIFF), rgb_train/, rgb_test/, rgb_unlabeled/, rgb_paired/ (PNG)."""
+    # MS patches carry the georeference of their scene cell (the scene is made of them).
+    cell_of = {p.stem: rc for rc, p in ms_cells.items()}
+    for p in sets["ms"]:
+        _write_ms_tif(out / "ms" / p.class_name / f"{p.stem}.tif", p.data,
+                      ms_grid.cell_transform(*cell_of[p.stem]))
+    for set_name in ("rgb_train", "rgb_test"):
+        for p in sets[set_name]:
+            _write_png(out / set_name / p.class_name / f"{p.stem}.png", p.data)
+    for p in unlabeled:
+        _write_png(out / "rgb_unlabeled" / f"{p.stem}.png", p.data)
+    for p in sets["ms"]:
+        if p.stem in paired:
+            _write_png(out / "rgb_paired" / p.class_name / f"{p.stem}.png", render_rgb(p.data))
+
+
+def _rgb_scene(cfg: SynthConfig, rgb_train: list[_Patch], ms_grid: _SceneGrid,
+               ms_cells: dict[tuple[int, int], _Patch]
+               ) -> tuple[_SceneGrid, dict[tuple[int, int], _Patch], dict[tuple[int, int], _Patch]]:
+    """The RGB scene's grid and cells, and the cells it shares with the MS scene: it starts
+    `overlap_cols` cell columns before the MS scene's right edge, on the same rows."""
+    rows, cols = ms_grid.rows, ms_grid.cols
+    k = min(cfg.overlap_cols, cols)
+    rgb_cols = k + max(1, int(np.ceil(len(rgb_train) / rows)))
+    rgb_grid = _SceneGrid((SCENE_ORIGIN[0] + (cols - k) * ms_grid.cell_m, SCENE_ORIGIN[1]),
+                          rows, rgb_cols, cfg.size)
+    overlap = {(r, c - (cols - k)): _Patch(p.class_name, p.stem, render_rgb(p.data))
+               for (r, c), p in ms_cells.items() if c >= cols - k}
+    rgb_cells = _layout(rgb_train, _rng(cfg.seed, "shuffle", 1), rows, rgb_cols,
+                        skip={(r, c) for r in range(rows) for c in range(k)})
+    rgb_cells.update(overlap)
+    return rgb_grid, rgb_cells, overlap
+
+
+def _world_paths(out: Path, unlabeled: bool, paired: bool) -> dict[str, str]:
+    m = out / "map"
+    paths = {"root": str(out), "ms": str(out / "ms"), "rgb_train": str(out / "rgb_train"),
+             "rgb_test": str(out / "rgb_test"), "rgb_unlabeled": str(out / "rgb_unlabeled"),
+             "rgb_paired": str(out / "rgb_paired"),
+             "ms_scene": str(m / "ms_scene.tif"), "ms_labels": str(m / "ms_labels.gpkg"),
+             "rgb_scene": str(m / "rgb_scene.tif"), "rgb_labels": str(m / "rgb_labels.gpkg"),
+             "rgb_test_scene": str(m / "rgb_test_scene.tif"),
+             "rgb_test_labels": str(m / "rgb_test_labels.gpkg"), "world": str(out / MARKER)}
+    if not unlabeled:
+        del paths["rgb_unlabeled"]
+    if not paired:
+        del paths["rgb_paired"]
     return paths
 
 

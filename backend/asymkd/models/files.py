@@ -43,7 +43,8 @@ def load_error_text(exc: BaseException) -> str:
     kept = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
     if any("Weights only load failed" in line for line in lines):  # objects other than tensors
         detail = kept[0].removeprefix("WeightsUnpickler error:").strip() if kept else ""
-        return "it holds objects other than tensors, which are not loaded for safety" + (f" ({detail})" if detail else "")
+        return ("it holds objects other than tensors, which are not loaded for safety"
+                + (f" ({detail})" if detail else ""))
     first = kept[0] if kept else type(exc).__name__
     return first if len(first) <= 200 else first[:197] + "..."
 
