@@ -78,7 +78,7 @@ def write_raster(path: Path, data: np.ndarray, crs=UTM, transform=None, nodata=N
 
 def read_layer(path: Path):
     meta, _, wkb, values = pyogrio.raw.read(str(path), layer="tiles")
-    fields = dict(zip(meta["fields"], values))
+    fields = dict(zip(meta["fields"], values, strict=True))
     return shapely.from_wkb(wkb), fields, meta
 
 
@@ -103,7 +103,7 @@ def test_tile_polygons_equal_window_bounds(model, tmp_path):
     assert res.tiles_total == 35 and res.tiles_classified == 35 and len(geoms) == 35
     assert CRS.from_user_input(meta["crs"]) == CRS.from_user_input(UTM)
     seen = set()
-    for g, r, c, key in zip(geoms, f["row"], f["col"], f["tile_key"]):
+    for g, r, c, key in zip(geoms, f["row"], f["col"], f["tile_key"], strict=True):
         assert g.bounds == window_bounds(Window(c * T, r * T, T, T), transform)  # exact
         assert key == f"{r}/{c}"
         seen.add((r, c))
@@ -117,7 +117,7 @@ def test_stride_edge_tiles_and_min_valid(model, tmp_path):
     # cols: starts 0,16,..,80 (6), rows: 0,16,32,48 (4); edge tiles run past the raster
     assert res.tiles_total == 24 and res.tiles_classified == 24
     geoms, f, _ = read_layer(tmp_path / "a.gpkg")
-    last = {(r, c): (g, v) for g, r, c, v in zip(geoms, f["row"], f["col"], f["valid_fraction"])}
+    last = {(r, c): (g, v) for g, r, c, v in zip(geoms, f["row"], f["col"], f["valid_fraction"], strict=True)}
     g, v = last[(3, 5)]
     assert g.bounds == window_bounds(Window(80, 48, T, T), from_origin(500000, 5200000, 10, 10))
     assert v == pytest.approx((20 / 32) * (22 / 32))
@@ -163,7 +163,7 @@ def test_xyz_keys_match_the_slippy_map_formula(model, tmp_path):
     expected = {(x, y) for x in range(tx0, tx1 + 1) for y in range(ty0, ty1 + 1)}
     assert result.tiles_total == len(expected) > 1
     assert len(geoms) > 0
-    for g, zz, x, y, key in zip(geoms, f["z"], f["x"], f["y"], f["tile_key"]):
+    for g, zz, x, y, key in zip(geoms, f["z"], f["x"], f["y"], f["tile_key"], strict=True):
         lon, lat = to_ll.transform(g.centroid.x, g.centroid.y)
         assert (zz, x, y) == (z, *slippy(lon, lat, z))
         assert key == f"{z}/{x}/{y}"
@@ -172,7 +172,7 @@ def test_xyz_keys_match_the_slippy_map_formula(model, tmp_path):
         np.testing.assert_allclose(g.bounds, (bx0, by0, bx1, by1), rtol=0, atol=1e-3)
     # every tile that really overlaps the raster is there
     raster_box = shapely.box(x0, y1, x0 + w * res, y1 + h * res)
-    got = set(zip(f["x"].tolist(), f["y"].tolist()))
+    got = set(zip(f["x"].tolist(), f["y"].tolist(), strict=True))
     for x, y in expected:
         b = slippy_bounds(x, y, z)
         tile = shapely.box(*to_merc.transform(b[0], b[1]), *to_merc.transform(b[2], b[3]))
@@ -187,7 +187,7 @@ def test_fields_match_running_the_model_directly(model, tmp_path):
     classify(model[0], src, tmp_path / "out.gpkg", batch_size=5, chunk=4)  # several background writes
     _, f, _ = read_layer(tmp_path / "out.gpkg")
     assert len(f["class_id"]) == 12
-    tiles = np.stack([data[:, r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in zip(f["row"], f["col"])])
+    tiles = np.stack([data[:, r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in zip(f["row"], f["col"], strict=True)])
     probs = torch_probs(model[1], tiles)
     order = np.argsort(-probs, axis=1)
     np.testing.assert_array_equal(f["class_id"], order[:, 0])
@@ -270,7 +270,7 @@ def test_qml_is_a_categorized_style_with_the_model_colours(model, tmp_path):
     cats = renderer.findall("categories/category")
     assert [c.get("value") for c in cats] == CLASSES and [c.get("label") for c in cats] == CLASSES
     symbols = {s.get("name"): s for s in renderer.findall("symbols/symbol")}
-    for cat, color in zip(cats, colors):
+    for cat, color in zip(cats, colors, strict=True):
         sym = symbols[cat.get("symbol")]
         assert sym.get("type") == "fill"
         fill = sym.find("layer").find("prop[@k='color']").get("v").split(",")
@@ -278,7 +278,7 @@ def test_qml_is_a_categorized_style_with_the_model_colours(model, tmp_path):
     # the same style is the layer's default inside the GeoPackage
     _, _, _, values = pyogrio.raw.read(str(res.gpkg), layer="layer_styles", read_geometry=False)
     meta = pyogrio.read_info(str(res.gpkg), layer="layer_styles")
-    row = dict(zip(meta["fields"], [v[0] for v in values]))
+    row = dict(zip(meta["fields"], [v[0] for v in values], strict=True))
     assert row["f_table_name"] == "tiles" and row["useAsDefault"] == 1
     assert row["styleQML"] == res.qml.read_text(encoding="utf-8")
 
@@ -292,7 +292,7 @@ def test_class_raster_has_one_pixel_per_tile_and_a_colour_table(model, tmp_path)
     with rasterio.open(tmp_path / "classes.tif") as ds:
         arr = ds.read(1)
         assert arr.shape == (3, 4) and ds.nodata == 255 and arr[0, 0] == 255
-        for g, r, c, k in zip(geoms, f["row"], f["col"], f["class_id"]):
+        for g, r, c, k in zip(geoms, f["row"], f["col"], f["class_id"], strict=True):
             assert arr[r, c] == k
             assert tuple(ds.window_bounds(Window(c, r, 1, 1))) == pytest.approx(g.bounds)
         cmap = ds.colormap(1)
@@ -312,8 +312,9 @@ def test_nodata_tiles_are_skipped_and_partial_tiles_filled(model, tmp_path):
     res = classify(model[0], src, tmp_path / "out.gpkg", events=Events(stream=stream, progress_bars=False))
     assert res.tiles_total == 8 and res.tiles_skipped == 5 and res.tiles_classified == 3
     _, f, _ = read_layer(res.gpkg)
-    assert sorted(zip(f["row"].tolist(), f["col"].tolist())) == [(0, 2), (0, 3), (1, 2)]
-    got = dict(zip(zip(f["row"].tolist(), f["col"].tolist()), zip(f["valid_fraction"], f["confidence"])))
+    assert sorted(zip(f["row"].tolist(), f["col"].tolist(), strict=True)) == [(0, 2), (0, 3), (1, 2)]
+    got = dict(zip(zip(f["row"].tolist(), f["col"].tolist(), strict=True),
+                   zip(f["valid_fraction"], f["confidence"], strict=True), strict=True))
     assert got[(0, 2)][0] == pytest.approx(22 / 32)
     tile = data[:, :T, 2 * T:3 * T].astype(np.float32)
     tile[:, :, :10] = 100.0  # invalid pixels are fed as the training mean
@@ -403,12 +404,12 @@ def test_bbox_selects_the_tiles_inside(model, tmp_path):
     box = (x0 + 2 * s, y0 - 3 * s, x0 + 5 * s, y0 - 1 * s)  # exactly cols 2..4, rows 1..2
     res = classify(model[0], src, tmp_path / "a.gpkg", bbox=",".join(map(str, box)))
     _, f, _ = read_layer(res.gpkg)
-    assert sorted(zip(f["row"].tolist(), f["col"].tolist())) == [(r, c) for r in (1, 2) for c in (2, 3, 4)]
+    assert sorted(zip(f["row"].tolist(), f["col"].tolist(), strict=True)) == [(r, c) for r in (1, 2) for c in (2, 3, 4)]
     to_ll = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True)
     ll = (*to_ll.transform(box[0] + 5, box[1] + 5), *to_ll.transform(box[2] - 5, box[3] - 5))
     res = classify(model[0], src, tmp_path / "b.gpkg", bbox=ll, bbox_crs="EPSG:4326")
     _, f, _ = read_layer(res.gpkg)
-    assert {(r, c) for r in (1, 2) for c in (2, 3, 4)} <= set(zip(f["row"].tolist(), f["col"].tolist()))
+    assert {(r, c) for r in (1, 2) for c in (2, 3, 4)} <= set(zip(f["row"].tolist(), f["col"].tolist(), strict=True))
 
 
 def test_mask_selects_tiles_meeting_the_polygons(model, tmp_path):
@@ -428,7 +429,7 @@ def test_mask_selects_tiles_meeting_the_polygons(model, tmp_path):
             tile = shapely.box(*window_bounds(Window(c * T, r * T, T, T), t))
             if tile.intersection(tri_utm).area > 1.0:
                 expected.add((r, c))
-    assert set(zip(f["row"].tolist(), f["col"].tolist())) == expected
+    assert set(zip(f["row"].tolist(), f["col"].tolist(), strict=True)) == expected
     assert 3 < len(expected) < 48
 
 

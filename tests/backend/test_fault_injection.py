@@ -29,11 +29,9 @@ from rasterio.transform import from_origin
 from safetensors.torch import save_file
 
 from asymkd import cli
-from asymkd.data import synth
 from asymkd.export import META_KEY, export_onnx
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
-
 from tiny_data import make_dataset, write_rgb
 
 torch.set_num_threads(1)
@@ -116,7 +114,8 @@ META_TAMPERS = {
     "negative gsd": {"gsd": -10.0}, "huge patch": {"patch_size": 10 ** 9}, "zero patch": {"patch_size": 0},
     "text patch": {"patch_size": "16"}, "more bands than names": {"in_chans": 4},
     "huge classes": {"num_classes": 10 ** 9}, "huge input size": {"input_size": 10 ** 7},
-    "duplicate classes": {"class_names": ["A", "A", "C"]}, "escape in class": {"class_names": ["A", "B", "\x1b]0;x\x07"]},
+    "duplicate classes": {"class_names": ["A", "A", "C"]},
+    "escape in class": {"class_names": ["A", "B", "\x1b]0;x\x07"]},
     "classes not a list": {"class_names": "ABC"}, "no backbone": {"backbone": None},
     "unknown backbone": {"backbone": "resnet9000"},
 }
@@ -180,7 +179,8 @@ ONNX_TAMPERS = {
     "too few colours": lambda p: _with_meta(p, class_colors=["#000000"]),
     "negative gsd": lambda p: _with_meta(p, gsd=-10.0),
     "huge patch": lambda p: _with_meta(p, patch_size=10 ** 9),
-    "more bands than the graph": lambda p: _with_meta(p, band_names=["R", "G", "B", "N"], mean=[1.0] * 4, std=[1.0] * 4),
+    "more bands than the graph": lambda p: _with_meta(p, band_names=["R", "G", "B", "N"], mean=[1.0] * 4,
+                                                      std=[1.0] * 4),
     "no class names": lambda p: _with_meta(p, class_names=None),
     "newer format": lambda p: _with_meta(p, format_version=99),
     "metadata not json": lambda p: setattr(next(m for m in p.metadata_props if m.key == META_KEY), "value", "{"),

@@ -294,5 +294,5 @@ def test_synthetic_world_map_round_trip(tmp_path):
         assert np.array_equal(chips.images[i], patches.images[j]) and chips.labels[i] == patches.labels[j]
     pairs = load_folder(tmp_path / "rgb", "rgb", class_names=chips.class_names)
     ms_idx, rgb_idx = match_pairs(chips, pairs)
-    for i, j in zip(ms_idx, rgb_idx):
+    for i, j in zip(ms_idx, rgb_idx, strict=True):
         assert np.array_equal(render_rgb(chips.images[i].astype(np.uint16)), pairs.images[j].astype(np.uint8))

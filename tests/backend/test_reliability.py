@@ -3,12 +3,11 @@ class names that cannot collide or carry control characters."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,7 @@ from asymkd.data.mapchips import check_folder_names, safe_name
 from asymkd.data.patches import load_folder
 from asymkd.errors import DataError, ModelFileError
 from asymkd.models.metadata import check_graph_shapes, validate_meta
-
-from tiny_data import write_rgb
+from tiny_data import write_ms, write_rgb
 
 torch.set_num_threads(1)
 TINY_WORLD = dict(size=16, ms_per_class=2, rgb_per_class=2, test_per_class=1, unlabeled_per_class=1,
@@ -47,10 +45,9 @@ def test_temp_path_renames_on_success_and_removes_on_failure(tmp_path):
         tmp.write_bytes(b"new")
     assert final.read_bytes() == b"new"
     for exc in (RuntimeError("disk"), KeyboardInterrupt()):
-        with pytest.raises(type(exc)):
-            with fileio.temp_path(final) as tmp:
-                tmp.write_bytes(b"half")
-                raise exc
+        with pytest.raises(type(exc)), fileio.temp_path(final) as tmp:
+            tmp.write_bytes(b"half")
+            raise exc
         assert final.read_bytes() == b"new" and _hidden_siblings(final) == []
 
 
@@ -80,10 +77,9 @@ def test_staged_dir_replaces_a_folder_in_one_step_or_not_at_all(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old").write_text("old")
-    with pytest.raises(RuntimeError):
-        with fileio.staged_dir(final) as stage:
-            (stage / "new").write_text("new")
-            raise RuntimeError("cancelled")
+    with pytest.raises(RuntimeError), fileio.staged_dir(final) as stage:
+        (stage / "new").write_text("new")
+        raise RuntimeError("cancelled")
     assert _files(final) == {"old": b"old"} and _hidden_siblings(final) == []
     with fileio.staged_dir(final) as stage:
         (stage / "new").write_text("new")
@@ -149,11 +145,7 @@ def test_class_folder_with_control_characters_is_refused(tmp_path):
 
 # -- non-finite pixels -----------------------------------------------------------------------
 def _float_tif(path: Path, data: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
-                       count=data.shape[0], dtype="float32", crs="EPSG:32632",
-                       transform=from_origin(500000, 5200000, 10, 10)) as dst:
-        dst.write(data.astype(np.float32))
+    write_ms(path, data, dtype="float32")
 
 
 def test_nan_pixels_in_a_patch_folder_are_refused_naming_the_files(tmp_path):
@@ -281,12 +273,11 @@ def test_commit_never_replaces_an_output_another_run_wrote(tmp_path):
     from asymkd.classify.writer import AtomicOutputs
     from asymkd.errors import ConfigError
     out, qml = tmp_path / "t.gpkg", tmp_path / "t.qml"
-    with pytest.raises(ConfigError, match="another run"):
-        with AtomicOutputs([out, qml]) as outputs:
-            outputs.temp(out).write_text("mine")
-            outputs.temp(qml).write_text("mine")
-            qml.write_text("theirs")  # the other run committed first
-            outputs.commit()
+    with pytest.raises(ConfigError, match="another run"), AtomicOutputs([out, qml]) as outputs:
+        outputs.temp(out).write_text("mine")
+        outputs.temp(qml).write_text("mine")
+        qml.write_text("theirs")  # the other run committed first
+        outputs.commit()
     assert qml.read_text() == "theirs" and not out.exists()  # nothing of this run is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.qml"]
 
@@ -299,7 +290,8 @@ def test_rotated_raster_resolution_is_the_true_pixel_size():
 
 
 # -- export and evaluate: options and output folders -----------------------------------------
-@pytest.mark.parametrize("flags,needle", [(["--opset", "3"], "--opset 3"), (["--check-samples", "0"], "--check-samples 0")])
+@pytest.mark.parametrize("flags,needle",
+                         [(["--opset", "3"], "--opset 3"), (["--check-samples", "0"], "--check-samples 0")])
 def test_export_refuses_bad_options(tiny_model, tmp_path, capsys, flags, needle):
     folder, _, _ = tiny_model
     assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), *flags]) == 2

@@ -84,7 +84,7 @@ def test_paired_are_the_same_target(world):
     assert len(ms_idx) == len(paired) == 4
     # round-robin over classes: every class has a pair
     assert sorted(set(paired.labels.tolist())) == [0, 1, 2]
-    for i, j in zip(ms_idx, rgb_idx):
+    for i, j in zip(ms_idx, rgb_idx, strict=True):
         assert ms.labels[i] == paired.labels[j]
         expected = synth.render_rgb(ms.images[i].astype(np.uint16))
         assert np.array_equal(paired.images[j], expected.astype(np.float32))
@@ -101,7 +101,7 @@ def test_render_rgb_uses_true_colour_bands_and_eurosat_scale():
 def _labels(path: str) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     meta, _, geometry, fields = read_vector(path, layer="labels")
     geoms = shapely.from_wkb(geometry)
-    return geoms, dict(zip(meta["fields"], fields)), meta["crs"]
+    return geoms, dict(zip(meta["fields"], fields, strict=True)), meta["crs"]
 
 
 def test_scenes_georeferenced_with_labels(world):
@@ -114,7 +114,8 @@ def test_scenes_georeferenced_with_labels(world):
         assert crs == "EPSG:32632" and len(geoms) == 12
         assert {"class", "row", "col", "source"} <= set(fields)
         # each polygon is exactly its cell, and the cell holds the MS patch named in `source`
-        for g, cls, row, col, stem in zip(geoms, fields["class"], fields["row"], fields["col"], fields["source"]):
+        for g, cls, row, col, stem in zip(geoms, fields["class"], fields["row"], fields["col"], fields["source"],
+                                          strict=True):
             x0 = src.bounds.left + col * size * 10
             y1 = src.bounds.top - row * size * 10
             assert shapely.equals(g, shapely.box(x0, y1 - size * 10, x0 + size * 10, y1))
