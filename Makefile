@@ -8,7 +8,7 @@ QGIS_ENV := $(QGIS_VENV)/.installed
 OUT ?= runs
 EUROSAT ?= ../shared/data/eurosat
 
-.PHONY: demo test test-backend test-plugin bench gpu-check env qgis-env package deploy screenshot clean
+.PHONY: demo test lint test-backend test-plugin bench gpu-check env qgis-env package deploy screenshot clean
 
 env: $(ENGINE)
 
@@ -23,7 +23,14 @@ $(ENGINE): backend/requirements.txt backend/requirements-test.txt backend/pyproj
 demo: $(ENGINE)
 	$(VENV)/bin/asymkd run --demo --out $(OUT)/demo
 
-test: qt6-check test-backend test-plugin
+test: lint
+	$(MAKE) --no-print-directory test-backend test-plugin
+
+# ruff and mypy (settings in pyproject.toml) and the Qt6 check, before any test runs.
+LINT_PATHS := backend asymkd_qgis tests tools
+lint: $(ENGINE) qt6-check
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 test-backend: $(ENGINE)
 	$(VENV)/bin/python -m pytest -q tests/backend
