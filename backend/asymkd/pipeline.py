@@ -233,7 +233,10 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
 def run_all(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> Path:
     """teacher -> matcher -> pair -> distill (+ baseline) -> report."""
     run = RunFolder(run_dir)
-    done = lambda step: resume and run.metrics(step).is_file()  # noqa: E731
+
+    def done(step: str) -> bool:
+        return resume and run.metrics(step).is_file()
+
     if not done(layout.TEACHER):
         step_teacher(cfg, run.root, events, resume)
     if not done(layout.MATCHER):

@@ -138,8 +138,13 @@ def slippy(lon: float, lat: float, z: int) -> tuple[int, int]:
 
 def slippy_bounds(x: int, y: int, z: int) -> tuple[float, float, float, float]:
     n = 2 ** z
-    lon = lambda i: i / n * 360.0 - 180.0  # noqa: E731
-    lat = lambda j: math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * j / n))))  # noqa: E731
+
+    def lon(i: int) -> float:
+        return i / n * 360.0 - 180.0
+
+    def lat(j: int) -> float:
+        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * j / n))))
+
     return lon(x), lat(y + 1), lon(x + 1), lat(y)
 
 

@@ -64,7 +64,10 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0
         val.append(idx[:n_val])
         train.append(idx[n_val:])
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # noqa: E731
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
     return cat(train), cat(val)
 
 
@@ -102,7 +105,10 @@ def strong_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     per-sample brightness, contrast and per-band gain jitter, and a cut-out square."""
     x = dihedral(x, gen)
     n, c, h, w = x.shape
-    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen)
+
     contrast = 0.6 + 0.8 * u(n, 1, 1, 1)
     gain = 0.8 + 0.4 * u(n, c, 1, 1)
     brightness = 0.8 * (u(n, 1, 1, 1) - 0.5)
