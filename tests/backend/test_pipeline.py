@@ -185,3 +185,31 @@ def test_matcher_is_reproducible_alone_and_after_kill_and_resume(tmp_path, datas
     for other in weights[1:]:
         for key in weights[0]:
             assert torch.equal(weights[0][key], other[key]), key
+
+
+def _run_outputs(run) -> dict[str, torch.Tensor]:
+    out = {}
+    for step in ("teacher", "matcher", "student", "baseline"):
+        for key, value in load_file(str(run / step / "model.safetensors")).items():
+            out[f"{step}/{key}"] = value
+    out["pairs"] = torch.as_tensor(np.load(run / "pairs" / "pairs.npz")["ms_index"])
+    out["soft_labels"] = torch.as_tensor(np.load(run / "teacher" / "soft_labels.npy"))
+    return out
+
+
+@pytest.mark.parametrize("kill_step,kill_epoch", [("teacher fold 2/2", 1), ("baseline", 1)])
+def test_every_step_of_a_run_is_reproducible_after_a_kill_and_resume(tmp_path, dataset, kill_step, kill_epoch):
+    """teacher with folds, matcher, pairs, student and baseline: a run killed anywhere and
+    resumed ends with the bytes of an uninterrupted run."""
+    ref = tmp_path / "ref"
+    run_all(_cfg(ref, dataset), ref)
+    killed = tmp_path / "killed"
+    cfg = _cfg(killed, dataset)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(cfg, killed, _KillAfter(kill_step, kill_epoch))
+    torch.manual_seed(1234)  # a resumed process starts from another random state
+    run_all(cfg, killed, resume=True)
+    a, b = _run_outputs(ref), _run_outputs(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
