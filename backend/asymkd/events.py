@@ -121,6 +121,8 @@ class Events:
     def _draw(self, step: str, done: int, total: int, unit: str, extra: dict[str, Any]) -> None:
         from tqdm import tqdm
         bar = self._bars.get(step)
+        if bar is None and done >= total:
+            return  # a finished step (e.g. its closing report) opens no new bar
         if bar is None:
             bar = self._bars[step] = tqdm(total=total, desc=step, unit=unit, leave=False, file=sys.stderr)
         bar.update(done - bar.n)

@@ -583,3 +583,19 @@ def test_io_threads_can_run_at_low_priority():
     t.join()
     assert seen["nice"] == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller is untouched
+
+
+def test_one_terminal_progress_bar(model, tmp_path, monkeypatch):
+    import tqdm
+    bars: list[str] = []
+    real = tqdm.tqdm
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs.get("desc", ""))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Counting)
+    src = write_raster(tmp_path / "r.tif", texture(3 * T, 3 * T))
+    classify(model[0], src, tmp_path / "out.gpkg", batch_size=2, events=Events(None, progress_bars=True))
+    assert bars == ["classify"]

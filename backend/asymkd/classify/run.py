@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -164,8 +163,7 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWrit
             total: int, events: Events) -> _Counts:
     """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress."""
     c = _Counts()
-    started = time.time()
-    bar = _bar(events, total)
+    started = time.time()  # the event layer draws the one terminal progress bar
     checked = False
 
     def progress(force: bool = False) -> None:
@@ -197,13 +195,9 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWrit
             c.classified += n
             c.skipped += batch.skipped
             c.done += n + batch.skipped
-            if bar is not None:
-                bar.update(n + batch.skipped)
             progress()
     finally:
         reader.close()
-        if bar is not None:
-            bar.close()
     progress(force=True)
     return c
 
@@ -213,9 +207,3 @@ def _describe(grid: Grid) -> str:
         return f"xyz z={grid.zoom} x={grid.x0}..{grid.x0 + grid.cols - 1} y={grid.y0}..{grid.y0 + grid.rows - 1}"
     return f"pixel tile={grid.tile} stride={grid.stride} res={grid.pixel_size:g} rows={grid.rows} cols={grid.cols}"
 
-
-def _bar(events: Events, total: int):
-    if not events.progress_bars:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc="classify", unit="tile", leave=False, file=sys.stderr)
