@@ -82,7 +82,7 @@ class DiagnosticsDialog(QDialog):
         self.choose_button = QPushButton("Choose engine Python...")
         self.choose_button.clicked.connect(self.choose_python)
         self.base_button = QPushButton("Choose base Python...")
-        self.base_button.setToolTip("The system Python 3.10+ that Create engine environment builds the "
+        self.base_button.setToolTip("The system Python 3.11+ that Create engine environment builds the "
                                     "environment from")
         self.base_button.clicked.connect(self.choose_base_python)
         self.create_button = QPushButton("Create engine environment")
@@ -142,7 +142,7 @@ class DiagnosticsDialog(QDialog):
             self.refresh()
 
     def choose_base_python(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "System Python 3.10+ to create the engine environment from",
+        path, _ = QFileDialog.getOpenFileName(self, "System Python 3.11+ to create the engine environment from",
                                               settings.get("engine/base_python", "", str))
         if path:
             settings.put("engine/base_python", path)

@@ -42,13 +42,13 @@ ENGINE_MODULES = REQUIRED_MODULES
 # torch's own index of CPU builds (Linux); its CUDA indexes are siblings (cu126, cu128, ...).
 DEFAULT_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_INDEX_EXAMPLE = "https://download.pytorch.org/whl/cu128"
-MIN_PYTHON = (3, 10)
+MIN_PYTHON = (3, 11)  # the engine uses tomllib and numpy 2.4
 # The first pip version with `--progress-bar raw` (machine-readable download progress).
 RAW_PROGRESS_PIP = (24, 1)
 # Failing fast on an unreachable index: pip's default (5 retries, 15 s each) takes minutes.
 FAST_FAIL = ["--retries", "1", "--timeout", "15"]
 CANCELLED = "Creating the engine environment was cancelled; the partial environment was removed."
-BASE_PYTHON_HINT = ("Install Python 3.10 or newer (python.org, or on Debian/Ubuntu: apt install python3 "
+BASE_PYTHON_HINT = ("Install Python 3.11 or newer (python.org, or on Debian/Ubuntu: apt install python3 "
                     "python3-venv) or choose one in Plugins > AsymKD > Diagnostics... > Choose base Python...")
 
 
@@ -87,10 +87,10 @@ def python_version(python: str) -> tuple[int, int] | None:
 
 
 def find_base_python() -> str | None:
-    """A system Python >= 3.10 to build the venv from: the setting, else the PATH."""
+    """A system Python >= 3.11 to build the venv from: the setting, else the PATH."""
     stored = settings.get("engine/base_python", "", str)
     candidates = [stored] if stored else []
-    names = ("python3.13", "python3.12", "python3.11", "python3.10", "python3", "python")
+    names = ("python3.13", "python3.12", "python3.11", "python3", "python")
     if sys.platform == "win32":
         names = ("py", "python3", "python")
     candidates += [shutil.which(name) or "" for name in names]
@@ -727,7 +727,7 @@ def default_plan(venv: Path | None = None, wheels: Path | None = None) -> EnvPla
     `wheels`: install from that folder (or offline bundle) without any download."""
     base = find_base_python()
     if base is None:
-        raise EngineUnavailable("No system Python 3.10 or newer was found to create the engine environment.",
+        raise EngineUnavailable("No system Python 3.11 or newer was found to create the engine environment.",
                                 BASE_PYTHON_HINT)
     requirements = paths.requirements_file()
     if requirements is None:

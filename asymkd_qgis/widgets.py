@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import html
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -418,8 +419,11 @@ class Persist:
         self.restore(key)
         signal = _change_signal(widget)
         if signal is not None:
-            signal.connect(lambda *_args, k=key: self.save(k))
+            signal.connect(partial(self._save_on_change, key))
         return widget
+
+    def _save_on_change(self, key: str, *_signal_args: object) -> None:
+        self.save(key)
 
     def save(self, key: str) -> None:
         value = _value(self.widgets[key])
