@@ -64,9 +64,6 @@ class Grid:
         x1, y1 = t.a * c1 + t.b * r1 + t.c, t.d * c1 + t.e * r1 + t.f
         return np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)
 
-    def key_fields(self) -> tuple[str, ...]:
-        return ("z", "x", "y") if self.kind == "xyz" else ("row", "col")
-
     def keys(self, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, np.int64)
         cols = np.asarray(cols, np.int64)

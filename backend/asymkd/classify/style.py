@@ -12,13 +12,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..palette import hex_to_rgb
+
 FILL_ALPHA = 200  # see the imagery through the tiles
 OUTLINE = "50,50,50,90"
 
 
 def _rgb(color: str, alpha: int) -> str:
-    s = color.lstrip("#")
-    return f"{int(s[0:2], 16)},{int(s[2:4], 16)},{int(s[4:6], 16)},{alpha}"
+    return ",".join(str(v) for v in (*hex_to_rgb(color), alpha))
 
 
 def _fill_symbol(parent: ET.Element, name: str, color: str) -> None:
@@ -49,12 +50,6 @@ def qml_text(class_names: Sequence[str], colors: Sequence[str], attr: str = "cla
     ET.SubElement(root, "layerGeometryType").text = "2"  # polygon
     ET.indent(root)
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def write_qml(path: Path, class_names: Sequence[str], colors: Sequence[str]) -> str:
-    text = qml_text(class_names, colors)
-    Path(path).write_text(text, encoding="utf-8")
-    return text
 
 
 def embed_style(gpkg: Path, layer: str, qml: str, name: str = "asymkd classes") -> None:

@@ -18,6 +18,7 @@ import shapely
 
 from ..errors import ConfigError, DataError, StorageError
 from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_name
+from ..palette import hex_to_rgb
 from .grid import Grid
 from .infer import Summary
 
@@ -258,16 +259,11 @@ class ClassRaster:
         with rasterio.open(path, "w", driver="GTiff", width=g.cols, height=g.rows, count=1, dtype=self.dtype,
                            crs=g.crs, transform=transform, nodata=self.nodata, compress="deflate") as dst:
             dst.write(self.array, 1)
-            dst.write_colormap(1, {i: _rgba(c) for i, c in enumerate(colors)})
+            dst.write_colormap(1, {i: (*hex_to_rgb(c), 255) for i, c in enumerate(colors)})
             dst.set_band_description(1, "class_id")
             dst.update_tags(class_names=",".join(self.class_names))
             dst.update_tags(1, **{f"class_{i}": n for i, n in enumerate(self.class_names)})
         check_raster(path, self.array[None])
-
-
-def _rgba(color: str) -> tuple[int, int, int, int]:
-    s = color.lstrip("#")
-    return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16), 255
 
 
 @contextlib.contextmanager
