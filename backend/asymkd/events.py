@@ -26,14 +26,15 @@ T = TypeVar("T")
 PROTOCOL_VERSION = "1.0"
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn numpy scalars/arrays and paths into plain JSON values."""
+def jsonable(value: Any) -> Any:
+    """Plain JSON values from numpy scalars/arrays, paths and containers; NaN and infinity
+    become null (JSON has neither). Events and every metrics file go through this."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -61,7 +62,7 @@ class Events:
         targets = ([self.stream] if self.stream is not None else []) + self.copies
         if not targets:
             return
-        record = {"event": event, "time": round(time.time(), 3), **_jsonable(fields)}
+        record = {"event": event, "time": round(time.time(), 3), **jsonable(fields)}
         if not self._introduced:
             record.update(protocol=PROTOCOL_VERSION, engine=__version__)
             self._introduced = True

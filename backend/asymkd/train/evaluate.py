@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.patches import PatchSet, load_folder
 from ..errors import DataError
-from ..events import NULL_EVENTS, Events
+from ..events import NULL_EVENTS, Events, jsonable
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..models.files import check_bands, load_model
 from .common import batch_probs, normalize, resolve_device
@@ -132,28 +132,11 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     }
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/inf by None (JSON has no NaN) and numpy values by plain ones."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_metrics_json(path: str | Path, document: dict[str, Any]) -> Path:
     """Write a metrics.json atomically, with NaN/inf as null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_finite(document), indent=2, allow_nan=False))
+    atomic_write_text(path, json.dumps(jsonable(document), indent=2, allow_nan=False))
     return path
 
 
