@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelFileError
+from ..errors import ConfigError, DataError, ModelFileError
 
 
 def _efficientnet_lite_weights(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -130,7 +130,6 @@ def widen_input_conv(weight: torch.Tensor, band_names: list[str] | None, in_chan
     out = mean.repeat(1, in_chans, 1, 1)
     if band_names is not None and len(band_names) == in_chans:
         from ..data.bands import true_colour_indices
-        from ..errors import DataError
         try:
             r, g, b = true_colour_indices(band_names)
             for src, dst in zip((0, 1, 2), (r, g, b), strict=True):

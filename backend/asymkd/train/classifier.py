@@ -55,12 +55,12 @@ class ClassifierTask(Task):
         self.best_path = best_path
         self.best_acc = -1.0
         self.consistency = consistency if consistency is not None and len(consistency.index) else None
+        self._rows = self.train_index if self.consistency is None else \
+            torch.cat([self.train_index, self.consistency.index]).sort().values
 
     def trained_rows(self) -> torch.Tensor:
         """Every sample this task trains on (labeled and unlabeled)."""
-        if self.consistency is None:
-            return self.train_index
-        return torch.cat([self.train_index, self.consistency.index]).sort().values
+        return self._rows
 
     def forward_batch(self, index: torch.Tensor, gen: torch.Generator) -> tuple[Batch, dict[str, torch.Tensor]]:
         rows = self.train_index[index]

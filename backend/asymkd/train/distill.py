@@ -29,14 +29,14 @@ from ..data.patches import PatchSet
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
-from ..models.backbones import SceneClassifier, weights_source
+from ..models.backbones import SceneClassifier
 from ..models.files import check_bands, load_model, save_model
 from . import common, loop
 from .classifier import ClassifierTask, Consistency
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
-from .teacher import auto_epochs, build_classifier
+from .teacher import auto_epochs, build_classifier, start_source
 
 
 @dataclass
@@ -178,10 +178,11 @@ def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool) -> StudentData:
         # baseline and student alike: labeled batches, each with its share of unlabeled samples
         consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
                                   dc.w_unlabeled)
-    mean, std = common.band_stats(rgb.images[train_idx if consistency is not None or not baseline
-                                             else train_idx[rgb.labels[train_idx] >= 0]])
+    trained = train_idx
     if consistency is not None or baseline:  # without semi-supervision the baseline sees labels only
         train_idx = train_idx[rgb.labels[train_idx] >= 0]
+        trained = train_idx if consistency is None else np.union1d(train_idx, unlabeled)
+    mean, std = common.band_stats(rgb.images[trained])  # statistics of the rows that train
     return StudentData(common.normalize(rgb.images, mean, std), torch.as_tensor(rgb.labels), train_idx, val_idx,
                        consistency, mean, std)
 
@@ -216,17 +217,15 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     device = common.resolve_device(cfg.device)
     data = student_data(cfg, rgb, baseline)
     gen = common.generator(cfg.seed + 101)
-    source = weights_source(dc.backbone, dc.pretrained, dc.weights)
-    student = build_classifier(dc.backbone, 3, len(rgb.class_names), pretrained=dc.pretrained,
-                               weights=dc.weights, input_size=dc.input_size, band_names=rgb.band_names,
-                               device=device)
+    source = start_source(dc)
+    student = build_classifier(dc, 3, len(rgb.class_names), rgb.band_names, device)
     cache = None
     if not baseline:
         if teacher_dir is None or ms is None or pairs is None:
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
         cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
     task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence, rgb.labels)
-    epochs = auto_epochs(dc.epochs, dc.min_steps, len(data.train_index), dc.batch_size, source != "scratch")
+    epochs = auto_epochs(dc, len(data.train_index))
     checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
     settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
                                  dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, TeacherConfig
+from ..config import DistillConfig, RunConfig, TeacherConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
@@ -34,18 +34,23 @@ class FitResult:
     epochs: int
 
 
-def auto_epochs(epochs: int, min_steps: int, n: int, batch_size: int, pretrained: bool) -> int:
+def start_source(section: TeacherConfig | DistillConfig) -> str:
+    """Where a config section's backbone starts from: file, bundled, hub or scratch."""
+    return weights_source(section.backbone, section.pretrained, section.weights)
+
+
+def auto_epochs(section: TeacherConfig | DistillConfig, n: int) -> int:
     """Configured epochs, or when 0 (auto) 30 for a pretrained start and 80 from scratch,
     more where a small set would give fewer than `min_steps` optimiser steps."""
-    return common.epochs_for(epochs, min_steps, loop.steps_per_epoch(n, batch_size),
-                             auto_floor=30 if pretrained else 80)
+    return common.epochs_for(section.epochs, section.min_steps, loop.steps_per_epoch(n, section.batch_size),
+                             auto_floor=80 if start_source(section) == "scratch" else 30)
 
 
-def build_classifier(backbone: str, in_chans: int, num_classes: int, *, pretrained: bool,
-                     weights: str | None, input_size: int, band_names: list[str] | None,
-                     device: torch.device) -> SceneClassifier:
-    model = SceneClassifier(backbone, in_chans, num_classes, weights=weights, input_size=input_size,
-                            pretrained=pretrained, band_names=band_names)
+def build_classifier(section: TeacherConfig | DistillConfig, in_chans: int, num_classes: int,
+                     band_names: list[str] | None, device: torch.device) -> SceneClassifier:
+    """The classifier a config section describes, started from its weights, on `device`."""
+    model = SceneClassifier(section.backbone, in_chans, num_classes, weights=section.weights,
+                            input_size=section.input_size, pretrained=section.pretrained, band_names=band_names)
     return common.prepare_model(model, device)
 
 
@@ -54,13 +59,10 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_cla
                    amp: bool = True, checkpoint: common.Checkpoint | None = None,
                    resume: bool = False, band_names: list[str] | None = None) -> FitResult:
     """Plain supervised training with dihedral augmentation and label smoothing."""
-    model = build_classifier(cfg.backbone, x.shape[1], num_classes, pretrained=cfg.pretrained,
-                             weights=cfg.weights, input_size=cfg.input_size, band_names=band_names,
-                             device=device)
+    model = build_classifier(cfg, x.shape[1], num_classes, band_names, device)
     task = ClassifierTask(model, SupervisedObjective(1.0, cfg.label_smoothing), x, y, np.arange(len(x)),
                           device, amp)
-    epochs = auto_epochs(cfg.epochs, cfg.min_steps, len(x), cfg.batch_size,
-                         weights_source(cfg.backbone, cfg.pretrained, cfg.weights) != "scratch")
+    epochs = auto_epochs(cfg, len(x))
     settings = loop.LoopSettings(step, epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, checkpoint,
                                  resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x)})
     history = loop.fit(task, len(x), settings, gen, events)
@@ -109,7 +111,7 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                "soft_label_confidence": float(soft.max(1).mean())}
     meta = {"backbone": tc.backbone, "class_names": ms.class_names, "band_names": ms.band_names,
             "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "kind": "teacher",
-            "input_size": tc.input_size, "weights_source": weights_source(tc.backbone, tc.pretrained, tc.weights),
+            "input_size": tc.input_size, "weights_source": start_source(tc),
             "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
     atomic_save_npy(out_dir / "soft_labels.npy", soft)
