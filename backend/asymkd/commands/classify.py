@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+from ..classify import ClassifyOptions
+
+# Defaults come from ClassifyOptions, the one place that holds them (the Python API's too).
+_DEFAULT = ClassifyOptions()
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="model file written by `asymkd export`")
@@ -24,16 +29,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stride", type=int, default=None, help="tile step in pixels (default: the tile size)")
     parser.add_argument("--xyz-zoom", type=int, default=None, metavar="Z",
                         help="use the XYZ web-map tiles of zoom Z (keys z/x/y)")
-    parser.add_argument("--batch-size", type=int, default=64, help="tiles per inference batch (default 64)")
+    parser.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size,
+                        help="tiles per inference batch (default %(default)s)")
     parser.add_argument("--class-raster", metavar="OUT.tif", default=None,
                         help="also write a class raster (one pixel per tile step)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULT.device,
                         help="onnxruntime device (auto: CUDA when available)")
-    parser.add_argument("--min-valid", type=float, default=0.5,
-                        help="skip tiles with a smaller fraction of valid pixels (default 0.5)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="onnxruntime intra-op threads (default 0: onnxruntime decides)")
+    parser.add_argument("--min-valid", type=float, default=_DEFAULT.min_valid,
+                        help="skip tiles with a smaller fraction of valid pixels (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=_DEFAULT.threads,
+                        help="onnxruntime intra-op threads (default %(default)s: onnxruntime decides)")
 
 
 def run(args, events) -> int:
