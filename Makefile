@@ -12,7 +12,7 @@ EUROSAT ?= ../shared/data/eurosat
 
 env: $(ENGINE)
 
-$(ENGINE): backend/requirements.txt backend/requirements-test.txt backend/pyproject.toml
+$(ENGINE): backend/requirements.txt backend/requirements-test.txt backend/requirements-dask.txt backend/pyproject.toml
 	tools/system-deps.sh engine
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
