@@ -33,6 +33,9 @@ from qgis.PyQt.QtCore import Qt
 
 from .validation import InputError
 
+# The layers of a classification GeoPackage (the engine's names).
+TILES, AREAS, REGIONS = "tiles", "class_areas", "regions"
+
 
 @dataclass
 class VectorSource:
@@ -166,20 +169,13 @@ class VectorExport:
             raise InputError(f"The export of '{self.name}' has already run.")
         if feedback is not None and feedback.isCanceled():
             raise InputError(f"Exporting '{self.name}' was cancelled.")
-        self.out_path.parent.mkdir(parents=True, exist_ok=True)
         layer, self.copy = self.copy, None
-        options = QgsVectorFileWriter.SaveVectorOptions()
-        options.driverName = "GPKG"
-        options.layerName = self.layer_name
-        options.feedback = feedback
-        result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(self.out_path),
-                                                           QgsProject.instance().transformContext(), options)
-        if feedback is not None and feedback.isCanceled():
-            self.out_path.unlink(missing_ok=True)
-            raise InputError(f"Exporting '{self.name}' was cancelled.")
-        if result[0] != QgsVectorFileWriter.WriterError.NoError:
-            raise InputError(f"Exporting '{self.name}' to {self.out_path} failed: {result[1]}")
-        return str(self.out_path)
+        try:
+            return write_gpkg_atomic(layer, self.out_path, self.layer_name, feedback)
+        except InputError as exc:
+            cancelled = feedback is not None and feedback.isCanceled()
+            raise InputError(f"Exporting '{self.name}' was cancelled." if cancelled
+                             else f"Exporting '{self.name}': {exc}") from exc
 
 
 def vector_source(layer: QgsVectorLayer, folder: Path,
@@ -222,7 +218,110 @@ def _styled(layer, path: Path, kind: str, add: bool, strict: bool):
     return layer
 
 
+def gpkg_layers(path: str | Path) -> list[str]:
+    """The layer (and table) names of a vector file; [] when it cannot be opened."""
+    from osgeo import ogr
+    try:
+        source = ogr.Open(str(path))
+    except RuntimeError:  # GDAL raises when its exceptions are on
+        return []
+    if source is None:
+        return []
+    return [source.GetLayerByIndex(i).GetName() for i in range(source.GetLayerCount())]
+
+
+def _uri(path: Path, layer_name: str | None) -> str:
+    return f"{path}|layername={layer_name}" if layer_name else str(path)
+
+
 def load_vector_result(path: str | Path, name: str | None = None, add: bool = True) -> QgsVectorLayer:
-    """Load an engine GeoPackage with the QML style written beside it."""
+    """Load an engine GeoPackage's tile layer with the QML style written beside it (the file
+    also holds the class_areas table, and regions when they were asked for)."""
     path = Path(path)
-    return _styled(QgsVectorLayer(str(path), name or path.stem, "ogr"), path, "vector", add, strict=True)
+    layer_name = TILES if TILES in gpkg_layers(path) else None
+    layer = QgsVectorLayer(_uri(path, layer_name), name or path.stem, "ogr")
+    return _styled(layer, path, "vector", add, strict=True)
+
+
+def load_regions(path: str | Path, add: bool = True) -> QgsVectorLayer | None:
+    """The merged regions of a classification (with the style the engine stored in the
+    GeoPackage), or None when the run wrote none."""
+    path = Path(path)
+    if REGIONS not in gpkg_layers(path):
+        return None
+    layer = QgsVectorLayer(_uri(path, REGIONS), f"{path.stem} regions", "ogr")
+    if not layer.isValid():
+        raise InputError(f"The engine wrote regions into {path} but QGIS cannot open them.")
+    if add:
+        QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+@dataclass
+class ClassArea:
+    """One row of a classification's class_areas table."""
+
+    class_id: int | None
+    class_name: str
+    tiles: int
+    hectares: float
+    share: float  # 0..1
+    mean_confidence: float | None
+    uncertain_tiles: int | None
+
+
+def read_class_areas(path: str | Path) -> list[ClassArea]:
+    """The per-class areas the engine wrote into the GeoPackage; [] for outputs written
+    before the table existed."""
+    path = Path(path)
+    if AREAS not in gpkg_layers(path):
+        return []
+    table = QgsVectorLayer(_uri(path, AREAS), AREAS, "ogr")
+    if not table.isValid():
+        return []
+    rows = []
+    for feature in table.getFeatures():
+        values = {name: _value(feature[name]) for name in table.fields().names()}
+        rows.append(ClassArea(_integer(values.get("class_id"), -1), str(values.get("class_name") or ""),
+                              int(values.get("tiles") or 0), float(values.get("hectares") or 0.0),
+                              float(values.get("share") or 0.0), _number(values.get("mean_confidence")),
+                              _integer(values.get("uncertain_tiles"))))
+    return sorted(rows, key=lambda row: (row.class_id is None, row.class_id or 0))
+
+
+def _value(value):
+    """None for NULL (a QVariant NULL in QGIS 3, None in QGIS 4)."""
+    return None if value is None or (hasattr(value, "isNull") and value.isNull()) else value
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _integer(value, default: int | None = None) -> int | None:
+    return default if value is None else int(value)
+
+
+def write_gpkg_atomic(layer: QgsVectorLayer, path: str | Path, layer_name: str,
+                      feedback: QgsFeedback | None = None) -> str:
+    """Write a layer as a new GeoPackage: to a hidden file beside `path`, moved into place
+    only when complete (a failure or cancel leaves the old file, or none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.{os.getpid()}.partial.gpkg")
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = layer_name
+    options.feedback = feedback
+    try:
+        result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(temp),
+                                                           QgsProject.instance().transformContext(), options)
+        if feedback is not None and feedback.isCanceled():
+            raise InputError(f"Writing {path} was cancelled.")
+        if result[0] != QgsVectorFileWriter.WriterError.NoError:
+            raise InputError(f"Writing {path} failed: {result[1]}")
+        os.replace(temp, path)
+    finally:
+        for leftover in (temp, *(temp.with_name(temp.name + s) for s in ("-journal", "-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+    return str(path)

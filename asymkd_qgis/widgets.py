@@ -194,6 +194,11 @@ class StepPanel(QWidget):
         self.results.setOpenExternalLinks(True)
         self.results.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
         layout.addWidget(self.results)
+        self.areas = QLabel("")  # a classification's areas per class
+        self.areas.setTextFormat(Qt.TextFormat.RichText)
+        self.areas.setWordWrap(True)
+        self.areas.hide()
+        layout.addWidget(self.areas)
         self.image = QLabel()
         self.image.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.image.hide()
@@ -205,6 +210,7 @@ class StepPanel(QWidget):
         if running:
             self.progress.setValue(0)
             self.results.setText("")
+            self.show_areas([])
             self.image.hide()
         self.set_status(text)
 
@@ -242,6 +248,32 @@ class StepPanel(QWidget):
                 self.image.show()
                 return
         self.image.hide()
+
+
+    def show_areas(self, rows: list, note: str = "") -> None:
+        """The area table of a classification (layers.ClassArea rows); hidden when empty."""
+        self.areas.setText(area_table_html(rows, note) if rows or note else "")
+        self.areas.setVisible(bool(rows or note))
+
+
+AREA_HEADERS = ("Class", "Tiles", "ha", "Share", "Conf.")
+
+
+def area_table_html(rows: list, note: str = "") -> str:
+    """A compact table (class, tiles, hectares, share %, mean confidence) that fits the dock."""
+    cell = '<td align="right">&nbsp;{}</td>'
+    head = "".join(f"<th align=\"{'left' if i == 0 else 'right'}\">{h}</th>" for i, h in enumerate(AREA_HEADERS))
+    body = []
+    for row in rows:
+        confidence = "" if row.mean_confidence is None else f"{row.mean_confidence:.2f}"
+        values = (f"{row.tiles:,}", _hectares(row.hectares), f"{100 * row.share:.1f}%", confidence)
+        body.append(f"<tr><td>{html.escape(row.class_name)}</td>" + "".join(cell.format(v) for v in values) + "</tr>")
+    table = f'<table cellspacing="0" cellpadding="1"><tr>{head}</tr>{"".join(body)}</table>' if rows else ""
+    return (f"<p><b>Area per class</b></p>{table}" if rows else "") + (f"<p>{html.escape(note)}</p>" if note else "")
+
+
+def _hectares(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
