@@ -30,11 +30,12 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from . import choices, layers, results, settings, steps
+from . import choices, layers, results, review, settings, steps
 from .engine import WORKING, Engine, EngineState, EngineUnavailable
 from .layout import RunLayout
 from .modelinfo import ModelInfoError, read_model_info
 from .notify import Notifier
+from .review import ReviewPanel
 from .steps import Prepared
 from .tasks import EngineJob
 from .validation import InputError, check_ms_raster, check_rgb_raster, require_folder, require_layer
@@ -113,6 +114,7 @@ class AsymKDDock(QDockWidget):
         self.engine_factory: Callable[[], Engine] = Engine.from_settings
         self.engine_state: EngineState | None = None
         self.builder = None  # the engine environment being created, if any
+        self.review: ReviewPanel | None = None  # opened by "Review uncertain tiles"
         self._build()
         self.visibilityChanged.connect(lambda visible: visible and self.refresh_engine_state())
 
@@ -157,6 +159,12 @@ class AsymKDDock(QDockWidget):
             panel.run_button.clicked.connect(lambda _=False, s=step: self.run_step(s))
             panel.cancel_button.clicked.connect(lambda _=False, s=step: self.cancel_step(s))
             form.addRow(panel)
+            if step == "classify":
+                self.review_button = QPushButton("Review uncertain tiles")
+                self.review_button.setToolTip("The least confident tiles of a classified layer, to accept or "
+                                              "correct, and to export as labels for the next training round")
+                self.review_button.clicked.connect(lambda _=False: self.open_review())
+                form.addRow(self.review_button)
             self.panels[step] = panel
             self.sections[step] = section
             outer.addWidget(section)
@@ -695,7 +703,36 @@ class AsymKDDock(QDockWidget):
         self._show(step, steps.SPECS[step].read_results(self.layout_))
 
     def _classify_done(self, job: EngineJob, out: Path) -> None:
-        path = next((v for v in job.results.values() if v.endswith(".gpkg")), str(out))
+        path = next((v for v in job.results.values() if isinstance(v, str) and v.endswith(".gpkg")), str(out))
         layer = layers.load_vector_result(path)
         self.loaded_layers.append(layer)
         self._show("classify", results.classify_results(job.metrics, layer.name(), layer.featureCount(), path))
+        self.show_classified(path)
+
+    def show_classified(self, path: str | Path) -> None:
+        """The area table of a classification and its merged regions (outputs of older engines
+        have neither: nothing is shown for them)."""
+        regions = layers.load_regions(path)
+        if regions is not None:
+            self.loaded_layers.append(regions)
+        rows = layers.read_class_areas(path)
+        note = f"Regions loaded: '{regions.name()}'." if regions is not None else ""
+        self.panels["classify"].show_areas(rows, note)
+
+    def open_review(self, layer=None) -> ReviewPanel | None:
+        """The review panel for `layer`, the active layer or the last classified one."""
+        candidates = [layer, self.iface.activeLayer() if self.iface is not None else None,
+                      *reversed(self.loaded_layers)]
+        target = next((c for c in candidates if review.is_tile_layer(c)), None)
+        if target is None:
+            self.panels["classify"].set_status("No AsymKD tile layer to review: classify a raster first, or "
+                                               "load (and select) a classified GeoPackage.", error=True)
+            return None
+        if self.review is None:
+            self.review = ReviewPanel(self.iface.mapCanvas() if self.iface is not None else None, self.parent())
+            if self.iface is not None:
+                self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.review)
+        self.review.set_layer(target)
+        self.review.show()
+        self.review.raise_()
+        return self.review

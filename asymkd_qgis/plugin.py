@@ -78,6 +78,10 @@ class AsymKDPlugin:
     def unload(self) -> None:
         if self.dock is not None:
             self._stop_jobs(list(self.dock.jobs.values()))
+            if self.dock.review is not None:
+                self.iface.removeDockWidget(self.dock.review)
+                self.dock.review.release()
+                self.dock.review = None
             self.iface.removeDockWidget(self.dock)
             self.dock.setParent(None)
             self.dock.deleteLater()

@@ -94,3 +94,105 @@ def write_xyz_tiles(folder: Path, zoom: int = 15, lon: float = 9.0, lat: float =
     minx, maxy = x0 * size - shift, shift - y0 * size
     uri = f"type=xyz&url=file://{Path(folder).resolve()}/{{z}}/{{x}}/{{y}}.png&zmin={zoom}&zmax={zoom}"
     return uri, (minx, maxy - count * size, minx + count * size, maxy)
+
+
+# -- classification outputs -------------------------------------------------------------------
+CLASSES = ("Forest", "River", "Urban")
+
+
+def tile_rows(rows: int = 4, cols: int = 4) -> list[dict]:
+    """Attributes of a rows x cols grid of classified tiles: classes and confidences vary, the
+    tiles below 0.6 are marked uncertain except one (marked by another rule, e.g. entropy)."""
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            k = r * cols + c
+            class_id, second_id = k % 3, (k + 1) % 3
+            confidence = round(0.35 + 0.04 * ((k * 7) % 16), 2)
+            out.append({"row": r, "col": c, "class_id": class_id, "class_name": CLASSES[class_id],
+                        "confidence": confidence, "second_id": second_id, "second_name": CLASSES[second_id],
+                        "second_prob": round(1 - confidence, 2), "entropy": 0.5, "tile_key": f"r{r}_c{c}",
+                        "valid_fraction": 1.0, "uncertain": int(confidence < 0.6)})
+    return out
+
+
+def _square(x0: float, y0: float, size: float):
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for x, y in ((x0, y0), (x0 + size, y0), (x0 + size, y0 - size), (x0, y0 - size), (x0, y0)):
+        ring.AddPoint_2D(x, y)
+    polygon = ogr.Geometry(ogr.wkbPolygon)
+    polygon.AddGeometry(ring)
+    return polygon
+
+
+_TILE_FIELDS = {"class_id": ogr.OFTInteger, "class_name": ogr.OFTString, "confidence": ogr.OFTReal,
+                "second_id": ogr.OFTInteger, "second_name": ogr.OFTString, "second_prob": ogr.OFTReal,
+                "entropy": ogr.OFTReal, "tile_key": ogr.OFTString, "valid_fraction": ogr.OFTReal}
+_REVIEW_FIELDS = {"uncertain": ogr.OFTInteger, "reviewed_class": ogr.OFTInteger, "reviewed_by": ogr.OFTString,
+                  "reviewed_at": ogr.OFTString}
+
+
+def write_tiles(path: Path, rows: list[dict] | None = None, tile_px: int = 16, origin=ORIGIN, gsd: float = GSD,
+                current: bool = True, regions: bool = False) -> Path:
+    """A classification GeoPackage as the engine writes it: layer `tiles`, table `class_areas`
+    (and layer `regions`). `current=False`: an older output (no uncertain/review fields, no table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = tile_rows() if rows is None else rows
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(EPSG)
+    lyr = ds.CreateLayer("tiles", srs, ogr.wkbPolygon)
+    fields = _TILE_FIELDS | (_REVIEW_FIELDS if current else {})
+    for name, kind in fields.items():
+        lyr.CreateField(ogr.FieldDefn(name, kind))
+    size = tile_px * gsd
+    for row in rows:
+        feature = ogr.Feature(lyr.GetLayerDefn())
+        for name in fields:
+            if name in row:
+                feature.SetField(name, row[name])
+        feature.SetGeometry(_square(origin[0] + row["col"] * size, origin[1] - row["row"] * size, size))
+        lyr.CreateFeature(feature)
+    if current:
+        _write_areas(ds, rows, size * size / 10000.0)
+    if regions:
+        _write_regions(ds, srs, rows, origin, size)
+    ds = None
+    return path
+
+
+def _write_areas(ds, rows: list[dict], tile_ha: float) -> None:
+    table = ds.CreateLayer("class_areas", None, ogr.wkbNone)
+    for name, kind in (("class_id", ogr.OFTInteger), ("class_name", ogr.OFTString), ("tiles", ogr.OFTInteger),
+                       ("hectares", ogr.OFTReal), ("share", ogr.OFTReal), ("mean_confidence", ogr.OFTReal),
+                       ("uncertain_tiles", ogr.OFTInteger)):
+        table.CreateField(ogr.FieldDefn(name, kind))
+    for class_id, name in enumerate(CLASSES):
+        mine = [r for r in rows if r["class_id"] == class_id]
+        feature = ogr.Feature(table.GetLayerDefn())
+        values = {"class_id": class_id, "class_name": name, "tiles": len(mine), "hectares": len(mine) * tile_ha,
+                  "share": len(mine) / len(rows),
+                  "mean_confidence": sum(r["confidence"] for r in mine) / max(1, len(mine)),
+                  "uncertain_tiles": sum(r.get("uncertain", 0) for r in mine)}
+        for key, value in values.items():
+            feature.SetField(key, value)
+        table.CreateFeature(feature)
+
+
+def _write_regions(ds, srs, rows: list[dict], origin, size: float) -> None:
+    layer = ds.CreateLayer("regions", srs, ogr.wkbMultiPolygon)
+    for name, kind in (("class_id", ogr.OFTInteger), ("class_name", ogr.OFTString), ("tiles", ogr.OFTInteger),
+                       ("area_ha", ogr.OFTReal)):
+        layer.CreateField(ogr.FieldDefn(name, kind))
+    for class_id, name in enumerate(CLASSES):
+        mine = [r for r in rows if r["class_id"] == class_id]
+        union = ogr.Geometry(ogr.wkbMultiPolygon)
+        for r in mine:
+            union.AddGeometry(_square(origin[0] + r["col"] * size, origin[1] - r["row"] * size, size))
+        feature = ogr.Feature(layer.GetLayerDefn())
+        for key, value in (("class_id", class_id), ("class_name", name), ("tiles", len(mine)),
+                           ("area_ha", len(mine) * size * size / 10000.0)):
+            feature.SetField(key, value)
+        feature.SetGeometry(union.UnionCascaded())
+        layer.CreateFeature(feature)
