@@ -1,0 +1,217 @@
+"""Merged regions: neighbouring tiles of one class dissolved into polygons.
+
+The class of every tile is already held as a small grid (one byte per tile, the class
+raster's array). It is polygonised strip by strip of tile rows (rasterio.features.shapes,
+4-connectivity: tiles that share an edge join, tiles that touch only at a corner do not,
+so every region is one valid polygon, holes kept). A region that reaches the bottom of its
+strip stays open and is joined with the regions of the next strip that continue it; every
+other region is final and written at once. Memory stays flat: one strip's polygons and the
+regions crossing the current strip boundary.
+
+Polygonising runs on tile indices (x = column, y = row: exact integers), and every corner
+of a tile along a region's outline is kept as a vertex, mapped to the grid CRS with the
+tile layer's own arithmetic (Grid.bounds): a region's outline is bit-identical to the
+outline of its tiles. Each region's area is computed on the WGS84 ellipsoid from those
+vertices, so it equals the sum of its tiles' ellipsoidal areas.
+
+Tiles without a class (nodata, outside the area, too few valid pixels) belong to no region.
+With overlapping tiles (stride < tile, no voting) each tile stands for the stride-sized
+cell at its centre, as in the class raster, so regions never overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyogrio.raw
+import shapely
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from pyproj import Geod, Transformer
+from rasterio.crs import CRS
+from shapely import Polygon
+
+from ..fileio import check_vector
+from .grid import Grid
+
+LAYER = "regions"
+STRIP_TILES = 65_536        # tiles polygonised at a time (bounds the memory of one strip)
+CHUNK = 2048                # regions per GeoPackage write
+M2_PER_HA = 10_000.0
+_GEOD = Geod(ellps="WGS84")
+
+
+@dataclasses.dataclass
+class RegionStats:
+    regions: int = 0          # written
+    dropped: int = 0          # smaller than the minimum area
+    tiles: int = 0            # tiles in written regions
+    seconds: float = 0.0
+
+
+def dissolve(classes: np.ndarray, nodata: int, strip_tiles: int = STRIP_TILES) -> Iterator[tuple[Polygon, int]]:
+    """(polygon in tile-index coordinates, class id) of every 4-connected region of equal
+    class in `classes` (rows x cols), cells equal to `nodata` left out."""
+    rows, cols = classes.shape
+    step = max(1, int(strip_tiles) // max(cols, 1))
+    carried: list[tuple[Polygon, int]] = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        found = _polygonize(classes[r0:r1], nodata, r0)
+        if carried:
+            found = _join(carried, found, classes[r0 - 1], classes[r0], nodata, r0)
+        carried = []
+        for geom, cid in found:
+            if r1 < rows and geom.bounds[3] == r1:
+                carried.append((geom, cid))  # may continue in the next strip
+            else:
+                yield geom, cid
+
+
+def _polygonize(strip: np.ndarray, nodata: int, r0: int) -> list[tuple[Polygon, int]]:
+    from rasterio.features import shapes
+    valid = strip != nodata
+    if not valid.any():
+        return []
+    out = []
+    for geojson, value in shapes(strip, mask=valid, connectivity=4, transform=Affine.translation(0, r0)):
+        out.append((shapely.geometry.shape(geojson), int(value)))
+    return out
+
+
+def _owners(geoms: Sequence[Polygon], x: np.ndarray, y: float) -> np.ndarray:
+    """Index of the polygon holding each cell centre (x, y)."""
+    tree = shapely.STRtree(list(geoms))
+    pts, idx = tree.query(shapely.points(x, np.full(len(x), y)), predicate="within")
+    owner = np.full(len(x), -1, np.int64)
+    owner[pts] = idx
+    return owner
+
+
+def _join(carried: list[tuple[Polygon, int]], found: list[tuple[Polygon, int]], above: np.ndarray,
+          below: np.ndarray, nodata: int, r0: int) -> list[tuple[Polygon, int]]:
+    """Regions of a new strip, with the carried regions they continue merged in (the
+    carried ones they do not continue are final and come back unchanged)."""
+    cs = np.nonzero((above == below) & (above != nodata))[0]
+    parent = list(range(len(carried) + len(found)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if len(cs) and found:
+        x = cs + 0.5
+        up = _owners([g for g, _ in carried], x, r0 - 0.5)
+        down = _owners([g for g, _ in found], x, r0 + 0.5) + len(carried)
+        for a, b in set(zip(up.tolist(), down.tolist(), strict=True)):
+            parent[root(a)] = root(b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        groups.setdefault(root(i), []).append(i)
+    both = carried + found
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(both[members[0]])
+            continue
+        merged = shapely.union_all([both[i][0] for i in members])
+        out.extend((part, both[members[0]][1]) for part in shapely.get_parts(merged))
+    return out
+
+
+def cell_mapper(grid: Grid):
+    """Tile-index coordinates (column, row) -> grid CRS, with Grid.bounds' arithmetic. A
+    tile is its stride-sized cell at the tile's centre when tiles overlap (stride < tile),
+    as in the class raster; with stride == tile, exactly the tile."""
+    t, s = grid.transform, float(grid.stride)
+    shift = (grid.tile - grid.stride) / 2.0
+
+    def to_crs(xy: np.ndarray) -> np.ndarray:
+        c0 = xy[:, 0] * s + shift if shift else xy[:, 0] * s
+        r0 = xy[:, 1] * s + shift if shift else xy[:, 1] * s
+        return np.column_stack([t.a * c0 + t.b * r0 + t.c, t.d * c0 + t.e * r0 + t.f])
+
+    return to_crs
+
+
+def ellipsoid_area_ha(geoms: np.ndarray, crs: CRS) -> np.ndarray:
+    """Area (ha) of polygons given in `crs`, on the WGS84 ellipsoid (holes subtracted).
+    Edges become geodesics between the vertices: keep a vertex at every tile corner."""
+    to_lonlat = Transformer.from_crs(ProjCRS.from_wkt(crs.to_wkt()), "EPSG:4326", always_xy=True)
+    lonlat = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    lonlat = shapely.orient_polygons(lonlat)  # outer rings counter-clockwise, holes clockwise
+    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in lonlat], np.float64) / M2_PER_HA
+
+
+class RegionLayerWriter:
+    """Writes regions to the `regions` layer of a GeoPackage, CHUNK at a time, with the
+    minimum-area filter applied."""
+
+    def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], min_ha: float = 0.0):
+        self.path = Path(path)
+        self.grid = grid
+        self.names = np.array(list(class_names), dtype=object)
+        self.min_ha = float(min_ha)
+        self.to_crs = cell_mapper(grid)
+        self.stats = RegionStats()
+        self._parts: list[tuple[Polygon, int]] = []
+        self._write(np.array([], dtype=object), np.zeros(0, np.int32), append=False)  # the layer, even if empty
+
+    def add(self, geom: Polygon, class_id: int) -> None:
+        self._parts.append((geom, class_id))
+        if len(self._parts) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        index_geoms = shapely.segmentize(np.array([g for g, _ in self._parts], dtype=object), 1.0)
+        cid = np.array([c for _, c in self._parts], np.int32)
+        self._parts = []
+        self._write(shapely.transform(index_geoms, self.to_crs), cid, append=True,
+                    tiles=np.rint(shapely.area(index_geoms)).astype(np.int64))
+
+    def close(self) -> RegionStats:
+        self.flush()
+        check_vector(self.path, LAYER, self.stats.regions)
+        return self.stats
+
+    def _write(self, geoms: np.ndarray, cid: np.ndarray, append: bool, tiles: np.ndarray | None = None) -> None:
+        area = ellipsoid_area_ha(geoms, self.grid.crs) if len(geoms) else np.zeros(0)
+        keep = area >= self.min_ha
+        self.stats.dropped += int((~keep).sum())
+        geoms, cid, area = geoms[keep], cid[keep], area[keep]
+        tiles = tiles[keep] if tiles is not None else np.zeros(0, np.int64)
+        fields = {"class_id": cid, "class_name": self.names[cid] if len(cid) else np.array([], dtype=object),
+                  "tiles": tiles, "area_ha": area}
+        if append and not len(geoms):
+            return
+        pyogrio.raw.write(str(self.path), geometry=shapely.to_wkb(geoms) if len(geoms) else np.array([], dtype=object),
+                          field_data=list(fields.values()), fields=list(fields), layer=LAYER, driver="GPKG",
+                          geometry_type="Polygon", crs=self.grid.crs.to_wkt(), append=append)
+        self.stats.regions += len(geoms)
+        self.stats.tiles += int(tiles.sum())
+
+
+def write_regions(path: Path, classes: np.ndarray, nodata: int, grid: Grid, class_names: Sequence[str],
+                  style_qml: str | None = None, min_ha: float = 0.0,
+                  strip_tiles: int = STRIP_TILES) -> RegionStats:
+    """Dissolve the class grid (rows x cols of `grid`, `nodata` where no tile was
+    classified) into the `regions` layer of the GeoPackage at `path` (which exists: the
+    tile layer's file). An empty class grid gives an empty layer."""
+    start = time.perf_counter()
+    writer = RegionLayerWriter(path, grid, class_names, min_ha)
+    if style_qml is not None:
+        from .style import embed_style
+        embed_style(path, LAYER, style_qml, name="asymkd regions")
+    for geom, cid in dissolve(classes, nodata, strip_tiles):
+        writer.add(geom, cid)
+    stats = writer.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
