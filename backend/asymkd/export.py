@@ -12,7 +12,6 @@ without it, or of a newer format than this code reads, are refused.
 
 from __future__ import annotations
 
-import colorsys
 import dataclasses
 import io
 import json
@@ -26,7 +25,7 @@ from . import __version__, layout
 from .errors import ConfigError, DataError, ModelFileError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_write_bytes, check_writable
-from .palette import class_color
+from .palette import class_color, resolve_colors
 
 FORMAT_VERSION = 1
 META_KEY = "asymkd"
@@ -35,12 +34,6 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("probabilities", "logits")
 PARITY_TOLERANCE = 1e-4
 DEFAULT_OPSET = 17
-
-# Distinct colours for classes when neither the palette module nor meta.json gives one.
-_FALLBACK_COLORS = ["#1f78b4", "#33a02c", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928",
-                    "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99",
-                    "#8dd3c7", "#bebada", "#80b1d3", "#fccde5", "#d9d9d9", "#bc80bd"]
-
 
 @dataclasses.dataclass
 class ExportResult:
@@ -51,48 +44,10 @@ class ExportResult:
     metadata: dict[str, Any]
 
 
-def _hex(color: Any) -> str | None:
-    """'#rrggbb' from '#rgb'/'#rrggbb'/'rrggbb' or an (r, g, b[, a]) sequence; None if unusable."""
-    if isinstance(color, str):
-        s = color.strip().lstrip("#")
-        if len(s) == 3:
-            s = "".join(c * 2 for c in s)
-        if len(s) in (6, 8) and all(c in "0123456789abcdefABCDEF" for c in s):
-            return "#" + s[:6].lower()
-        return None
-    if isinstance(color, (list, tuple)) and len(color) >= 3:
-        vals = [float(v) for v in color[:3]]
-        if all(0 <= v <= 1 for v in vals) and any(isinstance(v, float) for v in color[:3]):
-            vals = [v * 255 for v in vals]  # matplotlib-style 0..1 floats
-        return "#" + "".join(f"{int(round(min(max(v, 0), 255))):02x}" for v in vals)
-    return None
-
-
-def fallback_color(index: int) -> str:
-    """A fixed colour for class `index`: a qualitative palette, then golden-ratio hues."""
-    if index < len(_FALLBACK_COLORS):
-        return _FALLBACK_COLORS[index]
-    hue = (index * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.9)
-    return "#" + "".join(f"{int(round(v * 255)):02x}" for v in (r, g, b))
-
-
 def class_colors(meta: dict[str, Any]) -> list[str]:
-    """One '#rrggbb' per class: meta['colors'] (list or name->colour), else the project's
-    class palette (the same colour for a name everywhere), else a deterministic fallback."""
-    names = list(meta["class_names"])
-    given = meta.get("colors")
-    out = []
-    for i, name in enumerate(names):
-        color = None
-        if isinstance(given, dict):
-            color = _hex(given.get(name))
-        elif isinstance(given, (list, tuple)) and i < len(given):
-            color = _hex(given[i])
-        if color is None:
-            color = _hex(class_color(name))
-        out.append(color or fallback_color(i))
-    return out
+    """One '#rrggbb' per class: meta['colors'] (list or name -> colour) where usable, else the
+    project's class colour of the name (the same colour for a name everywhere)."""
+    return resolve_colors(list(meta["class_names"]), meta.get("colors"))
 
 
 def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
@@ -373,5 +328,6 @@ def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
                              "export the model again with `asymkd export`")
     from .models.metadata import validate_meta
     meta = validate_meta(meta, where, onnx=True)
-    meta.setdefault("class_colors", [fallback_color(i) for i in range(len(meta["class_names"]))])
+    # files without colours get the project's colour of each class name, as a fresh export would
+    meta.setdefault("class_colors", [class_color(name) for name in meta["class_names"]])
     return meta

@@ -1,13 +1,16 @@
-"""Class colours: a fixed colour per EuroSAT class and a stable colour for any other name.
+"""Class colours: a fixed colour per EuroSAT class and a stable colour for any other name,
+and the one parser of colour values.
 
 The same name always gets the same colour (across runs, machines and Python versions), so a
-classified layer, its QML style and the report agree without passing colours around.
+classified layer, its QML style, the exported model and the report agree without passing
+colours around.
 """
 
 from __future__ import annotations
 
 import colorsys
 import hashlib
+from typing import Any, Sequence
 
 # Land-cover-like colours, distinct from each other on a map.
 EUROSAT_COLORS: dict[str, str] = {
@@ -51,9 +54,44 @@ def class_colors(names: list[str]) -> dict[str, str]:
     return {n: class_color(n) for n in names}
 
 
+def normalize_color(value: Any) -> str | None:
+    """'#rrggbb' from '#rgb', '#rrggbb', 'rrggbb', '#rrggbbaa' or an (r, g, b[, a]) sequence
+    (0..255, or 0..1 floats as matplotlib writes them); None if the value is no colour."""
+    if isinstance(value, str):
+        text = value.strip().lstrip("#")
+        if len(text) == 3:
+            text = "".join(c * 2 for c in text)
+        if len(text) in (6, 8) and all(c in "0123456789abcdefABCDEF" for c in text):
+            return "#" + text[:6].lower()
+        return None
+    if isinstance(value, (list, tuple)) and len(value) >= 3:
+        try:
+            vals = [float(v) for v in value[:3]]
+        except (TypeError, ValueError):
+            return None
+        if all(0 <= v <= 1 for v in vals) and any(isinstance(v, float) for v in value[:3]):
+            vals = [v * 255 for v in vals]
+        return "#" + "".join(f"{int(round(min(max(v, 0), 255))):02x}" for v in vals)
+    return None
+
+
+def is_hex_color(value: Any) -> bool:
+    """True for exactly '#rrggbb' (either case), the form stored in model files."""
+    return isinstance(value, str) and normalize_color(value) == value.lower()
+
+
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
-    """'#rrggbb' -> (r, g, b) in 0..255."""
-    text = color.lstrip("#")
-    if len(text) != 6:
+    """A colour (see normalize_color) -> (r, g, b) in 0..255."""
+    text = normalize_color(color)
+    if text is None:
         raise ValueError(f"not a #rrggbb colour: {color!r}")
-    return int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)
+    return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+
+
+def resolve_colors(names: Sequence[str], given: Any = None) -> list[str]:
+    """One '#rrggbb' per class name: the given colour (a list in name order, or name -> colour)
+    where it is a usable colour, else the name's class_color."""
+    if isinstance(given, (list, tuple)):
+        given = dict(zip(names, given, strict=False))  # a shorter list colours the first classes
+    chosen = given if isinstance(given, dict) else {}
+    return [normalize_color(chosen.get(name)) or class_color(name) for name in names]

@@ -18,11 +18,11 @@ from asymkd.export import (
     VERSION_KEY,
     class_colors,
     export_onnx,
-    fallback_color,
     read_onnx_metadata,
 )
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import load_model, save_model
+from asymkd.palette import class_color
 
 torch.set_num_threads(1)
 CLASSES = ["Forest", "Water", "Urban"]
@@ -167,10 +167,21 @@ def test_colours_are_deterministic_and_accept_several_forms():
     meta = {"class_names": ["a", "b", "c", "d"], "colors": ["#abc", (255, 0, 0), None, "zzz"]}
     colors = class_colors(meta)
     assert colors[:2] == ["#aabbcc", "#ff0000"]
-    from asymkd.palette import class_color
     assert colors[2] == class_color("c") and colors[3] == class_color("d")  # the shared palette
     assert class_colors(meta) == colors
-    assert len({fallback_color(i) for i in range(40)}) == 40
+    assert class_colors({"class_names": ["a"], "colors": {"a": (0.0, 0.5, 1.0)}}) == ["#0080ff"]
+
+
+def test_a_file_without_colours_gets_each_names_palette_colour(exported, tmp_path):
+    # The fallback once coloured by class index, so one class had two colours: one in the
+    # exported file's style, another in the report and the synthetic world's legend.
+    proto = onnx.load(str(exported.path))
+    prop = next(p for p in proto.metadata_props if p.key == META_KEY)
+    meta = json.loads(prop.value)
+    del meta["class_colors"]
+    prop.value = json.dumps(meta)
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    assert read_onnx_metadata(tmp_path / "plain.onnx")["class_colors"] == [class_color(n) for n in CLASSES]
 
 
 def test_cli_export(model_folder, tmp_path, capsys):

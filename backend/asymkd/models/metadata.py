@@ -14,6 +14,7 @@ import unicodedata
 from typing import Any, Sequence
 
 from ..errors import ModelFileError
+from ..palette import is_hex_color
 
 # Bounds well above any real scene classifier and well below sizes that exhaust memory.
 MAX_CHANS = 1024
@@ -112,15 +113,10 @@ def validate_meta(meta: Any, where: str, onnx: bool = False) -> dict[str, Any]:
                      f"above 0 and at most {MAX_GSD:g}, or null")
     if onnx and "class_colors" in meta:
         colors = meta["class_colors"]
-        if not isinstance(colors, list) or len(colors) != len(classes) or not all(_is_hex(v) for v in colors):
+        if not isinstance(colors, list) or len(colors) != len(classes) or not all(is_hex_color(v) for v in colors):
             raise c.fail(f"'class_colors' must list one '#rrggbb' colour per class ({len(classes)}), "
                          f"not {_short(colors)}")
     return {**meta, "in_chans": len(bands), "num_classes": len(classes)}
-
-
-def _is_hex(value: Any) -> bool:
-    return (isinstance(value, str) and len(value) == 7 and value[0] == "#"
-            and all(ch in "0123456789abcdefABCDEF" for ch in value[1:]))
 
 
 def check_graph_shapes(meta: dict[str, Any], input_shape: Sequence[Any], output_shape: Sequence[Any],
