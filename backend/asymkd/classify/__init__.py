@@ -48,6 +48,10 @@ class ClassifyOptions:
     prefetch: int = 4                             # batches read ahead
     max_strip_tiles: int = 256                    # tiles per window read
     chunk: int = 4096                             # features per GeoPackage write (in the background)
+    workers: int | None = None                    # classify on a local Dask cluster of N worker processes
+    scheduler: str | None = None                  # or on the workers of a running dask-scheduler (address)
+    shard_tiles: int = 2048                       # tiles per shard (whole tile rows) on a cluster
+    connect_timeout: float = 10.0                 # seconds to reach --scheduler before giving up
 
     def check(self) -> None:
         """Refuse absurd options before anything is read (a tile of 0 is not the default,
@@ -69,6 +73,23 @@ class ClassifyOptions:
                               f"use 0 (onnxruntime decides) up to {MAX_THREADS}")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if self.workers is not None and self.scheduler is not None:
+            raise ConfigError("--workers and --scheduler were both given",
+                              "give --workers N for a cluster on this machine, or --scheduler ADDRESS for the "
+                              "workers of a running dask-scheduler, not both")
+        if self.workers is not None and not 1 <= self.workers <= MAX_THREADS:
+            raise ConfigError(f"--workers {self.workers} is out of range",
+                              f"use 1..{MAX_THREADS} worker processes, or leave --workers out to classify in "
+                              "this process")
+        if self.scheduler is not None and not str(self.scheduler).strip():
+            raise ConfigError("--scheduler is empty", "give the scheduler's address, e.g. tcp://10.0.0.5:8786")
+        if self.shard_tiles < 1:
+            raise ConfigError(f"shard size {self.shard_tiles} tiles must be at least 1", "e.g. shard_tiles=2048")
+        if not self.connect_timeout > 0:
+            raise ConfigError(f"connect timeout {self.connect_timeout} s must be positive", "e.g. 10")
 
     def check_memory(self, tile: int, bands: int) -> None:
         """Refuse a batch of tiles too large to hold in memory, once the tile size and the

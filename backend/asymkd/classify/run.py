@@ -1,10 +1,13 @@
-"""The classify job: model, raster, grid, area, then the read -> infer -> write loop."""
+"""The classify job: model, raster, grid, area, then the read -> infer -> write loop, in this
+process or, with --workers/--scheduler, on the workers of a Dask cluster (distributed.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -12,9 +15,9 @@ from ..errors import DataError
 from ..events import Events
 from ..export import read_onnx_metadata
 from . import ClassifyOptions, ClassifyResult
-from .area import plan_tiles, resolve_area
+from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
-from .infer import CASTABLE, OnnxClassifier, summarize
+from .infer import CASTABLE, OnnxClassifier, Summary, summarize
 from .reader import PrefetchReader, resolve_bands
 from .style import qml_text
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_not_inputs, check_output_names
@@ -59,8 +62,25 @@ def _check_value_range(images: np.ndarray, meta: dict, events: Events) -> None:
                        "raster's value scaling")
 
 
-def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> ClassifyResult:
-    t_setup = time.perf_counter()
+@dataclasses.dataclass
+class Job:
+    """A classify job as decided before any tile is read; the same for one process and for a
+    cluster of workers (each worker classifies a shard of `plan`)."""
+
+    model_path: Path
+    raster: Path
+    out: Path
+    meta: dict
+    bands: list[int]
+    grid: Grid
+    plan: TilePlan
+    feed: np.dtype       # the dtype tiles are fed to the model in
+    notes: list[str]
+    small: bool          # the raster is smaller than one tile
+
+
+def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> Job:
+    """Check the outputs, read the model's metadata and the raster's header, and plan the tiles."""
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
     check_not_inputs([out, out.with_suffix(".qml"), class_raster], [model_path, raster, opts.mask])
@@ -73,34 +93,80 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
         size = f"{src.width}x{src.height}"
         dtypes = {np.dtype(src.dtypes[b - 1]) for b in bands}
     feed = dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE else np.dtype(np.float32)
-    model = OnnxClassifier(model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning,
-                           input_dtype=feed)
-    meta = model.meta
-    plan = plan_tiles(grid, area)
     notes = list(grid.notes)
     if how != "given":
         notes.append(f"raster bands {bands} feed the model's {', '.join(meta['band_names'])} (from {how})")
     if small and grid.kind == "pixel":
         notes.append(f"the raster ({size} px) is smaller than one {grid.tile}-px tile: it is classified as one "
                      f"padded tile if at least {opts.min_valid:.0%} of it is valid (--min-valid)")
-    for note in notes:
+    return Job(model_path, raster, out, meta, bands, grid, plan_tiles(grid, area), feed, notes, small)
+
+
+def load_model(job: Job, opts: ClassifyOptions, threads: int | None = None) -> OnnxClassifier:
+    return OnnxClassifier(job.model_path, device=opts.device, threads=opts.threads if threads is None else threads,
+                          spinning=opts.spinning, input_dtype=job.feed)
+
+
+class Engine(Protocol):
+    """Who classifies the planned tiles: this process, or the workers of a Dask cluster."""
+
+    provider: str
+
+    def fill(self, writer: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts: ...
+
+
+class LocalEngine:
+    """Classify in this process: prefetching reader -> onnxruntime -> writer."""
+
+    def __init__(self, job: Job, opts: ClassifyOptions):
+        self.job, self.opts = job, opts
+        self.model = load_model(job, opts)
+        self.provider = self.model.provider
+
+    def fill(self, writer: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
+        return classify_plan(self.model, self.job.raster, self.job.plan, self.job.bands, self.opts, writer,
+                             raster_out, events)
+
+
+def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> ClassifyResult:
+    t_setup = time.perf_counter()
+    class_raster = Path(opts.class_raster) if opts.class_raster else None
+    job = prepare(model_path, raster, out, opts, events)
+    for note in job.notes:
         events.log(note)
-    qml = out.with_suffix(".qml")
-    finals = [out, qml] + ([class_raster] if class_raster else [])
-    with AtomicOutputs(finals, overwrite=opts.overwrite) as outputs:
-        try:
-            result = _loop(model, raster, plan, bands, opts, outputs, out, qml, class_raster, events,
-                           time.perf_counter() - t_setup)
-        except BaseException:
-            removed = outputs.discard()
-            events.log(f"classification stopped: no output was written to {out}"
-                       + (f" (removed {len(removed)} partial file(s))" if removed else ""), level="warning")
-            raise
-        outputs.commit()
-    result.notes = notes
+    with _engine(job, opts, events) as engine:
+        qml = out.with_suffix(".qml")
+        finals = [out, qml] + ([class_raster] if class_raster else [])
+        with AtomicOutputs(finals, overwrite=opts.overwrite) as outputs:
+            try:
+                result = _loop(job, engine, opts, outputs, out, qml, class_raster, events,
+                               time.perf_counter() - t_setup)
+            except BaseException:
+                removed = outputs.discard()
+                events.log(f"classification stopped: no output was written to {out}"
+                           + (f" (removed {len(removed)} partial file(s))" if removed else ""), level="warning")
+                raise
+            outputs.commit()
+    result.notes = job.notes
+    _report(result, job, out, qml, class_raster, events)
+    return result
+
+
+@contextlib.contextmanager
+def _engine(job: Job, opts: ClassifyOptions, events: Events) -> Iterator[Engine]:
+    if opts.workers is None and opts.scheduler is None:
+        yield LocalEngine(job, opts)
+        return
+    from .distributed import DaskEngine  # dask is optional: imported only when asked for
+    with DaskEngine.start(job, opts, events) as engine:
+        yield engine
+
+
+def _report(result: ClassifyResult, job: Job, out: Path, qml: Path, class_raster: Path | None,
+            events: Events) -> None:
     if result.tiles_classified == 0:
         why = ("the raster is smaller than one tile and too little of it is valid; lower --min-valid"
-               if small else "every tile is nodata or has fewer valid pixels than --min-valid")
+               if job.small else "every tile is nodata or has fewer valid pixels than --min-valid")
         events.warning(f"no tile was classified ({result.tiles_skipped} skipped): {why}; the layer is empty")
     events.log(f"classified {result.tiles_classified} tiles ({result.tiles_skipped} skipped) in "
                f"{result.seconds:.1f} s, {result.tiles_per_s:.0f} tiles/s on {result.provider}: {out}")
@@ -111,32 +177,43 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     if class_raster:
         paths["class_raster"] = class_raster
     events.result("classify", **paths)
-    return result
 
 
 @dataclasses.dataclass
-class _Counts:
+class Counts:
     done: int = 0
     classified: int = 0
     skipped: int = 0
     wait_s: float = 0.0    # main thread waiting for the reader (the reader is the bottleneck)
     infer_s: float = 0.0
     post_s: float = 0.0
+    read_s: float = 0.0    # the reader thread's time in rasterio, cutting tiles, and blocked
+    cut_s: float = 0.0
+    blocked_s: float = 0.0
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # an engine's own timings
+
+    def timings(self) -> dict[str, float]:
+        return {"infer_s": self.infer_s, "wait_for_reader_s": self.wait_s, "postprocess_s": self.post_s,
+                "reader_read_s": self.read_s, "reader_cut_s": self.cut_s, "reader_blocked_s": self.blocked_s,
+                **self.extra}
 
 
-def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOptions, outputs: AtomicOutputs,
-          out: Path, qml: Path, class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
-    meta, grid = model.meta, plan.grid
-    names, colors = model.class_names, list(meta["class_colors"])
+class TileSink(Protocol):
+    """Where classified tiles go: the GeoPackage writer, or a worker's shard file."""
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None: ...
+
+
+def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutputs, out: Path, qml: Path,
+          class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
+    meta, grid = job.meta, job.grid
+    names, colors = list(meta["class_names"]), list(meta["class_colors"])
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster else None
-    reader = PrefetchReader(raster, plan, bands, fill=meta["mean"], batch_size=opts.batch_size,
-                            min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
-                            nice=opts.io_nice, dtype=model.input_dtype)
     writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice)
     t0 = time.perf_counter()
     try:
-        counts = _stream(model, reader, writer, raster_out, plan.total, events)
+        counts = engine.fill(writer, raster_out, events)
         loop_s = time.perf_counter() - t0
         tw = time.perf_counter()
         writer.close()
@@ -148,21 +225,33 @@ def _loop(model: OnnxClassifier, raster: Path, plan, bands, opts: ClassifyOption
         writer.abort()  # the write thread must end before the temporary file is removed
         raise
     seconds = setup_s + time.perf_counter() - t0
-    st = reader.stats
-    timings = {"setup_s": setup_s, "loop_s": loop_s, "infer_s": counts.infer_s, "wait_for_reader_s": counts.wait_s,
-               "postprocess_s": counts.post_s, "final_write_s": write_s, "gpkg_write_bg_s": writer.write_s,
-               "reader_read_s": st.read_s, "reader_cut_s": st.cut_s, "reader_blocked_s": st.put_wait_s}
-    return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=model.provider,
-                          tiles_total=plan.total, tiles_classified=counts.classified, tiles_skipped=counts.skipped,
-                          seconds=seconds, tiles_per_s=(counts.classified / seconds if seconds > 0 else 0.0),
-                          crs=grid.crs.to_string(), grid=_describe(grid), bands=list(bands),
+    timings = {"setup_s": setup_s, "loop_s": loop_s, **counts.timings(), "final_write_s": write_s,
+               "gpkg_write_bg_s": writer.write_s}
+    return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=engine.provider,
+                          tiles_total=job.plan.total, tiles_classified=counts.classified,
+                          tiles_skipped=counts.skipped, seconds=seconds,
+                          tiles_per_s=(counts.classified / seconds if seconds > 0 else 0.0),
+                          crs=grid.crs.to_string(), grid=_describe(grid), bands=list(job.bands),
                           timings={k: round(v, 4) for k, v in timings.items()}, notes=[])
 
 
-def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWriter, raster_out: ClassRaster | None,
-            total: int, events: Events) -> _Counts:
+def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: list[int], opts: ClassifyOptions,
+                  sink: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
+    """Classify the tiles of `plan` (the whole job's, or a worker's shard of it) into `sink`:
+    the one read -> infer -> write loop of the engine."""
+    reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
+                            min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
+                            nice=opts.io_nice, dtype=model.input_dtype)
+    counts = _stream(model, reader, sink, raster_out, plan.total, events)
+    st = reader.stats
+    counts.read_s, counts.cut_s, counts.blocked_s = st.read_s, st.cut_s, st.put_wait_s
+    return counts
+
+
+def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, raster_out: ClassRaster | None,
+            total: int, events: Events) -> Counts:
     """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress."""
-    c = _Counts()
+    c = Counts()
     started = time.time()  # the event layer draws the one terminal progress bar
     checked = False
 
@@ -187,10 +276,7 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWrit
                 probs = model.predict(batch.images)
                 tp = time.perf_counter()
                 c.infer_s += tp - ti
-                summary = summarize(probs)
-                writer.add(batch.rows, batch.cols, summary, batch.valid)
-                if raster_out is not None:
-                    raster_out.add(batch.rows, batch.cols, summary.class_id)
+                deliver(writer, raster_out, batch.rows, batch.cols, summarize(probs), batch.valid)
                 c.post_s += time.perf_counter() - tp
             c.classified += n
             c.skipped += batch.skipped
@@ -200,6 +286,15 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileLayerWrit
         reader.close()
     progress(force=True)
     return c
+
+
+def deliver(writer: TileSink, raster_out: ClassRaster | None, rows: np.ndarray, cols: np.ndarray, summary: Summary,
+            valid: np.ndarray) -> None:
+    """Hand classified tiles to the writer and the class raster: the one place tiles go, from
+    this process's loop or from a cluster's shards."""
+    writer.add(rows, cols, summary, valid)
+    if raster_out is not None:
+        raster_out.add(rows, cols, summary.class_id)
 
 
 def _describe(grid: Grid) -> str:

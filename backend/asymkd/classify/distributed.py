@@ -1,0 +1,419 @@
+"""Classification on a Dask cluster: `classify --workers N` (a local cluster of N worker
+processes) or `classify --scheduler ADDRESS` (the workers of a running dask-scheduler).
+
+The planned tiles are split into shards of whole tile rows (`make_shards`: consecutive
+rows of the plan, about `shard_tiles` tiles each; tile keys are the grid's, unchanged).
+Each shard is one Dask task: the worker opens the raster itself (a local path it sees, or
+a GDAL path such as /vsicurl/ or /vsis3/), runs the one read -> infer loop of the engine
+(`run.classify_plan`) and writes the shard's per-tile summaries to a shard file in a
+hidden scratch folder beside the output (a shared file system when the workers are on
+other hosts). The client merges the shards in shard order into the same writer a single
+process uses, so the GeoPackage, its fields, style and class raster are the same.
+
+Shard tasks are pure: the same task gives the same file, written atomically under its
+final name, so when a worker dies and Dask runs its shards again elsewhere, each shard
+still has exactly one file and no tile is merged twice. A failed or cancelled job removes
+the scratch folder, and the outputs are never placed (run.py's AtomicOutputs).
+
+Dask is optional: this module is imported only for --workers/--scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import errors
+from ..errors import AsymKDError, ConfigError, DataError
+from ..events import Events
+from ..fileio import atomic_save_npz, staged_dir
+from . import ClassifyOptions
+from .area import TilePlan
+from .grid import Grid
+from .infer import OnnxClassifier, Summary, summarize
+from .run import Counts, Job, TileSink, classify_plan, deliver
+from .writer import ClassRaster
+
+# Keep in step with backend/requirements-dask.txt (a test checks it).
+DASK_REQUIREMENT = "dask[distributed]==2026.8.0"
+_SEEN_BY_WORKERS = ("every worker must see it at the same path: a shared file system, or a GDAL network path "
+                    "such as /vsicurl/https://host/scene.tif or /vsis3/bucket/scene.tif")
+
+
+def import_distributed() -> Any:
+    """The `distributed` package, or a ConfigError saying how to install it."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigError(f"classification on a Dask cluster needs Dask, which is not installed ({exc})",
+                          f"install {DASK_REQUIREMENT} to use --workers/--scheduler: pip install "
+                          f"'{DASK_REQUIREMENT}' (or pip install -r backend/requirements-dask.txt)") from exc
+    return distributed
+
+
+# -- shards ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Consecutive rows of the tile plan: `cols[i]` are the selected columns of `rows[i]`."""
+
+    index: int
+    rows: tuple[int, ...]
+    cols: tuple[np.ndarray | None, ...]
+    total: int
+
+    def plan(self, grid: Grid) -> TilePlan:
+        return TilePlan(grid, list(self.rows), list(self.cols), self.total)
+
+    def describe(self) -> str:
+        return f"shard {self.index} (tile rows {self.rows[0]}..{self.rows[-1]})"
+
+
+def make_shards(plan: TilePlan, shard_tiles: int) -> list[Shard]:
+    """Split the plan into shards of whole tile rows, about `shard_tiles` tiles each: the
+    same plan and size always give the same shards, whatever the cluster."""
+    shards: list[Shard] = []
+    rows: list[int] = []
+    cols: list[np.ndarray | None] = []
+    n = 0
+    for r, c in zip(plan.rows, plan.cols, strict=True):
+        rows.append(r)
+        cols.append(c)
+        n += plan.grid.cols if c is None else len(c)
+        if n >= shard_tiles:
+            shards.append(Shard(len(shards), tuple(rows), tuple(cols), n))
+            rows, cols, n = [], [], 0
+    if rows:
+        shards.append(Shard(len(shards), tuple(rows), tuple(cols), n))
+    return shards
+
+
+# -- the worker's side -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs for one shard (small: no tile data, no model)."""
+
+    model: str
+    raster: str
+    grid: Grid
+    bands: tuple[int, ...]
+    feed: str            # dtype the tiles are fed to the model in
+    threads: int         # onnxruntime intra-op threads on the worker
+    opts: ClassifyOptions
+    shard: Shard
+    path: str            # the shard file
+
+
+@dataclasses.dataclass
+class ShardDone:
+    index: int
+    worker: str
+    classified: int = 0
+    skipped: int = 0
+    provider: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    error: tuple[str, str, str | None] | None = None  # (error class, message, hint): raised by the client
+
+
+class _Collect(Events):
+    """The worker's events: warnings are kept and reported by the client, the rest dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(stream=None, progress_bars=False)
+        self.warnings: list[str] = []
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def log(self, message: str, level: str = "info") -> None:
+        if level == "warning":
+            self.warnings.append(message)
+
+
+class ShardSink:
+    """Collects a shard's classified tiles (a few numbers per tile) and saves them atomically."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None:
+        self.parts.append({"rows": np.asarray(rows, np.int64), "cols": np.asarray(cols, np.int64),
+                           "valid": np.asarray(valid), **dataclasses.asdict(summary)})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if not self.parts:  # every tile skipped: empty arrays of the right types
+            self.add(np.zeros(0, np.int64), np.zeros(0, np.int64), summarize(np.zeros((0, self.num_classes))),
+                     np.zeros(0, np.float32))
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+
+    def save(self, path: Path, counts: Counts) -> bool:
+        """Write the shard file, unless its folder is gone: the client has given the job up
+        (failed or cancelled) and no file may appear there again."""
+        if not path.parent.is_dir():
+            return False
+        atomic_save_npz(path, **self.arrays(), classified=np.asarray(counts.classified, np.int64),
+                        skipped=np.asarray(counts.skipped, np.int64))
+        return True
+
+
+_MODELS: dict[tuple, OnnxClassifier] = {}  # one loaded model per worker process, reused by its shards
+
+
+def _model(task: ShardTask) -> OnnxClassifier:
+    st = os.stat(task.model) if "://" not in task.model and not task.model.startswith("/vsi") else None
+    key = (task.model, st and st.st_mtime_ns, st and st.st_size, task.opts.device, task.threads,
+           task.opts.spinning, task.feed)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = OnnxClassifier(task.model, device=task.opts.device, threads=task.threads,
+                                      spinning=task.opts.spinning, input_dtype=task.feed)
+    return _MODELS[key]
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+        return f"{get_worker().address} ({socket.gethostname()})"
+    except (ImportError, ValueError):  # called outside a worker (tests)
+        return f"process {os.getpid()} ({socket.gethostname()})"
+
+
+def _open_on_worker(task: ShardTask, worker: str) -> OnnxClassifier:
+    """The model, and a check that the raster opens here: errors name this worker and the path."""
+    from .run import _open_raster
+    try:
+        model = _model(task)
+    except (AsymKDError, OSError) as exc:
+        raise errors.ModelFileError(f"worker {worker} cannot load the model {task.model}: {exc}",
+                                    f"{_SEEN_BY_WORKERS}, with the same engine installed") from exc
+    try:
+        with _open_raster(Path(task.raster)):
+            pass
+    except AsymKDError as exc:
+        raise DataError(f"worker {worker} cannot open the raster {task.raster}: {getattr(exc, 'message', exc)}",
+                        _SEEN_BY_WORKERS) from exc
+    return model
+
+
+def classify_shard(task: ShardTask) -> ShardDone:
+    """The Dask task: classify one shard into its shard file. Pure: the same task always
+    writes the same file, so running it twice (after a worker died) changes nothing."""
+    from rasterio.errors import RasterioError
+    worker = _worker_name()
+    done = ShardDone(task.shard.index, worker)
+    start = time.perf_counter()
+    events = _Collect()
+    try:
+        model = _open_on_worker(task, worker)
+        sink = ShardSink(len(model.class_names))
+        counts = classify_plan(model, Path(task.raster), task.shard.plan(task.grid), list(task.bands), task.opts,
+                               sink, None, events)
+        sink.save(Path(task.path), counts)
+    except AsymKDError as exc:  # user errors are reported, not retried: they would fail again
+        done.error = (type(exc).__name__, exc.message, exc.hint)
+        return done
+    except (RasterioError, OSError) as exc:
+        done.error = ("DataError", f"worker {worker} failed reading {task.shard.describe()} of {task.raster}: "
+                      f"{exc}", _SEEN_BY_WORKERS)
+        return done
+    done.classified, done.skipped, done.provider = counts.classified, counts.skipped, model.provider
+    done.seconds, done.timings, done.warnings = time.perf_counter() - start, counts.timings(), events.warnings
+    return done
+
+
+# -- the client's side -----------------------------------------------------------------
+def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray, Summary, np.ndarray]:
+    with np.load(path) as z:
+        summary = Summary(**{f.name: z[f.name] for f in dataclasses.fields(Summary)})
+        return z["rows"], z["cols"], summary, z["valid"]
+
+
+def _raise(error: tuple[str, str, str | None]) -> None:
+    kind, message, hint = error
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, AsymKDError)):
+        cls = DataError
+    raise cls(message, hint)
+
+
+def local_threads(opts: ClassifyOptions) -> int:
+    """onnxruntime threads per local worker: the machine's cores shared between the workers
+    (each worker's own default would be every core, N times over)."""
+    if opts.threads or opts.workers is None:
+        return opts.threads
+    return max(1, (os.cpu_count() or 1) // opts.workers)
+
+
+@contextlib.contextmanager
+def _local_cluster(distributed: Any, workers: int) -> Iterator[Any]:
+    import logging
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR)
+    try:
+        with distributed.Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def _remote(distributed: Any, address: str, timeout: float) -> Iterator[Any]:
+    import dask
+    hint = ("start one with `dask-scheduler` and workers with `dask-worker ADDRESS`, check the address and "
+            "port (e.g. tcp://10.0.0.5:8786), or use --workers N for a cluster on this machine")
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
+            client = distributed.Client(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s: "
+                          f"{exc or type(exc).__name__}", hint) from exc
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"the Dask scheduler at {address} has no workers (waited {timeout:g} s)",
+                              "start workers with `dask-worker ADDRESS` on the hosts that see the raster") from exc
+        yield client
+
+
+@contextlib.contextmanager
+def connect(opts: ClassifyOptions) -> Iterator[Any]:
+    """A Dask client: of a new local cluster (--workers) or of a running scheduler (--scheduler)."""
+    distributed = import_distributed()
+    if opts.scheduler is not None:
+        with _remote(distributed, str(opts.scheduler).strip(), opts.connect_timeout) as client:
+            yield client
+    else:
+        with _local_cluster(distributed, int(opts.workers or 1)) as client:
+            yield client
+
+
+class DaskEngine:
+    """Classify the job's tiles on a Dask cluster and merge the shards into the writer."""
+
+    def __init__(self, job: Job, opts: ClassifyOptions, client: Any, folder: Path, start_s: float):
+        self.job, self.opts, self.client, self.folder = job, opts, client, folder
+        self.provider = "?"
+        self.start_s = start_s
+        self.workers = len(client.scheduler_info().get("workers", {}))
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, job: Job, opts: ClassifyOptions, events: Events) -> Iterator[DaskEngine]:
+        """The cluster and a hidden shard folder beside the output; on leaving, the cluster
+        is closed first (a local one's workers end) and then the folder is removed."""
+        t0 = time.perf_counter()
+        scratch = job.out.with_name(job.out.name + ".shards")
+        with staged_dir(scratch, commit=_keep_nothing) as folder, connect(opts) as client:
+            engine = cls(job, opts, client, folder, time.perf_counter() - t0)
+            where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
+            events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
+            yield engine
+
+    def tasks(self) -> list[ShardTask]:
+        job = self.job
+        threads = local_threads(self.opts) if self.opts.scheduler is None else self.opts.threads
+        return [ShardTask(str(job.model_path), str(job.raster), job.grid, tuple(job.bands), job.feed.str, threads,
+                          self.opts, shard, str(self.folder / f"shard-{shard.index:05d}.npz"))
+                for shard in make_shards(job.plan, self.opts.shard_tiles)]
+
+    def fill(self, writer: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
+        """Run the shard tasks; as each completes report progress, and merge every shard whose
+        predecessors are merged (shard order, one file per shard)."""
+        from distributed import as_completed
+        tasks = self.tasks()
+        run_id = uuid.uuid4().hex[:12]
+        futures = self.client.map(classify_shard, tasks, key=[f"asymkd-shard-{run_id}-{t.shard.index:05d}"
+                                                                for t in tasks])
+        merger = _Merger(tasks, writer, raster_out, events, self.job.plan.total)
+        try:
+            for future in as_completed(futures):
+                merger.completed(self._result(future, tasks))
+                while merger.next < len(tasks) and merger.next in merger.done:
+                    futures[merger.next].release()  # merged: Dask need not keep or redo it
+                    merger.merge_next()
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+        self.provider = merger.provider()
+        counts = merger.counts
+        counts.extra.update(cluster_start_s=self.start_s, merge_s=merger.merge_s, shards=float(len(tasks)),
+                            workers=float(self.workers))
+        return counts
+
+    @staticmethod
+    def _result(future: Any, tasks: list[ShardTask]) -> ShardDone:
+        from distributed import KilledWorker
+        try:
+            done = future.result()
+        except KilledWorker as exc:
+            index = int(str(future.key).rsplit("-", 1)[-1])
+            raise DataError(f"{tasks[index].shard.describe()} ended every worker that ran it ({exc})",
+                            "the workers probably ran out of memory: lower --batch-size, or give them "
+                            "more memory") from exc
+        if done.error is not None:
+            _raise(done.error)
+        return done
+
+
+def _keep_nothing(stage: Path, final: Path) -> None:
+    """The shard folder is scratch: staged_dir removes it after the job whatever happens."""
+
+
+class _Merger:
+    """Merges shard files in shard order into the writer, and reports progress."""
+
+    def __init__(self, tasks: list[ShardTask], writer: TileSink, raster_out: ClassRaster | None, events: Events,
+                 total: int):
+        self.tasks, self.writer, self.raster_out, self.events, self.total = tasks, writer, raster_out, events, total
+        self.done: dict[int, ShardDone] = {}
+        self.next = 0
+        self.counts = Counts()
+        self.merge_s = 0.0
+        self.started = time.time()
+        self.warned: set[str] = set()
+
+    def completed(self, done: ShardDone) -> None:
+        self.done[done.index] = done
+        c = self.counts
+        c.classified += done.classified
+        c.skipped += done.skipped
+        c.done += done.classified + done.skipped
+        for k, v in done.timings.items():  # summed over the workers: seconds of work, not of the clock
+            field = _FIELD.get(k)
+            if field is not None:
+                setattr(c, field, getattr(c, field) + v)
+        for message in done.warnings:
+            if message not in self.warned:
+                self.warned.add(message)
+                self.events.warning(f"{message} (worker {done.worker})")
+        self.events.progress("classify", c.done, self.total, self.started, unit="tile", skipped=c.skipped,
+                             classified=c.classified, provider=done.provider,
+                             force=len(self.done) == len(self.tasks))
+
+    def merge_next(self) -> None:
+        t0 = time.perf_counter()
+        path = Path(self.tasks[self.next].path)
+        rows, cols, summary, valid = load_shard(path)
+        deliver(self.writer, self.raster_out, rows, cols, summary, valid)
+        path.unlink()  # merged: the disk holds only shards not merged yet
+        self.next += 1
+        self.merge_s += time.perf_counter() - t0
+
+    def provider(self) -> str:
+        names = sorted({d.provider for d in self.done.values() if d.provider})
+        return "+".join(names) if names else "?"
+
+
+# Counts' fields by the timing names Counts.timings() gives them.
+_FIELD = {"infer_s": "infer_s", "wait_for_reader_s": "wait_s", "postprocess_s": "post_s",
+          "reader_read_s": "read_s", "reader_cut_s": "cut_s", "reader_blocked_s": "blocked_s"}
