@@ -198,6 +198,21 @@ def check_raster(path: str | Path, expected: np.ndarray | None = None) -> None:
                            "free some space, raise the limit (ulimit -f) or write elsewhere, then run it again")
 
 
+# GeoPackage 1.2: QGIS 3.22's GDAL (3.2-3.6) says "may only be partially supported" of a
+# 1.4 file, which newer GDALs write by default.
+GPKG_OPTIONS = {"VERSION": "1.2"}
+
+
+def write_gpkg_layer(path: str | Path, geometry: np.ndarray | None, field_data: list, fields: list[str], *,
+                     layer: str, crs: str | None = None, geometry_type: str | None = None, append: bool = False,
+                     field_mask: list | None = None) -> None:
+    """Write (or append to) one layer of a GeoPackage through pyogrio; a new file is a
+    GeoPackage 1.2, which every supported QGIS opens without a warning."""
+    from pyogrio.raw import write
+    write(str(path), geometry, field_data, fields, field_mask=field_mask, layer=layer, driver="GPKG",
+          geometry_type=geometry_type, crs=crs, append=append, dataset_options=None if append else GPKG_OPTIONS)
+
+
 def check_vector(path: str | Path, layer: str, features: int) -> None:
     """Read a just-written vector layer's summary back: GDAL can leave a truncated
     GeoPackage on a full disk without an error. StorageError unless it holds `features`."""

@@ -5,27 +5,25 @@ final path and is moved into place only when the whole job has succeeded."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyogrio.errors
-import pyogrio.raw
 import shapely
 
 from ..errors import ConfigError, DataError, StorageError
-from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_name
+from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_name, write_gpkg_layer
 from ..palette import hex_to_rgb
 from .grid import Grid
 from .infer import Summary
 
 _SIDECARS = ("-journal", "-wal", "-shm", ".aux.xml")
 LAYER = "tiles"
-# GeoPackage 1.2: QGIS 3.22's GDAL (3.4-3.6) warns "may only be partially supported" on 1.4.
-GPKG_CREATION = {"VERSION": "1.2"}
 
 
 class AtomicOutputs:
@@ -128,6 +126,98 @@ class AtomicOutputs:
             self.discard()
 
 
+@dataclasses.dataclass
+class TileRows:
+    """A batch of classified tiles, as the field table reads it."""
+    grid: Grid
+    names: np.ndarray        # class names, indexed by class id
+    rows: np.ndarray
+    cols: np.ndarray
+    class_id: np.ndarray
+    confidence: np.ndarray
+    second_id: np.ndarray
+    second_prob: np.ndarray
+    entropy: np.ndarray
+    valid_fraction: np.ndarray
+
+    def key(self, part: str) -> np.ndarray:
+        return self.grid.keys(self.rows, self.cols)[part]
+
+
+@dataclasses.dataclass(frozen=True)
+class TileField:
+    """One field of the tile layer: its name, OGR type, how its value is computed (None:
+    NULL) and what the README says of it."""
+    name: str
+    ogr: str                                            # Integer, Real or String
+    value: Callable[[TileRows], np.ndarray | None]
+    about: str
+    grid: str | None = None                             # only on this grid kind (pixel or xyz)
+
+
+_DTYPES: dict[str, type] = {"Integer": np.int32, "Real": np.float64, "String": object}
+
+
+def _null(_: TileRows) -> None:
+    return None
+
+
+# The one list of the tile layer's fields, in the layer's order: the writer's schema and rows
+# and the README's field table are made from it (a test compares the README with it).
+TILE_FIELDS: tuple[TileField, ...] = (
+    TileField("class_id", "Integer", lambda t: t.class_id, "the most probable class (0-based, in the model's order)"),
+    TileField("class_name", "String", lambda t: t.names[t.class_id], "its name"),
+    TileField("confidence", "Real", lambda t: t.confidence, "its probability, 0..1"),
+    TileField("second_id", "Integer", lambda t: t.second_id, "the second most probable class"),
+    TileField("second_name", "String", lambda t: t.names[t.second_id], "its name"),
+    TileField("second_prob", "Real", lambda t: t.second_prob, "its probability"),
+    TileField("entropy", "Real", lambda t: t.entropy,
+              "entropy of the class probabilities / log(classes): 0 certain, 1 uniform"),
+    TileField("tile_key", "String", lambda t: t.grid.key_strings(t.rows, t.cols),
+              "`row/col` on the pixel grid, `z/x/y` on the XYZ grid"),
+    TileField("row", "Integer", lambda t: t.key("row"), "tile row (pixel grid)", grid="pixel"),
+    TileField("col", "Integer", lambda t: t.key("col"), "tile column (pixel grid)", grid="pixel"),
+    TileField("z", "Integer", lambda t: t.key("z"), "zoom (XYZ grid)", grid="xyz"),
+    TileField("x", "Integer", lambda t: t.key("x"), "tile column (XYZ grid)", grid="xyz"),
+    TileField("y", "Integer", lambda t: t.key("y"), "tile row (XYZ grid)", grid="xyz"),
+    TileField("valid_fraction", "Real", lambda t: t.valid_fraction, "fraction of the tile's pixels holding data"),
+)
+
+
+def tile_fields(grid_kind: str) -> list[TileField]:
+    """The fields of a tile layer on a grid of this kind."""
+    return [f for f in TILE_FIELDS if f.grid in (None, grid_kind)]
+
+
+def fields_markdown() -> str:
+    """The README's table of tile fields."""
+    lines = ["| field | type | value |", "|---|---|---|"]
+    lines += [f"| `{f.name}` | {f.ogr} | {f.about} |" for f in TILE_FIELDS]
+    return "\n".join(lines) + "\n"
+
+
+def _columns(fields: Sequence[TileField], t: TileRows) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """The field table's values for a batch, and where they are NULL."""
+    n = len(t.rows)
+    data: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
+    for f in fields:
+        value = f.value(t) if n else None
+        dtype = _DTYPES[f.ogr]
+        if value is None:
+            data.append(np.full(n, None, object) if dtype is object else np.zeros(n, dtype))
+            masks.append(np.ones(n, bool) if n else None)
+        else:
+            data.append(np.asarray(value).astype(dtype, copy=False))
+            masks.append(None)
+    return data, masks
+
+
+# what a batch of tiles carries from the classifier to the writer
+_PARTS = ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy", "valid_fraction")
+_INT_PARTS = ("rows", "cols", "class_id", "second_id")
+
+
 class TileLayerWriter:
     """Writes tile polygons and their classes to a GeoPackage layer, `chunk` tiles per write,
     in a background thread so the writes overlap inference. The layer and its default style
@@ -139,6 +229,7 @@ class TileLayerWriter:
         self.path = Path(path)
         self.grid = grid
         self.class_names = np.array(list(class_names), dtype=object)
+        self.fields = tile_fields(grid.kind)
         self.chunk = max(1, int(chunk))
         self.crs = grid.crs.to_wkt()
         self.count = 0
@@ -198,9 +289,7 @@ class TileLayerWriter:
         self._future = self._pool.submit(self._write, cat, True)
 
     def _create(self, style_qml: str | None) -> None:
-        empty = {k: np.zeros(0, np.int64 if k in ("rows", "cols", "class_id", "second_id") else np.float64)
-                 for k in ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy",
-                           "valid_fraction")}
+        empty = {k: np.zeros(0, np.int64 if k in _INT_PARTS else np.float64) for k in _PARTS}
         self._write(empty, False)
         if style_qml is not None:
             from .style import embed_style
@@ -208,25 +297,14 @@ class TileLayerWriter:
 
     def _write(self, cat: dict[str, np.ndarray], append: bool) -> None:
         start = time.perf_counter()
-        rows, cols = cat["rows"], cat["cols"]
-        geoms = shapely.to_wkb(shapely.box(*self.grid.bounds(rows, cols))) if len(rows) else np.array([], dtype=object)
-        cid, sid = cat["class_id"].astype(np.int32), cat["second_id"].astype(np.int32)
-        fields = {
-            "class_id": cid,
-            "class_name": self.class_names[cid] if len(cid) else np.array([], dtype=object),
-            "confidence": cat["confidence"].astype(np.float64),
-            "second_id": sid,
-            "second_name": self.class_names[sid] if len(sid) else np.array([], dtype=object),
-            "second_prob": cat["second_prob"].astype(np.float64),
-            "entropy": cat["entropy"].astype(np.float64),
-            "tile_key": self.grid.key_strings(rows, cols),
-            **{k: v.astype(np.int32) for k, v in self.grid.keys(rows, cols).items()},
-            "valid_fraction": cat["valid_fraction"].astype(np.float64),
-        }
-        pyogrio.raw.write(str(self.path), geometry=geoms, field_data=list(fields.values()), fields=list(fields),
-                          layer=LAYER, driver="GPKG", geometry_type="Polygon", crs=self.crs, append=append,
-                          dataset_options=None if append else GPKG_CREATION)
-        self.count += len(rows)
+        tiles = TileRows(grid=self.grid, names=self.class_names, **cat)
+        bounds = self.grid.bounds(tiles.rows, tiles.cols)
+        geoms = shapely.to_wkb(shapely.box(*bounds)) if len(tiles.rows) else np.array([], dtype=object)
+        data, masks = _columns(self.fields, tiles)
+        write_gpkg_layer(self.path, geoms, data, [f.name for f in self.fields], layer=LAYER, crs=self.crs,
+                         geometry_type="Polygon", append=append,
+                         field_mask=masks if any(m is not None for m in masks) else None)
+        self.count += len(tiles.rows)
         self.write_s += time.perf_counter() - start
 
 
