@@ -40,6 +40,11 @@ def add_arguments(parser) -> None:
                         help="skip tiles with a smaller fraction of valid pixels (default %(default)s)")
     parser.add_argument("--threads", type=int, default=_DEFAULT.threads,
                         help="onnxruntime intra-op threads (default %(default)s: onnxruntime decides)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="classify on a local Dask cluster of N worker processes (needs dask[distributed])")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="classify on the workers of a running dask-scheduler, e.g. tcp://10.0.0.5:8786; "
+                             "they must see the raster and the model at the same paths")
 
 
 def run(args, events) -> int:
@@ -48,7 +53,8 @@ def run(args, events) -> int:
                       bbox_crs=args.bbox_crs, mask=args.mask, mask_layer=args.mask_layer, tile=args.tile,
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
-                      min_valid=args.min_valid, threads=args.threads)
+                      min_valid=args.min_valid, threads=args.threads, workers=args.workers,
+                      scheduler=args.scheduler)
     if args.events != "-":
         print(json.dumps({"gpkg": str(result.gpkg), "qml": str(result.qml),
                           "class_raster": str(result.class_raster) if result.class_raster else None,
