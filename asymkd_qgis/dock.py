@@ -109,7 +109,8 @@ class AsymKDDock(QDockWidget):
         self.persist = Persist("dock")
         self.panels: dict[str, StepPanel] = {}
         self.jobs: dict[str, EngineJob] = {}
-        self.loaded_layers: list = []
+        self.loaded_layers: list = []  # the classified tile layers
+        self.region_layers: list = []  # their merged regions, when the engine wrote them
         self._chain: list[str] = []
         self.engine_factory: Callable[[], Engine] = Engine.from_settings
         self.engine_state: EngineState | None = None
@@ -714,7 +715,7 @@ class AsymKDDock(QDockWidget):
         have neither: nothing is shown for them)."""
         regions = layers.load_regions(path)
         if regions is not None:
-            self.loaded_layers.append(regions)
+            self.region_layers.append(regions)
         rows = layers.read_class_areas(path)
         note = f"Regions loaded: '{regions.name()}'." if regions is not None else ""
         self.panels["classify"].show_areas(rows, note)

@@ -39,6 +39,7 @@ from qgis.PyQt.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -86,10 +87,11 @@ class QueueItem:
     reviewed_class: int | None = None
 
     def text(self, classes: dict[int, str]) -> str:
-        second = f" (2nd {self.second_name})" if self.second_name else ""
-        shown = f"{self.confidence:.2f}  {self.class_name}{second}"
+        """'0.35 Forest, 2nd River' and, once reviewed, '\u2713 Urban' on a second line."""
+        second = f", 2nd {self.second_name}" if self.second_name else ""
+        shown = f"{self.confidence:.2f} {self.class_name}{second}"
         if self.reviewed_class is not None:
-            shown += f"  \u2713 {classes.get(self.reviewed_class, self.reviewed_class)}"
+            shown += f"\n    \u2713 {classes.get(self.reviewed_class, self.reviewed_class)}"
         return shown
 
 
@@ -306,7 +308,11 @@ class ReviewPanel(QDockWidget):
         self.summary = plain_label()
         box.addWidget(self.summary)
         self.queue = QListWidget()
-        self.queue.currentItemChanged.connect(lambda current, _previous: self._go_to(current))
+        # Long class names wrap instead of widening the panel past the dock's width.
+        self.queue.setWordWrap(True)
+        self.queue.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.queue.setResizeMode(QListView.ResizeMode.Adjust)
+        self.queue.currentItemChanged.connect(lambda current, _previous: self.go_to(current))
         box.addWidget(self.queue, 1)
         self.accept_button = QPushButton("Accept")
         self.accept_button.setToolTip("Keep the tile's class as reviewed")
@@ -398,8 +404,10 @@ class ReviewPanel(QDockWidget):
         entry = self.queue.currentItem()
         return None if entry is None else int(entry.data(FID_ROLE))
 
-    def _go_to(self, entry: QListWidgetItem | None) -> None:
-        """Select the tile and centre the map on it (zoomed to show its neighbours)."""
+    def go_to(self, entry: QListWidgetItem | None = None) -> None:
+        """Select the tile (default: the current one) and centre the map on it, zoomed to show
+        its neighbours."""
+        entry = entry if entry is not None else self.queue.currentItem()
         self._enable()
         layer = self.layer()
         if entry is None or layer is None:

@@ -16,6 +16,7 @@ from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QEvent, QObject, Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
 from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
     QAbstractSpinBox,
     QCheckBox,
     QComboBox,
@@ -23,6 +24,7 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QFrame,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
@@ -30,6 +32,8 @@ from qgis.PyQt.QtWidgets import (
     QSizePolicy,
     QSpinBox,
     QStackedWidget,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -194,11 +198,12 @@ class StepPanel(QWidget):
         self.results.setOpenExternalLinks(True)
         self.results.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
         layout.addWidget(self.results)
-        self.areas = QLabel("")  # a classification's areas per class
-        self.areas.setTextFormat(Qt.TextFormat.RichText)
-        self.areas.setWordWrap(True)
+        self.areas = AreaTable()  # a classification's areas per class
         self.areas.hide()
         layout.addWidget(self.areas)
+        self.areas_note = plain_label()
+        self.areas_note.hide()
+        layout.addWidget(self.areas_note)
         self.image = QLabel()
         self.image.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.image.hide()
@@ -251,25 +256,71 @@ class StepPanel(QWidget):
 
 
     def show_areas(self, rows: list, note: str = "") -> None:
-        """The area table of a classification (layers.ClassArea rows); hidden when empty."""
-        self.areas.setText(area_table_html(rows, note) if rows or note else "")
-        self.areas.setVisible(bool(rows or note))
+        """The area table of a classification (layers.ClassArea rows) and a note below it;
+        each hidden when empty."""
+        self.areas.set_rows(rows)
+        self.areas.setVisible(bool(rows))
+        self.areas_note.setText(note)
+        self.areas_note.setVisible(bool(note))
 
 
-AREA_HEADERS = ("Class", "Tiles", "ha", "Share", "Conf.")
+class AreaTable(QTableWidget):
+    """Class, tiles, hectares, share and mean confidence of a classification, in a compact
+    table that fits the dock: long class names are elided (in full in their tooltip)."""
 
+    HEADERS = ("Class", "Tiles", "ha", "%", "Conf")
 
-def area_table_html(rows: list, note: str = "") -> str:
-    """A compact table (class, tiles, hectares, share %, mean confidence) that fits the dock."""
-    cell = '<td align="right">&nbsp;{}</td>'
-    head = "".join(f"<th align=\"{'left' if i == 0 else 'right'}\">{h}</th>" for i, h in enumerate(AREA_HEADERS))
-    body = []
-    for row in rows:
-        confidence = "" if row.mean_confidence is None else f"{row.mean_confidence:.2f}"
-        values = (f"{row.tiles:,}", _hectares(row.hectares), f"{100 * row.share:.1f}%", confidence)
-        body.append(f"<tr><td>{html.escape(row.class_name)}</td>" + "".join(cell.format(v) for v in values) + "</tr>")
-    table = f'<table cellspacing="0" cellpadding="1"><tr>{head}</tr>{"".join(body)}</table>' if rows else ""
-    return (f"<p><b>Area per class</b></p>{table}" if rows else "") + (f"<p>{html.escape(note)}</p>" if note else "")
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(0, len(self.HEADERS), parent)
+        self.setHorizontalHeaderLabels(list(self.HEADERS))
+        tips = ("", "tiles of the class", "hectares", "share of the classified area, %", "mean confidence")
+        for column, tip in enumerate(tips):
+            self.horizontalHeaderItem(column).setToolTip(tip)
+        self.verticalHeader().hide()
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.setWordWrap(False)
+        self.setShowGrid(False)
+        header = self.horizontalHeader()
+        header.setMinimumSectionSize(24)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in range(1, len(self.HEADERS)):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Fixed)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+
+    def set_rows(self, rows: list) -> None:
+        self.setRowCount(len(rows))
+        right = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+        for r, row in enumerate(rows):
+            confidence = "" if row.mean_confidence is None else f"{row.mean_confidence:.2f}"
+            texts = (row.class_name, f"{row.tiles:,}", _hectares(row.hectares), f"{100 * row.share:.1f}", confidence)
+            for c, text in enumerate(texts):
+                item = QTableWidgetItem(text)
+                if c:
+                    item.setTextAlignment(right)
+                else:
+                    item.setToolTip(text)
+                self.setItem(r, c, item)
+        self._fit_numbers()
+        self.resizeRowsToContents()
+        height = self.horizontalHeader().height() + sum(self.rowHeight(r) for r in range(len(rows)))
+        self.setFixedHeight(height + 2 * self.frameWidth())
+
+    def _fit_numbers(self) -> None:
+        """Number columns as wide as their widest text (the style's padding is generous); the
+        class column takes the rest."""
+        metrics = self.fontMetrics()
+        for column in range(1, self.columnCount()):
+            texts = [self.HEADERS[column]] + [self.item(r, column).text() for r in range(self.rowCount())]
+            self.setColumnWidth(column, max(metrics.horizontalAdvance(t) for t in texts) + 6)
+
+    def cell_texts(self) -> list[list[str]]:
+        """The shown table, row by row (what the tests and screenshots read)."""
+        return [[self.item(r, c).text() for c in range(self.columnCount())] for r in range(self.rowCount())]
 
 
 def _hectares(value: float) -> str:

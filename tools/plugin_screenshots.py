@@ -6,7 +6,11 @@ First the dock's first-run states at QGIS's default dock width: the engine missi
 whole loop from the dock on a small synthetic world (the engine's `synth`) and saves: the dock
 at each step with its results (dock-1-data.png ... dock-5-classify.png), the
 test scene (map-scene.png), its classified tiles styled by class with a legend
-(map-classified.png), and the window with map and dock side by side (window.png). Run with QGIS's Python
+(map-classified.png), and the window with map and dock side by side (window.png). Last, the
+review of that classification: its area table in the dock (dock-6-areas.png), its tiles styled by
+the engine's QML with the uncertain tiles marked (map-uncertain.png), the review panel
+(review-panel.png) and the map zoomed to a tile under review beside it (window-review.png);
+`--classified GPKG --scene RASTER` makes only these four. Run with QGIS's Python
 (Debian: /usr/bin/python3) and ASYMKD_ENGINE_PYTHON pointing to the engine environment.
 """
 
@@ -158,6 +162,62 @@ def map_screenshots(app, window, canvas, classified, scene, out: Path) -> None:
     print(out / "window.png")
 
 
+def show_on_canvas(app, canvas, layers_shown, extent=None) -> None:
+    """Draw layers on the window's map canvas and wait until it is painted."""
+    canvas.setLayers(layers_shown)
+    canvas.setDestinationCrs(layers_shown[0].crs())
+    canvas.setExtent(extent if extent is not None else layers_shown[0].extent())
+    canvas.refresh()
+    wait(lambda: not canvas.isDrawing(), 60, "the canvas")
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def review_screenshots(app, out: Path, gpkg: Path, scene) -> None:
+    """A classification's area table in the dock (dock-6-areas.png), its tiles styled by the
+    engine's QML, uncertain tiles marked (map-uncertain.png), the review panel at the default
+    dock width with one tile reviewed and the next selected (review-panel.png), and the window
+    with the map zoomed to that tile beside the panel (window-review.png)."""
+    from qgis.PyQt.QtCore import Qt
+
+    from asymkd_qgis import layers
+    from asymkd_qgis.dock import DOCK_WIDTH, AsymKDDock
+    from asymkd_qgis.notify import Notifier
+    window, iface = main_window()
+    dock = AsymKDDock(iface, Notifier(iface), window)
+    window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+    window.resize(1500, 1000)
+    window.show()
+    tiles = layers.load_vector_result(gpkg, name=f"{Path(gpkg).stem} tiles")
+    dock.loaded_layers.append(tiles)
+    dock.show_classified(gpkg)
+    dock.show_step("classify")
+    dock.setFloating(True)
+    dock.resize(DOCK_WIDTH, 1250)
+    save_grab(app, dock, out / "dock-6-areas.png")
+    dock.hide()
+    render_map([tiles, scene], tiles.extent(), out / "map-uncertain.png", legend_layer=tiles)
+    print(out / "map-uncertain.png")
+    panel = dock.open_review(tiles)
+    if panel is None:
+        raise SystemExit(f"{gpkg} is not a tile layer the review panel takes")
+    panel.setFloating(True)
+    panel.resize(DOCK_WIDTH, 720)
+    panel.queue.setCurrentRow(0)
+    panel.accept_current()  # reviewed; the next tile is selected
+    save_grab(app, panel, out / "review-panel.png")
+    panel.setFloating(False)
+    show_on_canvas(app, iface.mapCanvas(), [tiles, scene])
+    panel.go_to()  # the canvas now has its size and layers: zoom to the current tile again
+    show_on_canvas(app, iface.mapCanvas(), [tiles, scene], iface.mapCanvas().extent())
+    window.grab().save(str(out / "window-review.png"))
+    print(out / "window-review.png")
+    panel.release()
+    window.close()
+    dock.deleteLater()
+
+
 def loop_screenshots(app, out: Path, work: Path, args: argparse.Namespace) -> None:
     """The whole loop run from the dock in a main window, then the dock at each step and the maps."""
     from qgis.core import QgsProject
@@ -176,7 +236,10 @@ def loop_screenshots(app, out: Path, work: Path, args: argparse.Namespace) -> No
     out.mkdir(parents=True, exist_ok=True)
     step_screenshots(app, dock, out)
     if dock.loaded_layers:
-        map_screenshots(app, window, iface.mapCanvas(), dock.loaded_layers[-1], layer["rgb_test_scene"], out)
+        classified = dock.loaded_layers[-1]
+        map_screenshots(app, window, iface.mapCanvas(), classified, layer["rgb_test_scene"], out)
+        window.close()
+        review_screenshots(app, out, Path(classified.source().split("|")[0]), layer["rgb_test_scene"])
     window.close()
     dock.deleteLater()
     QgsProject.instance().removeAllMapLayers()
@@ -188,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each training step")
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--first-run-only", action="store_true", help="only the engine-missing and creating states")
+    parser.add_argument("--classified", help="only the area table, uncertain styling and review panel of this "
+                        "classified GeoPackage (with --scene, the raster under it)")
+    parser.add_argument("--scene", help="the raster that --classified classifies")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     work = out / "work"
@@ -196,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     app = start_qgis(work / "qgis-config")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if args.classified:
+            from qgis.core import QgsProject, QgsRasterLayer
+            scene = QgsRasterLayer(args.scene, "scene", "gdal")
+            QgsProject.instance().addMapLayer(scene)
+            review_screenshots(app, out, Path(args.classified), scene)
+            return 0
         first_run_screenshots(app, out, work)
         if not args.first_run_only:
             loop_screenshots(app, out, work, args)

@@ -30,6 +30,15 @@ class HeadlessIface:
     def openMessageLog(self):
         pass
 
+    def activeLayer(self):
+        return None
+
+    def addDockWidget(self, area, dock):
+        self._window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock):
+        self._window.removeDockWidget(dock)
+
 
 def start_qgis(config_dir: Path):
     """An offscreen QgsApplication whose settings live in config_dir (never the user's profile)."""

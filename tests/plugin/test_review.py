@@ -63,7 +63,7 @@ def test_the_queue_lists_only_uncertain_tiles_least_confident_first(panel, tiles
     assert shown == [r["tile_key"] for r in expected]
     assert len(shown) == 8 and panel.queue.count() == 8  # the 0.63 tile marked by another rule is in it
     assert not panel.threshold.isEnabled()  # the engine's marking decides, not the threshold
-    assert panel.queue.item(0).text().startswith("0.35  Forest (2nd River)")
+    assert panel.queue.item(0).text().startswith("0.35 Forest, 2nd River")
     assert [panel.class_combo.itemText(i) for i in range(panel.class_combo.count())] == list(mapdata.CLASSES)
 
 
@@ -188,12 +188,14 @@ def test_reviewed_labels_feed_the_data_steps_chips(panel, tiles, tmp_path, real_
 
 def test_the_dock_shows_the_area_table_and_loads_the_regions(dock, tiles, qgis_new_project):
     dock.show_classified(tiles)
-    text = dock.panels["classify"].areas.text()
-    assert not dock.panels["classify"].areas.isHidden()
-    for name in mapdata.CLASSES:
-        assert f"<td>{name}</td>" in text
-    # 16 tiles of 160 m: 6 Forest tiles are 15.4 ha, 37.5 % of the area
-    assert "15.4" in text and "37.5%" in text
+    panel = dock.panels["classify"]
+    assert not panel.areas.isHidden() and "scene regions" in panel.areas_note.text()
+    # 16 tiles of 160 m x 160 m (2.56 ha): class, tiles, hectares, share, mean confidence
+    mean = {name: sum(r["confidence"] for r in _rows() if r["class_name"] == name) / n
+            for name, n in (("Forest", 6), ("River", 5), ("Urban", 5))}
+    assert panel.areas.cell_texts() == [["Forest", "6", "15.4", "37.5", f"{mean['Forest']:.2f}"],
+                                        ["River", "5", "12.8", "31.2", f"{mean['River']:.2f}"],
+                                        ["Urban", "5", "12.8", "31.2", f"{mean['Urban']:.2f}"]]
     regions = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.name() == "scene regions"]
     assert len(regions) == 1 and regions[0].featureCount() == 3
 
@@ -201,7 +203,7 @@ def test_the_dock_shows_the_area_table_and_loads_the_regions(dock, tiles, qgis_n
 def test_an_older_output_shows_no_area_table(dock, tmp_path, qgis_new_project):
     path = mapdata.write_tiles(tmp_path / "old.gpkg", current=False)
     dock.show_classified(path)
-    assert dock.panels["classify"].areas.isHidden()
+    assert dock.panels["classify"].areas.isHidden() and dock.panels["classify"].areas_note.isHidden()
     assert layers.read_class_areas(path) == [] and layers.load_regions(path) is None
 
 
