@@ -3,6 +3,7 @@ from __future__ import annotations
 from ..choices import DOMAIN_LOSSES, PSEUDO_MODES, SEMI_SUPERVISED
 from ..layout import RunFolder
 from ..pipeline import resolve_config, step_distill
+from ..train import distributed
 from ._options import add_data_options, add_run_options, overrides
 
 FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size": "distill.batch_size",
@@ -41,8 +42,12 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
-    results = step_distill(cfg, args.run, events, args.resume)
+    with distributed.session():  # under torchrun: data-parallel over the ranks
+        main, events = distributed.is_main(), distributed.rank_events(events)
+        cfg = resolve_config(args.run, args.config, overrides(args, FLAGS), write=main)
+        results = step_distill(cfg, args.run, events, args.resume)
+    if not main:
+        return 0
     for name, m in results.items():
         part = m.get("test") or m.get("val")
         which = "test" if "test" in m else "validation"

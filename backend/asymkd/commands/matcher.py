@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from ..choices import POSITIVES
 from ..pipeline import resolve_config, step_matcher
+from ..train import distributed
 from ._options import add_data_options, add_run_options, overrides
 
 FLAGS = {"epochs": "matcher.epochs", "positives": "matcher.positives", "embed_dim": "matcher.embed_dim"}
@@ -17,8 +18,12 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
-    metrics = step_matcher(cfg, args.run, events, args.resume)
+    with distributed.session():  # under torchrun: data-parallel over the ranks
+        main, events = distributed.is_main(), distributed.rank_events(events)
+        cfg = resolve_config(args.run, args.config, overrides(args, FLAGS), write=main)
+        metrics = step_matcher(cfg, args.run, events, args.resume)
+    if not main:
+        return 0
     s = metrics["summary"]
     print(f"matcher written to {args.run}/matcher ({s['positives']}, {s['pairs']} positives, "
           f"top-1 retrieval {s['retrieval_top1']:.3f})")

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .. import layout
 from ..config import merge
 from ..layout import RunFolder
 from ..pipeline import resolve_config, run_all
+from ..train import distributed
 from ._options import add_run_options, overrides
 
 
@@ -23,23 +25,35 @@ def run(args, events) -> int:
         raise ConfigError("no run folder given", "pass --out DIR (e.g. --out runs/demo)")
     if not args.config and not args.demo and not RunFolder(run_dir).config.is_file():
         raise ConfigError("nothing to run: give --config FILE, or --demo for the synthetic world")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with events.copy_to(RunFolder(run_dir).events):
-        values = overrides(args, {})
-        if args.demo:
-            from ..demo import DEMO_CONFIG, demo_world
-            values = merge(merge(DEMO_CONFIG, {"data": demo_world(run_dir, events)}), values)
-        cfg = resolve_config(run_dir, args.config, values)
-        report = run_all(cfg, run_dir, events, resume=args.resume)
-        outputs = {}
-        if args.demo:
-            from ..demo import demo_classify
-            outputs = demo_classify(run_dir, events)
+    with distributed.session():  # under torchrun: data-parallel over the ranks, rank 0 writes
+        main, events = distributed.is_main(), distributed.rank_events(events)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with events.copy_to(RunFolder(run_dir).events) if main else contextlib.nullcontext():
+            report, outputs = _run_steps(args, run_dir, events)
+    if not main:
+        return 0
     print(f"report: {report.resolve()}")
     for name, path in outputs.items():
         print(f"{name}: {Path(path).resolve()}")
     print(result_lines(run_dir))
     return 0
+
+
+def _run_steps(args, run_dir: Path, events) -> tuple[Path, dict]:
+    values = overrides(args, {})
+    if args.demo:
+        from ..demo import DEMO_CONFIG, demo_world
+        world = distributed.on_main(demo_world, run_dir, events)  # rank 0 writes the world, then
+        world = world or demo_world(run_dir, events)                # the others find it there
+        values = merge(merge(DEMO_CONFIG, {"data": world}), values)
+    cfg = resolve_config(run_dir, args.config, values, write=distributed.is_main())
+    report = run_all(cfg, run_dir, events, resume=args.resume)
+    outputs = {}
+    if args.demo and distributed.is_main():
+        from ..demo import demo_classify
+        outputs = demo_classify(run_dir, events)
+    return report, outputs
 
 
 def result_lines(run_dir: Path) -> str:

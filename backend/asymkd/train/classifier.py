@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..models.backbones import SceneClassifier
 from ..models.files import save_state
-from . import common
+from . import common, distributed
 from .loop import Task
 from .objectives import Batch, SupervisedObjective
 
@@ -66,10 +66,15 @@ class ClassifierTask(Task):
         rows = self.train_index[index]
         views = [common.dihedral(self.x[rows], gen)]
         c = self.consistency
+        unlabeled = rows[:0]
         if c is not None:  # weak and strong views of unlabeled samples, in the same forward pass
             unlabeled = c.index[torch.randint(0, len(c.index), (len(rows) * c.ratio,), generator=gen)]
             x_u = self.x[unlabeled]
             views += [common.dihedral(x_u, gen), common.strong_augment(x_u, gen)]
+        # under torchrun each rank drew the global batch's augmentation and keeps its slice
+        take = self.shard.take
+        rows, unlabeled, views = take(rows), take(unlabeled), [take(v) for v in views]
+        if c is not None:
             rows = torch.cat([rows, unlabeled])
         with common.autocast(self.device, self.amp):
             feats = self.model.forward_features(torch.cat(views).to(self.device))
@@ -89,7 +94,8 @@ class ClassifierTask(Task):
         if self.val_index is None:
             return None
         probs = common.predict_normalised(self.model, self.x[self.val_index], self.device, amp=self.amp)
-        return common.accuracy(probs, self.y[self.val_index])
+        acc = common.accuracy(probs, self.y[self.val_index])
+        return acc if self.shard.world == 1 else distributed.from_main(acc)  # one model choice on all ranks
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         val_acc = self.validate()
@@ -98,7 +104,8 @@ class ClassifierTask(Task):
         record["val_accuracy"] = val_acc
         if val_acc >= self.best_acc and self.best_path is not None:  # select on validation, never on test
             self.best_acc = val_acc
-            save_state(self.best_path, self.model.state_dict())
+            if distributed.is_main():
+                save_state(self.best_path, self.model.state_dict())
 
     def state(self) -> dict[str, Any]:
         return {"best_acc": self.best_acc}

@@ -13,15 +13,17 @@ from torch import nn
 
 from ..errors import ConfigError, ModelFileError
 from ..fileio import temp_path
+from . import distributed
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device a name stands for; under torchrun 'auto' and 'cuda' are the rank's own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name} requested but CUDA is not available",
                           "use --device cpu, or install the CUDA build of torch on a machine with an NVIDIA GPU")
-    return torch.device(name)
+    return distributed.rank_device(torch.device(name))
 
 
 def generator(seed: int) -> torch.Generator:

@@ -31,7 +31,7 @@ from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
 from ..models.files import check_bands, load_model, save_model
-from . import common, loop
+from . import common, distributed, loop
 from .classifier import ClassifierTask, Consistency
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
@@ -97,23 +97,48 @@ class DistillTask(ClassifierTask):
         self.repair_every, self.repair = repair_every, repair
         k = cache.soft.shape[1]
         self.logp_table = torch.full((len(rgb_labels), k), -float(np.log(k)))  # uniform until seen
+        self.unused_parameters = objective.w_feat <= 0  # the attention then gets no gradient
+        self._fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this rank's rows since the last sync
+        self._batches = 0
 
     def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         batch, terms = self.forward_batch(index, gen)
-        self.logp_table[batch.index] = F.log_softmax(batch.logits.detach(), -1).cpu()
+        logp = F.log_softmax(batch.logits.detach(), -1).cpu()
+        self.logp_table[batch.index] = logp
+        self._batches += 1
+        if self.shard.world > 1:
+            self._fresh.append((self._batches, batch.index.cpu(), logp))
         return terms
+
+    def _sync_table(self) -> None:
+        """Under torchrun: every rank's latest predictions in every rank's table (the later
+        batch wins where two ranks saw a row), so the table is the one process's."""
+        if self.shard.world == 1:
+            return
+        updates = sorted((u for part in distributed.gather(self._fresh) for u in part), key=lambda u: u[0])
+        for _, rows, logp in updates:
+            self.logp_table[rows] = logp
+        self._fresh = []
 
     def after_step(self, global_step: int) -> None:
         if self.repair_every < 0 or global_step % self.repair_every:
             return
         # Step 5: re-pair every RGB sample with the MS sample whose teacher output is closest
-        # (KL) to the student's latest prediction; same class where labeled.
+        # (KL) to the student's latest prediction; same class where labeled. Under torchrun
+        # rank 0 pairs on the gathered predictions and every rank takes its pairs.
+        self._sync_table()
         t = self.trained_rows()
-        self.objective.partners[t] = torch.as_tensor(self.repair(
-            self.logp_table[t].numpy(), self.cache.soft.cpu().numpy(), self.rgb_labels[t.numpy()],
-            self.cache.labels.numpy()), dtype=torch.int64)
+        pairs = torch.zeros(len(t), dtype=torch.int64)
+        if distributed.is_main() or self.shard.world == 1:
+            pairs = torch.as_tensor(self.repair(
+                self.logp_table[t].numpy(), self.cache.soft.cpu().numpy(), self.rgb_labels[t.numpy()],
+                self.cache.labels.numpy()), dtype=torch.int64)
+        if self.shard.world > 1:
+            distributed.broadcast_(pairs)
+        self.objective.partners[t] = pairs
 
     def end_epoch(self, epoch: int, record: dict) -> None:
+        self._sync_table()  # a checkpoint carries the whole table
         super().end_epoch(epoch, record)
         self.objective.gate = teacher_gate(self.cache.accuracy, record.get("val_accuracy"))
         record["teacher_gate"] = self.objective.gate
@@ -213,7 +238,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
     dc = cfg.distill
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
     data = student_data(cfg, rgb, baseline)
     gen = common.generator(cfg.seed + 101)
@@ -224,6 +250,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         if teacher_dir is None or ms is None or pairs is None:
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
         cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
+        distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
     task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence, rgb.labels)
     epochs = auto_epochs(dc, len(data.train_index))
     checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
@@ -232,6 +259,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                                  fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline})
     started = time.time()
     history = loop.fit(task, len(data.train_index), settings, gen, events)
+    if not distributed.is_main():  # rank 0 evaluates and writes
+        return {}
     metrics = _evaluate(task.final_model(), rgb, data.val_index, rgb_test, data.mean, data.std, history, out_dir,
                         "baseline" if baseline else "student")
     metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)

@@ -25,7 +25,7 @@ from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_write_text
 from ..models.files import save_state
 from ..models.losses import masked_info_nce
-from . import common, loop
+from . import common, distributed, loop
 from .evaluate import write_metrics_json
 
 
@@ -104,17 +104,20 @@ class ContrastiveTask(loop.Task):
         self.temperature, self.device = temperature, device
 
     def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        # independent views: a scene is the same target under any rotation/flip
-        zm = self.model.ms(common.dihedral(self.x_ms[index], gen).to(self.device))
-        zr = self.model.rgb(common.dihedral(self.x_rgb[index], gen).to(self.device))
-        lb = self.labels[index].to(self.device)
+        # independent views: a scene is the same target under any rotation/flip; under
+        # torchrun each rank keeps its slice of the global batch (negatives within the slice)
+        take = self.shard.take
+        zm = self.model.ms(take(common.dihedral(self.x_ms[index], gen)).to(self.device))
+        zr = self.model.rgb(take(common.dihedral(self.x_rgb[index], gen)).to(self.device))
+        lb = take(self.labels[index]).to(self.device)
         return {"loss": masked_info_nce(zr, zm, lb, lb, temperature=self.temperature)}
 
 
 def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out_dir: Path,
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     mc = cfg.matcher
     device = common.resolve_device(cfg.device)
     ms_idx, rgb_images, source = positive_pairs(cfg, ms, rgb_paired, events)
@@ -130,6 +133,8 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4, checkpoint, resume=resume,
                                  fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source})
     history = loop.fit(task, len(x_ms), settings, gen, events)
+    if not distributed.is_main():  # rank 0 evaluates and writes
+        return {}
     # Top-1 retrieval of the true partner among all positives: how well the matcher matches.
     with torch.no_grad():
         zm_all, zr_all = embed(model.ms, x_ms, device), embed(model.rgb, x_rgb, device)

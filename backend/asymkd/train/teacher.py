@@ -21,7 +21,7 @@ from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
 from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import save_model
-from . import common, loop
+from . import common, distributed, loop
 from .classifier import ClassifierTask
 from .evaluate import classification_metrics, predict_probs, write_metrics_json
 from .objectives import SupervisedObjective
@@ -57,16 +57,57 @@ def build_classifier(section: TeacherConfig | DistillConfig, in_chans: int, num_
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_classes: int,
                    device: torch.device, gen: torch.Generator, events: Events, step: str,
                    amp: bool = True, checkpoint: common.Checkpoint | None = None,
-                   resume: bool = False, band_names: list[str] | None = None) -> FitResult:
-    """Plain supervised training with dihedral augmentation and label smoothing."""
+                   resume: bool = False, band_names: list[str] | None = None,
+                   data_parallel: bool = True) -> FitResult:
+    """Plain supervised training with dihedral augmentation and label smoothing (under
+    torchrun over all ranks, or with `data_parallel=False` on this rank alone)."""
     model = build_classifier(cfg, x.shape[1], num_classes, band_names, device)
     task = ClassifierTask(model, SupervisedObjective(1.0, cfg.label_smoothing), x, y, np.arange(len(x)),
                           device, amp)
     epochs = auto_epochs(cfg, len(x))
     settings = loop.LoopSettings(step, epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, checkpoint,
-                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x)})
+                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x)},
+                                 data_parallel=data_parallel)
     history = loop.fit(task, len(x), settings, gen, events)
     return FitResult(task.final_model().to(device), history, epochs)
+
+
+def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Tensor, folds: list[np.ndarray],
+                      stats: tuple[list[float], list[float]], device: torch.device, fold_file: Path,
+                      events: Events, resume: bool) -> np.ndarray:
+    """Out-of-fold soft labels. Under torchrun the folds go one per rank (each trained as
+    one process would, so the soft labels are the one process's); folds left over when the
+    ranks outnumber them are trained data-parallel."""
+    mean, std = stats
+    done = distributed.from_main(dict(np.load(fold_file)) if resume and fold_file.is_file() else {})
+
+    def train_fold(f: int, data_parallel: bool) -> np.ndarray:
+        held = folds[f]
+        train_idx = np.setdiff1d(np.arange(len(ms)), held)
+        gen = common.generator(cfg.seed * 1000 + f + 1)
+        fit = fit_classifier(x[train_idx], y[train_idx], cfg.teacher, len(ms.class_names), device, gen, events,
+                             f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names,
+                             data_parallel=data_parallel)
+        return np.asarray(predict_probs(fit.model, ms.images[held], mean, std, device, tta=True), np.float32)
+
+    def keep(new: dict[str, np.ndarray]) -> None:
+        done.update(new)
+        if new and distributed.is_main():
+            atomic_save_npz(fold_file, **done)  # a killed run keeps the folds it finished
+
+    world = distributed.world()
+    solo = len(folds) - len(folds) % world if world > 1 else 0
+    for first in range(0, solo, world):
+        f = first + distributed.rank()
+        mine = {} if f"fold{f}" in done else {f"fold{f}": train_fold(f, data_parallel=False)}
+        keep({k: v for part in distributed.gather(mine) for k, v in part.items()})
+    for f in range(solo, len(folds)):
+        if f"fold{f}" not in done:
+            keep({f"fold{f}": train_fold(f, data_parallel=True)})
+    soft = np.zeros((len(ms), len(ms.class_names)), dtype=np.float32)
+    for f, held in enumerate(folds):
+        soft[held] = done[f"fold{f}"]
+    return soft
 
 
 def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = NULL_EVENTS,
@@ -75,34 +116,25 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     out_dir/{model.safetensors, meta.json, soft_labels.npy, metrics.json}."""
     require_classes(ms)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
     labeled = np.flatnonzero(ms.labeled)
     ms = ms.subset(labeled)
+    distributed.check_split([], len(ms), "teacher")  # before any fold trains
     mean, std = common.band_stats(ms.images)
     x = common.normalize(ms.images, mean, std)
     y = torch.as_tensor(ms.labels)
     k = len(ms.class_names)
     tc = cfg.teacher
-    soft = np.zeros((len(ms), k), dtype=np.float32)
     folds = common.kfold_indices(ms.labels, tc.folds, cfg.seed) if tc.folds >= 2 else []
     fold_file = out_dir / "folds.npz"
-    done = dict(np.load(fold_file)) if resume and fold_file.is_file() else {}
-    for f, held in enumerate(folds):
-        key = f"fold{f}"
-        if key in done:
-            soft[held] = done[key]
-            continue
-        train_idx = np.setdiff1d(np.arange(len(ms)), held)
-        gen = common.generator(cfg.seed * 1000 + f + 1)
-        fit = fit_classifier(x[train_idx], y[train_idx], tc, k, device, gen, events,
-                             f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names)
-        soft[held] = predict_probs(fit.model, ms.images[held], mean, std, device, tta=True)
-        done[key] = soft[held]
-        atomic_save_npz(fold_file, **done)  # a killed run keeps the folds it finished
+    soft = _fold_soft_labels(cfg, ms, x, y, folds, (mean, std), device, fold_file, events, resume)
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
                          common.Checkpoint(out_dir / "checkpoint.pt"), resume, band_names=ms.band_names)
+    if not distributed.is_main():  # rank 0 writes the teacher
+        return {}
     if not folds:  # no folds: in-sample soft labels (memorised, weaker)
         soft = predict_probs(fit.model, ms.images, mean, std, device, tta=True)
     oof_acc = float((soft.argmax(1) == ms.labels).mean())
