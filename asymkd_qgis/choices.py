@@ -65,6 +65,9 @@ def from_report(report: dict[str, Any]) -> EngineChoices:
         raise ValueError("the engine's choices name no backbone")
     config = {str(key): {str(n): str(a) for n, a in table.items()}
               for key, table in (report.get("config") or {}).items()}
+    # command options with named choices, e.g. classify --uncertain-by, as "classify.uncertain_by"
+    for key, table in (report.get("classify") or {}).items():
+        config[f"classify.{key}"] = {str(n): str(a) for n, a in table.items()}
     return EngineChoices(backbones, config, dict(report.get("defaults") or {}), str(report.get("backbone_note", "")))
 
 

@@ -184,6 +184,7 @@ class AsymKDDock(QDockWidget):
         for combo in (self.ms_source.mode, self.rgb_source.mode, self.test_source.mode, self.area, self.grid):
             combo.currentIndexChanged.connect(lambda *_: self.update_applicable())
         self.pair_raster.layerChanged.connect(lambda *_: self.update_applicable())
+        self.uncertain_below.valueChanged.connect(lambda *_: self.update_applicable())
 
     def update_applicable(self) -> None:
         """Rows that do not apply to the current choices are disabled (their values are kept)."""
@@ -197,6 +198,7 @@ class AsymKDDock(QDockWidget):
         self.chip_size.setEnabled(layer in sources)
         self.chip_resolution.setEnabled(layer in sources)
         self.mask_layer.setEnabled(self.area.currentText() == "Selected polygons")
+        self.uncertain_by.setEnabled(self.uncertain_below.value() > 0)
         xyz = self.grid.currentIndex() == 1
         for widget in (self.tile, self.stride):
             widget.setEnabled(not xyz)
@@ -381,6 +383,13 @@ class AsymKDDock(QDockWidget):
         self.zoom = self.persist.bind("classify/zoom", _spin(0, 24, 16))
         self.batch_size = self.persist.bind("classify/batch_size", _spin(1, 4096, 64))
         self.classify_device = self.persist.bind("classify/device", _combo(steps.DEVICES))
+        self.uncertain_below = self.persist.bind("classify/uncertain_below", _dspin(0.0, 1.0, 0.0, 2, 0.05))
+        self.uncertain_below.setSpecialValueText("off")
+        self.uncertain_below.setToolTip("Mark the tiles whose certainty is below this value as uncertain "
+                                        "(they keep their class; the map shows them faded and hatched)")
+        self.uncertain_by = QComboBox()
+        self._refill(self.uncertain_by, steps.UNCERTAINTY_MEASURES, None)
+        self.persist.bind("classify/uncertain_by", self.uncertain_by)
         self._grid_labels: dict[QLabel, QWidget] = {}
         form.addRow("Raster layer", self.classify_layer)
         form.addRow("Bands", self.classify_bands)
@@ -394,6 +403,8 @@ class AsymKDDock(QDockWidget):
             form.addRow(label, widget)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Device", self.classify_device)
+        form.addRow("Uncertain below", self.uncertain_below)
+        form.addRow("Certainty measure", self.uncertain_by)
 
     def _settings_edit(self, key: str, placeholder: str) -> QLineEdit:
         edit = self.persist.bind(key, QLineEdit())
@@ -427,6 +438,8 @@ class AsymKDDock(QDockWidget):
                      found.config.get("pairing.method"))
         self._refill(self.domain_loss, ("",) + found.names("distill.domain_loss", steps.DOMAIN_LOSSES),
                      found.config.get("distill.domain_loss"))
+        self._refill(self.uncertain_by, found.names("classify.uncertain_by", steps.UNCERTAINTY_MEASURES),
+                     found.config.get("classify.uncertain_by"))
 
     @staticmethod
     def _refill(combo: QComboBox, names: tuple[str, ...], about: dict[str, str] | None) -> None:
@@ -561,7 +574,9 @@ class AsymKDDock(QDockWidget):
             raise InputError(f"The model file {model} does not exist: choose an exported .onnx model.")
         info = self._model_info(model, run)
         options = steps.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value(),
-                                        device=self.classify_device.currentText())
+                                        device=self.classify_device.currentText(),
+                                        uncertain_below=self.uncertain_below.value(),
+                                        uncertain_by=self.uncertain_by.currentData() or "")
         if self.grid.currentIndex() == 1:
             options.xyz_zoom = self.zoom.value()
         else:

@@ -1,8 +1,8 @@
 """Review of a classification's uncertain tiles, and their export as labels for the next
 training round.
 
-The queue lists the tiles the engine marked `uncertain` (or, for outputs without that field,
-the tiles below a confidence threshold), least confident first. Selecting one zooms the map
+The queue lists the tiles the engine marked `uncertain` (or, for outputs without that field
+or with no tile marked, the tiles below a confidence threshold), least confident first. Selecting one zooms the map
 to it; Accept keeps its class and Set class gives another one. Both write `reviewed_class`,
 `reviewed_by` and `reviewed_at` into the tile layer (its edit buffer, then committed).
 "Export reviewed tiles as labels" writes the reviewed tiles as polygons with a `class` field of
@@ -105,13 +105,24 @@ def _queue_item(feature: QgsFeature, names: set[str]) -> QueueItem:
                      None if reviewed is None else int(reviewed))
 
 
-def uncertain_tiles(layer: QgsVectorLayer, threshold: float = DEFAULT_THRESHOLD) -> list[QueueItem]:
-    """The tiles to review, least confident first: those marked uncertain=1, or, when the layer
-    has no such field (older outputs), those with a confidence below `threshold`."""
+def has_marked(layer: QgsVectorLayer) -> bool:
+    """Whether the engine marked any tile uncertain (it writes the field even when it was not
+    asked to mark: then every tile is 0)."""
+    if UNCERTAIN not in layer.fields().names():
+        return False
+    request = QgsFeatureRequest().setFilterExpression(f'"{UNCERTAIN}" = 1').setLimit(1)
+    request.setFlags(QgsFeatureRequest.Flag.NoGeometry)
+    return any(True for _ in layer.getFeatures(request))
+
+
+def uncertain_tiles(layer: QgsVectorLayer, threshold: float = DEFAULT_THRESHOLD,
+                    marked: bool | None = None) -> list[QueueItem]:
+    """The tiles to review, least confident first: those marked uncertain=1 (`marked`; None:
+    when the engine marked any), else those with a confidence below `threshold`."""
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"The confidence threshold {threshold} is outside 0-1: choose a value from 0 to 1.")
     names = set(layer.fields().names())
-    marked = UNCERTAIN in names
+    marked = has_marked(layer) if marked is None else marked and UNCERTAIN in names
     expression = f'"{UNCERTAIN}" = 1' if marked else f'"confidence" < {float(threshold)!r}'
     request = QgsFeatureRequest().setFilterExpression(expression)
     request.setFlags(QgsFeatureRequest.Flag.NoGeometry)
@@ -271,6 +282,8 @@ def default_export_path(layer: QgsVectorLayer) -> str:
 class ReviewPanel(QDockWidget):
     """The review queue of one tile layer: the list, Accept, Set class and the export."""
 
+    MARKED, BELOW = "Tiles marked uncertain", "Tiles below a confidence"
+
     def __init__(self, canvas=None, parent: QWidget | None = None):
         super().__init__("AsymKD review", parent)
         self.setObjectName("AsymKDReviewDock")
@@ -293,15 +306,21 @@ class ReviewPanel(QDockWidget):
         self.layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
         self.layer_combo.setAllowEmptyLayer(True)
         self.layer_combo.setLayer(None)
-        self.layer_combo.layerChanged.connect(lambda *_: self.refresh())
+        self.layer_combo.layerChanged.connect(self._layer_chosen)
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setDecimals(2)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(DEFAULT_THRESHOLD)
-        self.threshold.setToolTip("For layers without an 'uncertain' field: review the tiles below this confidence")
+        self.threshold.setToolTip("Review the tiles whose confidence is below this value")
         self.threshold.valueChanged.connect(lambda *_: self.refresh())
+        self.rule = QComboBox()
+        self.rule.addItems([self.MARKED, self.BELOW])
+        self.rule.setToolTip("Which tiles to review: those the engine marked uncertain (Classify's 'Uncertain "
+                             "below'), or those below a confidence you choose here")
+        self.rule.currentIndexChanged.connect(lambda *_: self.refresh())
         form.addRow("Tile layer", self.layer_combo)
+        form.addRow("Review", self.rule)
         form.addRow("Confidence below", self.threshold)
         wrap_labels(form)
         box.addLayout(form)
@@ -350,6 +369,14 @@ class ReviewPanel(QDockWidget):
     def set_layer(self, layer: QgsVectorLayer) -> None:
         self._update_choosable()
         self.layer_combo.setLayer(layer)
+        self._layer_chosen(layer)
+
+    def _layer_chosen(self, layer) -> None:
+        """Review the tiles the engine marked, or when it marked none, those below the
+        confidence threshold."""
+        self.rule.blockSignals(True)
+        self.rule.setCurrentText(self.MARKED if is_tile_layer(layer) and has_marked(layer) else self.BELOW)
+        self.rule.blockSignals(False)
         self.refresh()
 
     def _update_choosable(self, *_args) -> None:
@@ -368,7 +395,9 @@ class ReviewPanel(QDockWidget):
         for widget in (self.accept_button, self.set_button, self.class_combo):
             widget.setEnabled(has_item)
         self.export_button.setEnabled(layer is not None)
-        self.threshold.setEnabled(layer is not None and UNCERTAIN not in layer.fields().names())
+        marked_field = layer is not None and UNCERTAIN in layer.fields().names()
+        self.rule.setEnabled(marked_field)
+        self.threshold.setEnabled(layer is not None and self.rule.currentText() == self.BELOW)
 
     def refresh(self) -> None:
         """Read the queue and classes of the chosen layer again."""
@@ -385,7 +414,7 @@ class ReviewPanel(QDockWidget):
         self.class_combo.clear()
         for class_id, name in self.classes.items():
             self.class_combo.addItem(name, class_id)
-        self.items = uncertain_tiles(layer, self.threshold.value())
+        self.items = uncertain_tiles(layer, self.threshold.value(), self.rule.currentText() == self.MARKED)
         for item in self.items:
             entry = QListWidgetItem(item.text(self.classes))
             entry.setData(FID_ROLE, item.fid)
@@ -395,7 +424,7 @@ class ReviewPanel(QDockWidget):
 
     def _show_summary(self, layer: QgsVectorLayer) -> None:
         reviewed = sum(item.reviewed_class is not None for item in self.items)
-        rule = ("marked uncertain" if UNCERTAIN in layer.fields().names()
+        rule = ("marked uncertain" if self.rule.currentText() == self.MARKED
                 else f"with confidence below {self.threshold.value():.2f}")
         self.summary.setText(f"{len(self.items)} tiles {rule}, {reviewed} reviewed; least confident first.")
 

@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Offered when the engine cannot be asked (choices.FALLBACK); otherwise `asymkd choices` names them.
 PAIR_METHODS = ("balanced", "nearest")
 DOMAIN_LOSSES = ("coral", "coral_rel", "mmd")
+UNCERTAINTY_MEASURES = ("confidence", "margin", "entropy")  # classify --uncertain-by
 
 
 @dataclass
@@ -297,6 +298,14 @@ class ClassifyOptions:
     mask: str = ""
     device: str = "auto"
     overwrite: bool = True
+    uncertain_below: float = 0.0  # mark tiles whose certainty is below this as uncertain; 0: none
+    uncertain_by: str = ""        # the certainty measure; empty: the engine's default
+
+    def uncertainty_args(self) -> list[str]:
+        if not self.uncertain_below > 0:
+            return []
+        by = ["--uncertain-by", self.uncertain_by] if self.uncertain_by else []
+        return ["--uncertain-below", f"{float(self.uncertain_below):g}", *by]
 
 
 def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptions) -> EngineCommand:
@@ -321,6 +330,7 @@ def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptio
         args += ["--batch-size", str(int(options.batch_size))]
     if options.device and options.device != "auto":
         args += ["--device", options.device]
+    args += options.uncertainty_args()
     if options.overwrite:
         args.append("--overwrite")
     return EngineCommand(args, "classifying tiles", weight=2.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+from qgis.PyQt.QtCore import Qt
 
 import mapdata
 from asymkd_qgis.validation import InputError
@@ -170,3 +171,24 @@ def test_training_step_commands(dock, tmp_path):
     dock.baseline.setChecked(False)
     args = dock.prepare_distill().commands[0].args
     assert _value(args, "--w-feat") == "0.1" and "--w-gt" not in args and "--no-baseline" in args
+
+
+def test_classify_marks_uncertain_tiles_when_asked(classify_ready):
+    dock = classify_ready
+    args = dock.prepare_classify().commands[-1].args
+    assert "--uncertain-below" not in args and "--uncertain-by" not in args  # off by default
+    assert not dock.uncertain_by.isEnabled()
+    dock.uncertain_below.setValue(0.6)
+    dock.uncertain_by.setCurrentIndex(dock.uncertain_by.findData("margin"))
+    assert dock.uncertain_by.isEnabled()
+    args = dock.prepare_classify().commands[-1].args
+    assert (_value(args, "--uncertain-below"), _value(args, "--uncertain-by")) == ("0.6", "margin")
+
+
+def test_the_certainty_measures_come_from_the_engine(dock):
+    from asymkd_qgis import choices
+    report = {"backbones": {"resnet18_w32": {"source": "bundled"}},
+              "classify": {"uncertain_by": {"margin": "best minus second", "confidence": "best"}}}
+    dock.apply_choices(choices.from_report(report))
+    assert [dock.uncertain_by.itemData(i) for i in range(dock.uncertain_by.count())] == ["margin", "confidence"]
+    assert dock.uncertain_by.itemData(0, Qt.ItemDataRole.ToolTipRole) == "best minus second"

@@ -63,6 +63,7 @@ def test_the_queue_lists_only_uncertain_tiles_least_confident_first(panel, tiles
     assert shown == [r["tile_key"] for r in expected]
     assert len(shown) == 8 and panel.queue.count() == 8  # the 0.63 tile marked by another rule is in it
     assert not panel.threshold.isEnabled()  # the engine's marking decides, not the threshold
+    assert panel.rule.currentText() == panel.MARKED
     assert panel.queue.item(0).text().startswith("0.35 Forest, 2nd River")
     assert [panel.class_combo.itemText(i) for i in range(panel.class_combo.count())] == list(mapdata.CLASSES)
 
@@ -105,6 +106,19 @@ def test_accept_and_set_class_write_the_review_to_the_geopackage(panel, tiles, q
         assert when.utcoffset() == dt.timedelta(0) and before <= when <= dt.datetime.now(dt.timezone.utc)
     assert sum(r["reviewed_class"] is not None for r in read.values()) == 2
     assert "\u2713 Urban" in panel.queue.item(1).text() and "2 reviewed" in panel.summary.text()
+
+
+def test_a_layer_with_no_tile_marked_is_reviewed_below_a_confidence(panel, tmp_path, qgis_new_project):
+    """The engine writes uncertain=0 everywhere when it was not asked to mark: the threshold decides."""
+    rows = [dict(r, uncertain=0) for r in mapdata.tile_rows()]
+    layer = _tile_layer(mapdata.write_tiles(tmp_path / "unmarked.gpkg", rows))
+    panel.set_layer(layer)
+    assert panel.rule.currentText() == panel.BELOW and panel.threshold.isEnabled()
+    assert [item.confidence for item in panel.items] == [0.35, 0.39, 0.43, 0.47]  # below 0.5
+    panel.threshold.setValue(0.4)
+    assert [item.confidence for item in panel.items] == [0.35, 0.39]
+    panel.rule.setCurrentText(panel.MARKED)
+    assert panel.items == [] and "0 tiles marked uncertain" in panel.summary.text()
 
 
 def test_an_older_output_falls_back_to_the_threshold_and_gets_the_review_fields(panel, tmp_path, qgis_new_project):
