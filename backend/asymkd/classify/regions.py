@@ -12,7 +12,8 @@ Polygonising runs on tile indices (x = column, y = row: exact integers), and eve
 of a tile along a region's outline is kept as a vertex, mapped to the grid CRS with the
 tile layer's own arithmetic (Grid.bounds): a region's outline is bit-identical to the
 outline of its tiles. Each region's area is computed on the WGS84 ellipsoid from those
-vertices, so it equals the sum of its tiles' ellipsoidal areas.
+vertices (EDGE_POINTS per tile edge, as the class area table measures each tile), so it
+equals the sum of its tiles' ellipsoidal areas.
 
 Tiles without a class (nodata, outside the area, too few valid pixels) belong to no region.
 With overlapping tiles (stride < tile, no voting) each tile stands for the stride-sized
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyogrio.raw
 import shapely
 from affine import Affine
 from pyproj import CRS as ProjCRS
@@ -35,14 +35,14 @@ from pyproj import Geod, Transformer
 from rasterio.crs import CRS
 from shapely import Polygon
 
-from ..fileio import check_vector
+from ..fileio import check_vector, write_gpkg_layer
 from .grid import Grid
 
 LAYER = "regions"
 STRIP_TILES = 65_536        # tiles polygonised at a time (bounds the memory of one strip)
 CHUNK = 2048                # regions per GeoPackage write
 M2_PER_HA = 10_000.0
-_GEOD = Geod(ellps="WGS84")
+EDGE_POINTS = 4             # vertices per tile edge for the area (as the class area table's tiles)
 
 
 @dataclasses.dataclass
@@ -51,6 +51,7 @@ class RegionStats:
     dropped: int = 0          # smaller than the minimum area
     tiles: int = 0            # tiles in written regions
     seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def dissolve(classes: np.ndarray, nodata: int, strip_tiles: int = STRIP_TILES) -> Iterator[tuple[Polygon, int]]:
@@ -141,12 +142,15 @@ def cell_mapper(grid: Grid):
 
 
 def ellipsoid_area_ha(geoms: np.ndarray, crs: CRS) -> np.ndarray:
-    """Area (ha) of polygons given in `crs`, on the WGS84 ellipsoid (holes subtracted).
-    Edges become geodesics between the vertices: keep a vertex at every tile corner."""
-    to_lonlat = Transformer.from_crs(ProjCRS.from_wkt(crs.to_wkt()), "EPSG:4326", always_xy=True)
+    """Area (ha) of polygons given in `crs` (projected), on the ellipsoid of the CRS's datum,
+    holes subtracted, as the class area table measures tiles. Edges become geodesics between
+    the vertices, so the outlines come densified (EDGE_POINTS per tile edge)."""
+    pcrs = ProjCRS.from_wkt(crs.to_wkt())
+    geod = pcrs.get_geod() or Geod(ellps="WGS84")
+    to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
     lonlat = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
     lonlat = shapely.orient_polygons(lonlat)  # outer rings counter-clockwise, holes clockwise
-    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in lonlat], np.float64) / M2_PER_HA
+    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in lonlat], np.float64) / M2_PER_HA
 
 
 class RegionLayerWriter:
@@ -161,7 +165,8 @@ class RegionLayerWriter:
         self.to_crs = cell_mapper(grid)
         self.stats = RegionStats()
         self._parts: list[tuple[Polygon, int]] = []
-        self._write(np.array([], dtype=object), np.zeros(0, np.int32), append=False)  # the layer, even if empty
+        self._write(np.array([], dtype=object), np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int64),
+                    append=False)  # the layer, even if empty
 
     def add(self, geom: Polygon, class_id: int) -> None:
         self._parts.append((geom, class_id))
@@ -171,30 +176,31 @@ class RegionLayerWriter:
     def flush(self) -> None:
         if not self._parts:
             return
-        index_geoms = shapely.segmentize(np.array([g for g, _ in self._parts], dtype=object), 1.0)
+        index_geoms = np.array([g for g, _ in self._parts], dtype=object)
         cid = np.array([c for _, c in self._parts], np.int32)
         self._parts = []
-        self._write(shapely.transform(index_geoms, self.to_crs), cid, append=True,
-                    tiles=np.rint(shapely.area(index_geoms)).astype(np.int64))
+        area = ellipsoid_area_ha(shapely.transform(shapely.segmentize(index_geoms, 1.0 / EDGE_POINTS), self.to_crs),
+                                 self.grid.crs)
+        self._write(shapely.transform(shapely.segmentize(index_geoms, 1.0), self.to_crs), cid, area,
+                    np.rint(shapely.area(index_geoms)).astype(np.int64))
 
     def close(self) -> RegionStats:
         self.flush()
         check_vector(self.path, LAYER, self.stats.regions)
         return self.stats
 
-    def _write(self, geoms: np.ndarray, cid: np.ndarray, append: bool, tiles: np.ndarray | None = None) -> None:
-        area = ellipsoid_area_ha(geoms, self.grid.crs) if len(geoms) else np.zeros(0)
+    def _write(self, geoms: np.ndarray, cid: np.ndarray, area: np.ndarray, tiles: np.ndarray,
+               append: bool = True) -> None:
         keep = area >= self.min_ha
         self.stats.dropped += int((~keep).sum())
-        geoms, cid, area = geoms[keep], cid[keep], area[keep]
-        tiles = tiles[keep] if tiles is not None else np.zeros(0, np.int64)
+        geoms, cid, area, tiles = geoms[keep], cid[keep], area[keep], tiles[keep]
         fields = {"class_id": cid, "class_name": self.names[cid] if len(cid) else np.array([], dtype=object),
                   "tiles": tiles, "area_ha": area}
         if append and not len(geoms):
             return
-        pyogrio.raw.write(str(self.path), geometry=shapely.to_wkb(geoms) if len(geoms) else np.array([], dtype=object),
-                          field_data=list(fields.values()), fields=list(fields), layer=LAYER, driver="GPKG",
-                          geometry_type="Polygon", crs=self.grid.crs.to_wkt(), append=append)
+        write_gpkg_layer(self.path, shapely.to_wkb(geoms) if len(geoms) else np.array([], dtype=object),
+                         list(fields.values()), list(fields), layer=LAYER, crs=self.grid.crs.to_wkt(),
+                         geometry_type="Polygon", append=append)
         self.stats.regions += len(geoms)
         self.stats.tiles += int(tiles.sum())
 
