@@ -282,7 +282,7 @@ def default_export_path(layer: QgsVectorLayer) -> str:
 class ReviewPanel(QDockWidget):
     """The review queue of one tile layer: the list, Accept, Set class and the export."""
 
-    MARKED, BELOW = "Tiles marked uncertain", "Tiles below a confidence"
+    MARKED, BELOW = "Marked uncertain", "Below a threshold"
 
     def __init__(self, canvas=None, parent: QWidget | None = None):
         super().__init__("AsymKD review", parent)
@@ -321,7 +321,7 @@ class ReviewPanel(QDockWidget):
         self.rule.currentIndexChanged.connect(lambda *_: self.refresh())
         form.addRow("Tile layer", self.layer_combo)
         form.addRow("Review", self.rule)
-        form.addRow("Confidence below", self.threshold)
+        form.addRow("Confidence threshold", self.threshold)
         wrap_labels(form)
         box.addLayout(form)
         self.summary = plain_label()
@@ -495,8 +495,12 @@ class ReviewPanel(QDockWidget):
             self.set_status(str(exc), error=True)
             return 0
         self.last_export = str(path)
+        values = layer.uniqueValues(layer.fields().indexOf(REVIEWED_CLASS))
+        classes = {value for value in values if not _null(value)}
+        one = (" They hold one class only: the Data step needs two or more, so review tiles of other "
+               "classes too.") if len(classes) == 1 else ""
         self.set_status(f"{count} reviewed tiles written to {path} (layer '{LABEL_LAYER}', class field "
-                        f"'{LABEL_FIELD}'): use them as labels in the Data step.")
+                        f"'{LABEL_FIELD}'): use them as labels in the Data step.{one}")
         return count
 
     def _export_clicked(self) -> None:
@@ -505,5 +509,11 @@ class ReviewPanel(QDockWidget):
             return
         path, _ = QFileDialog.getSaveFileName(self, "Export reviewed tiles as labels", default_export_path(layer),
                                               "GeoPackage (*.gpkg)")
-        if path:
-            self.export_to(path if path.lower().endswith(".gpkg") else f"{path}.gpkg")
+        if not path:
+            return
+        path = path if path.lower().endswith(".gpkg") else f"{path}.gpkg"
+        if self.export_to(path):
+            # in the project, ready to be picked as the Data step's labels
+            labels = QgsVectorLayer(path, f"{layer.name()} reviewed labels", "ogr")
+            if labels.isValid():
+                QgsProject.instance().addMapLayer(labels)

@@ -127,6 +127,7 @@ def run_loop(app, dock, layer: dict, run_dir: Path, epochs: int) -> None:
         spin.setValue(epochs)
     dock.teacher_settings.setText("teacher.folds=0")
     dock.classify_layer.setLayer(layer["rgb_test_scene"])
+    dock.uncertain_below.setValue(0.6)  # the review screenshots show the tiles marked uncertain
     finished = run_all_steps(app, dock, 1800)
     print(f"all steps: {[(step, state) for step, state, _ in finished]} in {finished[-1][2]:.0f} s")
     if any(state != "ok" for _, state, _ in finished):

@@ -155,6 +155,7 @@ def test_export_writes_the_reviewed_tiles_as_label_polygons(panel, tiles, tmp_pa
     out = tmp_path / "labels" / "reviewed.gpkg"
     assert panel.export_to(out) == 2
     assert "2 reviewed tiles written" in panel.status.text() and not panel.status.styleSheet()
+    assert "one class only" not in panel.status.text()
     assert layers.gpkg_layers(out) == ["labels"]
     labels = QgsVectorLayer(str(out), "labels", "ogr")
     assert labels.isValid() and labels.featureCount() == 2
@@ -166,6 +167,15 @@ def test_export_writes_the_reviewed_tiles_as_label_polygons(panel, tiles, tmp_pa
         assert feature["class"] == reviewed[key]
         assert feature.geometry().equals(tiles_by_key[key].geometry())
     assert [p.name for p in out.parent.iterdir()] == ["reviewed.gpkg"]  # no temporary file left
+
+
+def test_an_export_of_one_class_says_the_data_step_needs_more(panel, tiles, tmp_path, qgis_new_project):
+    layer = _tile_layer(tiles)
+    panel.set_layer(layer)
+    panel.queue.setCurrentRow(0)
+    panel.accept_current()
+    assert panel.export_to(tmp_path / "one.gpkg") == 1
+    assert "one class only" in panel.status.text()
 
 
 def test_export_with_nothing_reviewed_says_so_and_writes_nothing(panel, tiles, tmp_path, qgis_new_project):
