@@ -258,7 +258,7 @@ def local_threads(opts: ClassifyOptions) -> int:
 def _local_cluster(distributed: Any, workers: int) -> Iterator[Any]:
     import logging
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
     try:
         with distributed.Client(cluster) as client:
             yield client
