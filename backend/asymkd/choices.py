@@ -23,16 +23,22 @@ POSITIVES = {"auto": "explicit pairs, plus pseudo-RGB (calibrated on the pairs) 
 DEVICES = {"auto": "CUDA when available, else the CPU", "cpu": "the CPU",
            "cuda": "the first CUDA GPU (bfloat16 autocast)", "cuda:N": "CUDA GPU number N, e.g. cuda:1"}
 
+# `classify --uncertain-by`: what --uncertain-below T compares (classify/stats.py)
+UNCERTAINTY_MEASURES = {"confidence": "the best class's probability below T",
+                        "margin": "best minus second probability below T",
+                        "entropy": "normalised entropy above 1 - T (1 - entropy below T)"}
+
 # config key -> its table
 CONFIG_CHOICES = {"distill.domain_loss": DOMAIN_LOSSES, "pairing.method": PAIRING_METHODS,
                   "distill.pseudo": PSEUDO_MODES, "distill.semi_supervised": SEMI_SUPERVISED,
                   "matcher.positives": POSITIVES}
 
 
-def check(key: str, value: str) -> str:
-    """`value` if it names a choice of `key`, else a ConfigError listing the valid names."""
+def check(key: str, value: str, table: dict[str, str] | None = None) -> str:
+    """`value` if it names a choice of `key` (a config key, or an option of `table`), else a
+    ConfigError listing the valid names."""
     from .errors import ConfigError
-    table = CONFIG_CHOICES[key]
+    table = CONFIG_CHOICES[key] if table is None else table
     if value not in table:
         raise ConfigError(f"{key} must be one of {', '.join(table)}, not {value!r}",
                           "; ".join(f"{name}: {about}" for name, about in table.items()))

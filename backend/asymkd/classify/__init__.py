@@ -4,20 +4,26 @@
     result = classify("student.onnx", "scene.tif", "tiles.gpkg", xyz_zoom=None, events=events)
 
 One polygon per tile with class_id, class_name, confidence, second_id, second_name,
-second_prob, entropy (normalised, 0..1), tile_key ("row/col" or "z/x/y") and the key's
-integer parts, valid_fraction; a QML style beside it and inside it; optionally a class
-raster. Reads are prefetched in a background thread, inference is batched onnxruntime,
-memory stays bounded, and outputs appear only when the whole job has succeeded.
+second_prob, entropy (normalised, 0..1), uncertain (0/1, by --uncertain-below and
+--uncertain-by), tile_key ("row/col" or "z/x/y") and the key's integer parts,
+valid_fraction, and empty review fields (writer.TILE_FIELDS); per-class tiles, hectares
+and shares as the table `class_areas` and as `<stem>_areas.csv` beside it; a QML style
+beside it and inside it; optionally a class raster. Reads are prefetched in a background
+thread, inference is batched onnxruntime, memory stays bounded, and outputs appear only
+when the whole job has succeeded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ConfigError
 from ..events import NULL_EVENTS, Events
+
+if TYPE_CHECKING:
+    from .stats import Uncertainty
 
 __all__ = ["classify", "ClassifyOptions", "ClassifyResult"]
 
@@ -52,10 +58,13 @@ class ClassifyOptions:
     scheduler: str | None = None                  # or on the workers of a running dask-scheduler (address)
     shard_tiles: int = 2048                       # tiles per shard (whole tile rows) on a cluster
     connect_timeout: float = 10.0                 # seconds to reach --scheduler before giving up
+    uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
+    uncertain_by: str = "confidence"              # certainty measure (choices.UNCERTAINTY_MEASURES)
 
     def check(self) -> None:
         """Refuse absurd options before anything is read (a tile of 0 is not the default,
         a tile of 10^6 px must not try to allocate terabytes)."""
+        self.uncertainty().check()
         for flag, value in (("--tile", self.tile), ("--stride", self.stride)):
             if value is not None and not 1 <= value <= MAX_TILE:
                 raise ConfigError(f"{flag} {value} is out of range", f"use 1..{MAX_TILE} pixels, or leave {flag} "
@@ -91,6 +100,10 @@ class ClassifyOptions:
         if not self.connect_timeout > 0:
             raise ConfigError(f"connect timeout {self.connect_timeout} s must be positive", "e.g. 10")
 
+    def uncertainty(self) -> Uncertainty:
+        from .stats import Uncertainty
+        return Uncertainty(self.uncertain_below, self.uncertain_by)
+
     def check_memory(self, tile: int, bands: int) -> None:
         """Refuse a batch of tiles too large to hold in memory, once the tile size and the
         model's band count are known."""
@@ -118,6 +131,8 @@ class ClassifyResult:
     bands: list[int]
     timings: dict[str, float]
     notes: list[str]
+    class_areas: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # stats.AREA_COLUMNS per class
+    areas_csv: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

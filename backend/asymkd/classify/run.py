@@ -19,6 +19,7 @@ from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
 from .infer import CASTABLE, OnnxClassifier, Summary, summarize
 from .reader import PrefetchReader, resolve_bands
+from .stats import area_csv_text, areas_csv_path
 from .style import qml_text
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_not_inputs, check_output_names
 
@@ -83,7 +84,8 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
     """Check the outputs, read the model's metadata and the raster's header, and plan the tiles."""
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
-    check_not_inputs([out, out.with_suffix(".qml"), class_raster], [model_path, raster, opts.mask])
+    check_not_inputs([out, out.with_suffix(".qml"), areas_csv_path(out), class_raster],
+                     [model_path, raster, opts.mask])
     meta = read_onnx_metadata(model_path)
     with _open_raster(raster) as src:
         bands, how = resolve_bands(src, meta["band_names"], opts.bands)
@@ -136,7 +138,7 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
         events.log(note)
     with _engine(job, opts, events) as engine:
         qml = out.with_suffix(".qml")
-        finals = [out, qml] + ([class_raster] if class_raster else [])
+        finals = [out, qml, areas_csv_path(out)] + ([class_raster] if class_raster else [])
         with AtomicOutputs(finals, overwrite=opts.overwrite) as outputs:
             try:
                 result = _loop(job, engine, opts, outputs, out, qml, class_raster, events,
@@ -173,10 +175,12 @@ def _report(result: ClassifyResult, job: Job, out: Path, qml: Path, class_raster
     events.metrics("classify", {k: v for k, v in result.as_dict().items()
                                 if k in ("tiles_total", "tiles_classified", "tiles_skipped", "seconds",
                                          "tiles_per_s", "provider", "timings")})
-    paths = {"gpkg": out, "qml": qml}
+    paths = {"gpkg": out, "qml": qml, "areas_csv": areas_csv_path(out)}
     if class_raster:
         paths["class_raster"] = class_raster
-    events.result("classify", **paths)
+    # the area table rides on the result event, for the plugin to show
+    events.emit("result", step="classify", paths={k: str(v) for k, v in paths.items()},
+                class_areas=result.class_areas)
 
 
 @dataclasses.dataclass
@@ -210,13 +214,16 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
     names, colors = list(meta["class_names"]), list(meta["class_colors"])
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster else None
-    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice)
+    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice,
+                             uncertainty=opts.uncertainty())
     t0 = time.perf_counter()
     try:
         counts = engine.fill(writer, raster_out, events)
         loop_s = time.perf_counter() - t0
         tw = time.perf_counter()
         writer.close()
+        areas = writer.areas.table()
+        outputs.temp(areas_csv_path(out)).write_text(area_csv_text(areas), encoding="utf-8")
         outputs.temp(qml).write_text(style, encoding="utf-8")
         if raster_out is not None and class_raster is not None:
             raster_out.write(outputs.temp(class_raster), colors)
@@ -232,7 +239,8 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
                           tiles_skipped=counts.skipped, seconds=seconds,
                           tiles_per_s=(counts.classified / seconds if seconds > 0 else 0.0),
                           crs=grid.crs.to_string(), grid=_describe(grid), bands=list(job.bands),
-                          timings={k: round(v, 4) for k, v in timings.items()}, notes=[])
+                          timings={k: round(v, 4) for k, v in timings.items()},
+                          class_areas=areas, areas_csv=areas_csv_path(out), notes=[])
 
 
 def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: list[int], opts: ClassifyOptions,

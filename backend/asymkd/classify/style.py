@@ -1,7 +1,9 @@
 """QGIS style for the tile layer: a categorized renderer on `class_name`, one fill colour
-per class (the model's colours), as a .qml file beside the GeoPackage (QGIS loads a .qml
-with the layer file's name as the layer's default style) and inside the GeoPackage's
-`layer_styles` table (the default style QGIS applies when the layer is opened)."""
+per class (the model's colours; tiles marked `uncertain` faded and hatched by data-defined
+colours, so they keep their class's colour and legend entry), as a .qml file beside the
+GeoPackage (QGIS loads a .qml with the layer file's name as the layer's default style) and
+inside the GeoPackage's `layer_styles` table (the default style QGIS applies when the layer
+is opened)."""
 
 from __future__ import annotations
 
@@ -15,25 +17,45 @@ import numpy as np
 from ..palette import hex_to_rgb
 
 FILL_ALPHA = 200  # see the imagery through the tiles
+UNCERTAIN_ALPHA = 70  # uncertain tiles: the class colour faded ...
+HATCH = "40,40,40,230"  # ... under a diagonal hatch
 OUTLINE = "50,50,50,90"
+UNCERTAIN = '"uncertain" = 1'
 
 
 def _rgb(color: str, alpha: int) -> str:
     return ",".join(str(v) for v in (*hex_to_rgb(color), alpha))
 
 
-def _fill_symbol(parent: ET.Element, name: str, color: str) -> None:
-    sym = ET.SubElement(parent, "symbol", {"type": "fill", "name": name, "alpha": "1",
-                                           "clip_to_extent": "1", "force_rhr": "0"})
+def _fill_layer(sym: ET.Element, props: dict[str, str], color_expr: str) -> None:
+    """A SimpleFill symbol layer whose colour is data-defined by `color_expr`."""
     layer = ET.SubElement(sym, "layer", {"class": "SimpleFill", "pass": "0", "locked": "0", "enabled": "1"})
-    props = {"color": _rgb(color, FILL_ALPHA), "style": "solid", "outline_color": OUTLINE,
-             "outline_style": "solid", "outline_width": "0.1", "outline_width_unit": "MM",
-             "joinstyle": "miter", "offset": "0,0", "offset_unit": "MM"}
     opts = ET.SubElement(layer, "Option", {"type": "Map"})
     for k, v in props.items():  # QGIS >= 3.26 reads Option, older versions read prop
         ET.SubElement(opts, "Option", {"type": "QString", "name": k, "value": v})
     for k, v in props.items():
         ET.SubElement(layer, "prop", {"k": k, "v": v})
+    ddp = ET.SubElement(ET.SubElement(layer, "data_defined_properties"), "Option", {"type": "Map"})
+    ET.SubElement(ddp, "Option", {"type": "QString", "name": "name", "value": ""})
+    fill = ET.SubElement(ET.SubElement(ddp, "Option", {"type": "Map", "name": "properties"}),
+                         "Option", {"type": "Map", "name": "fillColor"})
+    ET.SubElement(fill, "Option", {"type": "bool", "name": "active", "value": "true"})
+    ET.SubElement(fill, "Option", {"type": "QString", "name": "expression", "value": color_expr})
+    ET.SubElement(fill, "Option", {"type": "int", "name": "type", "value": "3"})  # an expression
+    ET.SubElement(ddp, "Option", {"type": "QString", "name": "type", "value": "collection"})
+
+
+def _fill_symbol(parent: ET.Element, name: str, color: str) -> None:
+    """The class colour; where the tile is `uncertain`, faded and hatched."""
+    sym = ET.SubElement(parent, "symbol", {"type": "fill", "name": name, "alpha": "1",
+                                           "clip_to_extent": "1", "force_rhr": "0"})
+    common = {"outline_width": "0.1", "outline_width_unit": "MM", "joinstyle": "miter", "offset": "0,0",
+              "offset_unit": "MM"}
+    solid, faded = _rgb(color, FILL_ALPHA), _rgb(color, UNCERTAIN_ALPHA)
+    _fill_layer(sym, {"color": solid, "style": "solid", "outline_color": OUTLINE, "outline_style": "solid",
+                      **common}, f"if({UNCERTAIN}, '{faded}', '{solid}')")
+    _fill_layer(sym, {"color": HATCH, "style": "b_diagonal", "outline_color": "0,0,0,0", "outline_style": "no",
+                      **common}, f"if({UNCERTAIN}, '{HATCH}', '0,0,0,0')")
 
 
 def qml_text(class_names: Sequence[str], colors: Sequence[str], attr: str = "class_name") -> str:

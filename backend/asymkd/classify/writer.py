@@ -21,6 +21,7 @@ from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_
 from ..palette import hex_to_rgb
 from .grid import Grid
 from .infer import Summary
+from .stats import ClassAreas, Uncertainty, write_area_table
 
 _SIDECARS = ("-journal", "-wal", "-shm", ".aux.xml")
 LAYER = "tiles"
@@ -139,6 +140,7 @@ class TileRows:
     second_prob: np.ndarray
     entropy: np.ndarray
     valid_fraction: np.ndarray
+    uncertain: np.ndarray
 
     def key(self, part: str) -> np.ndarray:
         return self.grid.keys(self.rows, self.cols)[part]
@@ -173,6 +175,9 @@ TILE_FIELDS: tuple[TileField, ...] = (
     TileField("second_prob", "Real", lambda t: t.second_prob, "its probability"),
     TileField("entropy", "Real", lambda t: t.entropy,
               "entropy of the class probabilities / log(classes): 0 certain, 1 uniform"),
+    TileField("uncertain", "Integer", lambda t: t.uncertain,
+              "1 when the tile's certainty is below `--uncertain-below` (by `--uncertain-by`), else 0; "
+              "always 0 without a threshold"),
     TileField("tile_key", "String", lambda t: t.grid.key_strings(t.rows, t.cols),
               "`row/col` on the pixel grid, `z/x/y` on the XYZ grid"),
     TileField("row", "Integer", lambda t: t.key("row"), "tile row (pixel grid)", grid="pixel"),
@@ -181,6 +186,10 @@ TILE_FIELDS: tuple[TileField, ...] = (
     TileField("x", "Integer", lambda t: t.key("x"), "tile column (XYZ grid)", grid="xyz"),
     TileField("y", "Integer", lambda t: t.key("y"), "tile row (XYZ grid)", grid="xyz"),
     TileField("valid_fraction", "Real", lambda t: t.valid_fraction, "fraction of the tile's pixels holding data"),
+    # filled by the review of uncertain tiles in QGIS; written empty
+    TileField("reviewed_class", "Integer", _null, "NULL; the class id set in review"),
+    TileField("reviewed_by", "String", _null, "NULL; who reviewed the tile"),
+    TileField("reviewed_at", "String", _null, "NULL; when, ISO 8601"),
 )
 
 
@@ -214,22 +223,27 @@ def _columns(fields: Sequence[TileField], t: TileRows) -> tuple[list[np.ndarray]
 
 
 # what a batch of tiles carries from the classifier to the writer
-_PARTS = ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy", "valid_fraction")
-_INT_PARTS = ("rows", "cols", "class_id", "second_id")
+_PARTS = ("rows", "cols", "class_id", "confidence", "second_id", "second_prob", "entropy", "valid_fraction",
+          "uncertain")
+_INT_PARTS = ("rows", "cols", "class_id", "second_id", "uncertain")
 
 
 class TileLayerWriter:
     """Writes tile polygons and their classes to a GeoPackage layer, `chunk` tiles per write,
     in a background thread so the writes overlap inference. The layer and its default style
     are created first, so a run that classifies nothing still gives a valid (empty) layer.
-    At most one chunk waits to be written: memory stays bounded."""
+    At most one chunk waits to be written: memory stays bounded. Tiles are marked uncertain
+    as they come, and each tile's area is added to its class's as it is written (`areas`);
+    `close` writes the area table into the GeoPackage."""
 
     def __init__(self, path: Path, grid: Grid, class_names: Sequence[str], chunk: int = 4096,
-                 style_qml: str | None = None, nice: int = 0):
+                 style_qml: str | None = None, nice: int = 0, uncertainty: Uncertainty | None = None):
         self.path = Path(path)
         self.grid = grid
         self.class_names = np.array(list(class_names), dtype=object)
         self.fields = tile_fields(grid.kind)
+        self.uncertainty = uncertainty or Uncertainty()
+        self.areas = ClassAreas(grid.crs, class_names)
         self.chunk = max(1, int(chunk))
         self.crs = grid.crs.to_wkt()
         self.count = 0
@@ -246,19 +260,21 @@ class TileLayerWriter:
         self._parts.append({"rows": np.array(rows, np.int64), "cols": np.array(cols, np.int64),
                             "class_id": summary.class_id, "confidence": summary.confidence,
                             "second_id": summary.second_id, "second_prob": summary.second_prob,
-                            "entropy": summary.entropy, "valid_fraction": np.array(valid, np.float64)})
+                            "entropy": summary.entropy, "valid_fraction": np.array(valid, np.float64),
+                            "uncertain": self.uncertainty.flags(summary)})
         self._pending += len(rows)
         if self._pending >= self.chunk:
             self._submit()
 
     def close(self) -> int:
-        """Write what is left, wait for the writes, check the file, and return the number
-        of features."""
+        """Write what is left and the area table, wait for the writes, check the file, and
+        return the number of features."""
         try:
             self._submit()
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
+        write_area_table(self.path, self.areas.table())
         check_vector(self.path, LAYER, self.count)
         return self.count
 
@@ -300,6 +316,7 @@ class TileLayerWriter:
         tiles = TileRows(grid=self.grid, names=self.class_names, **cat)
         bounds = self.grid.bounds(tiles.rows, tiles.cols)
         geoms = shapely.to_wkb(shapely.box(*bounds)) if len(tiles.rows) else np.array([], dtype=object)
+        self.areas.add(bounds, tiles.class_id, tiles.confidence, tiles.uncertain)
         data, masks = _columns(self.fields, tiles)
         write_gpkg_layer(self.path, geoms, data, [f.name for f in self.fields], layer=LAYER, crs=self.crs,
                          geometry_type="Polygon", append=append,

@@ -37,6 +37,7 @@ def choices_report() -> dict[str, Any]:
             "config": {key: dict(table) for key, table in choices.CONFIG_CHOICES.items()},
             "backbones": backbone_table(), "backbone_note": HUB_NOTE,
             "devices": dict(choices.DEVICES),
+            "classify": {"uncertain_by": dict(choices.UNCERTAINTY_MEASURES)},
             "defaults": {"teacher": _model_defaults(TeacherConfig()),
                          "distill": _model_defaults(DistillConfig())}}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .. import choices
 from ..classify import ClassifyOptions
 
 # Defaults come from ClassifyOptions, the one place that holds them (the Python API's too).
@@ -45,6 +46,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="classify on the workers of a running dask-scheduler, e.g. tcp://10.0.0.5:8786; "
                              "they must see the raster and the model at the same paths")
+    parser.add_argument("--uncertain-below", type=float, default=_DEFAULT.uncertain_below, metavar="T",
+                        help="mark tiles whose certainty is below T (0..1) as uncertain=1 (default: none)")
+    parser.add_argument("--uncertain-by", choices=list(choices.UNCERTAINTY_MEASURES), default=_DEFAULT.uncertain_by,
+                        help="certainty measure: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                choices.UNCERTAINTY_MEASURES.items())
+                        + " (default %(default)s)")
 
 
 def run(args, events) -> int:
@@ -54,10 +61,12 @@ def run(args, events) -> int:
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
                       min_valid=args.min_valid, threads=args.threads, workers=args.workers,
-                      scheduler=args.scheduler)
+                      scheduler=args.scheduler, uncertain_below=args.uncertain_below,
+                      uncertain_by=args.uncertain_by)
     if args.events != "-":
         print(json.dumps({"gpkg": str(result.gpkg), "qml": str(result.qml),
                           "class_raster": str(result.class_raster) if result.class_raster else None,
+                          "areas_csv": str(result.areas_csv) if result.areas_csv else None,
                           "tiles_classified": result.tiles_classified, "tiles_skipped": result.tiles_skipped,
                           "tiles_per_s": round(result.tiles_per_s, 1), "provider": result.provider}, indent=2))
     return 0
