@@ -491,6 +491,12 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size",
                                                        QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber("UNCERTAIN_BELOW",
+                                                       "Mark tiles uncertain below this certainty (0 = none)",
+                                                       QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0,
+                                                       maxValue=1.0))
+        self.addParameter(QgsProcessingParameterEnum("UNCERTAIN_BY", "Certainty measure",
+                                                     list(steps.UNCERTAINTY_MEASURES), defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
                                                                   QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
@@ -506,7 +512,10 @@ class ClassifyTiles(EngineAlgorithm):
             raise InputError(str(exc)) from exc
         options = steps.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
                                        batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
-                                       device=_device(self, parameters, context))
+                                       device=_device(self, parameters, context),
+                                       uncertain_below=self.parameterAsDouble(parameters, "UNCERTAIN_BELOW", context),
+                                       uncertain_by=steps.UNCERTAINTY_MEASURES[
+                                           self.parameterAsEnum(parameters, "UNCERTAIN_BY", context)])
         if self.parameterAsEnum(parameters, "GRID", context) == 1:
             options.xyz_zoom = self.parameterAsInt(parameters, "ZOOM", context)
         else:

@@ -127,3 +127,35 @@ def require_commands(*commands: str) -> None:
     missing = engine_commands_missing(*commands)
     if missing:
         pytest.skip(f"engine command(s) not implemented yet: {', '.join(missing)}")
+
+
+# A freshly initialised student: enough to check the map plumbing (accuracy is the benchmark's job).
+MODEL_CLASSES = ["Forest", "River", "Urban"]
+MODEL_TILE = 32
+_MAKE_MODEL = """
+import sys, torch
+from asymkd.models.backbones import SceneClassifier
+from asymkd.models.files import save_model
+torch.manual_seed(0)
+model = SceneClassifier("resnet18_w32", 3, {n})
+save_model(sys.argv[1], model, {{"backbone": "resnet18_w32", "class_names": {classes!r}, "band_names": ["R", "G", "B"],
+           "mean": [120.0, 120.0, 120.0], "std": [60.0, 60.0, 60.0], "patch_size": {tile}, "gsd": 10.0}})
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_engine, tmp_path_factory) -> Path:
+    """An exported ONNX model of MODEL_CLASSES on RGB tiles of MODEL_TILE pixels."""
+    import subprocess
+
+    from asymkd_qgis.engine import run_engine
+    require_commands("export")
+    folder = tmp_path_factory.mktemp("model")
+    student = folder / "student"
+    code = _MAKE_MODEL.format(n=len(MODEL_CLASSES), classes=MODEL_CLASSES, tile=MODEL_TILE)
+    subprocess.run([str(real_engine.python), "-c", code, str(student)], env=real_engine.env(), check=True,
+                   capture_output=True, timeout=300)
+    out = folder / "tiny model é.onnx"
+    outcome = run_engine(real_engine, ["export", str(student), "--out", str(out), "--check-samples", "4"])
+    assert outcome.ok, outcome.message() + "\n" + "\n".join(outcome.stderr_tail)
+    return out

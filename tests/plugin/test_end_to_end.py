@@ -15,34 +15,9 @@ from qgis.core import QgsCategorizedSymbolRenderer, QgsProject, QgsRasterLayer, 
 
 import mapdata
 from asymkd_qgis.engine import run_engine
-from conftest import REPO, require_commands, wait_for
+from conftest import MODEL_CLASSES, MODEL_TILE, REPO, require_commands, wait_for
 
-CLASSES = ["Forest", "River", "Urban"]
-TILE = 32
-# A freshly initialised student: enough to check the map plumbing (accuracy is the benchmark's job).
-_MAKE_MODEL = """
-import sys, torch
-from asymkd.models.backbones import SceneClassifier
-from asymkd.models.files import save_model
-torch.manual_seed(0)
-model = SceneClassifier("resnet18_w32", 3, {n})
-save_model(sys.argv[1], model, {{"backbone": "resnet18_w32", "class_names": {classes!r}, "band_names": ["R", "G", "B"],
-           "mean": [120.0, 120.0, 120.0], "std": [60.0, 60.0, 60.0], "patch_size": {tile}, "gsd": 10.0}})
-"""
-
-
-@pytest.fixture(scope="session")
-def tiny_model(real_engine, tmp_path_factory) -> Path:
-    require_commands("export")
-    folder = tmp_path_factory.mktemp("model")
-    student = folder / "student"
-    code = _MAKE_MODEL.format(n=len(CLASSES), classes=CLASSES, tile=TILE)
-    subprocess.run([str(real_engine.python), "-c", code, str(student)], env=real_engine.env(), check=True,
-                   capture_output=True, timeout=300)
-    out = folder / "tiny model é.onnx"
-    outcome = run_engine(real_engine, ["export", str(student), "--out", str(out), "--check-samples", "4"])
-    assert outcome.ok, outcome.message() + "\n" + "\n".join(outcome.stderr_tail)
-    return out
+CLASSES, TILE = MODEL_CLASSES, MODEL_TILE
 
 
 @pytest.fixture

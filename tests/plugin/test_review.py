@@ -15,6 +15,7 @@ from asymkd_qgis import layers, review, steps, validation
 from asymkd_qgis.engine import run_engine
 from asymkd_qgis.layout import RunLayout
 from asymkd_qgis.review import ReviewPanel
+from conftest import MODEL_TILE, REPO, require_commands, wait_for
 
 
 def _rows() -> list[dict]:
@@ -237,3 +238,52 @@ def test_the_dock_opens_the_review_of_a_loaded_tile_layer(dock, tiles, qgis_new_
     panel = dock.open_review(layer)
     assert panel is not None and panel.layer() is layer and panel.queue.count() == 8
     assert dock.review is panel
+
+
+def _engine_marks_uncertain() -> None:
+    require_commands("classify")
+    if "--uncertain-below" not in (REPO / "backend" / "asymkd" / "commands" / "classify.py").read_text():
+        pytest.skip("the engine's classify cannot mark uncertain tiles yet")
+
+
+def test_a_classification_from_the_dock_shows_its_areas_and_feeds_the_review(dock, real_engine, tiny_model, tmp_path,
+                                                                              qgis_new_project):
+    """The real engine classifies from the dock with 'Uncertain below': the area table agrees
+    with the tile layer, and the review lists the tiles the engine marked."""
+    _engine_marks_uncertain()
+    scene = QgsRasterLayer(str(mapdata.write_raster(tmp_path / "scene.tif", 3, width=4 * MODEL_TILE,
+                                                    height=3 * MODEL_TILE, seed=3)), "scene", "gdal")
+    QgsProject.instance().addMapLayer(scene)
+    dock.engine_factory = lambda: real_engine
+    dock.run_dir.setFilePath(str(tmp_path / "run"))
+    dock.model_file.setFilePath(str(tiny_model))
+    dock.classify_layer.setLayer(scene)
+    dock.uncertain_below.setValue(0.99)  # a fresh model is unsure of every tile
+    finished = []
+    dock.jobFinished.connect(lambda step, job: finished.append(job))
+    assert dock.run_step("classify") is not None
+    wait_for(lambda: finished, 300, "the classification")
+    assert finished[0].state == finished[0].OK, finished[0].message()
+    [tiles] = dock.loaded_layers
+    counts: dict[str, int] = {}
+    for feature in tiles.getFeatures():
+        counts[feature["class_name"]] = counts.get(feature["class_name"], 0) + 1
+    shown = {row[0]: int(row[1]) for row in dock.panels["classify"].areas.cell_texts()}
+    assert {k: v for k, v in shown.items() if v} == counts and sum(counts.values()) == 12
+    panel = dock.open_review()
+    assert panel.layer() is tiles and panel.rule.currentText() == panel.MARKED
+    assert len(panel.items) == 12
+    assert [i.confidence for i in panel.items] == sorted(i.confidence for i in panel.items)
+
+
+def test_processing_classify_marks_uncertain_tiles(plugin, qgis_processing, real_engine, tiny_model, tmp_path):
+    _engine_marks_uncertain()
+    import processing
+    scene = mapdata.write_raster(tmp_path / "scene.tif", 3, width=4 * MODEL_TILE, height=3 * MODEL_TILE, seed=3)
+    out = tmp_path / "tiles.gpkg"
+    result = processing.run("asymkd:classify", {"MODEL": str(tiny_model), "INPUT": str(scene), "UNCERTAIN_BELOW": 0.99,
+                                                "UNCERTAIN_BY": 1, "OUTPUT": str(out)})
+    assert result["TILES"] == 12
+    layer = QgsVectorLayer(f"{out}|layername=tiles", "tiles", "ogr")
+    assert sum(f["uncertain"] for f in layer.getFeatures()) == 12  # margins of a fresh model are all below 0.99
+    assert sum(row.tiles for row in layers.read_class_areas(out)) == 12
