@@ -287,3 +287,15 @@ def test_processing_classify_marks_uncertain_tiles(plugin, qgis_processing, real
     layer = QgsVectorLayer(f"{out}|layername=tiles", "tiles", "ogr")
     assert sum(f["uncertain"] for f in layer.getFeatures()) == 12  # margins of a fresh model are all below 0.99
     assert sum(row.tiles for row in layers.read_class_areas(out)) == 12
+
+
+def test_a_review_while_the_user_edits_the_layer_stays_in_the_edits(panel, tiles, qgis_new_project):
+    layer = _tile_layer(tiles)
+    panel.set_layer(layer)
+    assert layer.startEditing()
+    panel.queue.setCurrentRow(0)
+    panel.accept_current()
+    assert layer.isEditable() and "save them" in panel.status.text()
+    assert all(r["reviewed_class"] is None for r in _fresh(tiles).values())  # not saved behind the user's back
+    assert layer.commitChanges()
+    assert sum(r["reviewed_class"] is not None for r in _fresh(tiles).values()) == 1
