@@ -23,7 +23,8 @@ $(ENGINE): backend/requirements.txt backend/requirements-test.txt backend/requir
 demo: $(ENGINE)
 	$(VENV)/bin/asymkd run --demo --out $(OUT)/demo
 
-test: lint
+# the system's QGIS and GDAL first: engine tests open the engine's GeoPackages with them
+test: lint $(QGIS_ENV)
 	$(MAKE) --no-print-directory test-backend test-plugin
 
 # ruff and mypy (settings in pyproject.toml) and the Qt6 check, before any test runs.

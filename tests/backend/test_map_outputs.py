@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import sqlite3
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -251,3 +252,54 @@ def test_a_failure_writing_the_area_table_leaves_no_output(model, scene, tmp_pat
     with pytest.raises(OSError, match="no space left"):
         classify(model[0], scene[0], tmp_path / "f.gpkg")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- GeoPackage version -----------------------------------------------------------------
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+SYSTEM_GDAL_OPEN = r"""
+import json, sys
+from osgeo import gdal
+gdal.UseExceptions()
+seen = []
+gdal.PushErrorHandler(lambda cls, no, msg: seen.append(msg))
+report = {}
+for path in sys.argv[1:]:
+    ds = gdal.OpenEx(path, gdal.OF_VECTOR)
+    report[path] = {ds.GetLayer(i).GetName(): sum(1 for _ in ds.GetLayer(i)) for i in range(ds.GetLayerCount())}
+    ds = None
+print(json.dumps({"gdal": gdal.__version__, "layers": report, "warnings": seen}))
+"""
+
+
+def _system_gdal_open(paths: list[Path]) -> dict:
+    """Open the files with the system's GDAL (the one Debian's QGIS uses) and collect every
+    warning it gives."""
+    try:
+        proc = subprocess.run([str(SYSTEM_PYTHON), "-c", SYSTEM_GDAL_OPEN, *map(str, paths)], capture_output=True,
+                              text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no system Python with GDAL bindings (python3-gdal) here")
+    if "No module named 'osgeo'" in proc.stderr:
+        pytest.skip("the system Python lacks GDAL bindings (python3-gdal)")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _gpkg_version(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA application_id").fetchone()[0], db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def test_geopackages_are_version_1_2_and_open_without_warnings_in_the_system_gdal(model, scene, tmp_path):
+    from asymkd.data.synth import SynthConfig, make_world
+    res = classify(model[0], scene[0], tmp_path / "c.gpkg", uncertain_below=0.5)
+    world = make_world(tmp_path / "w", SynthConfig(size=16, ms_per_class=2, rgb_per_class=2, test_per_class=1,
+                                                   unlabeled_per_class=1, paired=2, classes=2))
+    labels = [Path(world[k]) for k in ("ms_labels", "rgb_labels", "rgb_test_labels")]
+    for path in (res.gpkg, *labels):
+        assert _gpkg_version(path) == (0x47504B47, 10200)  # "GPKG", 1.2.0
+    got = _system_gdal_open([res.gpkg, *labels])
+    assert got["warnings"] == [], got
+    assert got["layers"][str(res.gpkg)] == {"tiles": res.tiles_classified, "layer_styles": 1,
+                                            "class_areas": len(tc.CLASSES)}
+    assert all(got["layers"][str(p)]["labels"] > 0 for p in labels)

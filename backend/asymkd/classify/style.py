@@ -77,7 +77,7 @@ def qml_text(class_names: Sequence[str], colors: Sequence[str], attr: str = "cla
 def embed_style(gpkg: Path, layer: str, qml: str, name: str = "asymkd classes") -> None:
     """Store the style as the layer's default in the GeoPackage `layer_styles` table (the
     table QGIS itself writes when a style is saved to the database)."""
-    import pyogrio.raw
+    from ..fileio import write_gpkg_layer
     fields = {
         "f_table_catalog": "", "f_table_schema": "", "f_table_name": layer, "f_geometry_column": "geom",
         "styleName": name, "styleQML": qml, "styleSLD": "", "useAsDefault": 1,
@@ -85,5 +85,4 @@ def embed_style(gpkg: Path, layer: str, qml: str, name: str = "asymkd classes") 
         "update_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
     }
     data = [np.array([v], dtype=np.int32 if isinstance(v, int) else object) for v in fields.values()]
-    pyogrio.raw.write(str(gpkg), geometry=None, field_data=data, fields=list(fields), layer="layer_styles",
-                      driver="GPKG", append=True)
+    write_gpkg_layer(gpkg, None, data, list(fields), layer="layer_styles", append=True)

@@ -30,7 +30,15 @@ from affine import Affine
 
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text, check_raster, check_vector, remove_stale, replace_dir, staged_dir
+from ..fileio import (
+    atomic_write_text,
+    check_raster,
+    check_vector,
+    remove_stale,
+    replace_dir,
+    staged_dir,
+    write_gpkg_layer,
+)
 from .bands import SENTINEL2_EUROSAT, SENTINEL2_WAVELENGTH_NM, true_colour_indices
 
 CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -504,7 +512,6 @@ def _write_scene(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Pat
 
 def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Patch]) -> None:
     """One polygon per cell, fields class, source, row, col (layer `labels`), like eurosat_map."""
-    from pyogrio.raw import write
     keys = sorted(cells)
     geometry = np.array([grid.cell_polygon_wkb(r, c) for r, c in keys], dtype=object)
     fields = [np.array([cells[k].class_name for k in keys], dtype=object),
@@ -513,8 +520,8 @@ def _write_labels(path: Path, grid: _SceneGrid, cells: dict[tuple[int, int], _Pa
               np.array([k[1] for k in keys], dtype=np.int32)]
     if path.exists():
         path.unlink()
-    write(str(path), geometry, fields, ["class", "source", "row", "col"], layer="labels",
-          driver="GPKG", geometry_type="Polygon", crs=CRS)
+    write_gpkg_layer(path, geometry, fields, ["class", "source", "row", "col"], layer="labels",
+                     geometry_type="Polygon", crs=CRS)
     check_vector(path, "labels", len(keys))
 
 
