@@ -6,6 +6,11 @@ Prints (a) pure onnxruntime throughput on in-memory batches (the compute limit),
 quarter of the pixels and on the full one, and their ratio (target <= 1.2), with where the
 time went. Each classify runs in its own process so its peak RSS is its own. The rasters
 go to a temporary folder that is removed afterwards (unless --keep).
+
+With --workers 1,2 it measures classification on local Dask clusters instead: tiles/s of
+plain `classify` and of `classify --workers N` for each N on the same raster (each in its
+own process, the cluster's start included), and the overhead of one worker against plain
+classify (seconds, 1 worker / plain; target <= 1.1).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..layout import RunFolder
 
 TARGET_RATIO = 0.9
 TARGET_RSS_RATIO = 1.2
+TARGET_WORKER_OVERHEAD = 1.1
 
 
 def add_arguments(parser) -> None:
@@ -49,13 +55,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="onnxruntime provider for both measurements (default cpu)")
+    parser.add_argument("--workers", default=None, metavar="1,2",
+                        help="measure classify on local Dask clusters of these worker counts against plain "
+                             "classify, instead of (a)-(d)")
 
 
 def run(args, events) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="asymkd-bench-classify-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _bench(args, events, work)
+        return _bench_workers(args, events, work) if args.workers else _bench(args, events, work)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -185,10 +194,11 @@ def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, 
     return n / (time.perf_counter() - start), (_cpu_s() - cpu) / n
 
 
-def _child_classify(model: Path, raster: Path, out: Path, args, spinning: bool) -> dict:
-    """Run classify in a fresh process; it reports its own time and peak RSS."""
+def _child_classify(model: Path, raster: Path, out: Path, args, spinning: bool, workers: int = 0) -> dict:
+    """Run classify in a fresh process (on a local cluster of `workers` workers when > 0);
+    it reports its own time and peak RSS."""
     cmd = [sys.executable, "-c", "from asymkd.bench.classify import _child; _child()", str(model), str(raster),
-           str(out), str(args.batch_size), str(args.threads), str(int(spinning)), args.device]
+           str(out), str(args.batch_size), str(args.threads), str(int(spinning)), args.device, str(workers)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -213,14 +223,14 @@ def _peak_rss_kb() -> float:
 
 
 def _child() -> None:
-    model, raster, out, batch, threads, spinning, device = sys.argv[1:8]
+    model, raster, out, batch, threads, spinning, device, workers = sys.argv[1:9]
     import onnxruntime  # noqa: F401 - imports are process start-up, not classification
 
     from ..classify import classify
     from ..classify import run as _run  # noqa: F401
     start, cpu = time.perf_counter(), _cpu_s()
     res = classify(model, raster, out, batch_size=int(batch), threads=int(threads), spinning=bool(int(spinning)),
-                   overwrite=True, device=device)
+                   overwrite=True, device=device, workers=int(workers) or None)
     seconds = time.perf_counter() - start
     cpu_per_tile = (_cpu_s() - cpu) / max(res.tiles_classified, 1)
     peak_kb = _peak_rss_kb()
@@ -230,3 +240,56 @@ def _child() -> None:
                       "peak_rss_mb": peak_kb / 1024.0, "cpu_ms_per_tile": cpu_per_tile * 1000, "timings": res.timings,
                       "provider": res.provider,
                       "spinning": bool(int(spinning))}))
+
+
+def _worker_counts(text: str) -> list[int]:
+    from ..errors import ConfigError
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--workers '{text}' is not a list of worker counts", "write e.g. --workers 1,2") from exc
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers '{text}' needs worker counts of at least 1", "write e.g. --workers 1,2")
+    return counts
+
+
+def _bench_workers(args, events, work: Path) -> int:
+    """Plain classify against local Dask clusters of each worker count, interleaved, best of --repeat."""
+    counts = _worker_counts(args.workers)
+    model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events,
+                                                                   args.input_size)
+    raster = work / f"synthetic_{args.size}.tif"
+    with events.step("bench-raster", size=args.size):
+        _write_raster(raster, args.size, args.compress)
+    print(f"model {model} | batch {args.batch_size} | tile {args.tile} px | raster {args.size}x{args.size} | "
+          f"{os.cpu_count()} cores", flush=True)
+    best: dict[int, dict] = {}
+    for _ in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits every setting
+        for n in [0, *counts]:
+            r = _child_classify(model, raster, work / f"out_w{n}.gpkg", args, False, workers=n)
+            start_s = r["timings"].get("cluster_start_s", 0.0)
+            r["after_start_tiles_per_s"] = r["tiles"] / max(r["seconds"] - start_s, 1e-9)
+            what = "plain classify" if n == 0 else f"{n} worker(s)"
+            print(f"{what:15s}: {r['tiles_per_s']:7.0f} tiles/s ({r['tiles']} tiles in {r['seconds']:.2f} s"
+                  + (f"; cluster start {start_s:.2f} s, {r['after_start_tiles_per_s']:.0f} tiles/s after it)"
+                     if n else ")"), flush=True)
+            if n not in best or r["seconds"] < best[n]["seconds"]:
+                best[n] = r
+    plain = best[0]
+    summary = {"plain_tiles_per_s": plain["tiles_per_s"], "raster": args.size, "workers": {}}
+    print("best of each:")
+    for n in counts:
+        r = best[n]
+        overhead = r["seconds"] / plain["seconds"]
+        steady = plain["tiles_per_s"] and r["after_start_tiles_per_s"] / plain["tiles_per_s"]
+        summary["workers"][str(n)] = {"tiles_per_s": r["tiles_per_s"], "seconds": r["seconds"],
+                                      "cluster_start_s": r["timings"].get("cluster_start_s"),
+                                      "after_start_tiles_per_s": r["after_start_tiles_per_s"], "overhead": overhead}
+        print(f"    {n} worker(s): {r['tiles_per_s']:.0f} tiles/s, {r['after_start_tiles_per_s']:.0f} after the "
+              f"cluster's start; time / plain classify {overhead:.3f}, tiles/s after start / plain {steady:.3f}")
+    if 1 in best:
+        overhead = best[1]["seconds"] / plain["seconds"]
+        print(f"overhead of 1 worker vs plain classify: {overhead:.3f} (target <= {TARGET_WORKER_OVERHEAD}) "
+              f"{'OK' if overhead <= TARGET_WORKER_OVERHEAD else 'MISSED'}")
+    events.metrics("bench-classify-workers", summary)
+    return 0
