@@ -63,7 +63,7 @@ def test_uncertain_tiles_are_faded_and_hatched_in_their_class_colour(qgis_app, t
     solid_a, solid_b = seen[0], seen[2]
     assert len(solid_a) == 1 and len(solid_b) == 1  # certain: one solid colour
     (ra, ga, ba), (rb, gb, bb) = next(iter(solid_a)), next(iter(solid_b))
-    assert ra > 200 and ga < 100 and ba < 100 and bb > 200 and rb < 100  # the class colours
+    assert ra > 200 and ga < 100 and ba < 100 and bb > 200 and rb < 100 and gb < 100  # the class colours
     for hatched, (name, _) in zip(seen[1::2], TILES[1::2], strict=True):
         light = max(hatched, key=sum)
         dark = min(hatched, key=sum)
