@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from collections import deque
 from pathlib import Path
 
@@ -14,8 +16,11 @@ from pyproj import Geod, Transformer
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+import test_classify as tc  # the tiny exported student and the raster helpers
+from asymkd.classify import classify
 from asymkd.classify.grid import MERCATOR_HALF, Grid
 from asymkd.classify.regions import LAYER, dissolve, write_regions
+from asymkd.errors import ConfigError
 
 NODATA = 255
 UTM = CRS.from_epsg(32632)
@@ -86,12 +91,16 @@ def read_regions(path: Path):
 
 
 def geodesic_ha(geoms: np.ndarray, crs: CRS) -> np.ndarray:
-    """Ellipsoidal area of each polygon, written independently of the code under test."""
+    """Ellipsoidal area of each tile, its edges followed at 4 points each (as the class area
+    table does), written independently of the code under test."""
     tr = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
     geod = Geod(ellps="WGS84")
     out = []
     for g in geoms:
-        x, y = np.asarray(g.exterior.coords).T
+        x0, y0, x1, y1 = g.bounds
+        f = np.arange(4) / 4
+        x = np.concatenate([x0 + f * (x1 - x0), np.full(4, x1), x1 - f * (x1 - x0), np.full(4, x0)])
+        y = np.concatenate([np.full(4, y0), y0 + f * (y1 - y0), np.full(4, y1), y1 - f * (y1 - y0)])
         lon, lat = tr.transform(x, y)
         out.append(abs(geod.polygon_area_perimeter(lon, lat)[0]) / 1e4)
     return np.array(out)
@@ -210,3 +219,169 @@ def test_dissolve_is_the_same_for_any_strip_height():
         assert len(parts) == len(whole)
         assert sorted(shapely.area([g for g, _ in parts]).tolist()) == sorted(
             shapely.area([shapely.from_wkb(w) for w, _ in whole]).tolist())
+
+
+# -- through classify ------------------------------------------------------------------
+model = tc.model  # module-scoped fixture: a tiny random student exported to ONNX
+T = tc.T
+
+
+def test_classify_regions_layer_matches_the_tile_layer(model, tmp_path):
+    data = tc.texture(6 * T, 7 * T, seed=2)
+    data[:, :T, :2 * T] = 0  # two tiles of nodata: in no region
+    src = tc.write_raster(tmp_path / "r.tif", data, nodata=0)
+    res = classify(model[0], src, tmp_path / "out.gpkg", regions=True)
+    assert res.tiles_skipped == 2 and res.regions and res.timings["regions_s"] >= 0
+    tiles, f, _ = tc.read_layer(tmp_path / "out.gpkg")
+    geoms, g, _ = read_regions(tmp_path / "out.gpkg")
+    assert res.regions == len(geoms) and g["tiles"].sum() == len(tiles)
+    for k in np.unique(f["class_id"]):
+        assert shapely.symmetric_difference(shapely.union_all(tiles[f["class_id"] == k]),
+                                            shapely.union_all(geoms[g["class_id"] == k])).is_empty
+    assert {"r.tif", "out.gpkg", "out.qml"} <= tc.only_files(tmp_path)
+    assert not [n for n in tc.only_files(tmp_path) if n.startswith(".")]  # no temporary file left
+    styles = pyogrio.raw.read(str(tmp_path / "out.gpkg"), layer="layer_styles", read_geometry=False)
+    names = dict(zip(styles[0]["fields"], styles[3], strict=True))["f_table_name"].tolist()
+    assert "regions" in names and "tiles" in names
+
+
+def test_classify_regions_of_nothing_is_an_empty_layer_with_a_warning(model, tmp_path):
+    src = tc.write_raster(tmp_path / "e.tif", np.zeros((3, 2 * T, 2 * T), np.uint8), nodata=0)
+    stream = io.StringIO()
+    res = classify(model[0], src, tmp_path / "e.gpkg", regions=True,
+                   events=tc.Events(stream=stream, progress_bars=False))
+    assert res.tiles_classified == 0 and res.regions == 0
+    warnings = [e["message"] for e in map(json.loads, stream.getvalue().splitlines()) if e.get("event") == "warning"]
+    assert any("regions layer is empty: no tile was classified" in w for w in warnings)
+    assert any("regions layer is empty" in n for n in res.notes)
+    assert pyogrio.read_info(str(tmp_path / "e.gpkg"), layer=LAYER)["features"] == 0
+
+
+def test_classify_min_region_area(model, tmp_path):
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(4 * T, 4 * T, seed=4))
+    big = classify(model[0], src, tmp_path / "all.gpkg", regions=True)
+    _, g, _ = read_regions(tmp_path / "all.gpkg")
+    cut = float(np.median(g["area_ha"])) + 1e-6
+    res = classify(model[0], src, tmp_path / "big.gpkg", regions=True, min_region_ha=cut)
+    _, h, _ = read_regions(tmp_path / "big.gpkg")
+    assert res.regions == (g["area_ha"] >= cut).sum() < big.regions
+    assert (h["area_ha"] >= cut).all()
+
+
+def test_a_failed_dissolve_leaves_no_output(model, tmp_path, monkeypatch):
+    import asymkd.classify.run as run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("dissolve failed")
+
+    monkeypatch.setattr(run, "write_regions", broken)
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(2 * T, 2 * T))
+    with pytest.raises(RuntimeError):
+        classify(model[0], src, tmp_path / "out.gpkg", regions=True)
+    assert tc.only_files(tmp_path) == {"r.tif"}
+
+
+# -- overlap voting -----------------------------------------------------------------------
+def window_probs(onnx_path: Path, image: np.ndarray, stride: int) -> np.ndarray:
+    """Probabilities of every T-px window at `stride` steps (rows, cols, classes), by
+    onnxruntime on float32 tiles: the brute force the voted cells are compared with."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    _, h, w = image.shape
+    rows, cols = (h - T) // stride + 1, (w - T) // stride + 1
+    tiles = np.stack([image[:, r * stride:r * stride + T, c * stride:c * stride + T]
+                      for r in range(rows) for c in range(cols)]).astype(np.float32)
+    return sess.run(["probabilities"], {"image": tiles})[0].reshape(rows, cols, -1)
+
+
+def brute_vote(probs: np.ndarray, k: int, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the windows that contain each stride cell (only windows marked used)."""
+    rows, cols, n = probs.shape
+    total = np.zeros((rows + k - 1, cols + k - 1, n))
+    count = np.zeros((rows + k - 1, cols + k - 1))
+    for r in range(rows):
+        for c in range(cols):
+            if used[r, c]:
+                total[r:r + k, c:c + k] += probs[r, c]
+                count[r:r + k, c:c + k] += 1
+    with np.errstate(invalid="ignore"):
+        return total / count[..., None], count
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_voted_cells_are_the_mean_of_their_windows(model, tmp_path, stride):
+    k = T // stride
+    image = tc.texture(T + 4 * stride, T + 5 * stride, seed=6)
+    src = tc.write_raster(tmp_path / "r.tif", image)
+    res = classify(model[0], src, tmp_path / "v.gpkg", stride=stride, vote=True, class_raster=tmp_path / "v.tif")
+    probs = window_probs(model[0], image, stride)
+    mean, count = brute_vote(probs, k, np.ones(probs.shape[:2], bool))
+    cells, f, _ = tc.read_layer(tmp_path / "v.gpkg")
+    assert res.tiles_classified == len(cells) == mean.shape[0] * mean.shape[1] == res.tiles_total
+    r, c = f["row"], f["col"]
+    want = mean[r, c]
+    order = np.argsort(-want, axis=1, kind="stable")
+    np.testing.assert_array_equal(f["class_id"], order[:, 0])
+    np.testing.assert_allclose(f["confidence"], want[np.arange(len(r)), order[:, 0]], atol=1e-5)
+    np.testing.assert_allclose(f["second_prob"], want[np.arange(len(r)), order[:, 1]], atol=1e-5)
+    ent = -(want * np.log(np.clip(want, 1e-12, 1))).sum(1) / np.log(want.shape[1])
+    np.testing.assert_allclose(f["entropy"], ent, atol=1e-5)
+    # cells are the stride squares of the window grid
+    origin = tc.from_origin(500000, 5200000, 10, 10)
+    for g, rr, cc in zip(cells[:5], r[:5], c[:5], strict=True):
+        assert g.bounds == tc.window_bounds(tc.Window(cc * stride, rr * stride, stride, stride), origin)
+    with tc.rasterio.open(tmp_path / "v.tif") as ds:
+        assert ds.shape == mean.shape[:2]
+        np.testing.assert_array_equal(ds.read(1)[r, c], f["class_id"])
+    assert count.max() == k * k  # inner cells: (tile / stride)^2 windows
+
+
+def test_vote_skips_cells_whose_windows_were_all_skipped(model, tmp_path):
+    stride, k = 16, 2
+    image = tc.texture(T + 3 * stride, T + 5 * stride, seed=8)
+    image[:, :, :3 * stride] = 0  # nodata: windows 0 and 1 empty, window 2 half valid
+    src = tc.write_raster(tmp_path / "r.tif", image, nodata=0)
+    res = classify(model[0], src, tmp_path / "v.gpkg", stride=stride, vote=True, min_valid=0.6)
+    probs = window_probs(model[0], image, stride)
+    used = np.zeros(probs.shape[:2], bool)
+    used[:, 3:] = True  # windows starting at 48 px and beyond are fully valid
+    mean, count = brute_vote(probs, k, used)
+    cells, f, _ = tc.read_layer(tmp_path / "v.gpkg")
+    assert res.tiles_classified == int((count > 0).sum()) == len(cells)
+    assert res.tiles_skipped == int((count == 0).sum()) and res.tiles_total == count.size
+    assert f["col"].min() == 3  # cell 3 (48..64 px) from window 3 alone
+    np.testing.assert_allclose(f["confidence"], mean[f["row"], f["col"]].max(1), atol=1e-5)
+    np.testing.assert_allclose(f["valid_fraction"], 1.0)
+
+
+def test_without_vote_a_stride_gives_overlapping_windows_as_before(model, tmp_path):
+    stride = 16
+    image = tc.texture(T + 2 * stride, T + 3 * stride, seed=9)
+    src = tc.write_raster(tmp_path / "r.tif", image)
+    res = classify(model[0], src, tmp_path / "w.gpkg", stride=stride)
+    probs = window_probs(model[0], image, stride)
+    tiles, f, _ = tc.read_layer(tmp_path / "w.gpkg")
+    assert res.tiles_total == len(tiles) == probs.shape[0] * probs.shape[1]
+    np.testing.assert_allclose(f["confidence"], probs[f["row"], f["col"]].max(1), atol=1e-5)
+    assert tiles[0].bounds[2] - tiles[0].bounds[0] == T * 10  # whole windows
+
+
+def test_vote_and_regions_together(model, tmp_path):
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(3 * T, 3 * T, seed=10))
+    res = classify(model[0], src, tmp_path / "vr.gpkg", stride=T // 2, vote=True, regions=True)
+    cells, f, _ = tc.read_layer(tmp_path / "vr.gpkg")
+    geoms, g, _ = read_regions(tmp_path / "vr.gpkg")
+    assert g["tiles"].sum() == len(cells) == res.tiles_classified
+    assert shapely.symmetric_difference(shapely.union_all(cells), shapely.union_all(geoms)).is_empty
+
+
+@pytest.mark.parametrize("opts", [dict(vote=True), dict(vote=True, stride=T), dict(vote=True, stride=12),
+                                  dict(vote=True, tile=16, stride=16), dict(vote=True, xyz_zoom=14),
+                                  dict(vote=True, stride=16, workers=2), dict(min_region_ha=1.0),
+                                  dict(regions=True, min_region_ha=-1.0),
+                                  dict(regions=True, min_region_ha=float("nan"))])
+def test_bad_vote_and_region_options(model, tmp_path, opts):
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(2 * T, 2 * T))
+    with pytest.raises(ConfigError):
+        classify(model[0], src, tmp_path / "x.gpkg", **opts)
+    assert tc.only_files(tmp_path) == {"r.tif"}

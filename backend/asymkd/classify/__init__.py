@@ -16,6 +16,7 @@ when the whole job has succeeded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -60,6 +61,9 @@ class ClassifyOptions:
     connect_timeout: float = 10.0                 # seconds to reach --scheduler before giving up
     uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
     uncertain_by: str = "confidence"              # certainty measure (choices.UNCERTAINTY_MEASURES)
+    regions: bool = False                         # also dissolve tiles of a class into the `regions` layer
+    min_region_ha: float = 0.0                    # drop regions smaller than this (hectares)
+    vote: bool = False                            # stride-sized cells take the mean of the windows over them
 
     def check(self) -> None:
         """Refuse absurd options before anything is read (a tile of 0 is not the default,
@@ -83,6 +87,22 @@ class ClassifyOptions:
         if self.prefetch < 1:
             raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
         self._check_cluster()
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        if not (math.isfinite(self.min_region_ha) and self.min_region_ha >= 0):
+            raise ConfigError(f"--min-region-ha {self.min_region_ha} must be a number of hectares >= 0",
+                              "e.g. --min-region-ha 0.5")
+        if self.min_region_ha and not self.regions:
+            raise ConfigError("--min-region-ha applies to merged regions only", "add --regions")
+        if not self.vote:
+            return
+        if self.stride is None or (self.tile is not None and self.stride >= self.tile):
+            raise ConfigError("--vote needs overlapping windows: a stride smaller than the tile",
+                              "add e.g. --stride 32 for 64-px tiles (each cell then takes the mean of 4 windows)")
+        if self.workers is not None or self.scheduler is not None:
+            raise ConfigError("--vote runs in one process (a cell's windows may lie in two shards)",
+                              "drop --workers/--scheduler, or drop --vote")
 
     def _check_cluster(self) -> None:
         if self.workers is not None and self.scheduler is not None:
@@ -133,6 +153,7 @@ class ClassifyResult:
     notes: list[str]
     class_areas: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # stats.AREA_COLUMNS per class
     areas_csv: Path | None = None
+    regions: int | None = None                    # features of the regions layer (None: not asked for)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

@@ -19,8 +19,10 @@ from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
 from .infer import CASTABLE, OnnxClassifier, Summary, summarize
 from .reader import PrefetchReader, resolve_bands
+from .regions import RegionStats, write_regions
 from .stats import area_csv_text, areas_csv_path
 from .style import qml_text
+from .vote import Cells, Voter, cell_grid
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_not_inputs, check_output_names
 
 
@@ -134,6 +136,8 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     job = prepare(model_path, raster, out, opts, events)
+    if opts.vote:
+        cell_grid(job.grid)  # ConfigError now, before any output, unless the stride divides the tile
     for note in job.notes:
         events.log(note)
     with _engine(job, opts, events) as engine:
@@ -149,7 +153,7 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
                            + (f" (removed {len(removed)} partial file(s))" if removed else ""), level="warning")
                 raise
             outputs.commit()
-    result.notes = job.notes
+    result.notes = job.notes + result.notes
     _report(result, job, out, qml, class_raster, events)
     return result
 
@@ -210,10 +214,10 @@ class TileSink(Protocol):
 
 def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutputs, out: Path, qml: Path,
           class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
-    meta, grid = job.meta, job.grid
+    meta, grid = job.meta, (cell_grid(job.grid) if opts.vote else job.grid)
     names, colors = list(meta["class_names"]), list(meta["class_colors"])
     style = qml_text(names, colors)
-    raster_out = ClassRaster(grid, names) if class_raster else None
+    raster_out = ClassRaster(grid, names) if class_raster or opts.regions else None  # regions dissolve its grid
     writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice,
                              uncertainty=opts.uncertainty())
     t0 = time.perf_counter()
@@ -224,6 +228,7 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
         writer.close()
         areas = writer.areas.table()
         outputs.temp(areas_csv_path(out)).write_text(area_csv_text(areas), encoding="utf-8")
+        regions = _regions(outputs.temp(out), raster_out, grid, names, style, opts, events) if opts.regions else None
         outputs.temp(qml).write_text(style, encoding="utf-8")
         if raster_out is not None and class_raster is not None:
             raster_out.write(outputs.temp(class_raster), colors)
@@ -233,14 +238,34 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
         raise
     seconds = setup_s + time.perf_counter() - t0
     timings = {"setup_s": setup_s, "loop_s": loop_s, **counts.timings(), "final_write_s": write_s,
-               "gpkg_write_bg_s": writer.write_s}
+               "gpkg_write_bg_s": writer.write_s, **({"regions_s": regions.seconds} if regions else {})}
     return ClassifyResult(gpkg=out, qml=qml, class_raster=class_raster, layer=LAYER, provider=engine.provider,
-                          tiles_total=job.plan.total, tiles_classified=counts.classified,
+                          tiles_total=counts.classified + counts.skipped if opts.vote else job.plan.total,
+                          tiles_classified=counts.classified,
                           tiles_skipped=counts.skipped, seconds=seconds,
                           tiles_per_s=(counts.classified / seconds if seconds > 0 else 0.0),
                           crs=grid.crs.to_string(), grid=_describe(grid), bands=list(job.bands),
                           timings={k: round(v, 4) for k, v in timings.items()},
-                          class_areas=areas, areas_csv=areas_csv_path(out), notes=[])
+                          class_areas=areas, areas_csv=areas_csv_path(out),
+                          notes=regions.notes if regions else [], regions=regions.regions if regions else None)
+
+
+def _regions(path: Path, classes: ClassRaster | None, grid: Grid, names: list[str], style: str,
+             opts: ClassifyOptions, events: Events) -> RegionStats:
+    """The regions layer, before the outputs are published (a failure leaves nothing). With no
+    classified tile, or every region under --min-region-ha, the layer is empty and a warning
+    says why: the tile layer is still a valid result."""
+    assert classes is not None
+    stats = write_regions(path, classes.array, classes.nodata, grid, names, style, opts.min_region_ha)
+    if stats.regions == 0:
+        why = (f"all {stats.dropped} regions are smaller than --min-region-ha {opts.min_region_ha:g}"
+               if stats.dropped else "no tile was classified")
+        stats.notes.append(f"the regions layer is empty: {why}")
+        events.warning(stats.notes[-1])
+    events.log(f"merged the tiles into {stats.regions} regions" + (
+        f" ({stats.dropped} smaller than {opts.min_region_ha:g} ha dropped)" if stats.dropped else "")
+        + f" in {stats.seconds:.1f} s")
+    return stats
 
 
 def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: list[int], opts: ClassifyOptions,
@@ -250,15 +275,20 @@ def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: li
     reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
                             nice=opts.io_nice, dtype=model.input_dtype)
-    counts = _stream(model, reader, sink, raster_out, plan.total, events)
+    voter = Voter(plan, len(model.class_names)) if opts.vote else None
+    counts = _stream(model, reader, sink, raster_out, plan.total, events, voter)
+    if voter is not None:  # the last rows of cells; the counts are of cells, not windows
+        _deliver_probs(sink, raster_out, voter.finish())
+        counts.classified, counts.skipped = voter.classified, voter.skipped
     st = reader.stats
     counts.read_s, counts.cut_s, counts.blocked_s = st.read_s, st.cut_s, st.put_wait_s
     return counts
 
 
 def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, raster_out: ClassRaster | None,
-            total: int, events: Events) -> Counts:
-    """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress."""
+            total: int, events: Events, voter: Voter | None = None) -> Counts:
+    """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress (of
+    windows, when voting)."""
     c = Counts()
     started = time.time()  # the event layer draws the one terminal progress bar
     checked = False
@@ -284,7 +314,8 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, ras
                 probs = model.predict(batch.images)
                 tp = time.perf_counter()
                 c.infer_s += tp - ti
-                deliver(writer, raster_out, batch.rows, batch.cols, summarize(probs), batch.valid)
+                parts = [(batch.rows, batch.cols, probs, batch.valid)]
+                _deliver_probs(writer, raster_out, voter.add(*parts[0]) if voter is not None else parts)
                 c.post_s += time.perf_counter() - tp
             c.classified += n
             c.skipped += batch.skipped
@@ -303,6 +334,11 @@ def deliver(writer: TileSink, raster_out: ClassRaster | None, rows: np.ndarray, 
     writer.add(rows, cols, summary, valid)
     if raster_out is not None:
         raster_out.add(rows, cols, summary.class_id)
+
+
+def _deliver_probs(writer: TileSink, raster_out: ClassRaster | None, parts: list[Cells]) -> None:
+    for rows, cols, probs, valid in parts:
+        deliver(writer, raster_out, rows, cols, summarize(probs), valid)
 
 
 def _describe(grid: Grid) -> str:
