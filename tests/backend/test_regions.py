@@ -385,3 +385,15 @@ def test_bad_vote_and_region_options(model, tmp_path, opts):
     with pytest.raises(ConfigError):
         classify(model[0], src, tmp_path / "x.gpkg", **opts)
     assert tc.only_files(tmp_path) == {"r.tif"}
+
+
+def test_cli_flags(model, tmp_path, capsys):
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(2 * T, 2 * T))
+    out = tmp_path / "c.gpkg"
+    assert tc.cli.main(["classify", str(model[0]), str(src), "--out", str(out), "--regions",
+                        "--min-region-ha", "0.5", "--stride", str(T // 2), "--vote"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["regions"] == pyogrio.read_info(str(out), layer=LAYER)["features"] > 0
+    assert pyogrio.read_info(str(out), layer="tiles")["features"] == 16  # 4 x 4 cells of 16 px
+    assert tc.cli.main(["classify", str(model[0]), str(src), "--out", str(tmp_path / "d.gpkg"), "--vote"]) == 2
+    assert "--vote needs overlapping windows" in capsys.readouterr().err

@@ -52,6 +52,14 @@ def add_arguments(parser) -> None:
                         help="certainty measure: " + "; ".join(f"{k}: {v}" for k, v in
                                                                 choices.UNCERTAINTY_MEASURES.items())
                         + " (default %(default)s)")
+    parser.add_argument("--regions", action="store_true",
+                        help="also write the layer `regions`: neighbouring tiles of a class dissolved into polygons "
+                             "(holes kept) with their tiles and hectares")
+    parser.add_argument("--min-region-ha", type=float, default=_DEFAULT.min_region_ha, metavar="HA",
+                        help="with --regions, drop regions smaller than HA hectares (default %(default)s)")
+    parser.add_argument("--vote", action="store_true",
+                        help="with --stride smaller than --tile (and dividing it): output stride-sized cells, each the "
+                             "mean probability of the windows over it; costs (tile/stride)^2 times the inference")
 
 
 def run(args, events) -> int:
@@ -62,11 +70,13 @@ def run(args, events) -> int:
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
                       min_valid=args.min_valid, threads=args.threads, workers=args.workers,
                       scheduler=args.scheduler, uncertain_below=args.uncertain_below,
-                      uncertain_by=args.uncertain_by)
+                      uncertain_by=args.uncertain_by, regions=args.regions, min_region_ha=args.min_region_ha,
+                      vote=args.vote)
     if args.events != "-":
         print(json.dumps({"gpkg": str(result.gpkg), "qml": str(result.qml),
                           "class_raster": str(result.class_raster) if result.class_raster else None,
                           "areas_csv": str(result.areas_csv) if result.areas_csv else None,
                           "tiles_classified": result.tiles_classified, "tiles_skipped": result.tiles_skipped,
-                          "tiles_per_s": round(result.tiles_per_s, 1), "provider": result.provider}, indent=2))
+                          "tiles_per_s": round(result.tiles_per_s, 1), "provider": result.provider,
+                          "regions": result.regions}, indent=2))
     return 0
