@@ -193,9 +193,11 @@ def _open_on_worker(task: ShardTask, worker: str) -> OnnxClassifier:
     from .run import _open_raster
     try:
         model = _model(task)
-    except (AsymKDError, OSError) as exc:
+    except (errors.ModelFileError, OSError) as exc:
         raise errors.ModelFileError(f"worker {worker} cannot load the model {task.model}: {exc}",
                                     f"{_SEEN_BY_WORKERS}, with the same engine installed") from exc
+    except AsymKDError as exc:  # e.g. --device cuda on a worker without the CUDA provider
+        raise type(exc)(f"worker {worker}: {exc.message}", exc.hint) from exc
     try:
         with _open_raster(Path(task.raster)):
             pass
