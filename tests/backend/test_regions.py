@@ -397,3 +397,15 @@ def test_cli_flags(model, tmp_path, capsys):
     assert pyogrio.read_info(str(out), layer="tiles")["features"] == 16  # 4 x 4 cells of 16 px
     assert tc.cli.main(["classify", str(model[0]), str(src), "--out", str(tmp_path / "d.gpkg"), "--vote"]) == 2
     assert "--vote needs overlapping windows" in capsys.readouterr().err
+
+
+def test_vote_in_a_bbox_covers_exactly_the_planned_windows(model, tmp_path):
+    src = tc.write_raster(tmp_path / "r.tif", tc.texture(6 * T, 6 * T, seed=11))
+    bbox = "500400,5198700,501100,5199500"  # a box inside the raster, off the window edges
+    windows = classify(model[0], src, tmp_path / "w.gpkg", stride=T // 2, bbox=bbox)
+    voted = classify(model[0], src, tmp_path / "v.gpkg", stride=T // 2, bbox=bbox, vote=True)
+    w, _, _ = tc.read_layer(tmp_path / "w.gpkg")
+    v, f, _ = tc.read_layer(tmp_path / "v.gpkg")
+    assert 0 < windows.tiles_classified < 11 * 11 and voted.tiles_skipped == 0
+    assert voted.tiles_total == voted.tiles_classified == len(v) == len(set(f["tile_key"].tolist()))
+    assert shapely.symmetric_difference(shapely.union_all(w), shapely.union_all(v)).is_empty
