@@ -20,6 +20,7 @@ from .errors import DataError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_save_npz
 from .layout import RunFolder
+from .train import distributed
 
 CONFIG_FILE = layout.CONFIG
 
@@ -126,6 +127,7 @@ def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
         events.log(f"teacher: {len(ms)} MS patches, {ms.num_bands} bands, classes {ms.class_counts()}")
         metrics = train_teacher(cfg, ms, RunFolder(run_dir).teacher, events, resume)
         events.result("teacher", model=RunFolder(run_dir).teacher)
+    distributed.barrier()  # under torchrun: the teacher's files exist for every rank
     return metrics
 
 
@@ -136,10 +138,16 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
         paired = load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names) if cfg.data.rgb_paired else None
         metrics = train_matcher(cfg, ms, paired, RunFolder(run_dir).matcher, events, resume)
         events.result("matcher", model=RunFolder(run_dir).matcher)
+    distributed.barrier()
     return metrics
 
 
 def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
+    """Pair every RGB sample (under torchrun on rank 0, the others wait for its file)."""
+    return distributed.on_main(_pair, cfg, run_dir, events) or {}
+
+
+def _pair(cfg: RunConfig, run_dir: Path, events: Events) -> dict:
 
     from .train import common
     from .train.evaluate import write_metrics_json
@@ -225,8 +233,9 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
             results[layout.BASELINE] = train_student(cfg, rgb, run.baseline, baseline=True, ms=ms,
                                                      rgb_test=test, events=events, resume=resume)
             events.result("baseline", model=run.baseline)
-    report = write_report(run.root)
-    events.result("report", report=report)
+    if distributed.is_main():  # rank 0 alone writes
+        events.result("report", report=write_report(run.root))
+    distributed.barrier()
     return results
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -240,6 +241,9 @@ def data_parallel(modules: dict[str, nn.Module], batch_terms: Callable[..., dict
                   unused_parameters: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
     """`batch_terms` run through DistributedDataParallel: gradients averaged over ranks.
     On CUDA the BatchNorm layers become SyncBatchNorm (in place: same parameters)."""
+    # a 1x1 convolution's gradient may come in another (equally dense) layout than its
+    # bucket: DDP copies it and says so once per process; nothing to act on
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     wrapper = _TaskModules(modules)
     device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
     if device.type == "cuda":

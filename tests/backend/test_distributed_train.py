@@ -1,0 +1,283 @@
+"""Training under torchrun (gloo, 2 CPU processes) against one process with the same
+global batch.
+
+The ranks are started with torch.multiprocessing and the same environment torchrun sets
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the engine's own
+`distributed.session()` starts the process group. The reference runs in a process of its
+own, alike in threads and in the test backbone.
+
+Tolerances: the step tests swap BatchNorm for GroupNorm in the test backbone (CPU gloo has
+no SyncBatchNorm; with BatchNorm each rank normalises over its own half-batch, and on tiny
+data the weights then differ by far more than rounding). With a norm that has no batch
+statistics the two-rank run is the one-process run up to the order of float sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import operator
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import multiprocessing as mp
+
+from asymkd import config as config_mod
+from asymkd.errors import ConfigError
+from asymkd.events import NULL_EVENTS, Events
+from asymkd.pipeline import resolve_config, step_distill, step_matcher, step_pair, step_teacher
+from asymkd.train import common, distributed, loop
+from tiny_data import TINY_CONFIG, data_config, make_dataset
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+# -- what runs inside each process ---------------------------------------------------------
+class _GroupNorm4(torch.nn.GroupNorm):
+    def __init__(self, channels: int, **kwargs: Any):
+        super().__init__(4, channels, **kwargs)
+
+
+def _no_batch_statistics(setitem: Callable[..., None]) -> None:
+    """The test backbone with GroupNorm in place of BatchNorm (see the module's docstring)."""
+    from asymkd.models import backbones
+    spec = backbones.BACKBONES["resnet18_w16"]
+    setitem(backbones.BACKBONES, "resnet18_w16", backbones.BackboneSpec(
+        spec.timm_name, {**spec.kwargs, "norm_layer": _GroupNorm4}, about="test"))
+
+
+def _record_pairs(setattr_: Callable[..., None]) -> list[list[int]]:
+    """The pairs after every re-pairing of the distillation, from now on."""
+    from asymkd.train.distill import DistillTask
+    pairs: list[list[int]] = []
+    after_step = DistillTask.after_step
+
+    def recording(self: DistillTask, global_step: int) -> None:
+        after_step(self, global_step)
+        if global_step % self.repair_every == 0:
+            pairs.append(self.objective.partners.tolist())
+
+    setattr_(DistillTask, "after_step", recording)
+    return pairs
+
+
+def _watch_writes(root: Path, seen: list[str]) -> None:
+    """Record every file opened for writing, renamed, made or removed under `root`."""
+    prefix = str(root.resolve())
+
+    def written(event: str, args: tuple) -> bool:
+        if event == "open":
+            mode, flags = args[1] or "", args[2] or 0
+            return any(c in str(mode) for c in "wax+") or (not mode and bool(flags & WRITE_FLAGS))
+        return event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
+
+    def hook(event: str, args: tuple) -> None:
+        try:
+            if written(event, args) and isinstance(args[0], (str, os.PathLike)) \
+                    and os.path.abspath(args[0]).startswith(prefix):
+                seen.append(f"{event} {args[0]}")
+        except Exception:  # an audit hook must never break the call it watches
+            pass
+
+    sys.addaudithook(hook)
+
+
+def _process(rank: int, world: int, port: int, job: Callable[..., Any], args: tuple, out: Path) -> None:
+    """One rank: the torchrun environment (when world > 1), one thread, the job; its result
+    and what it wrote in the run folder go to out/rank{rank}.json."""
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    os.environ[distributed.TIMEOUT_ENV] = "1"
+    torch.set_num_threads(1)
+    writes: list[str] = []
+    if rank > 0:
+        _watch_writes(Path(args[0]), writes)
+    try:
+        with distributed.session():
+            result = job(*args)
+    except Exception as exc:  # reported to the test, which decides
+        result = {"error": type(exc).__name__, "message": str(exc)}
+    (out / f"rank{rank}.json").write_text(json.dumps({"result": result, "writes": writes}))
+
+
+def _launch(job: Callable[..., Any], args: tuple, world: int, out: Path, timeout: float = 240) -> list[dict]:
+    """Run `job(*args)` on `world` ranks (1: a plain process); each rank's report."""
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_process, args=(world, port, job, args, out), nprocs=world, join=False)
+    for p in ctx.processes:
+        p.join(timeout)
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    reports = [out / f"rank{r}.json" for r in range(world)]
+    return [json.loads(r.read_text()) if r.is_file() else {"result": None, "writes": []} for r in reports]
+
+
+# -- jobs ------------------------------------------------------------------------------------
+class _Toy(loop.Task):
+    """A small net on a fixed set whose batch draws an augmentation from the generator."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.modules = {"net": self.net}
+        self.x = torch.randn(40, 4)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def batch_terms(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        noise = 0.1 * torch.randn(len(index), 4, generator=gen)  # drawn for the global batch
+        index, noise = self.shard.take(index), self.shard.take(noise)
+        err = self.net(self.x[index] + noise).squeeze(1) - self.y[index]
+        return {"loss": (err ** 2).mean()}
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(Events):
+    """Events that stop the run when `epoch` starts reporting (its predecessor is saved)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(stream=None, progress_bars=False)
+        self.epoch = epoch
+
+    def progress(self, step: str, done: int, total: int, started: float, unit: str = "it", force: bool = False,
+                 **extra: Any) -> None:
+        if extra.get("epoch") == self.epoch:
+            raise _Killed()
+
+
+def _toy_fit(folder: str, epochs: int, resume: bool = False, n: int = 40, batch_size: int = 9,
+             events: Events = NULL_EVENTS) -> dict:
+    task = _Toy()
+    settings = loop.LoopSettings("toy", epochs, batch_size, 0.05, 0.0, common.Checkpoint(Path(folder) / "ckpt.pt"),
+                                 resume=resume)
+    history = loop.fit(task, n, settings, common.generator(3), events)
+    return {"weights": [p.detach().flatten().tolist() for p in task.net.parameters()],
+            "loss": [h["train_loss"] for h in history]}
+
+
+def _toy_job(folder: str) -> dict:
+    """Uninterrupted, interrupted-and-resumed, and refused runs of the toy."""
+    whole = _toy_fit(folder, 4)
+    with contextlib.suppress(_Killed):
+        _toy_fit(folder, 4, events=_KillAt(3))  # killed in epoch 3: epoch 2's checkpoint is there
+    resumed = _toy_fit(folder, 4, resume=True)
+    refused = []
+    for n, batch_size in ((1, 9), (40, 1)):
+        try:
+            _toy_fit(folder, 1, n=n, batch_size=batch_size)
+        except ConfigError as exc:
+            refused.append(str(exc))
+    return {"whole": whole, "resumed": resumed, "refused": refused}
+
+
+def _steps(run: str, setattr_: Callable[..., None], setitem: Callable[..., None]) -> dict:
+    """The teacher and the distillation of a run folder that holds the matcher and pairs."""
+    _no_batch_statistics(setitem)
+    pairs = _record_pairs(setattr_)
+    cfg = resolve_config(Path(run), write=False)
+    teacher = step_teacher(cfg, Path(run))
+    student = step_distill(cfg, Path(run))
+    return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs}
+
+
+def _steps_job(run: str) -> dict:
+    return _steps(run, setattr, operator.setitem)
+
+
+# -- tests -------------------------------------------------------------------------------------
+def test_two_ranks_train_as_one_process_with_the_global_batch_and_resume(tmp_path):
+    (tmp_path / "one").mkdir()
+    single = _toy_fit(str(tmp_path / "one"), 4)
+    reports = _launch(_toy_job, (str(tmp_path / "run"),), 2, tmp_path / "out")
+    for r in reports:
+        assert "error" not in r["result"], r["result"]
+    a, b = (r["result"] for r in reports)
+    # uneven slices (a global batch of 9 gives 5 + 4): the weighted mean is the batch mean
+    np.testing.assert_allclose(np.concatenate(a["whole"]["weights"]), np.concatenate(single["weights"]),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["whole"]["loss"], single["loss"], rtol=1e-6)
+    assert a["whole"] == b["whole"]  # the ranks hold one model
+    assert a["resumed"] == a["whole"]  # resumed from rank 0's checkpoint: bit for bit
+    assert len(a["refused"]) == len(b["refused"]) == 2  # on every rank
+    assert "2 processes (torchrun world size) for 1 training samples" in a["refused"][0]
+    assert "global batch of 1 samples cannot be split over 2 processes" in a["refused"][1]
+    assert reports[1]["writes"] == []
+    assert (tmp_path / "run" / "ckpt.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory) -> Path:
+    """A run folder with its config, matcher and pairs (one process)."""
+    torch.set_num_threads(1)  # as in the ranks
+    root = tmp_path_factory.mktemp("dist")
+    data = make_dataset(root / "data")
+    run = root / "run"
+    values = config_mod.merge(TINY_CONFIG, {"data": data_config(data), "device": "cpu",
+                                            "distill": {"baseline": False, "repair_every": 1}})
+    cfg = resolve_config(run, None, values)
+    step_matcher(cfg, run)
+    step_pair(cfg, run)
+    return run
+
+
+def test_teacher_and_distillation_on_two_ranks_match_one_process(tmp_path, paired_run, monkeypatch):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(paired_run, one)
+    shutil.copytree(paired_run, two)
+    ref = _steps(str(one), monkeypatch.setattr, monkeypatch.setitem)  # one process: this one
+    reports = _launch(_steps_job, (str(two),), 2, tmp_path / "out2")
+    got = reports[0]["result"]
+    assert "error" not in ref and "error" not in got, (ref, got)
+    # out-of-fold teachers one per rank, each trained as one process would: the same soft labels
+    np.testing.assert_array_equal(np.load(one / "teacher" / "soft_labels.npy"),
+                                  np.load(two / "teacher" / "soft_labels.npy"))
+    assert got["teacher"] == ref["teacher"]
+    # the student's domain-shift term (CORAL over a batch's tokens) is computed per rank over
+    # its half-batch: not a per-sample mean, so the student differs by more than rounding
+    for step, atol in (("teacher", 1e-5), ("student", 1e-2)):  # measured: 9e-7, 4e-3
+        w1, w2 = load_file(str(one / step / "model.safetensors")), load_file(str(two / step / "model.safetensors"))
+        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < atol, step
+    assert got["student"]["overall_accuracy"] == pytest.approx(ref["student"]["overall_accuracy"], abs=1 / 12)
+    # every re-pairing gave the same pairs on both ranks
+    rank1 = reports[1]["result"]
+    assert len(got["pairs"]) == len(ref["pairs"]) > 2 and rank1["pairs"] == got["pairs"]
+    # rank 1 wrote nothing in the run folder; the files are those of one process
+    assert reports[1]["writes"] == []
+    assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == \
+        sorted(p.relative_to(one).as_posix() for p in one.rglob("*"))
+
+
+class _Dying(_Toy):
+    def after_step(self, global_step: int) -> None:
+        if distributed.rank() == 1 and global_step == 3:
+            os._exit(3)  # a rank that dies mid-epoch
+
+
+def _dying_job(folder: str) -> dict:
+    loop.fit(_Dying(), 40, loop.LoopSettings("toy", 50, 8, 0.05, 0.0), common.generator(0), NULL_EVENTS)
+    return {}
+
+
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tmp_path):
+    started = time.monotonic()
+    reports = _launch(_dying_job, (str(tmp_path),), 2, tmp_path / "out", timeout=120)
+    assert reports[1]["result"] is None  # it died
+    assert reports[0]["result"]["error"] == "RankFailure", reports[0]
+    assert "rank 0: a collective operation failed" in reports[0]["result"]["message"]
+    assert time.monotonic() - started < 100  # within the 1-minute collective timeout, not a hang
