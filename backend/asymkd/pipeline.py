@@ -15,7 +15,7 @@ import numpy as np
 from . import config as config_mod
 from . import layout
 from .config import RunConfig
-from .data.patches import PatchSet, load_folder, require_classes, scan_folder
+from .data.patches import MS_SET, PatchSet, load_folder, require_classes
 from .errors import DataError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_save_npz
@@ -60,15 +60,6 @@ def load_ms(cfg: RunConfig) -> PatchSet:
     return ms
 
 
-def check_rgb_classes(rgb_root: str, class_names: list[str]) -> None:
-    """Every RGB class needs MS samples of that class (pairing is same-class)."""
-    rgb_classes, _ = scan_folder(Path(rgb_root))
-    missing = [c for c in rgb_classes if c not in class_names]
-    if missing:
-        raise DataError(f"RGB classes with no MS sample: {', '.join(missing)} (MS classes: {', '.join(class_names)})",
-                        "add MS patches of these classes, or remove these class folders from the RGB set")
-
-
 def _limit_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     keep = []
@@ -82,8 +73,7 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
     """Labeled RGB (optionally at most N per class) followed by unlabeled RGB, one set."""
     parts: list[PatchSet] = []
     if cfg.data.rgb:
-        check_rgb_classes(cfg.data.rgb, class_names)
-        rgb = load_folder(cfg.data.rgb, "rgb", class_names=class_names)
+        rgb = load_folder(cfg.data.rgb, "rgb", class_names=class_names, known_from=MS_SET)
         if rgb.num_bands != 3:
             raise DataError(f"RGB dataset {cfg.data.rgb} has {rgb.num_bands} bands, not 3")
         if cfg.data.rgb_limit_per_class > 0:
@@ -95,7 +85,7 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
                 parts.append(rest)
         parts.insert(0, rgb)
     if cfg.data.rgb_unlabeled:
-        unl = load_folder(cfg.data.rgb_unlabeled, "rgb", class_names=class_names)
+        unl = load_folder(cfg.data.rgb_unlabeled, "rgb", class_names=class_names, known_from=MS_SET)
         unl.labels[:] = -1  # a labeled folder given as unlabeled is used without its labels
         parts.append(unl)
     if not parts:
@@ -115,8 +105,7 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
 def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
     if not cfg.data.rgb_test:
         return None
-    check_rgb_classes(cfg.data.rgb_test, class_names)
-    return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names)
+    return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names, known_from=MS_SET)
 
 
 # -- steps ---------------------------------------------------------------------------
@@ -135,7 +124,8 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     from .train.matcher import train_matcher
     with events.step("matcher"):
         ms = load_ms(cfg)
-        paired = load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names) if cfg.data.rgb_paired else None
+        paired = (load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names, known_from=MS_SET)
+                  if cfg.data.rgb_paired else None)
         metrics = train_matcher(cfg, ms, paired, RunFolder(run_dir).matcher, events, resume)
         events.result("matcher", model=RunFolder(run_dir).matcher)
     distributed.barrier()

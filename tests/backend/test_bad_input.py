@@ -54,7 +54,7 @@ def test_rgb_class_without_ms_samples_lists_the_classes(tmp_path, dataset, capsy
     shutil.copytree(rgb / "Forest", rgb / "Desert")
     run = tmp_path / "r"
     assert main(["teacher", "--run", str(run), "--ms", str(dataset["ms"]), *_tiny_flags()]) == 0
-    _fails(capsys, ["pair", "--run", str(run), "--rgb", str(rgb)], "RGB classes with no MS sample",
+    _fails(capsys, ["pair", "--run", str(run), "--rgb", str(rgb)], "with no sample in the MS set",
            "Desert", "Glacier")
 
 

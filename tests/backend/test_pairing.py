@@ -89,7 +89,7 @@ def test_repair_handles_zero_probabilities_and_numpy_inputs():
 
 def test_missing_ms_class_is_a_clear_data_error():
     s, t = _random_outputs(3, 2, 3, seed=3)
-    with pytest.raises(DataError, match="RGB classes without any MS sample: 2"):
+    with pytest.raises(DataError, match="classes of the RGB set with no sample in the MS set: 2"):
         repair_by_kl(s, t, [0, 2, 1], [0, 1])
     with pytest.raises(DataError, match="no class label"):
         assign_pairs(np.zeros((3, 2)), [0, 1, 1], [0, -1])

@@ -20,6 +20,7 @@ from .bands import default_band_names, parse_band_names
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".jpg", ".jpeg", ".png"}
 UNLABELED = -1
+MS_SET = "the MS set"  # the set that fixes a run's classes (the teacher's training set)
 
 
 @dataclasses.dataclass
@@ -143,22 +144,30 @@ def _non_finite_files(items: list[tuple[Path, int]], arrays: list[np.ndarray]) -
     return [p for (p, _), a in zip(items, arrays, strict=True) if a.dtype.kind == "f" and not np.isfinite(a).all()]
 
 
+def check_known_classes(classes: Sequence[str], known: Sequence[str], where: str,
+                        known_from: str = MS_SET) -> None:
+    """Refuse classes of `where` that `known_from` has no sample of. The set a model learns
+    from fixes its classes: pairing is same-class, and a model predicts only its own classes."""
+    missing = [c for c in dict.fromkeys(classes) if c not in known]
+    if missing:
+        raise DataError(f"classes of {where} with no sample in {known_from}: {', '.join(missing)} "
+                        f"({known_from} has: {', '.join(known)})",
+                        f"add samples of these classes to {known_from}, or leave these classes out of {where}")
+
+
 def load_folder(root: str | Path, modality: str, bands: str | list[str] | None = None,
-                class_names: list[str] | None = None, workers: int = 8) -> PatchSet:
+                class_names: list[str] | None = None, workers: int = 8,
+                known_from: str = "the model's training set") -> PatchSet:
     """Read a folder dataset into memory.
 
     `class_names`, when given, fixes the label order (e.g. the teacher's); folder classes
-    not in it are an error.
+    not in it are an error that names `known_from`, the set those classes come from.
     """
     root = Path(root)
     found, items = scan_folder(root)
     names = list(found) if class_names is None else list(class_names)
-    remap = {}
-    for i, c in enumerate(found):
-        if c not in names:
-            raise DataError(f"class '{c}' in {root} is not one of the model's classes {names}",
-                            "use the same class folder names for every dataset of one run")
-        remap[i] = names.index(c)
+    check_known_classes(found, names, f"{modality.upper()} folder {root}", known_from)
+    remap = {i: names.index(c) for i, c in enumerate(found)}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         read = list(pool.map(lambda it: read_image(it[0]), items))
     bad = _non_finite_files(items, [r[0] for r in read])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..choices import PAIRING_METHODS
+from ..data.patches import check_known_classes
 from ..errors import DataError
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[int] | Sequence[float]
@@ -59,11 +60,10 @@ def check_classes(rgb_labels: ArrayLike, ms_labels: ArrayLike,
     if (ms < 0).any():
         raise DataError(f"{int((ms < 0).sum())} MS samples have no class label",
                         "MS samples are the teacher's training set and must all be labeled")
-    missing = sorted(set(np.unique(rgb[rgb >= 0]).tolist()) - set(np.unique(ms).tolist()))
-    if missing:
-        names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in missing]
-        raise DataError(f"RGB classes without any MS sample: {', '.join(names)}",
-                        "add MS samples of these classes, or leave these RGB classes out")
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+
+    check_known_classes([name(c) for c in np.unique(rgb[rgb >= 0])], [name(c) for c in np.unique(ms)], "the RGB set")
 
 
 def class_blocks(rgb_labels: ArrayLike, ms_labels: ArrayLike) -> list[Block]:
