@@ -385,6 +385,7 @@ class AsymKDDock(QDockWidget):
         self.classify_device = self.persist.bind("classify/device", _combo(steps.DEVICES))
         self.uncertain_below = self.persist.bind("classify/uncertain_below", _dspin(0.0, 1.0, 0.0, 2, 0.05))
         self.uncertain_below.setSpecialValueText("off")
+        self.uncertain_below.setPrefix("below ")
         self.uncertain_below.setToolTip("Mark the tiles whose certainty is below this value as uncertain "
                                         "(they keep their class; the map shows them faded and hatched)")
         self.uncertain_by = QComboBox()
@@ -403,8 +404,9 @@ class AsymKDDock(QDockWidget):
             form.addRow(label, widget)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Device", self.classify_device)
-        form.addRow("Uncertain below", self.uncertain_below)
-        form.addRow("Certainty measure", self.uncertain_by)
+        # short labels: the form's label column must stay narrow at the default dock width
+        form.addRow("Uncertainty", self.uncertain_below)
+        form.addRow("Measured by", self.uncertain_by)
 
     def _settings_edit(self, key: str, placeholder: str) -> QLineEdit:
         edit = self.persist.bind(key, QLineEdit())

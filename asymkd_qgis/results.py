@@ -95,10 +95,16 @@ def distill_results(run: RunLayout) -> StepResults:
     return out
 
 
+def _device(provider: Any) -> Any:
+    """'CPUExecutionProvider' -> 'CPU': onnxruntime's long names would widen the dock."""
+    return provider[:-len("ExecutionProvider")] if isinstance(provider, str) and \
+        provider.endswith("ExecutionProvider") and provider != "ExecutionProvider" else provider
+
+
 def classify_results(metrics: dict[str, Any], layer_name: str, features: int, gpkg: str) -> StepResults:
     m = metrics.get("classify") or {}
     rows = {"tiles classified": m.get("tiles_classified", features), "tiles skipped": m.get("tiles_skipped"),
-            "tiles per second": m.get("tiles_per_s"), "device": m.get("provider")}
+            "tiles per second": m.get("tiles_per_s"), "device": _device(m.get("provider"))}
     return StepResults(rows={k: v for k, v in rows.items() if v is not None},
                        links={f"Open {Path(gpkg).name}": gpkg},
                        note=f"Loaded '{layer_name}': {features} tiles.")

@@ -316,8 +316,8 @@ class ReviewPanel(QDockWidget):
         self.threshold.valueChanged.connect(lambda *_: self.refresh())
         self.rule = QComboBox()
         self.rule.addItems([self.MARKED, self.BELOW])
-        self.rule.setToolTip("Which tiles to review: those the engine marked uncertain (Classify's 'Uncertain "
-                             "below'), or those below a confidence you choose here")
+        self.rule.setToolTip("Which tiles to review: those the engine marked uncertain (Classify's "
+                             "'Uncertainty'), or those below a confidence you choose here")
         self.rule.currentIndexChanged.connect(lambda *_: self.refresh())
         form.addRow("Tile layer", self.layer_combo)
         form.addRow("Review", self.rule)

@@ -266,12 +266,16 @@ class StepPanel(QWidget):
 
 class AreaTable(QTableWidget):
     """Class, tiles, hectares, share and mean confidence of a classification, in a compact
-    table that fits the dock: long class names are elided (in full in their tooltip)."""
+    table that fits the dock. When a class name does not fit beside the numbers (a narrow
+    dock), each class takes two lines: its name across the table, then its numbers."""
 
     HEADERS = ("Class", "Tiles", "ha", "%", "Conf")
+    PADDING = 10  # pixels around a cell's text
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(0, len(self.HEADERS), parent)
+        self.rows: list = []
+        self.stacked = False
         self.setHorizontalHeaderLabels(list(self.HEADERS))
         tips = ("", "tiles of the class", "hectares", "share of the classified area, %", "mean confidence")
         for column, tip in enumerate(tips):
@@ -292,35 +296,63 @@ class AreaTable(QTableWidget):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.Fixed)
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
 
+    @staticmethod
+    def texts(row) -> tuple[str, ...]:
+        """One class's cells: name, tiles, hectares, share %, mean confidence."""
+        confidence = "" if row.mean_confidence is None else f"{row.mean_confidence:.2f}"
+        return (row.class_name, f"{row.tiles:,}", _hectares(row.hectares), f"{100 * row.share:.1f}", confidence)
+
     def set_rows(self, rows: list) -> None:
-        self.setRowCount(len(rows))
+        self.rows = list(rows)
+        self._fill(self._needs_stacking())
+
+    def _needs_stacking(self) -> bool:
+        widths = self._number_widths()
+        names = [self.fontMetrics().horizontalAdvance(row.class_name) + self.PADDING for row in self.rows]
+        return bool(names) and max(names) > self.viewport().width() - sum(widths)
+
+    def _number_widths(self) -> list[int]:
+        """Number columns as wide as their widest text; the class column takes the rest."""
+        metrics = self.fontMetrics()
+        cells = [self.texts(row) for row in self.rows]
+        return [max(metrics.horizontalAdvance(t) for t in [self.HEADERS[c]] + [cell[c] for cell in cells])
+                + self.PADDING for c in range(1, len(self.HEADERS))]
+
+    def _fill(self, stacked: bool) -> None:
+        self.stacked = stacked
+        self.clearSpans()
+        self.setRowCount(len(self.rows) * (2 if stacked else 1))
         right = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
-        for r, row in enumerate(rows):
-            confidence = "" if row.mean_confidence is None else f"{row.mean_confidence:.2f}"
-            texts = (row.class_name, f"{row.tiles:,}", _hectares(row.hectares), f"{100 * row.share:.1f}", confidence)
-            for c, text in enumerate(texts):
+        for index, row in enumerate(self.rows):
+            texts = self.texts(row)
+            r = 2 * index if stacked else index
+            name = QTableWidgetItem(texts[0])
+            name.setToolTip(texts[0])
+            self.setItem(r, 0, name)
+            if stacked:
+                self.setSpan(r, 0, 1, len(self.HEADERS))
+                r += 1
+                self.setItem(r, 0, QTableWidgetItem(""))
+            for c, text in enumerate(texts[1:], start=1):
                 item = QTableWidgetItem(text)
-                if c:
-                    item.setTextAlignment(right)
-                else:
-                    item.setToolTip(text)
+                item.setTextAlignment(right)
                 self.setItem(r, c, item)
-        self._fit_numbers()
+        for column, width in enumerate(self._number_widths(), start=1):
+            self.setColumnWidth(column, width)
         self.resizeRowsToContents()
-        height = self.horizontalHeader().height() + sum(self.rowHeight(r) for r in range(len(rows)))
+        height = self.horizontalHeader().height() + sum(self.rowHeight(r) for r in range(self.rowCount()))
         self.setFixedHeight(height + 2 * self.frameWidth())
 
-    def _fit_numbers(self) -> None:
-        """Number columns as wide as their widest text (the style's padding is generous); the
-        class column takes the rest."""
-        metrics = self.fontMetrics()
-        for column in range(1, self.columnCount()):
-            texts = [self.HEADERS[column]] + [self.item(r, column).text() for r in range(self.rowCount())]
-            self.setColumnWidth(column, max(metrics.horizontalAdvance(t) for t in texts) + 6)
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        if self.rows and self._needs_stacking() != self.stacked:
+            self._fill(not self.stacked)
 
     def cell_texts(self) -> list[list[str]]:
-        """The shown table, row by row (what the tests and screenshots read)."""
-        return [[self.item(r, c).text() for c in range(self.columnCount())] for r in range(self.rowCount())]
+        """The shown cells, one list per class (what the tests read)."""
+        step = 2 if self.stacked else 1
+        return [[self.item(r, 0).text()] + [self.item(r + step - 1, c).text() for c in range(1, self.columnCount())]
+                for r in range(0, self.rowCount(), step)]
 
 
 def _hectares(value: float) -> str:

@@ -299,3 +299,21 @@ def test_a_review_while_the_user_edits_the_layer_stays_in_the_edits(panel, tiles
     assert all(r["reviewed_class"] is None for r in _fresh(tiles).values())  # not saved behind the user's back
     assert layer.commitChanges()
     assert sum(r["reviewed_class"] is not None for r in _fresh(tiles).values()) == 1
+
+
+def test_the_area_table_puts_long_class_names_on_their_own_line_in_a_narrow_dock(qgis_app):
+    from asymkd_qgis.widgets import AreaTable
+    rows = [layers.ClassArea(0, "HerbaceousVegetation", 10, 410.0, 0.5, 0.38, 3),
+            layers.ClassArea(1, "Forest", 10, 410.0, 0.5, 0.62, 0)]
+    table = AreaTable()
+    table.set_rows(rows)
+    expected = [["HerbaceousVegetation", "10", "410", "50.0", "0.38"], ["Forest", "10", "410", "50.0", "0.62"]]
+    for width, stacked in ((600, False), (250, True), (600, False)):
+        table.resize(width, table.height())
+        table.show()
+        qgis_app.processEvents()
+        assert table.stacked is stacked and table.rowCount() == (4 if stacked else 2)
+        assert table.cell_texts() == expected
+        assert table.height() >= table.horizontalHeader().height() + sum(
+            table.rowHeight(r) for r in range(table.rowCount()))  # every line shown
+    table.close()
