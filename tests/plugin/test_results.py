@@ -33,3 +33,10 @@ def test_step_results_from_run_files(tmp_path):
                           "baseline validation accuracy": 0.7, "baseline validation macro-F1": 0.6}
     assert shown.links == {"Open the report (report.html)": str(run.report)} and shown.image is None
     assert results.matcher_results(run).rows == {}  # nothing written yet: nothing shown
+
+
+def test_classify_results_name_the_device_briefly():
+    shown = results.classify_results({"classify": {"tiles_classified": 4, "provider": "CUDAExecutionProvider"}},
+                                     "scene", 4, "/data/scene.gpkg")
+    assert shown.rows == {"tiles classified": 4, "device": "CUDA"}
+    assert shown.links == {"Open scene.gpkg": "/data/scene.gpkg"}
