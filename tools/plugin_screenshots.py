@@ -134,13 +134,24 @@ def run_loop(app, dock, layer: dict, run_dir: Path, epochs: int) -> None:
         print(f"a step failed: {dock.notifier.last.text if dock.notifier.last else ''}", file=sys.stderr)
 
 
-def step_screenshots(app, dock, out: Path) -> None:
-    from asymkd_qgis.dock import DOCK_WIDTH, STEPS
-    dock.setFloating(True)
+def grab_whole_dock(app, dock, path: Path) -> None:
+    """The floating dock at the default width, tall enough to show its whole form (no part
+    scrolled out of the picture)."""
+    from asymkd_qgis.dock import DOCK_WIDTH
     dock.resize(DOCK_WIDTH, 1250)
+    for _ in range(5):
+        app.processEvents()
+    body = dock.widget().widget()  # the scroll area's form
+    dock.resize(DOCK_WIDTH, max(1250, body.heightForWidth(body.width()), body.sizeHint().height()) + 40)
+    save_grab(app, dock, path)
+
+
+def step_screenshots(app, dock, out: Path) -> None:
+    from asymkd_qgis.dock import STEPS
+    dock.setFloating(True)
     for index, step in enumerate(STEPS):
         dock.show_step(step)
-        save_grab(app, dock, out / f"dock-{index + 1}-{step}.png")
+        grab_whole_dock(app, dock, out / f"dock-{index + 1}-{step}.png")
     dock.setFloating(False)
 
 
@@ -195,8 +206,7 @@ def review_screenshots(app, out: Path, gpkg: Path, scene) -> None:
     dock.show_classified(gpkg)
     dock.show_step("classify")
     dock.setFloating(True)
-    dock.resize(DOCK_WIDTH, 1250)
-    save_grab(app, dock, out / "dock-6-areas.png")
+    grab_whole_dock(app, dock, out / "dock-6-areas.png")
     dock.hide()
     render_map([tiles, scene], tiles.extent(), out / "map-uncertain.png", legend_layer=tiles)
     print(out / "map-uncertain.png")
