@@ -22,6 +22,7 @@ import test_classify as tc
 from asymkd import choices, cli
 from asymkd.classify import classify, stats, style
 from asymkd.classify.writer import TILE_FIELDS, fields_markdown, tile_fields
+from asymkd.commands.choices import choices_report
 from asymkd.errors import ConfigError
 from asymkd.events import Events
 
@@ -142,6 +143,7 @@ def test_cli_uncertainty_flags(model, scene, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["classify", str(model[0]), str(src), "--out", str(out), "--uncertain-by", "variance"])
     assert list(choices.UNCERTAINTY_MEASURES) == list(stats._UNCERTAIN)  # one set of names
+    assert choices_report()["classify"]["uncertain_by"] == choices.UNCERTAINTY_MEASURES  # for the plugin's form
 
 
 def test_style_fades_and_hatches_uncertain_tiles_in_their_class_colour(model, scene, tmp_path):
