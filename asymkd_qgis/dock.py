@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from qgis.core import QgsMapLayerProxyModel, QgsRasterLayer, QgsRectangle
+from qgis.core import QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
@@ -738,9 +738,10 @@ class AsymKDDock(QDockWidget):
         self.panels["classify"].show_areas(rows, note)
 
     def open_review(self, layer=None) -> ReviewPanel | None:
-        """The review panel for `layer`, the active layer or the last classified one."""
+        """The review panel for `layer`, the active layer, the last classified one or any tile
+        layer of the project."""
         candidates = [layer, self.iface.activeLayer() if self.iface is not None else None,
-                      *reversed(self.loaded_layers)]
+                      *reversed(self.loaded_layers), *QgsProject.instance().mapLayers().values()]
         target = next((c for c in candidates if review.is_tile_layer(c)), None)
         if target is None:
             self.panels["classify"].set_status("No AsymKD tile layer to review: classify a raster first, or "

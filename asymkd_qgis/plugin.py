@@ -55,6 +55,8 @@ class AsymKDPlugin:
                      lambda _checked=False: self.create_environment_from_folder())
         self._action(QIcon(paths.icon_path("diagnostics.svg")), "Diagnostics...",
                      lambda _checked=False: self.show_diagnostics())
+        self._action(QIcon(paths.icon_path()), "Review uncertain tiles...",
+                     lambda _checked=False: self.review_uncertain())
 
     def _action(self, icon: QIcon, text: str, slot, toolbar: bool = False, checkable: bool = False) -> QAction:
         action = QAction(icon, text, self.iface.mainWindow())
@@ -66,6 +68,16 @@ class AsymKDPlugin:
             self.iface.addToolBarIcon(action)
         self.actions.append(action)
         return action
+
+    def review_uncertain(self):
+        """The review panel for the active (or last classified) AsymKD tile layer."""
+        if self.dock is None:
+            return None
+        panel = self.dock.open_review()
+        if panel is None:
+            self.notifier.warning("AsymKD", "No AsymKD tile layer to review: classify a raster first, or load "
+                                  "a classified GeoPackage and select its tile layer in the Layers panel.")
+        return panel
 
     def toggle_dock(self, checked: bool | None = None) -> None:
         if self.dock is None:

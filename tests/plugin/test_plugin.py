@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import configparser
 
-from qgis.core import QgsApplication
+from qgis.core import QgsApplication, QgsProject, QgsVectorLayer
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QCoreApplication, QEvent
 from qgis.PyQt.QtWidgets import QAction, QDockWidget
 
+import mapdata
 from conftest import REPO
 
 ALGORITHMS = {"teacher": "Train teacher", "matcher": "Train matcher and pair", "distill": "Distill student",
@@ -22,18 +23,22 @@ def _flush_deletes() -> None:
 
 def _ours(main_window):
     actions = [a for a in main_window.findChildren(QAction) if a.objectName().startswith("asymkd_")]
-    docks = [d for d in main_window.findChildren(QDockWidget) if d.objectName() == "AsymKDDock"]
+    docks = [d for d in main_window.findChildren(QDockWidget) if d.objectName() in ("AsymKDDock", "AsymKDReviewDock")]
     return actions, docks
 
 
-def test_classfactory_load_and_unload_leave_nothing(qgis_iface, qgis_new_project):
+def test_classfactory_load_and_unload_leave_nothing(qgis_iface, qgis_new_project, tmp_path):
     import asymkd_qgis
     registry = QgsApplication.processingRegistry()
     plugin = asymkd_qgis.classFactory(qgis_iface)
     plugin.initGui()
     actions, docks = _ours(qgis_iface.mainWindow())
-    assert len(actions) == 4 and len(docks) == 1
+    assert len(actions) == 5 and len(docks) == 1
     assert registry.providerById("asymkd") is not None
+    tiles = QgsVectorLayer(str(mapdata.write_tiles(tmp_path / "tiles.gpkg")) + "|layername=tiles", "tiles", "ogr")
+    QgsProject.instance().addMapLayer(tiles)
+    review = plugin.review_uncertain()  # the review panel is docked too, and goes with the plugin
+    assert review is not None and review.layer() is tiles and len(_ours(qgis_iface.mainWindow())[1]) == 2
     dock, kept_actions = plugin.dock, list(plugin.actions)
 
     plugin.unload()
@@ -41,7 +46,7 @@ def test_classfactory_load_and_unload_leave_nothing(qgis_iface, qgis_new_project
     actions, docks = _ours(qgis_iface.mainWindow())
     assert actions == [] and docks == []
     assert registry.providerById("asymkd") is None
-    assert sip.isdeleted(dock)
+    assert sip.isdeleted(dock) and sip.isdeleted(review)
     assert all(sip.isdeleted(a) for a in kept_actions)
     assert plugin.actions == [] and plugin.dock is None and plugin.provider is None
 
