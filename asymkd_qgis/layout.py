@@ -15,6 +15,7 @@ CONFIG = "config.yaml"
 EVENTS = "events.jsonl"
 REPORT = "report.html"
 STUDENT_ONNX = "student.onnx"
+CLASSIFIED = "classified"
 
 TEACHER = "teacher"
 MATCHER = "matcher"
@@ -28,13 +29,17 @@ META = "meta.json"
 WEIGHTS = "model.safetensors"
 PAIRS_FILE = "pairs.npz"
 CONFUSION = "confusion.png"
+CHECKPOINT = "checkpoint.pt"
+EVAL = "eval"
+SOFT_LABELS = "soft_labels.npy"
+MS_INDEX = "ms_index.json"
+FOLDS = "folds.npz"
+CHIPS_MANIFEST = "chips.json"
 
 # -- the plugin's own part ----------------------------------------------------------------
 DATA = "data"
 MS_CHIPS, RGB_PAIRED_CHIPS, RGB_CHIPS, RGB_TEST_CHIPS = "ms", "rgb_paired", "rgb", "rgb_test"
 EXPORTS = "exports"
-CLASSIFIED = "classified"
-CHIPS_MANIFEST = "chips.json"
 
 
 @dataclass

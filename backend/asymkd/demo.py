@@ -45,7 +45,7 @@ def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path
                        check_data=test.images[:128] if test is not None else None, events=events).path
     world = json.loads((run_dir / "world" / "world.json").read_text())
     scene = run_dir / "world" / world["paths"]["rgb_test_scene"]  # relative to the world folder
-    out = run_dir / "classified" / "rgb_test_tiles.gpkg"
+    out = run_dir / layout.CLASSIFIED / "rgb_test_tiles.gpkg"
     out.parent.mkdir(exist_ok=True)
     result = classify(onnx, scene, out, overwrite=True, events=events)
     return {"onnx": onnx, "gpkg": result.gpkg, "qml": result.qml}

@@ -14,6 +14,7 @@ CONFIG = "config.yaml"
 EVENTS = "events.jsonl"
 REPORT = "report.html"
 STUDENT_ONNX = "student.onnx"
+CLASSIFIED = "classified"  # classified layers of the run's data
 
 # one folder per step
 TEACHER = "teacher"
@@ -29,6 +30,14 @@ META = "meta.json"
 WEIGHTS = "model.safetensors"
 PAIRS_FILE = "pairs.npz"
 CONFUSION = "confusion.png"
+CHECKPOINT = "checkpoint.pt"  # while a step trains; removed once it has finished
+EVAL = "eval"  # `asymkd evaluate` results inside a model folder, one folder per data set
+# the teacher's folder: its out-of-fold soft labels and the MS samples they belong to
+SOFT_LABELS = "soft_labels.npy"
+MS_INDEX = "ms_index.json"
+FOLDS = "folds.npz"
+# a folder of chips cut from a map (`asymkd chips`)
+CHIPS_MANIFEST = "chips.json"
 
 
 @dataclass(frozen=True)

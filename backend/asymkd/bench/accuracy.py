@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..config import merge, parse_set
 from ..events import Events
+from ..layout import RunFolder
 
 # name -> config overrides of the distilled student, each adding one part of the method
 ABLATION: dict[str, dict[str, Any]] = {
@@ -70,14 +72,14 @@ class _Bench:
 
     def shared(self) -> dict[str, Any]:
         from ..pipeline import resolve_config, step_matcher, step_teacher
-        shared = self.out / "shared"
-        cfg = resolve_config(shared, None, merge(self.base, self.user))
-        if not (shared / "teacher" / "metrics.json").is_file():
-            step_teacher(cfg, shared, self.events)
-        if not (shared / "matcher" / "metrics.json").is_file():
-            step_matcher(cfg, shared, self.events)
-        teacher = json.loads((shared / "teacher" / "metrics.json").read_text())["summary"]
-        matcher = json.loads((shared / "matcher" / "metrics.json").read_text())["summary"]
+        shared = RunFolder(self.out / "shared")
+        cfg = resolve_config(shared.root, None, merge(self.base, self.user))
+        if not shared.metrics(layout.TEACHER).is_file():
+            step_teacher(cfg, shared.root, self.events)
+        if not shared.metrics(layout.MATCHER).is_file():
+            step_matcher(cfg, shared.root, self.events)
+        teacher = json.loads(shared.metrics(layout.TEACHER).read_text())["summary"]
+        matcher = json.loads(shared.metrics(layout.MATCHER).read_text())["summary"]
         print(f"teacher: out-of-fold accuracy on {teacher['ms_samples']} MS patches "
               f"{teacher['out_of_fold_accuracy']:.3f}; matcher top-1 retrieval {matcher['retrieval_top1']:.3f}, "
               f"same class {matcher['retrieval_same_class']:.3f} ({self.elapsed()})", flush=True)
@@ -91,7 +93,7 @@ class _Bench:
         from ..pipeline import resolve_config, step_distill, step_pair
         run_dir = self.out / name / f"labels{count}-seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        for step in ("teacher", "matcher"):
+        for step in (layout.TEACHER, layout.MATCHER):
             link = run_dir / step
             if not link.exists():
                 link.symlink_to((self.out / "shared" / step).resolve())
@@ -99,11 +101,12 @@ class _Bench:
                                                           "rgb_rest_unlabeled": self.unlabeled},
                                    "distill": {"baseline": baseline}})
         cfg = resolve_config(run_dir, None, merge(merge(values, variant), self.user))
-        if not (run_dir / "student" / "metrics.json").is_file():
+        run = RunFolder(run_dir)
+        if not run.metrics(layout.STUDENT).is_file():
             step_pair(cfg, run_dir, self.events)
         step_distill(cfg, run_dir, self.events, skip_done=True)
-        names = ("student", "baseline") if baseline else ("student",)
-        return {n: json.loads((run_dir / n / "metrics.json").read_text())["test"] for n in names}
+        names = (layout.STUDENT, layout.BASELINE) if baseline else (layout.STUDENT,)
+        return {n: json.loads(run.metrics(n).read_text())["test"] for n in names}
 
 
 def _record(results: dict[str, dict[str, list[float]]], key: str, test: dict[str, Any]) -> None:
@@ -119,7 +122,7 @@ def _main_table(bench: _Bench, counts: list[int], args) -> dict[str, dict[str, l
             tests = bench.run("main", count, seed, {}, baseline=True)
             for name, test in tests.items():
                 _record(results, f"{count}/{name}", test)
-            b, s = tests["baseline"]["overall_accuracy"], tests["student"]["overall_accuracy"]
+            b, s = tests[layout.BASELINE]["overall_accuracy"], tests[layout.STUDENT]["overall_accuracy"]
             print(f"labels {count} seed {seed}: baseline OA {b:.4f}  distilled OA {s:.4f}  "
                   f"gain {100 * (s - b):+.1f} points ({bench.elapsed()})", flush=True)
     what = "labeled + the rest of rgb_train unlabeled" if args.unlabeled else "labeled only"
@@ -138,10 +141,10 @@ def _main_table(bench: _Bench, counts: list[int], args) -> dict[str, dict[str, l
 def _ablation_table(bench: _Bench, count: int, seeds: int) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
     for seed in range(seeds):
-        _record(results, "GT only (baseline)", bench.run("main", count, seed, {}, baseline=True)["baseline"])
+        _record(results, "GT only (baseline)", bench.run("main", count, seed, {}, baseline=True)[layout.BASELINE])
         for i, (name, variant) in enumerate(ABLATION.items()):
             folder = "main" if not variant else f"ablation{i}"
-            _record(results, name, bench.run(folder, count, seed, variant, baseline=folder == "main")["student"])
+            _record(results, name, bench.run(folder, count, seed, variant, baseline=folder == "main")[layout.STUDENT])
         print(f"ablation seed {seed} done ({bench.elapsed()})", flush=True)
     print(f"\nAblation at {count} RGB labels, RGB test set (%), mean ± sd over {seeds} seeds")
     print(f"{'variant':<44} {'OA':>13} {'macro-F1':>13}")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .. import layout
 from ..errors import ConfigError
 from ..events import Events
 from ..layout import RunFolder
@@ -163,8 +164,8 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                    {"backbone": args.teacher, "class_names": ms.class_names, "band_names": ms.band_names,
                     "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})
         soft = rng.dirichlet(np.ones(k), n_ms).astype(np.float32)
-        np.save(teacher / "soft_labels.npy", soft)
-        (teacher / "ms_index.json").write_text(json.dumps({"stems": ms.stems, "labels": ms.labels.tolist()}))
+        np.save(teacher / layout.SOFT_LABELS, soft)
+        (teacher / layout.MS_INDEX).write_text(json.dumps({"stems": ms.stems, "labels": ms.labels.tolist()}))
         pairs = np.array([rng.choice(np.flatnonzero(ms.labels == c)) for c in labels])
         seconds = {}
         for name, baseline in (("plain", True), ("distill", False)):

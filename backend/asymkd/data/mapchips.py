@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
+from .. import layout
 from ..errors import ConfigError, DataError
 from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_write_text, check_raster, remove_stale, staged_dir
 from ..models.metadata import control_chars
 from .bands import parse_band_names
 
-MANIFEST = "chips.json"
 _POLYGONS = {"Polygon", "MultiPolygon"}
 _POINTS = {"Point", "MultiPoint"}
 
@@ -375,7 +375,7 @@ def point_chips(labels: Labels, transform, width: int, height: int, size: int) -
 # -- output folders ------------------------------------------------------------------------
 def _check_out(out: Path) -> None:
     remove_stale(out)  # what a killed run left beside it
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / layout.CHIPS_MANIFEST).is_file())):
         raise DataError(f"{out} exists and is not a chip folder written before",
                         "choose a new or empty output folder")
 
@@ -551,5 +551,5 @@ def _write_manifest(folder: Path, raster, labels, cfg: ChipConfig, view: GridVie
         "chips": [{"stem": c.stem, "class": c.class_name, "col_off": c.col_off, "row_off": c.row_off}
                   for c in chips],
     }
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(folder / layout.CHIPS_MANIFEST, json.dumps(manifest, indent=1) + "\n")
 

@@ -15,15 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelFileError
 from ..fileio import atomic_write_text, temp_path
+from ..layout import META, WEIGHTS
 from .backbones import SceneClassifier
 from .metadata import validate_meta
 
 __all__ = ["WEIGHTS", "META", "atomic_write_text", "save_state", "save_model", "read_meta", "load_model",
            "check_bands"]
 
-WEIGHTS = "model.safetensors"
 CLASSIFIER_KINDS = ("student", "teacher")  # `kind` in meta.json; a matcher folder says "matcher"
-META = "meta.json"
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:

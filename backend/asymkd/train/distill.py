@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .. import layout
 from ..config import RunConfig
 from ..data.patches import PatchSet
 from ..errors import DataError
@@ -53,7 +54,7 @@ class TeacherCache:
 def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bool) -> TeacherCache:
     model, meta = load_model(teacher_dir, device)
     check_bands(meta, ms.num_bands, "the MS dataset")
-    index = json.loads((Path(teacher_dir) / "ms_index.json").read_text())
+    index = json.loads((Path(teacher_dir) / layout.MS_INDEX).read_text())
     if index["stems"] != [ms.stems[i] for i in np.flatnonzero(ms.labeled)]:
         raise DataError(f"the MS set differs from the one the teacher in {teacher_dir} was trained on",
                         "train the teacher again on this MS folder (asymkd teacher)")
@@ -62,7 +63,7 @@ def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bo
     with torch.no_grad():
         feats = torch.cat([model.forward_features(xb.to(device)).float()
                            for xb in common.iterate_eval(x, 256)])
-    soft = torch.as_tensor(np.load(Path(teacher_dir) / "soft_labels.npy"), dtype=torch.float32)
+    soft = torch.as_tensor(np.load(Path(teacher_dir) / layout.SOFT_LABELS), dtype=torch.float32)
     labels = torch.as_tensor(ms.labels)
     agree = soft.argmax(1) == labels
     return TeacherCache(features=feats, soft=soft.to(device), labels=labels,
@@ -253,7 +254,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
         distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
     task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence, rgb.labels)
     epochs = auto_epochs(dc, len(data.train_index))
-    checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
+    checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
     settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
                                  dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
                                  fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline})
@@ -272,7 +273,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
                         for s in ("val", "test") if s in metrics}}
     save_model(out_dir, task.model, meta)
-    write_metrics_json(out_dir / "metrics.json", metrics)
+    write_metrics_json(out_dir / layout.METRICS, metrics)
     checkpoint.remove()
     events.metrics(metrics["step"], {**metrics["summary"], **meta["metrics"]})
     return metrics
@@ -304,6 +305,6 @@ def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_
     if rgb_test is not None:
         pred = predict_probs(student, rgb_test.images, mean, std).argmax(1)
         metrics["test"] = classification_metrics(rgb_test.labels, pred, rgb.class_names)
-        save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / "confusion.png",
+        save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / layout.CONFUSION,
                            f"{step}: test OA {metrics['test']['overall_accuracy']:.3f}")
     return metrics

@@ -21,16 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import layout
 from ..data.patches import PatchSet, load_folder
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events, jsonable
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..models.files import check_bands, load_model
 from .common import batch_probs, normalize, resolve_device
-
-METRICS_FILE = "metrics.json"
-CONFUSION_FILE = "confusion.png"
-
 
 # -- preprocessing and prediction -----------------------------------------------------
 
@@ -284,7 +281,7 @@ def evaluate_patches(model: nn.Module, meta: dict[str, Any], data: PatchSet,
 
 def default_out_dir(model_dir: str | Path, data_dir: str | Path) -> Path:
     """Where `evaluate` writes when no --out is given: MODEL/eval/<data folder name>."""
-    return Path(model_dir) / "eval" / (Path(data_dir).resolve().name or "data")
+    return Path(model_dir) / layout.EVAL / (Path(data_dir).resolve().name or "data")
 
 
 def _model_modality(meta: dict[str, Any]) -> str:
@@ -336,12 +333,12 @@ def evaluate_model_folder(model_dir: str | Path, data_dir: str | Path, out_dir: 
                    f"{' with 8-view TTA' if tta else ''} ({device})")
         metrics, _ = evaluate_patches(model, meta, data, device=device, batch_size=batch_size,
                                       tta=tta, events=events)
-        metrics_path = write_metrics_json(out / METRICS_FILE, {
+        metrics_path = write_metrics_json(out / layout.METRICS, {
             "step": "evaluate", "model": str(Path(model_dir).resolve()),
             "data": str(Path(data_dir).resolve()), "tta": bool(tta), "test": metrics})
         title = f"{Path(model_dir).name} on {Path(data_dir).name}: OA {100 * metrics['overall_accuracy']:.1f}%"
         confusion_path = save_confusion_png(metrics["confusion"], metrics["class_names"],
-                                            out / CONFUSION_FILE, title)
+                                            out / layout.CONFUSION, title)
         events.metrics("evaluate", {k: metrics[k] for k in ("n", "overall_accuracy", "macro_f1")}
                        | {"per_class": metrics["per_class"]})
         events.result("evaluate", metrics=metrics_path, confusion=confusion_path)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import layout
 from ..config import RunConfig
 from ..data.bands import true_colour_indices
 from ..data.patches import PatchSet, match_pairs
@@ -129,7 +130,7 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     gen = common.generator(cfg.seed + 7)  # seeds torch before the network is built: reproducible
     model = common.prepare_model(Matcher(mc.backbone_ms, mc.backbone_rgb, ms.num_bands, mc.embed_dim), device)
     task = ContrastiveTask(model, x_ms, x_rgb, labels, mc.temperature, device)
-    checkpoint = common.Checkpoint(out_dir / "checkpoint.pt")
+    checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
     settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4, checkpoint, resume=resume,
                                  fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source})
     history = loop.fit(task, len(x_ms), settings, gen, events)
@@ -145,10 +146,10 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     meta = {"kind": "matcher", "ms_backbone": mc.backbone_ms, "rgb_backbone": mc.backbone_rgb, "ms_chans": ms.num_bands,
             "embed_dim": mc.embed_dim, "ms_mean": ms_mean, "ms_std": ms_std, "rgb_mean": rgb_mean,
             "rgb_std": rgb_std, "band_names": ms.band_names, "summary": summary}
-    save_state(out_dir / "model.safetensors", model.cpu().state_dict())
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+    save_state(out_dir / layout.WEIGHTS, model.cpu().state_dict())
+    atomic_write_text(out_dir / layout.META, json.dumps(meta, indent=2))
     metrics = {"step": "matcher", "history": history, "summary": summary}
-    write_metrics_json(out_dir / "metrics.json", metrics)
+    write_metrics_json(out_dir / layout.METRICS, metrics)
     checkpoint.remove()
     events.metrics("matcher", summary)
     return metrics
@@ -163,9 +164,9 @@ def embed(encoder: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 def load_matcher(folder: Path) -> tuple[Matcher, dict]:
     from safetensors.torch import load_file
     folder = Path(folder)
-    if not (folder / "meta.json").is_file():
+    if not (folder / layout.META).is_file():
         raise ModelFileError(f"{folder} holds no trained matcher", "run `asymkd matcher` first")
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / layout.META).read_text())
     model = Matcher(meta["ms_backbone"], meta["rgb_backbone"], meta["ms_chans"], meta["embed_dim"])
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(load_file(str(folder / layout.WEIGHTS)))
     return model.eval(), meta
