@@ -106,8 +106,9 @@ def bench_report(data: Path, run_dir: Path, args: argparse.Namespace, finished, 
                                              "distill": args.distill_epochs}, "settings": args.settings,
               "finished_after_s": {step: round(seconds, 1) for step, _, seconds in finished},
               "tiles": tiles.featureCount(), **tile_accuracy(tiles, labels)}
-    for name in ("student", "baseline"):
-        metrics_file = run_dir / name / "metrics.json"
+    from asymkd_qgis import layout
+    for name in (layout.STUDENT, layout.BASELINE):
+        metrics_file = layout.RunLayout(run_dir).metrics(name)
         if metrics_file.is_file():
             test = json.loads(metrics_file.read_text()).get("test") or {}
             report[f"{name}_chip_test_accuracy"] = test.get("overall_accuracy")
