@@ -185,6 +185,7 @@ class AsymKDDock(QDockWidget):
             combo.currentIndexChanged.connect(lambda *_: self.update_applicable())
         self.pair_raster.layerChanged.connect(lambda *_: self.update_applicable())
         self.uncertain_below.valueChanged.connect(lambda *_: self.update_applicable())
+        self.regions.toggled.connect(lambda *_: self.update_applicable())
 
     def update_applicable(self) -> None:
         """Rows that do not apply to the current choices are disabled (their values are kept)."""
@@ -199,6 +200,7 @@ class AsymKDDock(QDockWidget):
         self.chip_resolution.setEnabled(layer in sources)
         self.mask_layer.setEnabled(self.area.currentText() == "Selected polygons")
         self.uncertain_by.setEnabled(self.uncertain_below.value() > 0)
+        self.min_region.setEnabled(self.regions.isChecked())
         xyz = self.grid.currentIndex() == 1
         for widget in (self.tile, self.stride):
             widget.setEnabled(not xyz)
@@ -391,6 +393,13 @@ class AsymKDDock(QDockWidget):
         self.uncertain_by = QComboBox()
         self._refill(self.uncertain_by, steps.UNCERTAINTY_MEASURES, None)
         self.persist.bind("classify/uncertain_by", self.uncertain_by)
+        self.regions = self.persist.bind("classify/regions", QCheckBox("Merge tiles into regions"))
+        self.regions.setToolTip("Also write the layer 'regions': neighbouring tiles of a class dissolved into "
+                                "polygons with their area")
+        self.min_region = self.persist.bind("classify/min_region_ha", _dspin(0.0, 1e6, 0.0, 2, 1.0))
+        self.min_region.setSpecialValueText("default")
+        self.min_region.setSuffix(" ha")
+        self.min_region.setToolTip("Drop regions smaller than this")
         self._grid_labels: dict[QLabel, QWidget] = {}
         form.addRow("Raster layer", self.classify_layer)
         form.addRow("Bands", self.classify_bands)
@@ -407,6 +416,8 @@ class AsymKDDock(QDockWidget):
         # short labels: the form's label column must stay narrow at the default dock width
         form.addRow("Uncertainty", self.uncertain_below)
         form.addRow("Measured by", self.uncertain_by)
+        form.addRow(self.regions)
+        form.addRow("Smallest region", self.min_region)
 
     def _settings_edit(self, key: str, placeholder: str) -> QLineEdit:
         edit = self.persist.bind(key, QLineEdit())
@@ -578,7 +589,8 @@ class AsymKDDock(QDockWidget):
         options = steps.ClassifyOptions(bands=self.classify_bands.text().strip(), batch_size=self.batch_size.value(),
                                         device=self.classify_device.currentText(),
                                         uncertain_below=self.uncertain_below.value(),
-                                        uncertain_by=self.uncertain_by.currentData() or "")
+                                        uncertain_by=self.uncertain_by.currentData() or "",
+                                        regions=self.regions.isChecked(), min_region_ha=self.min_region.value())
         if self.grid.currentIndex() == 1:
             options.xyz_zoom = self.zoom.value()
         else:

@@ -300,12 +300,19 @@ class ClassifyOptions:
     overwrite: bool = True
     uncertain_below: float = 0.0  # mark tiles whose certainty is below this as uncertain; 0: none
     uncertain_by: str = ""        # the certainty measure; empty: the engine's default
+    regions: bool = False         # also dissolve neighbouring tiles of a class into regions
+    min_region_ha: float = 0.0    # with regions: drop smaller ones; 0: the engine's default
 
-    def uncertainty_args(self) -> list[str]:
-        if not self.uncertain_below > 0:
-            return []
-        by = ["--uncertain-by", self.uncertain_by] if self.uncertain_by else []
-        return ["--uncertain-below", f"{float(self.uncertain_below):g}", *by]
+    def output_args(self) -> list[str]:
+        """The flags of the optional outputs: uncertain tiles and merged regions."""
+        args: list[str] = []
+        if self.uncertain_below > 0:
+            args += ["--uncertain-below", f"{float(self.uncertain_below):g}"]
+            args += ["--uncertain-by", self.uncertain_by] if self.uncertain_by else []
+        if self.regions:
+            args.append("--regions")
+            args += ["--min-region-ha", f"{float(self.min_region_ha):g}"] if self.min_region_ha > 0 else []
+        return args
 
 
 def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptions) -> EngineCommand:
@@ -330,7 +337,7 @@ def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptio
         args += ["--batch-size", str(int(options.batch_size))]
     if options.device and options.device != "auto":
         args += ["--device", options.device]
-    args += options.uncertainty_args()
+    args += options.output_args()
     if options.overwrite:
         args.append("--overwrite")
     return EngineCommand(args, "classifying tiles", weight=2.0)

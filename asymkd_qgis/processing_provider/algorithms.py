@@ -497,6 +497,10 @@ class ClassifyTiles(EngineAlgorithm):
                                                        maxValue=1.0))
         self.addParameter(QgsProcessingParameterEnum("UNCERTAIN_BY", "Certainty measure",
                                                      list(steps.UNCERTAINTY_MEASURES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterBoolean("REGIONS", "Also merge tiles into regions (layer 'regions')",
+                                                        False))
+        self.addParameter(QgsProcessingParameterNumber("MIN_REGION_HA", "Smallest region in hectares (0 = default)",
+                                                       QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
                                                                   QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
@@ -515,7 +519,9 @@ class ClassifyTiles(EngineAlgorithm):
                                        device=_device(self, parameters, context),
                                        uncertain_below=self.parameterAsDouble(parameters, "UNCERTAIN_BELOW", context),
                                        uncertain_by=steps.UNCERTAINTY_MEASURES[
-                                           self.parameterAsEnum(parameters, "UNCERTAIN_BY", context)])
+                                           self.parameterAsEnum(parameters, "UNCERTAIN_BY", context)],
+                                       regions=self.parameterAsBool(parameters, "REGIONS", context),
+                                       min_region_ha=self.parameterAsDouble(parameters, "MIN_REGION_HA", context))
         if self.parameterAsEnum(parameters, "GRID", context) == 1:
             options.xyz_zoom = self.parameterAsInt(parameters, "ZOOM", context)
         else:

@@ -192,3 +192,13 @@ def test_the_certainty_measures_come_from_the_engine(dock):
     dock.apply_choices(choices.from_report(report))
     assert [dock.uncertain_by.itemData(i) for i in range(dock.uncertain_by.count())] == ["margin", "confidence"]
     assert dock.uncertain_by.itemData(0, Qt.ItemDataRole.ToolTipRole) == "best minus second"
+
+
+def test_classify_merges_regions_when_asked(classify_ready):
+    dock = classify_ready
+    assert "--regions" not in dock.prepare_classify().commands[-1].args and not dock.min_region.isEnabled()
+    dock.regions.setChecked(True)
+    args = dock.prepare_classify().commands[-1].args
+    assert "--regions" in args and "--min-region-ha" not in args  # the engine's default
+    dock.min_region.setValue(2.5)
+    assert _value(dock.prepare_classify().commands[-1].args, "--min-region-ha") == "2.5"

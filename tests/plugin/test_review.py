@@ -248,8 +248,8 @@ def _engine_marks_uncertain() -> None:
 
 def test_a_classification_from_the_dock_shows_its_areas_and_feeds_the_review(dock, real_engine, tiny_model, tmp_path,
                                                                               qgis_new_project):
-    """The real engine classifies from the dock with 'Uncertain below': the area table agrees
-    with the tile layer, and the review lists the tiles the engine marked."""
+    """The real engine classifies from the dock with 'Uncertainty' and regions: the area table
+    agrees with the tile layer, the regions are loaded, and the review lists the marked tiles."""
     _engine_marks_uncertain()
     scene = QgsRasterLayer(str(mapdata.write_raster(tmp_path / "scene.tif", 3, width=4 * MODEL_TILE,
                                                     height=3 * MODEL_TILE, seed=3)), "scene", "gdal")
@@ -259,6 +259,7 @@ def test_a_classification_from_the_dock_shows_its_areas_and_feeds_the_review(doc
     dock.model_file.setFilePath(str(tiny_model))
     dock.classify_layer.setLayer(scene)
     dock.uncertain_below.setValue(0.99)  # a fresh model is unsure of every tile
+    dock.regions.setChecked(True)
     finished = []
     dock.jobFinished.connect(lambda step, job: finished.append(job))
     assert dock.run_step("classify") is not None
@@ -270,6 +271,9 @@ def test_a_classification_from_the_dock_shows_its_areas_and_feeds_the_review(doc
         counts[feature["class_name"]] = counts.get(feature["class_name"], 0) + 1
     shown = {row[0]: int(row[1]) for row in dock.panels["classify"].areas.cell_texts()}
     assert {k: v for k, v in shown.items() if v} == counts and sum(counts.values()) == 12
+    [regions] = dock.region_layers
+    assert regions.isValid() and sum(f["tiles"] for f in regions.getFeatures()) == 12
+    assert regions.name() in dock.panels["classify"].areas_note.text()
     panel = dock.open_review()
     assert panel.layer() is tiles and panel.rule.currentText() == panel.MARKED
     assert len(panel.items) == 12
