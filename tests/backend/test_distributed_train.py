@@ -20,6 +20,7 @@ import operator
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -281,3 +282,20 @@ def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tmp_path):
     assert reports[0]["result"]["error"] == "RankFailure", reports[0]
     assert "rank 0: a collective operation failed" in reports[0]["result"]["message"]
     assert time.monotonic() - started < 100  # within the 1-minute collective timeout, not a hang
+
+
+def test_torchrun_teacher_command_speaks_and_writes_once(tmp_path, paired_run):
+    """The command line under torchrun itself: one event stream, one summary line, exit 0."""
+    run = tmp_path / "run"
+    shutil.copytree(paired_run, run)
+    env = {**os.environ, distributed.TIMEOUT_ENV: "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "--", "asymkd", "teacher", "--run", str(run), "--device", "cpu", "--events", "-"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [e for e in events if e["event"] == "step" and e["status"] == "started"]
+    assert len(started) == 1 and started[0]["step"] == "teacher"
+    assert sum(e["event"] == "metrics" for e in events) == 1
+    assert (run / "teacher" / "soft_labels.npy").is_file()
+    assert not list(run.rglob("checkpoint.pt")) and not list(run.rglob("folds.npz"))

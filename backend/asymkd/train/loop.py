@@ -71,6 +71,12 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return len(common.batches(n, batch_size, torch.Generator()))
 
 
+def check_ranks(n_samples: int, batch_size: int, step: str) -> None:
+    """Under torchrun: refuse (on every rank alike) a split that leaves a rank without samples."""
+    sizes = [len(b) for b in common.batches(n_samples, batch_size, torch.Generator())]
+    distributed.check_split(sizes, n_samples, step)
+
+
 def _resume(task: Task, settings: LoopSettings, state_modules: dict[str, Any], gen: torch.Generator,
             fingerprint: str, events: Events) -> tuple[int, list[dict[str, Any]]]:
     """The epoch to start at and the history so far: from the checkpoint when resuming (every
@@ -116,8 +122,7 @@ def fit(task: Task, n_samples: int, settings: LoopSettings, gen: torch.Generator
     total = settings.epochs * per_epoch
     task.shard = distributed.shard() if settings.data_parallel else distributed.Shard()
     if task.shard.world > 1:
-        sizes = [len(b) for b in common.batches(n_samples, settings.batch_size, torch.Generator())]
-        distributed.check_split(sizes, n_samples, settings.step)
+        check_ranks(n_samples, settings.batch_size, settings.step)
     params = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     opt, sched = common.optimizer_and_schedule(params, settings.lr, settings.weight_decay, total)
     state_modules: dict[str, Any] = {**task.modules, "opt": opt, "sched": sched}

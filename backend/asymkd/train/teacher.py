@@ -121,7 +121,8 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     device = common.resolve_device(cfg.device)
     labeled = np.flatnonzero(ms.labeled)
     ms = ms.subset(labeled)
-    distributed.check_split([], len(ms), "teacher")  # before any fold trains
+    if distributed.world() > 1:  # before any fold trains
+        loop.check_ranks(len(ms), cfg.teacher.batch_size, "teacher")
     mean, std = common.band_stats(ms.images)
     x = common.normalize(ms.images, mean, std)
     y = torch.as_tensor(ms.labels)
