@@ -58,7 +58,7 @@ class ClassifyOptions:
     workers: int | None = None                    # classify on a local Dask cluster of N worker processes
     scheduler: str | None = None                  # or on the workers of a running dask-scheduler (address)
     shard_tiles: int = 2048                       # tiles per shard (whole tile rows) on a cluster
-    connect_timeout: float = 10.0                 # seconds to reach --scheduler before giving up
+    connect_timeout: float = 5.0                  # seconds to reach --scheduler before giving up
     uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
     uncertain_by: str = "confidence"              # certainty measure (choices.UNCERTAINTY_MEASURES)
     regions: bool = False                         # also dissolve tiles of a class into the `regions` layer
@@ -118,7 +118,7 @@ class ClassifyOptions:
         if self.shard_tiles < 1:
             raise ConfigError(f"shard size {self.shard_tiles} tiles must be at least 1", "e.g. shard_tiles=2048")
         if not self.connect_timeout > 0:
-            raise ConfigError(f"connect timeout {self.connect_timeout} s must be positive", "e.g. 10")
+            raise ConfigError(f"connect timeout {self.connect_timeout} s must be positive", "e.g. 5")
 
     def uncertainty(self) -> Uncertainty:
         from .stats import Uncertainty
