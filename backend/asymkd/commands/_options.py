@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import merge, parse_set
 
@@ -74,3 +74,16 @@ def overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]
             node = node.setdefault(part, {})
         node[leaf] = value
     return merge(out, parse_set(args.set))
+
+
+def run_step(args: argparse.Namespace, events: Any, flags: dict[str, str], step: Callable[..., Any]) -> Any:
+    """Run one pipeline step with the config of the run folder, the file and the flags. Under
+    torchrun the ranks train data-parallel and rank 0 alone writes the config; the step's
+    result on rank 0, None on the other ranks (which print nothing)."""
+    from ..pipeline import resolve_config
+    from ..train import distributed
+    with distributed.session():
+        main, events = distributed.is_main(), distributed.rank_events(events)
+        cfg = resolve_config(args.run, args.config, overrides(args, flags), write=main)
+        result = step(cfg, args.run, events, args.resume)
+    return result if main else None

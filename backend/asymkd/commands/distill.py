@@ -2,9 +2,8 @@ from __future__ import annotations
 
 from ..choices import DOMAIN_LOSSES, PSEUDO_MODES, SEMI_SUPERVISED
 from ..layout import RunFolder
-from ..pipeline import resolve_config, step_distill
-from ..train import distributed
-from ._options import add_data_options, add_run_options, overrides
+from ..pipeline import step_distill
+from ._options import add_data_options, add_run_options, run_step
 
 FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size": "distill.batch_size",
          "lr": "distill.lr", "repair_every": "distill.repair_every", "w_feat": "distill.w_feat",
@@ -42,11 +41,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    with distributed.session():  # under torchrun: data-parallel over the ranks
-        main, events = distributed.is_main(), distributed.rank_events(events)
-        cfg = resolve_config(args.run, args.config, overrides(args, FLAGS), write=main)
-        results = step_distill(cfg, args.run, events, args.resume)
-    if not main:
+    results = run_step(args, events, FLAGS, step_distill)
+    if results is None:  # a rank other than 0 under torchrun
         return 0
     for name, m in results.items():
         part = m.get("test") or m.get("val")

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 from ..choices import POSITIVES
-from ..pipeline import resolve_config, step_matcher
-from ..train import distributed
-from ._options import add_data_options, add_run_options, overrides
+from ..pipeline import step_matcher
+from ._options import add_data_options, add_run_options, run_step
 
 FLAGS = {"epochs": "matcher.epochs", "positives": "matcher.positives", "embed_dim": "matcher.embed_dim"}
 
@@ -18,11 +17,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    with distributed.session():  # under torchrun: data-parallel over the ranks
-        main, events = distributed.is_main(), distributed.rank_events(events)
-        cfg = resolve_config(args.run, args.config, overrides(args, FLAGS), write=main)
-        metrics = step_matcher(cfg, args.run, events, args.resume)
-    if not main:
+    metrics = run_step(args, events, FLAGS, step_matcher)
+    if metrics is None:  # a rank other than 0 under torchrun
         return 0
     s = metrics["summary"]
     print(f"matcher written to {args.run}/matcher ({s['positives']}, {s['pairs']} positives, "

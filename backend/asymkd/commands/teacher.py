@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from ..pipeline import resolve_config, step_teacher
-from ..train import distributed
-from ._options import add_data_options, add_run_options, overrides
+from ..pipeline import step_teacher
+from ._options import add_data_options, add_run_options, run_step
 
 FLAGS = {"backbone": "teacher.backbone", "epochs": "teacher.epochs", "batch_size": "teacher.batch_size",
          "lr": "teacher.lr", "folds": "teacher.folds", "weights": "teacher.weights",
@@ -26,11 +25,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    with distributed.session():  # under torchrun: data-parallel over the ranks
-        main, events = distributed.is_main(), distributed.rank_events(events)
-        cfg = resolve_config(args.run, args.config, overrides(args, FLAGS), write=main)
-        metrics = step_teacher(cfg, args.run, events, args.resume)
-    if not main:
+    metrics = run_step(args, events, FLAGS, step_teacher)
+    if metrics is None:  # a rank other than 0 under torchrun
         return 0
     acc = metrics["summary"].get("out_of_fold_accuracy")
     print(f"teacher written to {args.run}/teacher" + (f" (out-of-fold accuracy {acc:.3f})" if acc is not None else ""))
