@@ -78,7 +78,10 @@ def _polygonize(strip: np.ndarray, nodata: int, r0: int) -> list[tuple[Polygon, 
     valid = strip != nodata
     if not valid.any():
         return []
-    coords, ring_of, poly_of, values = [], [], [], []
+    coords: list[np.ndarray] = []
+    ring_of: list[int] = []       # vertices per ring
+    poly_of: list[int] = []       # region of each ring
+    values: list[int] = []        # class of each region
     for geojson, value in shapes(strip, mask=valid, connectivity=4, transform=Affine.translation(0, r0)):
         for ring in geojson["coordinates"]:  # a Polygon: the outline, then its holes
             coords.append(np.asarray(ring, np.float64))
