@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import layout
 from ..config import DistillConfig, RunConfig, TeacherConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
@@ -129,11 +130,11 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     k = len(ms.class_names)
     tc = cfg.teacher
     folds = common.kfold_indices(ms.labels, tc.folds, cfg.seed) if tc.folds >= 2 else []
-    fold_file = out_dir / "folds.npz"
+    fold_file = out_dir / layout.FOLDS
     soft = _fold_soft_labels(cfg, ms, x, y, folds, (mean, std), device, fold_file, events, resume)
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
-                         common.Checkpoint(out_dir / "checkpoint.pt"), resume, band_names=ms.band_names)
+                         common.Checkpoint(out_dir / layout.CHECKPOINT), resume, band_names=ms.band_names)
     if not distributed.is_main():  # rank 0 writes the teacher
         return {}
     if not folds:  # no folds: in-sample soft labels (memorised, weaker)
@@ -147,15 +148,15 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
             "input_size": tc.input_size, "weights_source": start_source(tc),
             "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
-    atomic_save_npy(out_dir / "soft_labels.npy", soft)
-    atomic_write_text(out_dir / "ms_index.json", json.dumps({"stems": ms.stems, "paths": ms.paths,
+    atomic_save_npy(out_dir / layout.SOFT_LABELS, soft)
+    atomic_write_text(out_dir / layout.MS_INDEX, json.dumps({"stems": ms.stems, "paths": ms.paths,
                                                             "labels": ms.labels.tolist()}))
     val = None
     if folds:
         val = classification_metrics(ms.labels, soft.argmax(1), ms.class_names)
     metrics = {"step": "teacher", "val": val, "history": fit.history, "summary": summary}
-    write_metrics_json(out_dir / "metrics.json", metrics)
-    common.Checkpoint(out_dir / "checkpoint.pt").remove()
+    write_metrics_json(out_dir / layout.METRICS, metrics)
+    common.Checkpoint(out_dir / layout.CHECKPOINT).remove()
     fold_file.unlink(missing_ok=True)
     events.metrics("teacher", summary)
     return metrics
