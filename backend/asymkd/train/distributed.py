@@ -127,12 +127,20 @@ def session() -> Iterator[None]:
                           "start every rank with the same torchrun rendezvous (--rdzv-endpoint, --nnodes)") from None
     try:
         yield
-    except RuntimeError as exc:  # torch's distributed errors (DistError and gloo's) are RuntimeErrors
+    except RuntimeError as exc:
+        if not _from_collective(exc):
+            raise
         raise RankFailure(f"rank {launch.rank}: a collective operation failed, another rank died or stopped "
                           f"answering: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                           f"see the other ranks' errors above; a slow step may need a longer {TIMEOUT_ENV}") from exc
     finally:
         dist.destroy_process_group()
+
+
+def _from_collective(exc: RuntimeError) -> bool:
+    """Whether an error comes from the process group (gloo raises plain RuntimeErrors)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "nccl", "c10d", "Timed out"))
 
 
 # -- the global batch ----------------------------------------------------------------

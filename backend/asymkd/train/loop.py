@@ -82,7 +82,10 @@ def _resume(task: Task, settings: LoopSettings, state_modules: dict[str, Any], g
     """The epoch to start at and the history so far: from the checkpoint when resuming (every
     rank loads rank 0's: the decision is rank 0's too)."""
     ckpt = settings.checkpoint
-    if ckpt is None or not settings.resume or not distributed.from_main(ckpt.exists()):
+    if ckpt is None or not settings.resume:
+        return 0, []
+    found = ckpt.exists() if task.shard.world == 1 else distributed.from_main(ckpt.exists())
+    if not found:
         return 0, []
     start, extra = ckpt.load(state_modules, gen, fingerprint)
     history = json.loads(extra.pop("history", "[]"))
