@@ -25,7 +25,7 @@ from . import __version__, layout
 from .errors import ConfigError, DataError, ModelFileError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_write_bytes, check_writable
-from .palette import class_color, resolve_colors
+from .palette import class_colors
 
 FORMAT_VERSION = 1
 META_KEY = "asymkd"
@@ -44,12 +44,6 @@ class ExportResult:
     metadata: dict[str, Any]
 
 
-def class_colors(meta: dict[str, Any]) -> list[str]:
-    """One '#rrggbb' per class: meta['colors'] (list or name -> colour) where usable, else the
-    project's class colour of the name (the same colour for a name everywhere)."""
-    return resolve_colors(list(meta["class_names"]), meta.get("colors"))
-
-
 def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
                    parity: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON object stored in the ONNX file (format version FORMAT_VERSION)."""
@@ -62,7 +56,7 @@ def build_metadata(meta: dict[str, Any], model_folder: Path | None = None,
         "model_name": meta.get("name") or (model_folder.name if model_folder else "model"),
         "backbone": meta["backbone"],
         "class_names": list(meta["class_names"]),
-        "class_colors": class_colors(meta),
+        "class_colors": class_colors(meta["class_names"], meta.get("colors")),  # meta.json's, else the palette's
         "band_names": list(meta["band_names"]),
         "in_chans": len(meta["band_names"]),
         "num_classes": len(meta["class_names"]),
@@ -329,5 +323,5 @@ def parse_metadata(props: dict[str, str], where: str) -> dict[str, Any]:
     from .models.metadata import validate_meta
     meta = validate_meta(meta, where, onnx=True)
     # files without colours get the project's colour of each class name, as a fresh export would
-    meta.setdefault("class_colors", [class_color(name) for name in meta["class_names"]])
+    meta.setdefault("class_colors", class_colors(meta["class_names"]))
     return meta

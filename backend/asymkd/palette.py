@@ -49,11 +49,6 @@ def class_color(name: str) -> str:
     return _hashed_color(name)
 
 
-def class_colors(names: list[str]) -> dict[str, str]:
-    """Colour per class name, in the given order."""
-    return {n: class_color(n) for n in names}
-
-
 def normalize_color(value: Any) -> str | None:
     """'#rrggbb' from '#rgb', '#rrggbb', 'rrggbb', '#rrggbbaa' or an (r, g, b[, a]) sequence
     (0..255, or 0..1 floats as matplotlib writes them); None if the value is no colour."""
@@ -88,7 +83,7 @@ def hex_to_rgb(color: str) -> tuple[int, int, int]:
     return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
 
 
-def resolve_colors(names: Sequence[str], given: Any = None) -> list[str]:
+def class_colors(names: Sequence[str], given: Any = None) -> list[str]:
     """One '#rrggbb' per class name: the given colour (a list in name order, or name -> colour)
     where it is a usable colour, else the name's class_color."""
     if isinstance(given, (list, tuple)):

@@ -16,13 +16,12 @@ from asymkd.export import (
     FORMAT_VERSION,
     META_KEY,
     VERSION_KEY,
-    class_colors,
     export_onnx,
     read_onnx_metadata,
 )
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import load_model, save_model
-from asymkd.palette import class_color
+from asymkd.palette import class_color, class_colors
 
 torch.set_num_threads(1)
 CLASSES = ["Forest", "Water", "Urban"]
@@ -164,12 +163,12 @@ def test_model_folder_instead_of_file_gets_a_hint(model_folder):
 
 
 def test_colours_are_deterministic_and_accept_several_forms():
-    meta = {"class_names": ["a", "b", "c", "d"], "colors": ["#abc", (255, 0, 0), None, "zzz"]}
-    colors = class_colors(meta)
+    names, given = ["a", "b", "c", "d"], ["#abc", (255, 0, 0), None, "zzz"]
+    colors = class_colors(names, given)
     assert colors[:2] == ["#aabbcc", "#ff0000"]
     assert colors[2] == class_color("c") and colors[3] == class_color("d")  # the shared palette
-    assert class_colors(meta) == colors
-    assert class_colors({"class_names": ["a"], "colors": {"a": (0.0, 0.5, 1.0)}}) == ["#0080ff"]
+    assert class_colors(names, given) == colors
+    assert class_colors(["a"], {"a": (0.0, 0.5, 1.0)}) == ["#0080ff"]
 
 
 def test_a_file_without_colours_gets_each_names_palette_colour(exported, tmp_path):
