@@ -229,3 +229,11 @@ def test_single_process_classify_never_imports_dask(model, raster, tmp_path):
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_scheduler_without_workers_is_refused(model, raster, tmp_path):
+    with (distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0",
+                                   silence_logs=logging.ERROR) as empty,
+          pytest.raises(ConfigError, match="has no workers")):
+        classify(model[0], raster, tmp_path / "o.gpkg", scheduler=empty.scheduler_address, connect_timeout=1)
+    assert list(tmp_path.iterdir()) == []
