@@ -220,13 +220,18 @@ def classify_shard(task: ShardTask) -> ShardDone:
         sink = ShardSink(len(model.class_names))
         counts = classify_plan(model, Path(task.raster), task.shard.plan(task.grid), list(task.bands), task.opts,
                                sink, None, events)
-        sink.save(Path(task.path), counts)
     except AsymKDError as exc:  # user errors are reported, not retried: they would fail again
         done.error = (type(exc).__name__, exc.message, exc.hint)
         return done
     except (RasterioError, OSError) as exc:
         done.error = ("DataError", f"worker {worker} failed reading {task.shard.describe()} of {task.raster}: "
                       f"{exc}", _SEEN_BY_WORKERS)
+        return done
+    try:
+        sink.save(Path(task.path), counts)
+    except OSError as exc:
+        done.error = ("StorageError", f"worker {worker} cannot write the shard file {task.path}: {exc}",
+                      "the output's folder must be on a file system that every worker can write to")
         return done
     done.classified, done.skipped, done.provider = counts.classified, counts.skipped, model.provider
     done.seconds, done.timings, done.warnings = time.perf_counter() - start, counts.timings(), events.warnings
