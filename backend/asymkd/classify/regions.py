@@ -11,7 +11,7 @@ regions crossing the current strip boundary.
 Polygonising runs on tile indices (x = column, y = row: exact integers), and every corner
 of a tile along a region's outline is kept as a vertex, mapped to the grid CRS with the
 tile layer's own arithmetic (Grid.bounds): a region's outline is bit-identical to the
-outline of its tiles. Each region's area is computed on the WGS84 ellipsoid from those
+outline of its tiles. Each region's area is computed on the ellipsoid of the grid CRS's datum from those
 vertices (EDGE_POINTS per tile edge, as the class area table measures each tile), so it
 equals the sum of its tiles' ellipsoidal areas.
 
@@ -30,19 +30,17 @@ from typing import Iterator, Sequence
 import numpy as np
 import shapely
 from affine import Affine
-from pyproj import CRS as ProjCRS
-from pyproj import Geod, Transformer
 from rasterio.crs import CRS
 from shapely import Polygon
 
 from ..fileio import check_vector, write_gpkg_layer
 from .grid import Grid
+from .stats import EDGE_POINTS, Ellipsoid
 
 LAYER = "regions"
 STRIP_TILES = 65_536        # tiles polygonised at a time (bounds the memory of one strip)
 CHUNK = 16_384               # regions per GeoPackage write
 M2_PER_HA = 10_000.0
-EDGE_POINTS = 4             # vertices per tile edge for the area (as the class area table's tiles)
 
 
 @dataclasses.dataclass
@@ -157,15 +155,13 @@ def ellipsoid_area_ha(geoms: np.ndarray, crs: CRS) -> np.ndarray:
     """Area (ha) of polygons given in `crs` (projected), on the ellipsoid of the CRS's datum,
     holes subtracted, as the class area table measures tiles. Edges become geodesics between
     the vertices, so the outlines come densified (EDGE_POINTS per tile edge)."""
-    pcrs = ProjCRS.from_wkt(crs.to_wkt())
-    geod = pcrs.get_geod() or Geod(ellps="WGS84")
-    to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
-    lonlat = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    ellipsoid = Ellipsoid(crs)
+    lonlat = shapely.transform(geoms, lambda xy: np.column_stack(ellipsoid.lonlat(xy[:, 0], xy[:, 1])))
     rings, owner = shapely.get_rings(lonlat, return_index=True)  # outline first, then the holes
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
     ends = np.searchsorted(ring_of, np.arange(len(rings) + 1))
     lon, lat = np.ascontiguousarray(coords[:, 0]), np.ascontiguousarray(coords[:, 1])
-    signed = np.array([geod.polygon_area_perimeter(lon[a:b], lat[a:b])[0]
+    signed = np.array([ellipsoid.ring_m2(lon[a:b], lat[a:b])
                        for a, b in zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)], np.float64)
     first = np.r_[True, owner[1:] != owner[:-1]]  # each polygon's outline
     area = np.where(first, np.abs(signed), -np.abs(signed))  # a hole's area is taken away

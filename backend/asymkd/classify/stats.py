@@ -59,16 +59,35 @@ class Uncertainty:
         return _UNCERTAIN[self.by](summary, float(self.below)).astype(np.int32)
 
 
+class Ellipsoid:
+    """Areas on the ellipsoid of a CRS's datum (pyproj.Geod; WGS84 where the CRS names
+    none), for coordinates given in that CRS: the one area rule of tiles and regions."""
+
+    def __init__(self, crs: Any):
+        from pyproj import CRS, Geod, Transformer
+        pcrs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+        self.geod = pcrs.get_geod() or Geod(ellps="WGS84")
+        self._to_lonlat = (None if pcrs.is_geographic
+                           else Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True))
+
+    def lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates of the CRS as longitude, latitude (arrays of any shape)."""
+        if self._to_lonlat is None:
+            return x, y
+        lon, lat = self._to_lonlat.transform(x, y)
+        return np.asarray(lon), np.asarray(lat)
+
+    def ring_m2(self, lon: np.ndarray, lat: np.ndarray) -> float:
+        """Signed area (m^2) of one ring; edges are geodesics between the vertices."""
+        return float(self.geod.polygon_area_perimeter(lon, lat)[0])
+
+
 class ClassAreas:
     """Tiles, hectares, confidence and uncertain tiles per class, added batch by batch."""
 
     def __init__(self, crs: Any, class_names: Sequence[str]):
-        from pyproj import CRS, Geod, Transformer
-        pcrs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
         self.class_names = list(class_names)
-        self._geod = pcrs.get_geod() or Geod(ellps="WGS84")
-        self._to_lonlat = (None if pcrs.is_geographic
-                           else Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True))
+        self._ellipsoid = Ellipsoid(crs)
         k = len(self.class_names)
         self.tiles = np.zeros(k, np.int64)
         self.m2 = np.zeros(k, np.float64)
@@ -88,11 +107,10 @@ class ClassAreas:
 
     def tile_areas_m2(self, minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: np.ndarray) -> np.ndarray:
         """Ellipsoidal area (m^2) of each box (in the CRS's coordinates)."""
-        xs, ys = _outlines(np.asarray(minx), np.asarray(miny), np.asarray(maxx), np.asarray(maxy))
-        if self._to_lonlat is not None:
-            xs, ys = self._to_lonlat.transform(xs, ys)
-        area = self._geod.polygon_area_perimeter
-        return np.abs(np.fromiter((area(lon, lat)[0] for lon, lat in zip(xs, ys, strict=True)),
+        xs, ys = self._ellipsoid.lonlat(*_outlines(np.asarray(minx), np.asarray(miny), np.asarray(maxx),
+                                                     np.asarray(maxy)))
+        ring = self._ellipsoid.ring_m2
+        return np.abs(np.fromiter((ring(lon, lat) for lon, lat in zip(xs, ys, strict=True)),
                                   np.float64, count=len(xs)))
 
     def table(self) -> list[dict[str, Any]]:
