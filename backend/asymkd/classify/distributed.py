@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -34,7 +36,7 @@ import numpy as np
 from .. import errors
 from ..errors import AsymKDError, ConfigError, DataError
 from ..events import Events
-from ..fileio import atomic_save_npz, staged_dir
+from ..fileio import staged_dir, temp_name
 from . import ClassifyOptions
 from .area import TilePlan
 from .grid import Grid
@@ -157,12 +159,24 @@ class ShardSink:
         return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
 
     def save(self, path: Path, counts: Counts) -> bool:
-        """Write the shard file, unless its folder is gone: the client has given the job up
-        (failed or cancelled) and no file may appear there again."""
-        if not path.parent.is_dir():
+        """Write the shard file atomically (a hidden temporary name, then a rename), unless
+        its folder is gone: the client has given the job up (failed or cancelled) and the
+        folder must not appear again, so unlike fileio's writers this never creates it."""
+        buf = io.BytesIO()
+        arrays = {**self.arrays(), "classified": np.asarray(counts.classified, np.int64),
+                  "skipped": np.asarray(counts.skipped, np.int64)}
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub checks **arrays against allow_pickle
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return False
-        atomic_save_npz(path, **self.arrays(), classified=np.asarray(counts.classified, np.int64),
-                        skipped=np.asarray(counts.skipped, np.int64))
         return True
 
 
@@ -329,11 +343,17 @@ class DaskEngine:
         is closed first (a local one's workers end) and then the folder is removed."""
         t0 = time.perf_counter()
         scratch = job.out.with_name(job.out.name + ".shards")
-        with staged_dir(scratch, commit=_keep_nothing) as folder, connect(opts) as client:
-            engine = cls(job, opts, client, folder, time.perf_counter() - t0)
-            where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
-            events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
-            yield engine
+        folders: list[Path] = []
+        try:
+            with staged_dir(scratch, commit=_keep_nothing) as folder, connect(opts) as client:
+                folders.append(folder)
+                engine = cls(job, opts, client, folder, time.perf_counter() - t0)
+                where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
+                events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
+                yield engine
+        finally:
+            for folder in folders:
+                _remove_until_gone(folder)
 
     def tasks(self) -> list[ShardTask]:
         job = self.job
@@ -382,6 +402,17 @@ class DaskEngine:
 
 def _keep_nothing(stage: Path, final: Path) -> None:
     """The shard folder is scratch: staged_dir removes it after the job whatever happens."""
+
+
+def _remove_until_gone(folder: Path, tries: int = 50) -> None:
+    """A cancelled shard still running on a remote worker can put a file into the folder
+    while it is being removed (the removal then fails); once it is gone, no worker can
+    create it again (ShardSink.save)."""
+    for _ in range(tries):
+        if not folder.exists():
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.05)
 
 
 class _Merger:
