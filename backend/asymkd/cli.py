@@ -42,11 +42,14 @@ class _Terminated(BaseException):
 
 # SIGTERM cancels only while a command runs; once it has ended (the outputs are in place),
 # a SIGTERM must not turn its exit code into 143 or a traceback.
-_RUNNING = {"command": False}
+_RUNNING = {"command": False, "terminated": False}
 
 
 def _on_sigterm(signum, frame):
     if _RUNNING["command"]:
+        # remembered: an extension module being imported turns the exception into its own
+        # error (onnxruntime: "ImportError: initialization failed"), still a cancel
+        _RUNNING["terminated"] = True
         raise _Terminated()
 
 
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_program = argv is None
     # SIGTERM cancels from the start: the command's imports take a while
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    _RUNNING["command"] = True
+    _RUNNING["command"], _RUNNING["terminated"] = True, False
     try:
         return _main(argv, as_program)
     except (KeyboardInterrupt, _Terminated):  # before the command started
@@ -120,12 +123,11 @@ def _main(argv: Sequence[str] | None, as_program: bool) -> int:
             _RUNNING["command"] = False
             return _report(exc, events, args._command)
         except (KeyboardInterrupt, _Terminated):
-            _RUNNING["command"] = False
-            _quietly(events.error, "cancelled", kind="Cancelled")
-            print("cancelled: nothing half-written was left behind", file=sys.stderr)
-            return 130
+            return _cancelled(events)
         except Exception as exc:
             _RUNNING["command"] = False
+            if _RUNNING["terminated"]:
+                return _cancelled(events)
             fault = storage_error(exc)
             if fault is not None:  # disk full, size limit, read-only: the environment, not a bug
                 return _report(fault, events, args._command)
@@ -135,6 +137,13 @@ def _main(argv: Sequence[str] | None, as_program: bool) -> int:
             return 1
         finally:
             _RUNNING["command"] = False
+
+
+def _cancelled(events: Events) -> int:
+    _RUNNING["command"] = False
+    _quietly(events.error, "cancelled", kind="Cancelled")
+    print("cancelled: nothing half-written was left behind", file=sys.stderr)
+    return 130
 
 
 def _open_events(target: str | None, stack: ExitStack) -> Events:

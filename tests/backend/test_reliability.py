@@ -431,3 +431,23 @@ def test_overwriting_commits_of_two_runs_never_mix_their_files(tmp_path):
     for t in threads:
         t.join()
     assert {p.read_text() for p in finals} in ({"A"}, {"B"})
+
+
+def test_a_sigterm_turned_into_another_error_by_an_extension_import_is_still_a_cancel(monkeypatch, capsys):
+    """onnxruntime's import catches the SIGTERM's exception and raises ImportError instead:
+    the command was cancelled, not broken (exit 130, no 'this is a bug')."""
+    import signal
+
+    from asymkd.commands import doctor
+
+    def run(args, events):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(doctor, "run", run)
+    assert cli.main(["doctor"]) == 130
+    err = capsys.readouterr().err
+    assert "cancelled" in err and "bug" not in err

@@ -218,10 +218,11 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
     names, colors = list(meta["class_names"]), list(meta["class_colors"])
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster or opts.regions else None  # regions dissolve its grid
-    writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style, nice=opts.io_nice,
-                             uncertainty=opts.uncertainty())
+    writer: TileLayerWriter | None = None
     t0 = time.perf_counter()
-    try:
+    try:  # the writer starts its thread at once: made inside, so a cancel right after still ends it
+        writer = TileLayerWriter(outputs.temp(out), grid, names, chunk=opts.chunk, style_qml=style,
+                                 nice=opts.io_nice, uncertainty=opts.uncertainty())
         counts = engine.fill(writer, raster_out, events)
         loop_s = time.perf_counter() - t0
         tw = time.perf_counter()
@@ -234,7 +235,8 @@ def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutput
             raster_out.write(outputs.temp(class_raster), colors)
         write_s = time.perf_counter() - tw
     except BaseException:
-        writer.abort()  # the write thread must end before the temporary file is removed
+        if writer is not None:
+            writer.abort()  # the write thread must end before the temporary file is removed
         raise
     seconds = setup_s + time.perf_counter() - t0
     timings = {"setup_s": setup_s, "loop_s": loop_s, **counts.timings(), "final_write_s": write_s,
