@@ -22,6 +22,8 @@ POSITIVES = {"auto": "explicit pairs, plus pseudo-RGB (calibrated on the pairs) 
 # `--device` / `device`; "cuda:N" stands for any CUDA device number
 DEVICES = {"auto": "CUDA when available, else the CPU", "cpu": "the CPU",
            "cuda": "the first CUDA GPU (bfloat16 autocast)", "cuda:N": "CUDA GPU number N, e.g. cuda:1"}
+# `classify --device`: onnxruntime takes no device number
+ONNX_DEVICES = tuple(d for d in DEVICES if d != "cuda:N")
 
 # `classify --uncertain-by`: what --uncertain-below T compares (classify/stats.py)
 UNCERTAINTY_MEASURES = {"confidence": "the best class's probability below T",

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import choices
 from ..errors import ConfigError, ModelFileError
 from ..export import (
     INPUT_NAME,
@@ -20,7 +21,7 @@ from ..export import (
 )
 from ..models.metadata import check_graph_shapes
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = choices.ONNX_DEVICES
 
 
 def providers_for(device: str) -> list[str]:

@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--class-raster", metavar="OUT.tif", default=None,
                         help="also write a class raster (one pixel per tile step)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_DEFAULT.device,
+    parser.add_argument("--device", choices=choices.ONNX_DEVICES, default=_DEFAULT.device,
                         help="onnxruntime device (auto: CUDA when available)")
     parser.add_argument("--min-valid", type=float, default=_DEFAULT.min_valid,
                         help="skip tiles with a smaller fraction of valid pixels (default %(default)s)")
