@@ -491,16 +491,19 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size",
                                                        QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
+        # optional: models saved before these parameters existed must still validate and run
         self.addParameter(QgsProcessingParameterNumber("UNCERTAIN_BELOW",
                                                        "Mark tiles uncertain below this certainty (0 = none)",
-                                                       QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0,
-                                                       maxValue=1.0))
+                                                       QgsProcessingParameterNumber.Type.Double, 0.0, optional=True,
+                                                       minValue=0.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterEnum("UNCERTAIN_BY", "Certainty measure",
-                                                     list(steps.UNCERTAINTY_MEASURES), defaultValue=0))
+                                                     list(steps.UNCERTAINTY_MEASURES), defaultValue=0,
+                                                     optional=True))
         self.addParameter(QgsProcessingParameterBoolean("REGIONS", "Also merge tiles into regions (layer 'regions')",
-                                                        False))
+                                                        False, optional=True))
         self.addParameter(QgsProcessingParameterNumber("MIN_REGION_HA", "Smallest region in hectares (0 = default)",
-                                                       QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0))
+                                                       QgsProcessingParameterNumber.Type.Double, 0.0, optional=True,
+                                                       minValue=0.0))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
                                                                   QgsProcessing.SourceType.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
