@@ -281,7 +281,7 @@ def read_class_areas(path: str | Path) -> list[ClassArea]:
         return []
     rows = []
     for feature in table.getFeatures():
-        values = {name: _value(feature[name]) for name in table.fields().names()}
+        values = {name: null_to_none(feature[name]) for name in table.fields().names()}
         rows.append(ClassArea(_integer(values.get("class_id"), -1), str(values.get("class_name") or ""),
                               int(values.get("tiles") or 0), float(values.get("hectares") or 0.0),
                               float(values.get("share") or 0.0), _number(values.get("mean_confidence")),
@@ -289,7 +289,7 @@ def read_class_areas(path: str | Path) -> list[ClassArea]:
     return sorted(rows, key=lambda row: (row.class_id is None, row.class_id or 0))
 
 
-def _value(value):
+def null_to_none(value):
     """None for NULL (a QVariant NULL in QGIS 3, None in QGIS 4)."""
     return None if value is None or (hasattr(value, "isNull") and value.isNull()) else value
 

@@ -72,7 +72,7 @@ def is_tile_layer(layer) -> bool:
 
 
 def _null(value) -> bool:
-    return value is None or (hasattr(value, "isNull") and value.isNull())
+    return layers.null_to_none(value) is None
 
 
 @dataclass
@@ -97,8 +97,7 @@ class QueueItem:
 
 def _queue_item(feature: QgsFeature, names: set[str]) -> QueueItem:
     def get(name: str):
-        value = feature[name] if name in names else None
-        return None if _null(value) else value
+        return layers.null_to_none(feature[name]) if name in names else None
     reviewed = get(REVIEWED_CLASS)
     return QueueItem(int(feature.id()), float(get("confidence") or 0.0), int(get("class_id") or 0),
                      str(get("class_name") or ""), str(get("second_name") or ""),
@@ -253,7 +252,8 @@ def reviewed_features(layer: QgsVectorLayer, classes: dict[int, str]) -> list[Qg
 
 
 def _text(value) -> str | None:
-    return None if _null(value) else str(value)
+    value = layers.null_to_none(value)
+    return None if value is None else str(value)
 
 
 def export_labels(layer: QgsVectorLayer, path: str | Path, classes: dict[int, str] | None = None) -> int:
@@ -368,15 +368,22 @@ class ReviewPanel(QDockWidget):
 
     def set_layer(self, layer: QgsVectorLayer) -> None:
         self._update_choosable()
+        self.layer_combo.blockSignals(True)  # chosen once, below, not again by the combo's signal
         self.layer_combo.setLayer(layer)
+        self.layer_combo.blockSignals(False)
         self._layer_chosen(layer)
 
     def _layer_chosen(self, layer) -> None:
         """Review the tiles the engine marked, or when it marked none, those below the
-        confidence threshold."""
+        confidence threshold. The layer's classes are read here, once per layer."""
         self.rule.blockSignals(True)
         self.rule.setCurrentText(self.MARKED if is_tile_layer(layer) and has_marked(layer) else self.BELOW)
         self.rule.blockSignals(False)
+        chosen = self.layer()
+        self.classes = layer_classes(chosen) if chosen is not None else {}
+        self.class_combo.clear()
+        for class_id, name in self.classes.items():
+            self.class_combo.addItem(name, class_id)
         self.refresh()
 
     def _update_choosable(self, *_args) -> None:
@@ -400,20 +407,17 @@ class ReviewPanel(QDockWidget):
         self.threshold.setEnabled(layer is not None and self.rule.currentText() == self.BELOW)
 
     def refresh(self) -> None:
-        """Read the queue and classes of the chosen layer again."""
+        """Read the queue of the chosen layer again (its classes do not change with the rule
+        or the threshold)."""
         layer = self.layer()
         self.queue.blockSignals(True)
         self.queue.clear()
         self.queue.blockSignals(False)
-        self.items, self.classes = [], {}
+        self.items = []
         if layer is None:
             self.summary.setText("Choose an AsymKD tile layer (the result of Classify).")
             self._enable()
             return
-        self.classes = layer_classes(layer)
-        self.class_combo.clear()
-        for class_id, name in self.classes.items():
-            self.class_combo.addItem(name, class_id)
         self.items = uncertain_tiles(layer, self.threshold.value(), self.rule.currentText() == self.MARKED)
         for item in self.items:
             entry = QListWidgetItem(item.text(self.classes))
