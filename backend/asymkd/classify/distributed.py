@@ -120,7 +120,6 @@ class ShardDone:
     classified: int = 0
     skipped: int = 0
     provider: str = ""
-    seconds: float = 0.0
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: tuple[str, str, str | None] | None = None  # (error class, message, hint): raised by the client
@@ -150,7 +149,8 @@ class ShardSink:
 
     def add(self, rows: np.ndarray, cols: np.ndarray, summary: Summary, valid: np.ndarray) -> None:
         self.parts.append({"rows": np.asarray(rows, np.int64), "cols": np.asarray(cols, np.int64),
-                           "valid": np.asarray(valid), **dataclasses.asdict(summary)})
+                           "valid": np.asarray(valid),
+                           **{f.name: getattr(summary, f.name) for f in dataclasses.fields(Summary)}})
 
     def arrays(self) -> dict[str, np.ndarray]:
         if not self.parts:  # every tile skipped: empty arrays of the right types
@@ -181,6 +181,7 @@ class ShardSink:
 
 
 _MODELS: dict[tuple, OnnxClassifier] = {}  # one loaded model per worker process, reused by its shards
+_RASTERS_OK: set[str] = set()  # rasters this worker process has opened (checked once, not per shard)
 
 
 def _model(task: ShardTask) -> OnnxClassifier:
@@ -212,9 +213,11 @@ def _open_on_worker(task: ShardTask, worker: str) -> OnnxClassifier:
                                     f"{_SEEN_BY_WORKERS}, with the same engine installed") from exc
     except AsymKDError as exc:  # e.g. --device cuda on a worker without the CUDA provider
         raise type(exc)(f"worker {worker}: {exc.message}", exc.hint) from exc
+    if task.raster in _RASTERS_OK:
+        return model
     try:
         with _open_raster(Path(task.raster)):
-            pass
+            _RASTERS_OK.add(task.raster)
     except AsymKDError as exc:
         raise DataError(f"worker {worker} cannot open the raster {task.raster}: {getattr(exc, 'message', exc)}",
                         _SEEN_BY_WORKERS) from exc
@@ -227,7 +230,6 @@ def classify_shard(task: ShardTask) -> ShardDone:
     from rasterio.errors import RasterioError
     worker = _worker_name()
     done = ShardDone(task.shard.index, worker)
-    start = time.perf_counter()
     events = _Collect()
     try:
         model = _open_on_worker(task, worker)
@@ -248,7 +250,7 @@ def classify_shard(task: ShardTask) -> ShardDone:
                       "the output's folder must be on a file system that every worker can write to")
         return done
     done.classified, done.skipped, done.provider = counts.classified, counts.skipped, model.provider
-    done.seconds, done.timings, done.warnings = time.perf_counter() - start, counts.timings(), events.warnings
+    done.timings, done.warnings = counts.timings(), events.warnings
     return done
 
 
@@ -357,7 +359,7 @@ class DaskEngine:
 
     def tasks(self) -> list[ShardTask]:
         job = self.job
-        threads = local_threads(self.opts) if self.opts.scheduler is None else self.opts.threads
+        threads = local_threads(self.opts)  # opts.threads as given with --scheduler
         return [ShardTask(str(job.model_path), str(job.raster), job.grid, tuple(job.bands), job.feed.str, threads,
                           self.opts, shard, str(self.folder / f"shard-{shard.index:05d}.npz"))
                 for shard in make_shards(job.plan, self.opts.shard_tiles)]

@@ -106,9 +106,9 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
     return Job(model_path, raster, out, meta, bands, grid, plan_tiles(grid, area), feed, notes, small)
 
 
-def load_model(job: Job, opts: ClassifyOptions, threads: int | None = None) -> OnnxClassifier:
-    return OnnxClassifier(job.model_path, device=opts.device, threads=opts.threads if threads is None else threads,
-                          spinning=opts.spinning, input_dtype=job.feed)
+def load_model(job: Job, opts: ClassifyOptions) -> OnnxClassifier:
+    return OnnxClassifier(job.model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning,
+                          input_dtype=job.feed)
 
 
 class Engine(Protocol):
