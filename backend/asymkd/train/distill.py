@@ -218,16 +218,15 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
                   rgb_labels: np.ndarray) -> ClassifierTask:
     """The baseline's task (ground truth alone) or, with a teacher cache, the distillation's."""
     dc = cfg.distill
-    common_args = (student,)
     kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=device, amp=cfg.amp,
                                   val_index=data.val_index, best_path=out_dir / "best.safetensors",
                                   consistency=data.consistency)
     if cache is None:
-        return ClassifierTask(*common_args, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
+        return ClassifierTask(student, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
     assert pairs is not None
     objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
     per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
-    return DistillTask(*common_args, objective=objective, cache=cache, rgb_labels=rgb_labels,
+    return DistillTask(student, objective=objective, cache=cache, rgb_labels=rgb_labels,
                        repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), **kwargs)
 
 

@@ -106,8 +106,13 @@ def rank_device(device: torch.device) -> torch.device:
     """Under torchrun, a CUDA device without an index is the GPU of this rank's LOCAL_RANK."""
     launch = launched()
     if device.type == "cuda" and device.index is None and launch is not None and launch.world > 1:
-        return torch.device("cuda", launch.local_rank)
+        return torch.device("cuda", _local_gpu(launch.local_rank))
     return device
+
+
+def _local_gpu(local_rank: int) -> int:
+    """The GPU index of a local rank (ranks share GPUs round-robin when they outnumber them)."""
+    return local_rank % torch.cuda.device_count()
 
 
 @contextlib.contextmanager
@@ -119,7 +124,7 @@ def session() -> Iterator[None]:
         yield
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(_local_gpu(launch.local_rank))
     try:
         dist.init_process_group(backend(), timeout=timeout())
     except (RuntimeError, ValueError) as exc:

@@ -80,7 +80,9 @@ def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Te
     one process would, so the soft labels are the one process's); folds left over when the
     ranks outnumber them are trained data-parallel."""
     mean, std = stats
-    done = distributed.from_main(dict(np.load(fold_file)) if resume and fold_file.is_file() else {})
+    # rank 0's finished folds (read there alone: the others take its copy)
+    done = distributed.from_main(dict(np.load(fold_file)) if distributed.is_main() and resume and fold_file.is_file()
+                                 else {})
 
     def train_fold(f: int, data_parallel: bool) -> np.ndarray:
         held = folds[f]
