@@ -436,10 +436,7 @@ class _Merger:
         c.classified += done.classified
         c.skipped += done.skipped
         c.done += done.classified + done.skipped
-        for k, v in done.timings.items():  # summed over the workers: seconds of work, not of the clock
-            field = _FIELD.get(k)
-            if field is not None:
-                setattr(c, field, getattr(c, field) + v)
+        c.add_timings(done.timings)  # summed over the workers: seconds of work, not of the clock
         for message in done.warnings:
             if message not in self.warned:
                 self.warned.add(message)
@@ -461,7 +458,3 @@ class _Merger:
         names = sorted({d.provider for d in self.done.values() if d.provider})
         return "+".join(names) if names else "?"
 
-
-# Counts' fields by the timing names Counts.timings() gives them.
-_FIELD = {"infer_s": "infer_s", "wait_for_reader_s": "wait_s", "postprocess_s": "post_s",
-          "reader_read_s": "read_s", "reader_cut_s": "cut_s", "reader_blocked_s": "blocked_s"}

@@ -201,9 +201,17 @@ class Counts:
     extra: dict[str, float] = dataclasses.field(default_factory=dict)  # an engine's own timings
 
     def timings(self) -> dict[str, float]:
-        return {"infer_s": self.infer_s, "wait_for_reader_s": self.wait_s, "postprocess_s": self.post_s,
-                "reader_read_s": self.read_s, "reader_cut_s": self.cut_s, "reader_blocked_s": self.blocked_s,
-                **self.extra}
+        return {name: getattr(self, field) for name, field in TIMING_FIELDS.items()} | self.extra
+
+    def add_timings(self, timings: dict[str, float]) -> None:
+        """Add another run's `timings()` (a cluster sums its workers': seconds of work)."""
+        for name, field in TIMING_FIELDS.items():
+            setattr(self, field, getattr(self, field) + timings.get(name, 0.0))
+
+
+# The names `Counts.timings()` reports, and the fields they come from.
+TIMING_FIELDS = {"infer_s": "infer_s", "wait_for_reader_s": "wait_s", "postprocess_s": "post_s",
+                 "reader_read_s": "read_s", "reader_cut_s": "cut_s", "reader_blocked_s": "blocked_s"}
 
 
 class TileSink(Protocol):
