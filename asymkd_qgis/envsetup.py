@@ -285,10 +285,14 @@ class PipProgress:
             self.current = requirement_name(text[len("Collecting "):])
             self.done_bytes = self.total_bytes = 0
         elif text.startswith(("Downloading ", "Processing ")):
+            # a wheel from a folder is one "Processing FILE (from REQUIREMENT)" line, no "Collecting"
+            if text.startswith("Processing "):
+                self.collected += 1
             match = re.match(r"\S+\s+(\S+)(?:\s+\(([^)]+)\))?", text)
             if match:
                 self.current = Path(match.group(1)).name.split("-")[0]
-                self.size = match.group(2) or ""
+                size = match.group(2) or ""
+                self.size = size if _SIZE.match(size) else ""
             self.done_bytes = self.total_bytes = 0
         elif text.startswith("Progress ") and " of " in text:
             try:
@@ -299,6 +303,7 @@ class PipProgress:
             self.done_bytes, self.total_bytes = done, total
         elif text.startswith("Installing collected packages"):
             self.installing = True
+            self.collected = max(self.collected, len(text.split(":", 1)[-1].split(",")))
         elif _RETRY.search(text):
             self.retries += 1
             return False
@@ -328,6 +333,9 @@ class PipProgress:
         if self.downloaded_bytes:
             parts.append(f"{_mb(self.downloaded_bytes)} downloaded")
         return ", ".join(parts)
+
+
+_SIZE = re.compile(r"^[\d.]+\s*[kMG]?B$")
 
 
 def _mb(value: int) -> str:

@@ -9,15 +9,16 @@ The archive holds one folder:
 
   asymkd_qgis.zip       the plugin (Plugins > Manage and Install Plugins > Install from ZIP)
   requirements.txt      the engine's pinned requirements
-  wheels/common/        every engine requirement except torch, and the engine's own wheel
+  wheels/common/        the wheels both torch builds need, and the engine's own wheel
   wheels/torch-cpu/     torch and torchvision, CPU build (torch's CPU index)
-  wheels/torch-cuda/    torch and torchvision, CUDA build (the package registry), with the CUDA libraries
+  wheels/torch-cuda/    torch and torchvision, CUDA build (the package registry), the CUDA libraries, triton
   install.sh            installs the plugin into a QGIS profile and the engine environment
   README.txt
 
-Wheels are downloaded with `pip download` for the given Python version and platform (about
-1 GB for the CPU variant, 4 GB more for CUDA). `--wheels-from DIR` takes them from a local
-folder of the same layout instead (or a flat folder: all of it is wheels/common), e.g. for tests.
+Wheels are downloaded with `pip download` for the given Python version and platform, each
+torch build resolved with all the pinned requirements (common 0.2 GB, CUDA build 2.9 GB).
+`--wheels-from DIR` takes them from a local folder of the same layout instead (or a flat folder:
+all of it is wheels/common), e.g. for tests.
 The plugin's "Create engine environment from a folder..." installs from the unpacked folder too.
 """
 
@@ -37,7 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plugin_package import build_zip  # noqa: E402
 
-TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REGISTRY = "https://pypi.org/simple"
 VARIANTS = ("cpu", "cuda")
@@ -90,16 +90,6 @@ then Plugins > AsymKD > Create engine environment from a folder... and choose th
 """
 
 
-def _split(requirements: Path) -> tuple[list[str], list[str]]:
-    torch, other = [], []
-    for raw in requirements.read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            name = re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower()
-            (torch if name in TORCH_PACKAGES else other).append(line)
-    return torch, other
-
-
 def engine_version() -> str:
     text = (REPO / "backend" / "asymkd" / "__init__.py").read_text(encoding="utf-8")
     return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
@@ -121,22 +111,44 @@ def engine_wheel(out: Path, python: str = sys.executable) -> Path:
     return made[-1]
 
 
+# pip matches --platform exactly: every manylinux tag an x86-64 Linux with glibc 2.28 runs.
+MANYLINUX = ("manylinux2014_x86_64",) + tuple(f"manylinux_2_{minor}_x86_64" for minor in range(17, 29))
+# Projects that belong to one torch build (CUDA libraries, compiler), never to common/.
+TORCH_ONLY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia[_-].*|cuda[_-].*)-", re.IGNORECASE)
+
+
 def _download(target: Path, requirements: list[str], python_version: str, platform: str,
               index: str | None = None) -> None:
     abi = "cp" + python_version.replace(".", "")
+    platforms = [platform] + [tag for tag in MANYLINUX if tag != platform] + ["any"]
     argv = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
             "--python-version", python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
-            "--abi", "none", "--platform", platform, "--platform", "manylinux2014_x86_64",
-            "--platform", "manylinux_2_17_x86_64", "--platform", "any", "-d", str(target), *requirements]
+            "--abi", "none", *(arg for tag in platforms for arg in ("--platform", tag)), "-d", str(target),
+            *requirements]
     if index:
         argv += ["--index-url", index, "--extra-index-url", REGISTRY]
     print(" ".join(argv), flush=True)
-    subprocess.run(argv, check=True)
+    if subprocess.run(argv).returncode != 0:
+        where = f"torch's CPU index {index} and the registry" if index else "the package registry"
+        raise SystemExit(f"pip could not download the wheels for {target.name} from {where} (its message is "
+                         "above); for a bundle without that build, leave it out of --variants")
+
+
+def partition(resolved: dict[str, set[str]]) -> tuple[set[str], dict[str, set[str]]]:
+    """Wheel names for common/ and for each torch build, from each build's full resolution.
+
+    With two builds, common/ is what both resolutions share; with one, everything but
+    the torch build's own projects (TORCH_ONLY)."""
+    if len(resolved) > 1:
+        common = set.intersection(*resolved.values())
+    else:
+        (names,) = resolved.values()
+        common = {name for name in names if not TORCH_ONLY.match(name)}
+    return common, {variant: names - common for variant, names in resolved.items()}
 
 
 def collect_wheels(wheels: Path, requirements: Path, variants: list[str], python_version: str, platform: str,
                    wheels_from: Path | None) -> None:
-    torch_lines, other = _split(requirements)
     common = wheels / "common"
     common.mkdir(parents=True, exist_ok=True)
     if wheels_from is not None:
@@ -150,14 +162,24 @@ def collect_wheels(wheels: Path, requirements: Path, variants: list[str], python
                 for path in sorted(folder.glob("*.whl")):
                     shutil.copy2(path, wheels / f"torch-{variant}" / path.name)
         return
-    _download(common, other + ["pip"], python_version, platform)  # a current pip reports download progress
+    # Each build is resolved as a whole (torch pinned), so no other requirement pulls in a
+    # torch of another version; a current pip reports download progress.
+    lines = [line for line in (raw.split("#", 1)[0].strip()
+                               for raw in requirements.read_text(encoding="utf-8").splitlines()) if line]
+    resolved: dict[str, set[str]] = {}
     for variant in variants:
-        folder = wheels / f"torch-{variant}"
-        folder.mkdir(exist_ok=True)
-        _download(folder, torch_lines, python_version, platform, CPU_INDEX if variant == "cpu" else None)
-        for path in folder.glob("*.whl"):  # torch's own dependencies that common already has
-            if (common / path.name).exists():
-                path.unlink()
+        folder = wheels / f"all-{variant}"
+        _download(folder, lines + ["pip"], python_version, platform, CPU_INDEX if variant == "cpu" else None)
+        resolved[variant] = {path.name for path in folder.glob("*.whl")}
+    shared, own = partition(resolved)
+    for variant in variants:
+        folder = wheels / f"all-{variant}"
+        (wheels / f"torch-{variant}").mkdir(exist_ok=True)
+        for name in sorted(resolved[variant]):
+            destination = common if name in shared else wheels / f"torch-{variant}"
+            if not (destination / name).exists():
+                os.replace(folder / name, destination / name)
+        shutil.rmtree(folder)
 
 
 def build(out: Path, variants: list[str], python_version: str, platform: str,

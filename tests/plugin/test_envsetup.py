@@ -108,6 +108,23 @@ def test_pip_progress_counts_packages_and_bytes():
     assert progress.retries == 1
 
 
+def test_pip_progress_counts_wheels_installed_from_a_folder():
+    """pip says "Processing FILE (from ...)" for each wheel of a bundle folder, never "Collecting"."""
+    progress = envsetup.PipProgress("installing the engine packages from the folder", expected_packages=3)
+    texts = []
+    for line in ["Processing ./wheels/torch-cuda/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+                 "Processing ./wheels/common/numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl "
+                 "(from -r r.txt (line 4))",
+                 "Processing ./wheels/torch-cuda/nvidia_nvtx-13.0.85-py3-none-manylinux_2_28_x86_64.whl "
+                 "(from cuda-toolkit[cublas]==13.0.3; platform_system == \"Linux\"->torch==2.14.1)",
+                 "Installing collected packages: nvidia-nvtx, numpy, torch"]:
+        assert progress.feed(line)
+        texts.append((round(progress.fraction, 3), progress.text()))
+    assert texts[1][1] == "installing the engine packages from the folder: package 2, numpy"
+    assert texts[2][1].endswith("package 3, nvidia_nvtx") and texts[0][0] < texts[1][0] < texts[2][0]
+    assert texts[3][1].endswith("installing 3 packages")
+
+
 def test_missing_wheels_are_named_with_the_python_and_platform_they_are_for(tmp_path):
     wheels.stub_wheel(tmp_path, "torch", "2.14.1", tag="cp312-cp312-win_amd64")
     wheels.stub_wheel(tmp_path, "numpy", "2.4.6", tag="cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64")
@@ -118,6 +135,24 @@ def test_missing_wheels_are_named_with_the_python_and_platform_they_are_for(tmp_
                                       found, tags)
     assert missing == ["torch==2.14.1 (only for cp312-cp312-win_amd64)", "onnxruntime==1.32.0 (only versions 1.31.0)",
                        "rasterio==1.4.4"]
+
+
+def test_bundle_wheels_shared_by_both_torch_builds_go_to_common():
+    import bundle as bundle_tool
+    cpu = {"torch-2.14.1+cpu-cp311-cp311-linux_x86_64.whl", "numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl",
+           "timm-1.0.31-py3-none-any.whl", "sympy-1.14.0-py3-none-any.whl"}
+    cuda = {"torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl", "numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl",
+            "timm-1.0.31-py3-none-any.whl", "sympy-1.14.0-py3-none-any.whl",
+            "nvidia_cudnn_cu13-9.24.0.43-py3-none-manylinux_2_27_x86_64.whl", "triton-3.7.0-cp311-cp311-x.whl"}
+    common, own = bundle_tool.partition({"cpu": cpu, "cuda": cuda})
+    assert common == cpu & cuda and own["cpu"] == {"torch-2.14.1+cpu-cp311-cp311-linux_x86_64.whl"}
+    assert own["cuda"] == cuda - cpu
+    # one build alone: its CUDA libraries and compiler still stay out of common/
+    common, own = bundle_tool.partition({"cuda": cuda})
+    assert common == {n for n in cuda if n.startswith(("numpy", "timm", "sympy"))}
+    assert {n.split("-")[0] for n in own["cuda"]} == {"torch", "nvidia_cudnn_cu13", "triton"}
+    # pip matches --platform exactly: wheels tagged for an older glibc (cuDNN's 2_27) must be accepted
+    assert "manylinux_2_27_x86_64" in bundle_tool.MANYLINUX
 
 
 # -- creating environments for real (offline, from small local wheels) ---------------------------
