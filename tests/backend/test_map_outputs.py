@@ -176,6 +176,32 @@ def _geod_hectares(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(ha), f["class_id"], f
 
 
+@pytest.mark.parametrize("epsg,north,size,rel", [(32632, 5.5e6, 64, 1e-9), (32632, 5.5e6, 640, 1e-9),
+                                                   (32632, 7.8e6, 640, 1e-9), (32632, 7.8e6, 6400, 1e-7)])
+def test_tile_areas_are_the_geodesic_areas_within_the_stated_bound(epsg, north, size, rel):
+    """The vectorised equal-area rule against pyproj's geodesic polygon area, per tile."""
+    crs = CRS.from_epsg(epsg)
+    rng = np.random.default_rng(0)
+    minx, miny = 300_000 + rng.uniform(0, 400_000, 50), north + rng.uniform(0, 100_000, 50)
+    got = stats.ClassAreas(crs, ["a"]).tile_areas_m2(minx, miny, minx + size, miny + size)
+    xs, ys = stats._outlines(minx, miny, minx + size, miny + size)
+    lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(xs, ys)
+    want = [abs(crs.get_geod().polygon_area_perimeter(lo, la)[0]) for lo, la in zip(lon, lat, strict=True)]
+    assert got == pytest.approx(want, rel=rel)
+
+
+def test_ring_areas_across_the_antimeridian_and_with_uneven_rings():
+    ellipsoid = stats.Ellipsoid(CRS.from_epsg(4326))
+    square = ([179.995, 180.005, 180.005, 179.995], [10.0, 10.0, 10.01, 10.01])  # 180.005 is -179.995
+    wrapped = ([179.995, -179.995, -179.995, 179.995], square[1])
+    tri = ([0.0, 0.01, 0.0, 0.0], [0.0, 0.0, 0.01, 0.0])  # closed ring: first vertex repeated
+    lon, lat = np.r_[square[0], wrapped[0], tri[0]], np.r_[square[1], wrapped[1], tri[1]]
+    got = ellipsoid.rings_m2(lon, lat, np.array([0, 4, 8, 12]))
+    geod = CRS.from_epsg(4326).get_geod()
+    want = [geod.polygon_area_perimeter(*ring)[0] for ring in (square, square, tri)]
+    assert got == pytest.approx(want, rel=1e-7) and got[0] > 0 and got[2] > 0
+
+
 def _check_areas(path: Path, table: list[dict], classes: list[str]) -> None:
     ha, cid, f = _geod_hectares(path)
     assert [r["class_id"] for r in table] == list(range(len(classes)))

@@ -153,16 +153,14 @@ def cell_mapper(grid: Grid):
 
 def ellipsoid_area_ha(geoms: np.ndarray, crs: CRS) -> np.ndarray:
     """Area (ha) of polygons given in `crs` (projected), on the ellipsoid of the CRS's datum,
-    holes subtracted, as the class area table measures tiles. Edges become geodesics between
-    the vertices, so the outlines come densified (EDGE_POINTS per tile edge)."""
+    holes subtracted, by the class area table's rule (stats.Ellipsoid), so the outlines come
+    densified (EDGE_POINTS per tile edge) as the tiles' do."""
     ellipsoid = Ellipsoid(crs)
     lonlat = shapely.transform(geoms, lambda xy: np.column_stack(ellipsoid.lonlat(xy[:, 0], xy[:, 1])))
     rings, owner = shapely.get_rings(lonlat, return_index=True)  # outline first, then the holes
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
     ends = np.searchsorted(ring_of, np.arange(len(rings) + 1))
-    lon, lat = np.ascontiguousarray(coords[:, 0]), np.ascontiguousarray(coords[:, 1])
-    signed = np.array([ellipsoid.ring_m2(lon[a:b], lat[a:b])
-                       for a, b in zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)], np.float64)
+    signed = ellipsoid.rings_m2(coords[:, 0], coords[:, 1], ends)
     first = np.r_[True, owner[1:] != owner[:-1]]  # each polygon's outline
     area = np.where(first, np.abs(signed), -np.abs(signed))  # a hole's area is taken away
     return np.bincount(owner, weights=area, minlength=len(geoms)) / M2_PER_HA

@@ -9,8 +9,11 @@ T; the measures (names in choices.UNCERTAINTY_MEASURES):
     entropy      normalised entropy > 1 - T (that is, 1 - entropy < T)
 
 Area statistics are accumulated per tile while the tiles are written (memory stays flat):
-each tile's area on the ellipsoid of the grid's CRS (pyproj.Geod over the tile's outline,
-densified and taken to the CRS's geographic coordinates), summed per class.
+each tile's area on the ellipsoid of the grid's CRS, summed per class. The tile's outline is
+densified (EDGE_POINTS per edge), taken to the CRS's geographic coordinates and measured in the
+ellipsoid's cylindrical equal-area projection, where areas are the ellipsoid's; the short edges
+make this the geodesic polygon's area within 1e-9 for tiles up to 640 m (1e-7 for 6.4 km tiles
+at 70 degrees north), vectorised over all tiles of a batch.
 """
 
 from __future__ import annotations
@@ -60,13 +63,14 @@ class Uncertainty:
 
 
 class Ellipsoid:
-    """Areas on the ellipsoid of a CRS's datum (pyproj.Geod; WGS84 where the CRS names
-    none), for coordinates given in that CRS: the one area rule of tiles and regions."""
+    """Areas on the ellipsoid of a CRS's datum (WGS84 where the CRS names none), for
+    coordinates given in that CRS: the one area rule of tiles and regions."""
 
     def __init__(self, crs: Any):
         from pyproj import CRS, Geod, Transformer
         pcrs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
-        self.geod = pcrs.get_geod() or Geod(ellps="WGS84")
+        geod = pcrs.get_geod() or Geod(ellps="WGS84")
+        self.a, self.es = float(geod.a), float(geod.es)
         self._to_lonlat = (None if pcrs.is_geographic
                            else Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True))
 
@@ -77,9 +81,30 @@ class Ellipsoid:
         lon, lat = self._to_lonlat.transform(x, y)
         return np.asarray(lon), np.asarray(lat)
 
-    def ring_m2(self, lon: np.ndarray, lat: np.ndarray) -> float:
-        """Signed area (m^2) of one ring; edges are geodesics between the vertices."""
-        return float(self.geod.polygon_area_perimeter(lon, lat)[0])
+    def _authalic_y(self, lat_deg: np.ndarray) -> np.ndarray:
+        """The equal-area projection's y / a: q(latitude) / 2 (sin(latitude) on a sphere)."""
+        s = np.sin(np.radians(lat_deg))
+        if self.es == 0.0:
+            return s
+        e = math.sqrt(self.es)
+        return (1.0 - self.es) * (s / (1.0 - self.es * s * s) - np.log((1.0 - e * s) / (1.0 + e * s)) / (2.0 * e)) / 2
+
+    def rings_m2(self, lon: np.ndarray, lat: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Signed areas (m^2, counter-clockwise positive) of rings stored one after another:
+        ring i is vertices ends[i] .. ends[i+1]-1 of `lon`, `lat` (closed or not). Each ring is
+        taken relative to its first vertex (no loss of precision far from the origin, and a
+        ring across the antimeridian keeps its shape)."""
+        lon, lat, ends = np.asarray(lon, np.float64), np.asarray(lat, np.float64), np.asarray(ends, np.int64)
+        counts = np.diff(ends)
+        ring = np.repeat(np.arange(len(counts)), counts)
+        first = ends[:-1][ring]
+        dlon = np.radians((lon - lon[first] + 180.0) % 360.0 - 180.0)
+        y = self._authalic_y(lat)
+        x, y = self.a * dlon, self.a * (y - y[first])
+        nxt = np.arange(1, len(lon) + 1)
+        nxt[ends[1:][counts > 0] - 1] = ends[:-1][counts > 0]  # the last vertex closes its ring
+        cross = x * y[nxt] - x[nxt] * y
+        return 0.5 * np.bincount(ring, weights=cross, minlength=len(counts))
 
 
 class ClassAreas:
@@ -109,9 +134,8 @@ class ClassAreas:
         """Ellipsoidal area (m^2) of each box (in the CRS's coordinates)."""
         xs, ys = self._ellipsoid.lonlat(*_outlines(np.asarray(minx), np.asarray(miny), np.asarray(maxx),
                                                      np.asarray(maxy)))
-        ring = self._ellipsoid.ring_m2
-        return np.abs(np.fromiter((ring(lon, lat) for lon, lat in zip(xs, ys, strict=True)),
-                                  np.float64, count=len(xs)))
+        n, m = xs.shape
+        return np.abs(self._ellipsoid.rings_m2(xs.ravel(), ys.ravel(), np.arange(n + 1) * m))
 
     def table(self) -> list[dict[str, Any]]:
         """One row per class of the model (AREA_COLUMNS); share is of the classified area."""
