@@ -50,7 +50,9 @@ class ClassifyOptions:
     device: str = "auto"
     min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
     threads: int = 0                              # onnxruntime intra-op threads (0 = its default)
-    spinning: bool = False                        # let idle onnxruntime threads busy-wait
+    # idle onnxruntime threads busy-wait: with the reader and writer this light, faster
+    # end to end on CPU (bench classify: 632-663 vs 610 tiles/s on 2 cores)
+    spinning: bool = True
     io_nice: int = 19                             # nice of the reader/writer threads (0 = normal priority)
     prefetch: int = 4                             # batches read ahead
     max_strip_tiles: int = 256                    # tiles per window read

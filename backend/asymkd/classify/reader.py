@@ -128,31 +128,37 @@ class _Source:
             self.vrt.close()
         self.src.close()
 
-    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(bands, height, width) values and where they are valid; None: every pixel is (a
+        window inside a raster without nodata or mask, the usual case: nothing to compute)."""
         if self.vrt is not None:  # the warped view spans every tile: no clipping needed
             arr = self.vrt.read(self.bands + [self.alpha], window=Window(col, row, width, height))
             data, valid = arr[:-1], arr[-1] > 0
             return data, valid & _finite(data)
         src = self.src
-        data = np.zeros((len(self.bands), height, width), dtype=src.dtypes[self.bands[0] - 1])
-        valid = np.zeros((height, width), dtype=bool)
         r0, c0 = max(row, 0), max(col, 0)
         r1, c1 = min(row + height, src.height), min(col + width, src.width)
+        inside = (r0, c0, r1, c1) == (row, col, row + height, col + width)
         if r1 <= r0 or c1 <= c0:
-            return data, valid
+            return np.zeros((len(self.bands), height, width), src.dtypes[self.bands[0] - 1]), \
+                np.zeros((height, width), bool)
         win = Window(c0, r0, c1 - c0, r1 - r0)
         part = src.read(self.bands, window=win)
-        ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
-        data[:, ys, xs] = part
         if self.mode == "none":
-            ok = np.ones(part.shape[1:], dtype=bool)
+            ok = _finite(part)
         elif self.mode == "nodata":
             is_nd = [(np.isnan(b) if nd is not None and np.isnan(nd) else b == nd)
                      for b, nd in zip(part, self.nodata, strict=True) if nd is not None]
-            ok = ~np.logical_and.reduce(is_nd)
+            ok = ~np.logical_and.reduce(is_nd) & _finite(part)
         else:
-            ok = src.read_masks(self.bands[0], window=win) > 0
-        valid[ys, xs] = ok & _finite(part)
+            ok = (src.read_masks(self.bands[0], window=win) > 0) & _finite(part)
+        if inside:  # no copy into a padded strip
+            return part, (None if ok is True else np.asarray(ok))
+        data = np.zeros((len(self.bands), height, width), dtype=part.dtype)
+        valid = np.zeros((height, width), dtype=bool)
+        ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+        data[:, ys, xs] = part
+        valid[ys, xs] = ok
         return data, valid
 
 
@@ -258,20 +264,24 @@ class PrefetchReader:
                 t1 = time.perf_counter()
                 self.stats.read_s += t1 - t0
                 self.stats.strips += 1
-                offs = (chunk - c0) * S
-                csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
-                frac = (csum[offs + T] - csum[offs]) / float(T * T)
-                for off, c, f in zip(offs.tolist(), chunk.tolist(), frac.tolist(), strict=True):
-                    if f < self.min_valid or f <= 0.0:
-                        skipped += 1
-                        continue
-                    tile = data[:, :, off:off + T]
-                    if f < 1.0:
-                        np.copyto(buf[n], np.where(ok[None, :, off:off + T], tile, self.fill))
-                    else:
-                        buf[n] = tile
-                    rows[n], cols[n], valid[n] = r, c, f
-                    n += 1
+                step = chunk - c0  # the tiles' windows in the strip, in steps of S
+                if ok is None:
+                    frac = np.ones(len(chunk))
+                else:
+                    csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
+                    frac = (csum[step * S + T] - csum[step * S]) / float(T * T)
+                keep = np.flatnonzero((frac >= self.min_valid) & (frac > 0.0))
+                skipped += len(chunk) - len(keep)
+                # every tile window of the strip as a view (tiles, bands, T, T): no copy until the batch
+                windows = np.lib.stride_tricks.sliding_window_view(data, T, axis=2)[:, :, ::S].transpose(2, 0, 1, 3)
+                done = 0
+                while done < len(keep):
+                    k = min(B - n, len(keep) - done)
+                    take = keep[done:done + k]
+                    self._cut(buf[n:n + k], windows, step[take], frac[take], ok, S)
+                    rows[n:n + k], cols[n:n + k], valid[n:n + k] = r, chunk[take], frac[take]
+                    n += k
+                    done += k
                     if n == B:
                         self.stats.cut_s += time.perf_counter() - t1
                         if not self._put(Batch(buf, rows, cols, valid, skipped)):
@@ -290,6 +300,21 @@ class PrefetchReader:
         if n or skipped:
             self._put(Batch(buf[:n], rows[:n], cols[:n], valid[:n], skipped))
             self.stats.skipped += skipped
+
+
+    def _cut(self, out: np.ndarray, windows: np.ndarray, steps: np.ndarray, frac: np.ndarray,
+             ok: np.ndarray | None, stride: int) -> None:
+        """Copy the tile windows `steps` of a strip into `out` (one copy, cast to the batch
+        dtype); a tile's invalid pixels get the fill value."""
+        if windows.dtype == out.dtype:
+            np.take(windows, steps, axis=0, out=out, mode="clip")
+        else:
+            out[:] = windows[steps]
+        tile = out.shape[-1]
+        for j in np.flatnonzero(frac < 1.0).tolist():
+            assert ok is not None  # a tile with invalid pixels comes from a strip with a mask
+            off = int(steps[j]) * stride
+            np.copyto(out[j], np.where(ok[None, :, off:off + tile], out[j], self.fill))
 
 
 def lower_thread_priority(nice: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from .. import choices
@@ -41,6 +42,9 @@ def add_arguments(parser) -> None:
                         help="skip tiles with a smaller fraction of valid pixels (default %(default)s)")
     parser.add_argument("--threads", type=int, default=_DEFAULT.threads,
                         help="onnxruntime intra-op threads (default %(default)s: onnxruntime decides)")
+    parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=_DEFAULT.spinning,
+                        help="let idle onnxruntime threads busy-wait between operators (default: on; faster on "
+                             "a machine given to the job, --no-spinning on one shared with other work)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="classify on a local Dask cluster of N worker processes (needs dask[distributed])")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
@@ -68,7 +72,7 @@ def run(args, events) -> int:
                       bbox_crs=args.bbox_crs, mask=args.mask, mask_layer=args.mask_layer, tile=args.tile,
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
-                      min_valid=args.min_valid, threads=args.threads, workers=args.workers,
+                      min_valid=args.min_valid, threads=args.threads, spinning=args.spinning, workers=args.workers,
                       scheduler=args.scheduler, uncertain_below=args.uncertain_below,
                       uncertain_by=args.uncertain_by, regions=args.regions, min_region_ha=args.min_region_ha,
                       vote=args.vote)
