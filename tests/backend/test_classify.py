@@ -585,6 +585,38 @@ def test_io_threads_can_run_at_low_priority():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller is untouched
 
 
+def test_reused_batch_memory_holds_until_the_batch_after_next(tmp_path):
+    """The reader fills its batch buffers in turn: a slow consumer still sees each batch
+    intact until it takes the one after the next, and every tile's pixels are its own."""
+    import time
+
+    import rasterio
+
+    from asymkd.classify.area import plan_tiles, resolve_area
+    from asymkd.classify.grid import pixel_grid
+    from asymkd.classify.reader import PrefetchReader
+    data = texture(4 * T, 9 * T, seed=4)
+    path = write_raster(tmp_path / "r.tif", data)
+    with rasterio.open(path) as src:
+        grid = pixel_grid(src, None, T, T)
+        plan = plan_tiles(grid, resolve_area(src, grid, None, None, None, None, warn=print))
+    reader = PrefetchReader(path, plan, [1, 2, 3], fill=[0, 0, 0], batch_size=2, prefetch=1, max_strip_tiles=4,
+                            dtype=data.dtype)
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    seen = 0
+    for batch in reader:
+        if len(held) >= 2:  # the batch before the previous one may be reused now
+            held.pop(0)
+        for images, copy in held:
+            assert np.array_equal(images, copy)
+        held.append((batch.images, batch.images.copy()))
+        for image, r, c in zip(batch.images, batch.rows, batch.cols, strict=True):
+            assert np.array_equal(image, data[:, r * T:(r + 1) * T, c * T:(c + 1) * T])
+        seen += len(batch.rows)
+        time.sleep(0.01)  # the reader runs ahead and fills every buffer it may
+    assert seen == 4 * 9
+
+
 def test_one_terminal_progress_bar(model, tmp_path, monkeypatch):
     import tqdm
     bars: list[str] = []

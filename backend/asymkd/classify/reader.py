@@ -82,7 +82,9 @@ def _by_colour_interp(src, band_names: Sequence[str]) -> list[int] | None:
 
 @dataclasses.dataclass
 class Batch:
-    images: np.ndarray   # (n, C, tile, tile) float32 or the raster's integer type; invalid pixels = model mean
+    # (n, C, tile, tile) float32 or the raster's integer type; invalid pixels = model mean. The
+    # reader reuses this memory: it is valid until the batch after the next one is taken.
+    images: np.ndarray
     rows: np.ndarray     # (n,) tile rows in the grid
     cols: np.ndarray
     valid: np.ndarray    # (n,) fraction of valid pixels
@@ -107,6 +109,7 @@ class _Source:
         self.grid = grid
         self.bands = bands
         self.vrt = None
+        self._strips: dict[tuple[int, int], np.ndarray] = {}  # read buffers by shape, reused
         if grid.warp:
             self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
                                  height=grid.height, resampling=grid.resampling, add_alpha=True)
@@ -143,7 +146,7 @@ class _Source:
             return np.zeros((len(self.bands), height, width), src.dtypes[self.bands[0] - 1]), \
                 np.zeros((height, width), bool)
         win = Window(c0, r0, c1 - c0, r1 - r0)
-        part = src.read(self.bands, window=win)
+        part = src.read(self.bands, window=win, out=self._strip(r1 - r0, c1 - c0) if inside else None)
         if self.mode == "none":
             ok = _finite(part)
         elif self.mode == "nodata":
@@ -160,6 +163,18 @@ class _Source:
         data[:, ys, xs] = part
         valid[ys, xs] = ok
         return data, valid
+
+
+    def _strip(self, height: int, width: int) -> np.ndarray:
+        """A reused buffer for a strip read: a fresh 1.5 MB array per strip would be mapped
+        and unmapped each time where malloc's trim threshold is set (Dask's workers set it),
+        and every unmap interrupts the inference threads of the process."""
+        key = (height, width)
+        if key not in self._strips:
+            if len(self._strips) >= 4:  # the usual strip, a row's last one, and rare others
+                self._strips.clear()
+            self._strips[key] = np.empty((len(self.bands), height, width), self.src.dtypes[self.bands[0] - 1])
+        return self._strips[key]
 
 
 def _finite(data: np.ndarray) -> np.ndarray | bool:
@@ -248,7 +263,11 @@ class PrefetchReader:
         g = self.grid
         T, S, B = g.tile, g.stride, self.batch_size
         C = len(self.bands)
-        buf = np.empty((B, C, T, T), self.dtype)
+        # batch buffers, reused in turn: the queue's batches, the one being classified and the
+        # one the consumer took before it, and the one being filled
+        ring: list[np.ndarray] = [np.empty((B, C, T, T), self.dtype)]
+        turn = 0
+        buf = ring[turn]
         rows = np.empty(B, np.int64)
         cols = np.empty(B, np.int64)
         valid = np.empty(B, np.float32)
@@ -288,7 +307,10 @@ class PrefetchReader:
                             return
                         self.stats.skipped += skipped
                         t1 = time.perf_counter()
-                        buf = np.empty((B, C, T, T), self.dtype)
+                        turn = (turn + 1) % (self.queue.maxsize + 3)
+                        if turn == len(ring):
+                            ring.append(np.empty((B, C, T, T), self.dtype))
+                        buf = ring[turn]
                         rows, cols, valid = np.empty(B, np.int64), np.empty(B, np.int64), np.empty(B, np.float32)
                         n, skipped = 0, 0
                 self.stats.cut_s += time.perf_counter() - t1
