@@ -326,12 +326,15 @@ class PrefetchReader:
 
     def _cut(self, out: np.ndarray, windows: np.ndarray, steps: np.ndarray, frac: np.ndarray,
              ok: np.ndarray | None, stride: int) -> None:
-        """Copy the tile windows `steps` of a strip into `out` (one copy, cast to the batch
-        dtype); a tile's invalid pixels get the fill value."""
-        if windows.dtype == out.dtype:
-            np.take(windows, steps, axis=0, out=out, mode="clip")
+        """Copy the tile windows `steps` of a strip into `out` (cast to the batch dtype), with
+        no temporary array (np.take and fancy indexing would copy the strip first); a tile's
+        invalid pixels get the fill value."""
+        first = int(steps[0])
+        if int(steps[-1]) - first + 1 == len(steps):  # consecutive windows: one strided copy
+            np.copyto(out, windows[first:first + len(steps)], casting="unsafe")
         else:
-            out[:] = windows[steps]
+            for j, step in enumerate(steps.tolist()):
+                np.copyto(out[j], windows[step], casting="unsafe")
         tile = out.shape[-1]
         for j in np.flatnonzero(frac < 1.0).tolist():
             assert ok is not None  # a tile with invalid pixels comes from a strip with a mask
