@@ -96,6 +96,8 @@ class DistillConfig:
     fixmatch_ratio: int = 2            # unlabeled samples per labeled sample in a batch
     w_unlabeled: float = 1.0           # weight of the consistency term
     label_smoothing: float = 0.0
+    shift: int = -1                    # random translation of labeled patches, pixels (-1 = auto: an
+                                       # eighth of the patch from scratch, 0 for a pretrained start)
     weights: str | None = None
 
 
@@ -194,6 +196,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (1 <= cfg.distill.fixmatch_ratio <= 16, "distill.fixmatch_ratio must be 1 to 16"),
         (cfg.distill.w_unlabeled >= 0, "distill.w_unlabeled must be >= 0"),
         (cfg.distill.repair_every >= -1, "distill.repair_every must be >= 1, 0 (every epoch) or -1 (never)"),
+        (-1 <= cfg.distill.shift <= 64, "distill.shift must be -1 (automatic) or 0 to 64 pixels"),
         (cfg.teacher.folds == 0 or cfg.teacher.folds >= 2, "teacher.folds must be 0 or >= 2"),
     ]
     for ok, message in checks:

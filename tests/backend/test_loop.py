@@ -105,6 +105,32 @@ def test_strong_views_differ_from_weak_ones_but_keep_shape():
     assert (out == 0).flatten(1).sum(1).min() >= 16  # every sample has a cut-out square
 
 
+def test_shift_translates_each_patch_with_mirrored_edges():
+    x = torch.randn(6, 3, 16, 16)
+    out = common.shift(x, torch.Generator().manual_seed(1), 4)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    offsets = []
+    for i in range(len(x)):  # each output is a 16x16 window of its own padded patch
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
+        assert found
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1 and offsets != [(4, 4)] * len(x)  # patches move, each its own way
+    again = common.shift(x, torch.Generator().manual_seed(1), 4)
+    assert torch.equal(out, again)  # the seeded generator decides
+    assert common.shift(x, torch.Generator(), 0) is x
+
+
+def test_students_from_scratch_shift_by_default_and_pretrained_ones_do_not():
+    from asymkd.train.teacher import auto_shift
+    scratch = config_mod.DistillConfig(backbone="resnet18_w32", pretrained=False)
+    assert auto_shift(scratch, 64) == 8 and auto_shift(scratch, 32) == 4  # an eighth of the patch
+    assert auto_shift(config_mod.DistillConfig(), 64) == 0  # the bundled ImageNet start
+    assert auto_shift(config_mod.DistillConfig(shift=3), 64) == 3
+    with pytest.raises(ConfigError, match="distill.shift"):
+        config_mod.validate(config_mod.RunConfig(distill=config_mod.DistillConfig(shift=-2)))
+
+
 def test_relative_coral_does_not_vanish_when_features_shrink():
     a, b = torch.randn(64, 8), torch.randn(64, 8) * torch.linspace(0.2, 2, 8)
     for s in (1.0, 1e-3):

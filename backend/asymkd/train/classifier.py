@@ -42,8 +42,9 @@ class ClassifierTask(Task):
     def __init__(self, model: SceneClassifier, objective: SupervisedObjective, x: torch.Tensor,
                  y: torch.Tensor, train_index: np.ndarray, device: torch.device, amp: bool,
                  val_index: np.ndarray | None = None, best_path: Path | None = None,
-                 consistency: Consistency | None = None):
+                 consistency: Consistency | None = None, shift: int = 0):
         self.model, self.objective = model, objective
+        self.shift = shift  # random translation of the labeled view, pixels
         self.modules: dict[str, nn.Module] = {"model": model}
         attention = getattr(objective, "attention", None)
         if attention is not None:
@@ -65,6 +66,8 @@ class ClassifierTask(Task):
     def forward_batch(self, index: torch.Tensor, gen: torch.Generator) -> tuple[Batch, dict[str, torch.Tensor]]:
         rows = self.train_index[index]
         views = [common.dihedral(self.x[rows], gen)]
+        if self.shift:  # no draw otherwise: runs without it stay bit for bit as they were
+            views[0] = common.shift(views[0], gen, self.shift)
         c = self.consistency
         unlabeled = rows[:0]
         if c is not None:  # weak and strong views of unlabeled samples, in the same forward pass

@@ -102,6 +102,20 @@ def dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def shift(x: torch.Tensor, gen: torch.Generator, pixels: int) -> torch.Tensor:
+    """Random translation of each patch by up to `pixels` in each direction, the edges
+    mirrored in (a scene continues beyond its patch; mirroring keeps its textures)."""
+    n, c, h, w = x.shape
+    p = min(int(pixels), h - 1, w - 1)
+    if p <= 0:
+        return x
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    dy = torch.randint(0, 2 * p + 1, (n, 1), generator=gen) + torch.arange(h)
+    dx = torch.randint(0, 2 * p + 1, (n, 1), generator=gen) + torch.arange(w)
+    rows = torch.gather(padded, 2, dy.view(n, 1, h, 1).expand(n, c, h, w + 2 * p))
+    return torch.gather(rows, 3, dx.view(n, 1, 1, w).expand(n, c, h, w))
+
+
 def strong_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A strong view of normalised patches for consistency training: a dihedral move, then
     per-sample brightness, contrast and per-band gain jitter, and a cut-out square."""

@@ -37,7 +37,7 @@ from .classifier import ClassifierTask, Consistency
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
-from .teacher import auto_epochs, build_classifier, start_source
+from .teacher import auto_epochs, auto_shift, build_classifier, start_source
 
 
 @dataclass
@@ -220,7 +220,8 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
     dc = cfg.distill
     kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=device, amp=cfg.amp,
                                   val_index=data.val_index, best_path=out_dir / "best.safetensors",
-                                  consistency=data.consistency)
+                                  consistency=data.consistency,
+                                  shift=auto_shift(dc, int(data.x.shape[-1])))
     if cache is None:
         return ClassifierTask(student, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
     assert pairs is not None
@@ -286,7 +287,8 @@ def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: Patch
         "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
         "semi_supervised": cfg.distill.semi_supervised if data.consistency is not None else "none",
         "best_val_accuracy": task.best_acc if len(data.val_index) else None, "train_seconds": round(seconds, 1),
-        "backbone": cfg.distill.backbone, "weights_source": source, "input_size": cfg.distill.input_size}
+        "backbone": cfg.distill.backbone, "weights_source": source, "input_size": cfg.distill.input_size,
+        "shift": task.shift}
     if cache is not None and isinstance(task, DistillTask):
         stats = pairing_stats(task.objective.partners[task.trained_rows()].numpy(), cache.labels.numpy())
         summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,

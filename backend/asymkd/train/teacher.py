@@ -47,6 +47,15 @@ def auto_epochs(section: TeacherConfig | DistillConfig, n: int) -> int:
                              auto_floor=80 if start_source(section) == "scratch" else 30)
 
 
+def auto_shift(section: DistillConfig, patch_size: int) -> int:
+    """Configured translation, or when -1 (auto) an eighth of the patch from scratch (a net
+    that learns its filters from a few hundred patches gains from it: 8 px of 64) and none
+    for a pretrained start."""
+    if section.shift >= 0:
+        return section.shift
+    return patch_size // 8 if start_source(section) == "scratch" else 0
+
+
 def build_classifier(section: TeacherConfig | DistillConfig, in_chans: int, num_classes: int,
                      band_names: list[str] | None, device: torch.device) -> SceneClassifier:
     """The classifier a config section describes, started from its weights, on `device`."""
