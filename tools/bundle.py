@@ -172,14 +172,14 @@ def collect_wheels(wheels: Path, requirements: Path, variants: list[str], python
         _download(folder, lines + ["pip"], python_version, platform, CPU_INDEX if variant == "cpu" else None)
         resolved[variant] = {path.name for path in folder.glob("*.whl")}
     shared, own = partition(resolved)
+    for name in shared:  # the same file in every resolution: the first build's copy
+        os.replace(wheels / f"all-{variants[0]}" / name, common / name)
     for variant in variants:
-        folder = wheels / f"all-{variant}"
-        (wheels / f"torch-{variant}").mkdir(exist_ok=True)
-        for name in sorted(resolved[variant]):
-            destination = common if name in shared else wheels / f"torch-{variant}"
-            if not (destination / name).exists():
-                os.replace(folder / name, destination / name)
-        shutil.rmtree(folder)
+        folder = wheels / f"torch-{variant}"
+        folder.mkdir(exist_ok=True)
+        for name in own[variant]:
+            os.replace(wheels / f"all-{variant}" / name, folder / name)
+        shutil.rmtree(wheels / f"all-{variant}")
 
 
 def build(out: Path, variants: list[str], python_version: str, platform: str,

@@ -147,14 +147,14 @@ class _Source:
                 np.zeros((height, width), bool)
         win = Window(c0, r0, c1 - c0, r1 - r0)
         part = src.read(self.bands, window=win, out=self._strip(r1 - r0, c1 - c0) if inside else None)
-        if self.mode == "none":
-            ok = _finite(part)
-        elif self.mode == "nodata":
+        ok: np.ndarray | bool = True
+        if self.mode == "nodata":
             is_nd = [(np.isnan(b) if nd is not None and np.isnan(nd) else b == nd)
                      for b, nd in zip(part, self.nodata, strict=True) if nd is not None]
-            ok = ~np.logical_and.reduce(is_nd) & _finite(part)
-        else:
-            ok = (src.read_masks(self.bands[0], window=win) > 0) & _finite(part)
+            ok = ~np.logical_and.reduce(is_nd)
+        elif self.mode == "mask":
+            ok = src.read_masks(self.bands[0], window=win) > 0
+        ok = ok & _finite(part)
         if inside:  # no copy into a padded strip
             return part, (None if ok is True else np.asarray(ok))
         data = np.zeros((len(self.bands), height, width), dtype=part.dtype)
