@@ -17,6 +17,7 @@ from typing import Sequence
 from . import __version__
 from .errors import AsymKDError, Cancelled, StorageError, storage_error
 from .events import Events
+from .launch import writes_files
 
 # name -> one-line help (kept here so `asymkd --help` lists commands without importing them)
 COMMANDS: dict[str, str] = {
@@ -149,7 +150,7 @@ def _cancelled(events: Events) -> int:
 def _open_events(target: str | None, stack: ExitStack) -> Events:
     if target == "-":
         return Events(stream=sys.stdout)
-    if not target:
+    if not target or not writes_files():  # under torchrun rank 0 alone keeps the event file
         return Events(stream=None)
     try:
         return Events(stream=stack.enter_context(open(target, "a", encoding="utf-8")))

@@ -71,6 +71,29 @@ def _record_pairs(setattr_: Callable[..., None]) -> list[list[int]]:
     return pairs
 
 
+def _record_validation(setattr_: Callable[..., None]) -> list[list[float]]:
+    """[accuracy, patches this rank predicted] of the student's validation after every epoch."""
+    from asymkd.train.classifier import ClassifierTask
+    seen: list[list[float]] = []
+    validate, predict = ClassifierTask.validate, common.predict_normalised
+    predicted: list[int] = []
+
+    def counting(model: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        predicted.append(len(x))
+        return predict(model, x, *args, **kwargs)
+
+    def recording(self: ClassifierTask) -> float | None:
+        predicted.clear()
+        acc = validate(self)
+        if acc is not None:  # the teacher's folds hold nothing back
+            seen.append([acc, sum(predicted)])
+        return acc
+
+    setattr_(ClassifierTask, "validate", recording)
+    setattr_(common, "predict_normalised", counting)
+    return seen
+
+
 def _watch_writes(root: Path, seen: list[str]) -> None:
     """Record every file opened for writing, renamed, made or removed under `root`."""
     prefix = str(root.resolve())
@@ -194,10 +217,12 @@ def _steps(run: str, setattr_: Callable[..., None], setitem: Callable[..., None]
     """The teacher and the distillation of a run folder that holds the matcher and pairs."""
     _no_batch_statistics(setitem)
     pairs = _record_pairs(setattr_)
+    validation = _record_validation(setattr_)
     cfg = resolve_config(Path(run), write=False)
     teacher = step_teacher(cfg, Path(run))
     student = step_distill(cfg, Path(run))
-    return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs}
+    return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs,
+            "validation": validation}
 
 
 def _steps_job(run: str) -> dict:
@@ -261,6 +286,12 @@ def test_teacher_and_distillation_on_two_ranks_match_one_process(tmp_path, paire
     # every re-pairing gave the same pairs on both ranks
     rank1 = reports[1]["result"]
     assert len(got["pairs"]) == len(ref["pairs"]) > 2 and rank1["pairs"] == got["pairs"]
+    # validation: each rank predicts half the held-out patches and every rank gets one accuracy
+    # (that of the whole set), so the epoch kept is the same on all ranks
+    (acc, n0), (acc1, n1), (ref_acc, n) = (np.array(r["validation"]).T for r in (got, rank1, ref))
+    assert len(acc) == len(ref_acc) > 1 and list(acc1) == list(acc)
+    assert list(n0 + n1) == list(n) and max(n0) < max(n)  # no patch predicted twice
+    np.testing.assert_allclose(acc, ref_acc, atol=1 / min(n) + 1e-9)  # one patch may differ at most
     # rank 1 wrote nothing in the run folder; the files are those of one process
     assert reports[1]["writes"] == []
     assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == \
@@ -307,3 +338,13 @@ def test_torchrun_teacher_command_speaks_and_writes_once(tmp_path, paired_run):
     assert sum(e["event"] == "metrics" for e in events) == 1
     assert (run / "teacher" / "soft_labels.npy").is_file()
     assert not list(run.rglob("checkpoint.pt")) and not list(run.rglob("folds.npz"))
+
+
+def test_under_torchrun_only_rank_0_opens_the_event_file(tmp_path, monkeypatch):
+    from asymkd import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        assert cli.main(["choices", "--events", str(tmp_path / f"rank{rank}.jsonl")]) == 0
+    assert not (tmp_path / "rank1.jsonl").exists()  # not even created (on another node it would be a stray file)
+    assert json.loads((tmp_path / "rank0.jsonl").read_text().splitlines()[-1])["event"] == "choices"

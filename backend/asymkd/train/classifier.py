@@ -96,9 +96,15 @@ class ClassifierTask(Task):
     def validate(self) -> float | None:
         if self.val_index is None:
             return None
-        probs = common.predict_normalised(self.model, self.x[self.val_index], self.device, amp=self.amp)
-        acc = common.accuracy(probs, self.y[self.val_index])
-        return acc if self.shard.world == 1 else distributed.from_main(acc)  # one model choice on all ranks
+        # under torchrun each rank predicts its slice; the slices' accuracies weighted by their
+        # sizes give every rank the same whole-set accuracy, so all ranks choose the same epoch
+        index = self.shard.take(torch.as_tensor(self.val_index)).numpy()
+        acc = common.accuracy(common.predict_normalised(self.model, self.x[index], self.device, amp=self.amp),
+                              self.y[index]) if len(index) else 0.0
+        if self.shard.world == 1:
+            return acc
+        parts = distributed.gather((acc, len(index)))
+        return sum(a * n for a, n in parts) / sum(n for _, n in parts)
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         val_acc = self.validate()

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import AsymKDError, ConfigError
 from ..events import Events
+from ..launch import launched
 
 TIMEOUT_ENV = "ASYMKD_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 30.0
@@ -43,27 +44,6 @@ T = TypeVar("T")
 
 class RankFailure(AsymKDError):
     """Another rank died, or a collective operation timed out."""
-
-
-@dataclass(frozen=True)
-class Launch:
-    """This process's place in a torchrun launch."""
-
-    rank: int
-    world: int
-    local_rank: int
-
-
-def launched() -> Launch | None:
-    """The torchrun launch this process belongs to (from its environment), or None."""
-    env = os.environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return None
-    try:
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
-    except ValueError:
-        raise ConfigError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r} are not whole numbers",
-                          "start the command with torchrun, which sets them, or unset them") from None
 
 
 def timeout() -> datetime.timedelta:
