@@ -35,9 +35,9 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from . import paths, settings
 from .engine import REQUIRED_MODULES, Engine, EngineUnavailable, stream_process
+from .requirements import normalize, pinned, requirement_name, split_requirements
 from .tasks import log
 
-TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 ENGINE_MODULES = REQUIRED_MODULES
 # torch's own index of CPU builds (Linux); its CUDA indexes are siblings (cu126, cu128, ...).
 DEFAULT_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -101,29 +101,6 @@ def find_base_python() -> str | None:
 
 
 # -- requirements and wheels -----------------------------------------------------------------
-def requirement_name(line: str) -> str:
-    return re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0]
-
-
-def normalize(name: str) -> str:
-    """A project name as wheel file names spell it (PEP 503 + underscores)."""
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def split_requirements(requirements: Path | None) -> tuple[list[str], list[str]]:
-    """(torch lines, other lines) of a pinned requirements file."""
-    torch_lines: list[str] = []
-    other: list[str] = []
-    if requirements is None:
-        return torch_lines, other
-    for raw in requirements.read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        (torch_lines if requirement_name(line).lower() in TORCH_PACKAGES else other).append(line)
-    return torch_lines, other
-
-
 @dataclass(frozen=True)
 class Wheel:
     path: Path
@@ -148,11 +125,6 @@ def find_wheels(folders: Sequence[Path]) -> list[Wheel]:
     return [w for w in wheels if w is not None]
 
 
-def _pinned(line: str) -> str | None:
-    match = re.search(r"===?\s*([^\s,;]+)", line)
-    return match.group(1) if match else None
-
-
 def _version_matches(wheel_version: str, pin: str | None) -> bool:
     # `torch==2.14.1` accepts the local build `2.14.1+cpu`, as pip does.
     return pin is None or wheel_version == pin or wheel_version.split("+", 1)[0] == pin
@@ -162,7 +134,7 @@ def missing_wheels(requirements: Sequence[str], wheels: Sequence[Wheel], tags: s
     """The requirements that no wheel in `wheels` satisfies for these tags, each with why."""
     missing = []
     for line in requirements:
-        name, pin = normalize(requirement_name(line)), _pinned(line)
+        name, pin = normalize(requirement_name(line)), pinned(line)
         same = [w for w in wheels if w.name == name and _version_matches(w.version, pin)]
         if any(w.tags & tags for w in same):
             continue

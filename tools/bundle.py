@@ -36,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
+from asymkd_qgis.requirements import requirement_lines  # noqa: E402
 from plugin_package import build_zip  # noqa: E402
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -164,8 +166,7 @@ def collect_wheels(wheels: Path, requirements: Path, variants: list[str], python
         return
     # Each build is resolved as a whole (torch pinned), so no other requirement pulls in a
     # torch of another version; a current pip reports download progress.
-    lines = [line for line in (raw.split("#", 1)[0].strip()
-                               for raw in requirements.read_text(encoding="utf-8").splitlines()) if line]
+    lines = requirement_lines(requirements)
     resolved: dict[str, set[str]] = {}
     for variant in variants:
         folder = wheels / f"all-{variant}"

@@ -9,6 +9,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+from asymkd_qgis.requirements import pins
 from conftest import REPO
 
 TORCH_CODE = "__version__ = {version!r}\n\n\nclass version:\n    cuda = {cuda!r}\n"
@@ -32,19 +33,9 @@ def stub_wheel(folder: Path, name: str, version: str, code: str = "", tag: str =
     return path
 
 
-def requirements(path: Path = REPO / "backend" / "requirements.txt") -> list[tuple[str, str]]:
-    pins = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = (p.strip() for p in line.split("==", 1))
-            pins.append((name, version))
-    return pins
-
-
 def stub_bundle_wheels(folder: Path) -> Path:
     """common/ (every requirement but torch), torch-cpu/ and torch-cuda/: an offline bundle's layout."""
-    for name, version in requirements():
+    for name, version in pins(REPO / "backend" / "requirements.txt"):
         if name == "torch":
             stub_wheel(folder / "torch-cpu", name, f"{version}+cpu",
                        TORCH_CODE.format(version=f"{version}+cpu", cuda=None))
