@@ -56,13 +56,16 @@ class Grid:
 
     def bounds(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, ...]:
         """(minx, miny, maxx, maxy) of tiles, computed like rasterio.windows.bounds."""
-        t = self.transform
         c0 = np.asarray(cols, np.float64) * self.stride
         r0 = np.asarray(rows, np.float64) * self.stride
-        c1, r1 = c0 + self.tile, r0 + self.tile
-        x0, y0 = t.a * c0 + t.b * r0 + t.c, t.d * c0 + t.e * r0 + t.f
-        x1, y1 = t.a * c1 + t.b * r1 + t.c, t.d * c1 + t.e * r1 + t.f
+        x0, y0 = self.to_crs(c0, r0)
+        x1, y1 = self.to_crs(c0 + self.tile, r0 + self.tile)
         return np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)
+
+    def to_crs(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates (column, row; fractional) of the grid -> x, y in its CRS."""
+        t = self.transform
+        return t.a * px + t.b * py + t.c, t.d * px + t.e * py + t.f
 
     def keys(self, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, np.int64)

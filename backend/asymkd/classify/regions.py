@@ -140,13 +140,13 @@ def cell_mapper(grid: Grid):
     """Tile-index coordinates (column, row) -> grid CRS, with Grid.bounds' arithmetic. A
     tile is its stride-sized cell at the tile's centre when tiles overlap (stride < tile),
     as in the class raster; with stride == tile, exactly the tile."""
-    t, s = grid.transform, float(grid.stride)
+    s = float(grid.stride)
     shift = (grid.tile - grid.stride) / 2.0
 
     def to_crs(xy: np.ndarray) -> np.ndarray:
         c0 = xy[:, 0] * s + shift if shift else xy[:, 0] * s
         r0 = xy[:, 1] * s + shift if shift else xy[:, 1] * s
-        return np.column_stack([t.a * c0 + t.b * r0 + t.c, t.d * c0 + t.e * r0 + t.f])
+        return np.column_stack(grid.to_crs(c0, r0))
 
     return to_crs
 
