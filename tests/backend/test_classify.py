@@ -206,6 +206,55 @@ def test_fields_match_running_the_model_directly(model, tmp_path):
     assert len(set(f["class_id"].tolist())) > 1  # the test raster is not one class
 
 
+def test_batches_classified_at_once_give_the_same_layer_in_the_same_order(model, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from asymkd.classify.infer import OnnxClassifier
+    src = write_raster(tmp_path / "r.tif", texture(3 * T, 5 * T, seed=5))
+    running, most = [0], [0]
+    lock = threading.Lock()
+    predict = OnnxClassifier.predict
+
+    def slow_predict(self, images):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # every run lasts long enough to meet the others
+        try:
+            return predict(self, images)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(OnnxClassifier, "predict", slow_predict)
+    layers = {}
+    for streams in (1, 3):
+        most[0] = 0
+        classify(model[0], src, tmp_path / f"s{streams}.gpkg", batch_size=2, streams=streams, threads=3)
+        assert most[0] == streams
+        layers[streams] = read_layer(tmp_path / f"s{streams}.gpkg")
+    (geoms, fields, _), (geoms1, fields1, _) = layers[3], layers[1]
+    assert shapely.to_wkb(geoms).tolist() == shapely.to_wkb(geoms1).tolist()  # same tiles, same order
+    for name, values in fields.items():
+        if values.dtype.kind == "f":  # 1 and 3 threads per run sum in other orders
+            np.testing.assert_allclose(values, fields1[name], atol=1e-6, err_msg=name)
+        else:
+            assert values.tolist() == fields1[name].tolist(), name
+
+
+def test_threads_are_shared_between_the_batches_classified_at_once(monkeypatch):
+    from asymkd.classify import MAX_STREAMS, infer
+    monkeypatch.setattr(infer, "available_cores", lambda: 6)
+    cpu, gpu = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert infer.stream_threads(cpu, 0, 0) == (6, 1)      # one batch per core
+    assert infer.stream_threads(cpu, 4, 0) == (4, 1)
+    assert infer.stream_threads(cpu, 4, 2) == (2, 2)
+    assert infer.stream_threads(cpu, 64, 0) == (MAX_STREAMS, 64 // MAX_STREAMS)
+    assert infer.stream_threads(cpu, 1, 3) == (3, 1)      # never 0 threads: onnxruntime would take every core
+    assert infer.stream_threads(gpu, 0, 0) == (1, 0)      # a GPU: one at a time unless asked
+
+
 def test_band_mapping_by_colour_interpretation_and_explicit(model, tmp_path):
     data = texture(2 * T, 3 * T, seed=4)
     rgb = write_raster(tmp_path / "rgb.tif", data)
@@ -585,9 +634,11 @@ def test_io_threads_can_run_at_low_priority():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller is untouched
 
 
-def test_reused_batch_memory_holds_until_the_batch_after_next(tmp_path):
-    """The reader fills its batch buffers in turn: a slow consumer still sees each batch
-    intact until it takes the one after the next, and every tile's pixels are its own."""
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_reused_batch_memory_holds_while_in_flight(tmp_path, in_flight):
+    """The reader fills its batch buffers in turn: a slow consumer that classifies
+    `in_flight` batches at once still sees each batch intact until it takes the
+    in_flight + 1-th batch after it, and every tile's pixels are its own."""
     import time
 
     import rasterio
@@ -601,11 +652,11 @@ def test_reused_batch_memory_holds_until_the_batch_after_next(tmp_path):
         grid = pixel_grid(src, None, T, T)
         plan = plan_tiles(grid, resolve_area(src, grid, None, None, None, None, warn=print))
     reader = PrefetchReader(path, plan, [1, 2, 3], fill=[0, 0, 0], batch_size=2, prefetch=1, max_strip_tiles=4,
-                            dtype=data.dtype)
+                            dtype=data.dtype, in_flight=in_flight)
     held: list[tuple[np.ndarray, np.ndarray]] = []
     seen = 0
     for batch in reader:
-        if len(held) >= 2:  # the batch before the previous one may be reused now
+        if len(held) > in_flight:  # the batch in_flight + 1 before this one may be reused now
             held.pop(0)
         for images, copy in held:
             assert np.array_equal(images, copy)

@@ -31,6 +31,7 @@ __all__ = ["classify", "ClassifyOptions", "ClassifyResult"]
 MAX_TILE = 4096
 MAX_BATCH = 65_536
 MAX_THREADS = 256
+MAX_STREAMS = 8  # batches classified at once by default (each run's threads sync less)
 MAX_BATCH_BYTES = 4 * 2**30  # one batch of tiles in memory (a few are in flight)
 
 
@@ -49,7 +50,9 @@ class ClassifyOptions:
     overwrite: bool = False
     device: str = "auto"
     min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
-    threads: int = 0                              # onnxruntime intra-op threads (0 = its default)
+    threads: int = 0                              # CPU threads for inference in all (0 = every core)
+    streams: int = 0                              # batches classified at once (0 = CPU: one per thread,
+                                                  # at most MAX_STREAMS; GPU: 1)
     # idle onnxruntime threads busy-wait: with the reader and writer this light, faster
     # end to end on CPU (bench classify: 632-663 vs 610 tiles/s on 2 cores)
     spinning: bool = True
@@ -85,7 +88,10 @@ class ClassifyOptions:
         if not 0 <= self.threads <= MAX_THREADS:
             # onnxruntime would try to start them all (10^5 threads take tens of GB)
             raise ConfigError(f"--threads {self.threads} is out of range",
-                              f"use 0 (onnxruntime decides) up to {MAX_THREADS}")
+                              f"use 0 (every core) up to {MAX_THREADS}")
+        if not 0 <= self.streams <= MAX_THREADS:
+            raise ConfigError(f"--streams {self.streams} is out of range",
+                              f"use 0 (one per thread on the CPU, one on a GPU) up to {MAX_THREADS}")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
         self._check_cluster()

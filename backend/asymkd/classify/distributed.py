@@ -40,7 +40,7 @@ from ..fileio import staged_dir, temp_name
 from . import ClassifyOptions
 from .area import TilePlan
 from .grid import Grid
-from .infer import OnnxClassifier, Summary, summarize
+from .infer import OnnxClassifier, Summary, available_cores, summarize
 from .run import Counts, Job, TileSink, classify_plan, deliver
 from .writer import ClassRaster
 
@@ -107,7 +107,7 @@ class ShardTask:
     grid: Grid
     bands: tuple[int, ...]
     feed: str            # dtype the tiles are fed to the model in
-    threads: int         # onnxruntime intra-op threads on the worker
+    threads: int         # inference threads on the worker (0: its cores)
     opts: ClassifyOptions
     shard: Shard
     path: str            # the shard file
@@ -187,11 +187,11 @@ _RASTERS_OK: set[str] = set()  # rasters this worker process has opened (checked
 def _model(task: ShardTask) -> OnnxClassifier:
     st = os.stat(task.model) if "://" not in task.model and not task.model.startswith("/vsi") else None
     key = (task.model, st and st.st_mtime_ns, st and st.st_size, task.opts.device, task.threads,
-           task.opts.spinning, task.feed)
+           task.opts.streams, task.opts.spinning, task.feed)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = OnnxClassifier(task.model, device=task.opts.device, threads=task.threads,
-                                      spinning=task.opts.spinning, input_dtype=task.feed)
+                                      spinning=task.opts.spinning, input_dtype=task.feed, streams=task.opts.streams)
     return _MODELS[key]
 
 
@@ -270,11 +270,11 @@ def _raise(error: tuple[str, str, str | None]) -> None:
 
 
 def local_threads(opts: ClassifyOptions) -> int:
-    """onnxruntime threads per local worker: the machine's cores shared between the workers
+    """Inference threads per local worker: the machine's cores shared between the workers
     (each worker's own default would be every core, N times over)."""
     if opts.threads or opts.workers is None:
         return opts.threads
-    return max(1, (os.cpu_count() or 1) // opts.workers)
+    return max(1, available_cores() // opts.workers)
 
 
 # The workers' statistical profiler samples every thread's stack every 10 ms: CPU taken

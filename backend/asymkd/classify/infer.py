@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..export import (
     resolve_model_path,
 )
 from ..models.metadata import check_graph_shapes
+from . import MAX_STREAMS
 
 DEVICES = choices.ONNX_DEVICES
 
@@ -38,6 +40,28 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu" or not has_cuda:
         return ["CPUExecutionProvider"]
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's or a job's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def stream_threads(provider: str, threads: int, streams: int) -> tuple[int, int]:
+    """(batches classified at once, onnxruntime intra-op threads for each; 0 = its default).
+
+    On the CPU one batch per thread by default: each run on one thread needs no sync between
+    threads inside its operators, and on 2 cores two runs of one thread each classified 25 %
+    more tiles per second than one run of two threads (bench classify). On a GPU one batch at
+    a time unless asked: the device is the limit."""
+    if provider != "CPUExecutionProvider":
+        return max(1, streams), threads
+    budget = threads or available_cores()
+    n = streams or min(budget, MAX_STREAMS)
+    return n, max(1, budget // n)
 
 
 RAW_INPUT = "image_raw"
@@ -62,20 +86,23 @@ class OnnxClassifier:
     """An exported model ready to classify raw-unit tiles (normalisation is in the graph).
 
     `input_dtype` is the dtype of the tiles given to `predict`: float32, or an integer type
-    in CASTABLE (cast to float32 inside the graph)."""
+    in CASTABLE (cast to float32 inside the graph). `predict` may run in `streams` threads
+    at once (onnxruntime sessions are thread-safe); `threads` is their threads in all
+    (0: every core), see `stream_threads`."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = False,
-                 input_dtype: str | np.dtype = "float32"):
+                 input_dtype: str | np.dtype = "float32", streams: int = 0):
         import onnxruntime as ort
         self.path = resolve_model_path(path)
         self.input_dtype = np.dtype(input_dtype) if np.dtype(input_dtype) in CASTABLE else np.dtype(np.float32)
         providers = providers_for(device)
+        self.streams, intra = stream_threads(providers[0], threads, streams)
         self.input_name = INPUT_NAME
         model: str | bytes = str(self.path)
         if self.input_dtype != np.float32:
             model, self.input_name = _with_input_cast(self.path, self.input_dtype), RAW_INPUT
         try:
-            self.session = ort.InferenceSession(model, sess_options=onnx_session_options(threads, spinning),
+            self.session = ort.InferenceSession(model, sess_options=onnx_session_options(intra, spinning),
                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             read_onnx_metadata(self.path)  # says precisely what is wrong with the file, if it can

@@ -83,7 +83,8 @@ def _by_colour_interp(src, band_names: Sequence[str]) -> list[int] | None:
 @dataclasses.dataclass
 class Batch:
     # (n, C, tile, tile) float32 or the raster's integer type; invalid pixels = model mean. The
-    # reader reuses this memory: it is valid until the batch after the next one is taken.
+    # reader reuses this memory: with `in_flight` batches in use by the consumer, it is valid
+    # until the in_flight + 1-th batch after it is taken (1 in flight: the batch after next).
     images: np.ndarray
     rows: np.ndarray     # (n,) tile rows in the grid
     cols: np.ndarray
@@ -188,7 +189,8 @@ class PrefetchReader:
 
     def __init__(self, path: str | Path, plan: TilePlan, bands: list[int], fill: Sequence[float],
                  batch_size: int = 64, min_valid: float = 0.5, prefetch: int = 4,
-                 max_strip_tiles: int = 256, nice: int = 0, dtype: str | np.dtype = "float32"):
+                 max_strip_tiles: int = 256, nice: int = 0, dtype: str | np.dtype = "float32",
+                 in_flight: int = 1):
         self.path = str(path)
         self.nice = nice
         self.dtype = np.dtype(dtype)
@@ -204,6 +206,7 @@ class PrefetchReader:
         self.min_valid = float(min_valid)
         self.max_strip_tiles = max(1, int(max_strip_tiles))
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.in_flight = max(1, int(in_flight))  # batches the consumer holds at once
         self.stop = threading.Event()
         self.stats = ReaderStats()
         self._thread: threading.Thread | None = None
@@ -263,8 +266,8 @@ class PrefetchReader:
         g = self.grid
         T, S, B = g.tile, g.stride, self.batch_size
         C = len(self.bands)
-        # batch buffers, reused in turn: the queue's batches, the one being classified and the
-        # one the consumer took before it, and the one being filled
+        # batch buffers, reused in turn: the queue's batches, the ones being classified and the
+        # one the consumer took before them, and the one being filled
         ring: list[np.ndarray] = [np.empty((B, C, T, T), self.dtype)]
         turn = 0
         buf = ring[turn]
@@ -307,7 +310,7 @@ class PrefetchReader:
                             return
                         self.stats.skipped += skipped
                         t1 = time.perf_counter()
-                        turn = (turn + 1) % (self.queue.maxsize + 3)
+                        turn = (turn + 1) % (self.queue.maxsize + self.in_flight + 2)
                         if turn == len(ring):
                             ring.append(np.empty((B, C, T, T), self.dtype))
                         buf = ring[turn]

@@ -3,9 +3,11 @@ process or, with --workers/--scheduler, on the workers of a Dask cluster (distri
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -18,7 +20,7 @@ from . import ClassifyOptions, ClassifyResult
 from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
 from .infer import CASTABLE, OnnxClassifier, Summary, summarize
-from .reader import PrefetchReader, resolve_bands
+from .reader import Batch, PrefetchReader, resolve_bands
 from .regions import RegionStats, write_regions
 from .stats import area_csv_text, areas_csv_path
 from .style import qml_text
@@ -108,7 +110,7 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
 
 def load_model(job: Job, opts: ClassifyOptions) -> OnnxClassifier:
     return OnnxClassifier(job.model_path, device=opts.device, threads=opts.threads, spinning=opts.spinning,
-                          input_dtype=job.feed)
+                          input_dtype=job.feed, streams=opts.streams)
 
 
 class Engine(Protocol):
@@ -284,7 +286,7 @@ def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: li
     the one read -> infer -> write loop of the engine."""
     reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
-                            nice=opts.io_nice, dtype=model.input_dtype)
+                            nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams)
     voter = Voter(plan, len(model.class_names)) if opts.vote else None
     counts = _stream(model, reader, sink, raster_out, plan.total, events, voter)
     if voter is not None:  # the last rows of cells; the counts are of cells, not windows
@@ -298,43 +300,63 @@ def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: li
 def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, raster_out: ClassRaster | None,
             total: int, events: Events, voter: Voter | None = None) -> Counts:
     """Read -> infer -> summarise -> hand to the writer, batch by batch, with progress (of
-    windows, when voting)."""
+    windows, when voting). `model.streams` batches are classified at once, each in its own
+    thread; their results are handed on in reading order, so the layer does not depend on it."""
     c = Counts()
     started = time.time()  # the event layer draws the one terminal progress bar
     checked = False
+    pending: collections.deque[tuple[Batch, Future[np.ndarray]]] = collections.deque()
 
     def progress(force: bool = False) -> None:
         events.progress("classify", c.done, total, started, unit="tile", force=force, skipped=c.skipped,
                         classified=c.classified, provider=model.provider)
 
+    def hand_on() -> None:
+        batch, future = pending.popleft()
+        ti = time.perf_counter()
+        probs = future.result()
+        tp = time.perf_counter()
+        c.infer_s += tp - ti
+        parts = [(batch.rows, batch.cols, probs, batch.valid)]
+        _deliver_probs(writer, raster_out, voter.add(*parts[0]) if voter is not None else parts)
+        c.post_s += time.perf_counter() - tp
+        c.classified += len(batch.rows)
+        c.done += len(batch.rows)
+        progress()
+
+    # the pool ends (its runs finished) before the reader closes and reuses their batches
     try:
-        batches = iter(reader)
-        while True:
-            tw = time.perf_counter()
-            batch = next(batches, None)
-            ti = time.perf_counter()
-            c.wait_s += ti - tw
-            if batch is None:
-                break
-            n = len(batch.rows)
-            if n:
+        with ThreadPoolExecutor(model.streams, thread_name_prefix="asymkd-infer") as pool:
+            for batch in _timed(reader, c):
+                c.skipped += batch.skipped
+                c.done += batch.skipped
+                if not len(batch.rows):  # tiles skipped in an empty area
+                    progress()
+                    continue
                 if not checked:
                     _check_value_range(batch.images, model.meta, events)
                     checked = True
-                probs = model.predict(batch.images)
-                tp = time.perf_counter()
-                c.infer_s += tp - ti
-                parts = [(batch.rows, batch.cols, probs, batch.valid)]
-                _deliver_probs(writer, raster_out, voter.add(*parts[0]) if voter is not None else parts)
-                c.post_s += time.perf_counter() - tp
-            c.classified += n
-            c.skipped += batch.skipped
-            c.done += n + batch.skipped
-            progress()
+                pending.append((batch, pool.submit(model.predict, batch.images)))
+                if len(pending) == model.streams:
+                    hand_on()
+            while pending:
+                hand_on()
     finally:
         reader.close()
     progress(force=True)
     return c
+
+
+def _timed(reader: PrefetchReader, c: Counts) -> Iterator[Batch]:
+    """The reader's batches, with the time spent waiting for them in `c.wait_s`."""
+    batches = iter(reader)
+    while True:
+        tw = time.perf_counter()
+        batch = next(batches, None)
+        c.wait_s += time.perf_counter() - tw
+        if batch is None:
+            return
+        yield batch
 
 
 def deliver(writer: TileSink, raster_out: ClassRaster | None, rows: np.ndarray, cols: np.ndarray, summary: Summary,

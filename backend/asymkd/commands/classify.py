@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .. import choices
-from ..classify import ClassifyOptions
+from ..classify import MAX_STREAMS, ClassifyOptions
 
 # Defaults come from ClassifyOptions, the one place that holds them (the Python API's too).
 _DEFAULT = ClassifyOptions()
@@ -41,7 +41,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-valid", type=float, default=_DEFAULT.min_valid,
                         help="skip tiles with a smaller fraction of valid pixels (default %(default)s)")
     parser.add_argument("--threads", type=int, default=_DEFAULT.threads,
-                        help="onnxruntime intra-op threads (default %(default)s: onnxruntime decides)")
+                        help="CPU threads for inference in all (default %(default)s: every core this process may "
+                             "use)")
+    parser.add_argument("--streams", type=int, default=_DEFAULT.streams,
+                        help="batches classified at once, sharing the threads (default %(default)s: on the CPU one "
+                             f"per thread, at most {MAX_STREAMS}; on a GPU one)")
     parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=_DEFAULT.spinning,
                         help="let idle onnxruntime threads busy-wait between operators (default: on; faster on "
                              "a machine given to the job, --no-spinning on one shared with other work)")
@@ -72,8 +76,8 @@ def run(args, events) -> int:
                       bbox_crs=args.bbox_crs, mask=args.mask, mask_layer=args.mask_layer, tile=args.tile,
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
-                      min_valid=args.min_valid, threads=args.threads, spinning=args.spinning, workers=args.workers,
-                      scheduler=args.scheduler, uncertain_below=args.uncertain_below,
+                      min_valid=args.min_valid, threads=args.threads, streams=args.streams, spinning=args.spinning,
+                      workers=args.workers, scheduler=args.scheduler, uncertain_below=args.uncertain_below,
                       uncertain_by=args.uncertain_by, regions=args.regions, min_region_ha=args.min_region_ha,
                       vote=args.vote)
     if args.events != "-":
