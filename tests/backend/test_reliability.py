@@ -252,6 +252,7 @@ def tiny_model(tmp_path_factory):
     (["--tile", "0"], "--tile 0"), (["--stride", "0"], "--stride 0"), (["--tile", "1000000"], "--tile"),
     (["--batch-size", "100000000"], "batch size"), (["--tile", "4096", "--batch-size", "4096"], "GiB"),
     (["--bbox=nan,0,1,1"], "finite"), (["--threads", "100000"], "--threads 100000"),
+    (["--streams", "-1"], "--streams -1"), (["--streams", "100000"], "--streams 100000"),
 ])
 def test_classify_refuses_absurd_options_up_front(tiny_model, tmp_path, capsys, flags, needle):
     _, onnx_path, raster = tiny_model
