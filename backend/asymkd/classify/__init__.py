@@ -9,8 +9,9 @@ second_prob, entropy (normalised, 0..1), uncertain (0/1, by --uncertain-below an
 valid_fraction, and empty review fields (writer.TILE_FIELDS); per-class tiles, hectares
 and shares as the table `class_areas` and as `<stem>_areas.csv` beside it; a QML style
 beside it and inside it; optionally a class raster. Reads are prefetched in a background
-thread, inference is batched onnxruntime, memory stays bounded, and outputs appear only
-when the whole job has succeeded.
+thread, inference is batched onnxruntime (on the CPU several batches at once, one per
+thread: `streams`), memory stays bounded, and outputs appear only when the whole job has
+succeeded.
 """
 
 from __future__ import annotations
