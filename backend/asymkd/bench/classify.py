@@ -244,7 +244,7 @@ def _child_classify(model: Path, raster: Path, out: Path, args, spinning: bool, 
     it reports its own time and peak RSS."""
     cmd = [sys.executable, "-c", "from asymkd.bench.classify import _child; _child()", str(model), str(raster),
            str(out), str(args.batch_size), str(args.threads), str(int(spinning)), args.device, str(workers),
-           str(getattr(args, "streams", 0))]
+           str(args.streams)]
     start, cpu = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
