@@ -20,7 +20,7 @@ import rasterio
 from asymkd import cli
 from asymkd.classify import classify, run
 from asymkd.classify.area import plan_tiles
-from asymkd.classify.distributed import DASK_REQUIREMENT, import_distributed, make_shards
+from asymkd.classify.distributed import DASK_REQUIREMENT, import_distributed, make_shards, shard_size
 from asymkd.classify.grid import pixel_grid
 from asymkd.errors import ConfigError, DataError
 from asymkd.events import Events
@@ -86,6 +86,18 @@ def test_shards_are_whole_rows_covering_the_plan_once(raster):
     assert sum(s.total for s in shards) == plan.total == ROWS * COLS
     assert make_shards(plan, SHARD) == shards  # deterministic
     assert len(make_shards(plan, 10**6)) == 1 and len(make_shards(plan, 1)) == ROWS
+
+
+@pytest.mark.parametrize("total, workers, given, size", [
+    (16384, 1, 0, 4096),          # about 4 shards per worker
+    (16384, 2, 0, 2048),
+    (16384, 8, 0, 2048),          # never below 2,048 tiles: each shard starts its own pipeline
+    (81_000_000, 50, 0, 65536),   # never above 65,536: the work a dead worker's shard loses
+    (1000, 1, 0, 2048),
+    (16384, 1, 300, 300),         # --shard-tiles as given
+])
+def test_shard_size_by_default_about_four_shards_per_worker(total, workers, given, size):
+    assert shard_size(total, workers, given) == size
 
 
 # -- the same layer ----------------------------------------------------------------------
@@ -201,6 +213,8 @@ def test_a_raster_the_workers_cannot_open_names_worker_and_path(model, raster, c
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "0"], "--workers 0 is out of range"),
     (["--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"], "--workers and --scheduler were both given"),
+    (["--workers", "2", "--shard-tiles", "-1"], "--shard-tiles -1 must be at least 1"),
+    (["--shard-tiles", "4096"], "--shard-tiles applies to classification on a Dask cluster only"),
 ])
 def test_bad_cluster_flags_exit_2(model, raster, tmp_path, capsys, flags, message):
     rc = cli.main(["classify", str(model[0]), str(raster), "--out", str(tmp_path / "o.gpkg"), *flags])

@@ -63,7 +63,8 @@ class ClassifyOptions:
     chunk: int = 4096                             # features per GeoPackage write (in the background)
     workers: int | None = None                    # classify on a local Dask cluster of N worker processes
     scheduler: str | None = None                  # or on the workers of a running dask-scheduler (address)
-    shard_tiles: int = 2048                       # tiles per shard (whole tile rows) on a cluster
+    shard_tiles: int = 0                          # tiles per shard (whole tile rows) on a cluster
+                                                  # (0 = auto: about 4 shards per worker)
     connect_timeout: float = 5.0                  # seconds to reach --scheduler before giving up
     uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
     uncertain_by: str = "confidence"              # certainty measure (choices.UNCERTAINTY_MEASURES)
@@ -124,8 +125,12 @@ class ClassifyOptions:
                               "this process")
         if self.scheduler is not None and not str(self.scheduler).strip():
             raise ConfigError("--scheduler is empty", "give the scheduler's address, e.g. tcp://10.0.0.5:8786")
-        if self.shard_tiles < 1:
-            raise ConfigError(f"shard size {self.shard_tiles} tiles must be at least 1", "e.g. shard_tiles=2048")
+        if self.shard_tiles < 0:
+            raise ConfigError(f"--shard-tiles {self.shard_tiles} must be at least 1 (or 0: chosen per job)",
+                              "e.g. --shard-tiles 4096, or leave it out")
+        if self.shard_tiles and self.workers is None and self.scheduler is None:
+            raise ConfigError("--shard-tiles applies to classification on a Dask cluster only",
+                              "add --workers N or --scheduler ADDRESS, or drop --shard-tiles")
         if not self.connect_timeout > 0:
             raise ConfigError(f"connect timeout {self.connect_timeout} s must be positive", "e.g. 5")
 

@@ -2,7 +2,8 @@
 processes) or `classify --scheduler ADDRESS` (the workers of a running dask-scheduler).
 
 The planned tiles are split into shards of whole tile rows (`make_shards`: consecutive
-rows of the plan, about `shard_tiles` tiles each; tile keys are the grid's, unchanged).
+rows of the plan, about `shard_tiles` tiles each, by default about SHARDS_PER_WORKER per
+worker; tile keys are the grid's, unchanged).
 Each shard is one Dask task: the worker opens the raster itself (a local path it sees, or
 a GDAL path such as /vsicurl/ or /vsis3/), runs the one read -> infer loop of the engine
 (`run.classify_plan`) and writes the shard's per-tile summaries to a shard file in a
@@ -62,6 +63,22 @@ def import_distributed() -> Any:
 
 
 # -- shards ----------------------------------------------------------------------------
+# Each shard starts and drains its own read -> infer pipeline (about 0.1 s of a worker), so
+# few large shards are faster; a few per worker still balance uneven workers, and a shard
+# bounds the work redone when a worker dies.
+SHARDS_PER_WORKER = 4
+MIN_SHARD_TILES, MAX_SHARD_TILES = 2048, 65536
+
+
+def shard_size(total: int, workers: int, shard_tiles: int = 0) -> int:
+    """Tiles per shard: `shard_tiles` when given, else about SHARDS_PER_WORKER shards per
+    worker, within MIN_SHARD_TILES..MAX_SHARD_TILES."""
+    if shard_tiles:
+        return shard_tiles
+    wanted = -(-total // (SHARDS_PER_WORKER * max(workers, 1)))
+    return min(max(wanted, MIN_SHARD_TILES), MAX_SHARD_TILES)
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """Consecutive rows of the tile plan: `cols[i]` are the selected columns of `rows[i]`."""
@@ -80,7 +97,7 @@ class Shard:
 
 def make_shards(plan: TilePlan, shard_tiles: int) -> list[Shard]:
     """Split the plan into shards of whole tile rows, about `shard_tiles` tiles each: the
-    same plan and size always give the same shards, whatever the cluster."""
+    same plan and size always give the same shards."""
     shards: list[Shard] = []
     rows: list[int] = []
     cols: list[np.ndarray | None] = []
@@ -360,9 +377,10 @@ class DaskEngine:
     def tasks(self) -> list[ShardTask]:
         job = self.job
         threads = local_threads(self.opts)  # opts.threads as given with --scheduler
+        size = shard_size(job.plan.total, self.workers, self.opts.shard_tiles)
         return [ShardTask(str(job.model_path), str(job.raster), job.grid, tuple(job.bands), job.feed.str, threads,
                           self.opts, shard, str(self.folder / f"shard-{shard.index:05d}.npz"))
-                for shard in make_shards(job.plan, self.opts.shard_tiles)]
+                for shard in make_shards(job.plan, size)]
 
     def fill(self, writer: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
         """Run the shard tasks; as each completes report progress, and merge every shard whose

@@ -54,6 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="classify on the workers of a running dask-scheduler, e.g. tcp://10.0.0.5:8786; "
                              "they must see the raster and the model at the same paths")
+    parser.add_argument("--shard-tiles", type=int, default=_DEFAULT.shard_tiles, metavar="N",
+                        help="tiles per shard (one Dask task) with --workers/--scheduler (default 0: about "
+                             "4 shards per worker, 2,048 to 65,536 tiles each)")
     parser.add_argument("--uncertain-below", type=float, default=_DEFAULT.uncertain_below, metavar="T",
                         help="mark tiles whose certainty is below T (0..1) as uncertain=1 (default: none)")
     parser.add_argument("--uncertain-by", choices=list(choices.UNCERTAINTY_MEASURES), default=_DEFAULT.uncertain_by,
@@ -77,9 +80,9 @@ def run(args, events) -> int:
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,
                       class_raster=args.class_raster, overwrite=args.overwrite, device=args.device,
                       min_valid=args.min_valid, threads=args.threads, streams=args.streams, spinning=args.spinning,
-                      workers=args.workers, scheduler=args.scheduler, uncertain_below=args.uncertain_below,
-                      uncertain_by=args.uncertain_by, regions=args.regions, min_region_ha=args.min_region_ha,
-                      vote=args.vote)
+                      workers=args.workers, scheduler=args.scheduler, shard_tiles=args.shard_tiles,
+                      uncertain_below=args.uncertain_below, uncertain_by=args.uncertain_by, regions=args.regions,
+                      min_region_ha=args.min_region_ha, vote=args.vote)
     if args.events != "-":
         print(json.dumps({"gpkg": str(result.gpkg), "qml": str(result.qml),
                           "class_raster": str(result.class_raster) if result.class_raster else None,
