@@ -77,11 +77,12 @@ class Job:
     out: Path
     meta: dict
     bands: list[int]
-    grid: Grid
+    grid: Grid           # the windows the model sees
     plan: TilePlan
     feed: np.dtype       # the dtype tiles are fed to the model in
     notes: list[str]
     small: bool          # the raster is smaller than one tile
+    out_grid: Grid       # the features written: the windows, or with --vote the cells under them
 
 
 def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> Job:
@@ -105,7 +106,8 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
     if small and grid.kind == "pixel":
         notes.append(f"the raster ({size} px) is smaller than one {grid.tile}-px tile: it is classified as one "
                      f"padded tile if at least {opts.min_valid:.0%} of it is valid (--min-valid)")
-    return Job(model_path, raster, out, meta, bands, grid, plan_tiles(grid, area), feed, notes, small)
+    out_grid = cell_grid(grid) if opts.vote else grid  # ConfigError now unless the stride divides the tile
+    return Job(model_path, raster, out, meta, bands, grid, plan_tiles(grid, area), feed, notes, small, out_grid)
 
 
 def load_model(job: Job, opts: ClassifyOptions) -> OnnxClassifier:
@@ -138,8 +140,6 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     job = prepare(model_path, raster, out, opts, events)
-    if opts.vote:
-        cell_grid(job.grid)  # ConfigError now, before any output, unless the stride divides the tile
     for note in job.notes:
         events.log(note)
     with _engine(job, opts, events) as engine:
@@ -224,7 +224,7 @@ class TileSink(Protocol):
 
 def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutputs, out: Path, qml: Path,
           class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
-    meta, grid = job.meta, (cell_grid(job.grid) if opts.vote else job.grid)
+    meta, grid = job.meta, job.out_grid
     names, colors = list(meta["class_names"]), list(meta["class_colors"])
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster or opts.regions else None  # regions dissolve its grid
