@@ -32,6 +32,14 @@ class Consistency:
     weight: float
 
 
+def trained_rows(train_index: np.ndarray, consistency: Consistency | None) -> np.ndarray:
+    """Every sample a task trains on: its training rows and, with semi-supervision, the
+    unlabeled ones (sorted)."""
+    if consistency is None or not len(consistency.index):
+        return np.asarray(train_index)
+    return np.union1d(train_index, consistency.index.numpy())
+
+
 class ClassifierTask(Task):
     """Trains `model` on `x[train_index]` (normalised) with `objective`.
 
@@ -56,8 +64,7 @@ class ClassifierTask(Task):
         self.best_path = best_path
         self.best_acc = -1.0
         self.consistency = consistency if consistency is not None and len(consistency.index) else None
-        self._rows = self.train_index if self.consistency is None else \
-            torch.cat([self.train_index, self.consistency.index]).sort().values
+        self._rows = torch.as_tensor(trained_rows(train_index, self.consistency), dtype=torch.int64)
 
     def trained_rows(self) -> torch.Tensor:
         """Every sample this task trains on (labeled and unlabeled)."""

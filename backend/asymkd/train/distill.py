@@ -33,7 +33,7 @@ from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
 from ..models.files import check_bands, load_model, save_model
 from . import common, distributed, loop
-from .classifier import ClassifierTask, Consistency
+from .classifier import ClassifierTask, Consistency, trained_rows
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
 from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
@@ -204,11 +204,9 @@ def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool) -> StudentData:
         # baseline and student alike: labeled batches, each with its share of unlabeled samples
         consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
                                   dc.w_unlabeled)
-    trained = train_idx
     if consistency is not None or baseline:  # without semi-supervision the baseline sees labels only
         train_idx = train_idx[rgb.labels[train_idx] >= 0]
-        trained = train_idx if consistency is None else np.union1d(train_idx, unlabeled)
-    mean, std = common.band_stats(rgb.images[trained])  # statistics of the rows that train
+    mean, std = common.band_stats(rgb.images[trained_rows(train_idx, consistency)])  # of the rows that train
     return StudentData(common.normalize(rgb.images, mean, std), torch.as_tensor(rgb.labels), train_idx, val_idx,
                        consistency, mean, std)
 
