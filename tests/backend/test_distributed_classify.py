@@ -236,10 +236,11 @@ def test_the_dask_pin_is_the_requirements_file_s():
     assert re.search(rf"^distributed=={re.escape(version)}$", pins, re.M)
 
 
-def test_single_process_classify_never_imports_dask(model, raster, tmp_path):
+def test_single_process_classify_imports_neither_dask_nor_onnx(model, raster, tmp_path):
+    # onnx alone takes 0.6-0.8 s to import, paid by every classify run and every Dask worker
     code = ("import sys; from asymkd import cli; "
             f"rc = cli.main(['classify', {str(model[0])!r}, {str(raster)!r}, '--out', {str(tmp_path / 'o.gpkg')!r}]); "
-            "assert rc == 0, rc; bad = [m for m in ('dask', 'distributed') if m in sys.modules]; "
+            "assert rc == 0, rc; bad = [m for m in ('dask', 'distributed', 'onnx') if m in sys.modules]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

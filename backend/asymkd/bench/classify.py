@@ -13,7 +13,7 @@ go to a temporary folder that is removed afterwards (unless --keep).
 With --workers 1,2 it measures classification on local Dask clusters instead: tiles/s of
 plain `classify` and of `classify --workers N` for each N on the same raster (each in its
 own process, the cluster's start included), and the overhead of one worker against plain
-classify (seconds, 1 worker / plain; target <= 1.1).
+classify (seconds, 1 worker / plain in the same round, median of --repeat rounds; target <= 1.1).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,7 @@ def _children_cpu_s() -> float:
 def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, spinning: bool,
               device: str = "cpu", streams: int = 0) -> tuple[float, float, str]:
     """(tiles/s, CPU seconds per tile, configuration) of onnxruntime alone: classify's own
-    session (8-bit tiles cast in the graph, as for the bench's rasters), `streams` in-memory
+    session and predict (8-bit tiles cast to float32 before the run, as for the bench's rasters), `streams` in-memory
     batches classified at once. Each stream cycles through batches of its own, as classify
     never feeds a batch that is still in the CPU's caches."""
     from ..classify.infer import OnnxClassifier
@@ -272,8 +273,7 @@ def _peak_rss_kb() -> float:
 
 def _child() -> None:
     model, raster, out, batch, threads, spinning, device, workers, streams = sys.argv[1:10]
-    import onnx  # noqa: F401 - imports are process start-up, not classification (onnx alone: 0.6 s)
-    import onnxruntime  # noqa: F401
+    import onnxruntime  # noqa: F401 - imports are process start-up, not classification
 
     from ..classify import classify
     from ..classify import run as _run  # noqa: F401
@@ -303,7 +303,9 @@ def _worker_counts(text: str) -> list[int]:
 
 
 def _bench_workers(args, events, work: Path) -> int:
-    """Plain classify against local Dask clusters of each worker count, interleaved, best of --repeat."""
+    """Plain classify against local Dask clusters of each worker count, interleaved in rounds:
+    the machine's speed drifts between minutes, so each round's worker run is divided by that
+    round's plain run and the overhead is the median over --repeat rounds."""
     counts = _worker_counts(args.workers)
     model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events,
                                                                    args.input_size)
@@ -312,37 +314,39 @@ def _bench_workers(args, events, work: Path) -> int:
         _write_raster(raster, args.size, args.compress)
     print(f"model {model} | batch {args.batch_size} | tile {args.tile} px | raster {args.size}x{args.size} | "
           f"{available_cores()} cores", flush=True)
-    best: dict[int, dict] = {}
+    runs: dict[int, list[dict]] = {n: [] for n in [0, *counts]}
     for _ in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits every setting
         for n in [0, *counts]:
             r = _child_classify(model, raster, work / f"out_w{n}.gpkg", args, False, workers=n)
             start_s = r["timings"].get("cluster_start_s", 0.0)
             r["after_start_tiles_per_s"] = r["tiles"] / max(r["seconds"] - start_s, 1e-9)
+            runs[n].append(r)
             what = "plain classify" if n == 0 else f"{n} worker(s)"
             print(f"{what:15s}: {r['tiles_per_s']:7.0f} tiles/s ({r['tiles']} tiles in {r['seconds']:.2f} s, "
                   f"{r['tree_cpu_ms_per_tile']:.2f} CPU ms/tile in all processes"
-                  + (f"; cluster start {start_s:.2f} s, {r['after_start_tiles_per_s']:.0f} tiles/s after it)"
-                     if n else ")"), flush=True)
-            if n not in best or r["seconds"] < best[n]["seconds"]:
-                best[n] = r
-    plain = best[0]
-    summary = {"plain_tiles_per_s": plain["tiles_per_s"], "raster": args.size, "workers": {}}
-    print("best of each:")
+                  + (f"; cluster start {start_s:.2f} s, {r['after_start_tiles_per_s']:.0f} tiles/s after it, "
+                     f"{r['seconds'] / runs[0][-1]['seconds']:.3f} x this round's plain time)" if n else ")"),
+                  flush=True)
+    plain = runs[0]
+    summary: dict = {"plain_tiles_per_s": statistics.median(r["tiles_per_s"] for r in plain), "raster": args.size,
+                     "workers": {}}
+    print(f"median over {len(plain)} round(s) (each worker run / the plain run of its round):")
     for n in counts:
-        r = best[n]
-        overhead = r["seconds"] / plain["seconds"]
-        steady = plain["tiles_per_s"] and r["after_start_tiles_per_s"] / plain["tiles_per_s"]
-        summary["workers"][str(n)] = {"tiles_per_s": r["tiles_per_s"], "seconds": r["seconds"],
-                                      "cluster_start_s": r["timings"].get("cluster_start_s"),
-                                      "after_start_tiles_per_s": r["after_start_tiles_per_s"], "overhead": overhead}
-        print(f"    {n} worker(s): {r['tiles_per_s']:.0f} tiles/s, {r['after_start_tiles_per_s']:.0f} after the "
-              f"cluster's start; time / plain classify {overhead:.3f}, tiles/s after start / plain {steady:.3f}")
-    if 1 in best:
-        overhead = best[1]["seconds"] / plain["seconds"]
-        cpu = best[1]["tree_cpu_ms_per_tile"] / plain["tree_cpu_ms_per_tile"]
-        summary["cpu_overhead_1"] = cpu
+        ratios = [r["seconds"] / p["seconds"] for r, p in zip(runs[n], plain, strict=True)]
+        steady = [r["after_start_tiles_per_s"] / p["tiles_per_s"] for r, p in zip(runs[n], plain, strict=True)]
+        cpu = [r["tree_cpu_ms_per_tile"] / p["tree_cpu_ms_per_tile"] for r, p in zip(runs[n], plain, strict=True)]
+        start = statistics.median(r["timings"].get("cluster_start_s", 0.0) for r in runs[n])
+        summary["workers"][str(n)] = {"tiles_per_s": statistics.median(r["tiles_per_s"] for r in runs[n]),
+                                      "overhead": statistics.median(ratios), "overheads": ratios,
+                                      "after_start_vs_plain": statistics.median(steady),
+                                      "cpu_overhead": statistics.median(cpu), "cluster_start_s": start}
+        w = summary["workers"][str(n)]
+        print(f"    {n} worker(s): {w['tiles_per_s']:.0f} tiles/s; time / plain {w['overhead']:.3f} (per round "
+              + " / ".join(f"{v:.3f}" for v in ratios) + f"); cluster start {start:.2f} s; tiles/s after it / "
+              f"plain {w['after_start_vs_plain']:.3f}; CPU time per tile / plain {w['cpu_overhead']:.3f}")
+    if 1 in counts:
+        overhead = summary["workers"]["1"]["overhead"]
         print(f"overhead of 1 worker vs plain classify: {overhead:.3f} in time (target <= {TARGET_WORKER_OVERHEAD}) "
-              f"{'OK' if overhead <= TARGET_WORKER_OVERHEAD else 'MISSED'}; {cpu:.3f} in CPU time per tile "
-              "(insensitive to other load on the machine)")
+              f"{'OK' if overhead <= TARGET_WORKER_OVERHEAD else 'MISSED'}")
     events.metrics("bench-classify-workers", summary)
     return 0

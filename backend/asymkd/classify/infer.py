@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,7 @@ import numpy as np
 
 from .. import choices
 from ..errors import ConfigError, ModelFileError
-from ..export import (
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    load_onnx_proto,
-    onnx_session_options,
-    parse_metadata,
-    read_onnx_metadata,
-    resolve_model_path,
-)
-from ..models.metadata import check_graph_shapes
+from ..export import INPUT_NAME, OUTPUT_NAMES, onnx_session_options, open_session, resolve_model_path, session_metadata
 from . import MAX_STREAMS
 
 DEVICES = choices.ONNX_DEVICES
@@ -64,22 +56,9 @@ def stream_threads(provider: str, threads: int, streams: int) -> tuple[int, int]
     return n, max(1, budget // n)
 
 
-RAW_INPUT = "image_raw"
-# Integer rasters are fed as they are and cast inside the graph: the reader copies 4x fewer
-# bytes and the cast runs in onnxruntime's threads.
+# Integer rasters are read and handed on as they are (the reader copies 4x fewer bytes) and
+# cast to float32 just before the run, in the stream's thread, into a buffer it reuses.
 CASTABLE = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16")}
-
-
-def _with_input_cast(path: Path, dtype: np.dtype) -> bytes:
-    """The model with a Cast from `dtype` to float32 in front of its input."""
-    from onnx import TensorProto, helper
-    proto = load_onnx_proto(path)
-    inp = next(i for i in proto.graph.input if i.name == INPUT_NAME)
-    inp.name = RAW_INPUT
-    inp.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(dtype)
-    proto.graph.node.insert(0, helper.make_node("Cast", [RAW_INPUT], [INPUT_NAME], to=TensorProto.FLOAT,
-                                                name="asymkd_input_cast"))
-    return proto.SerializeToString()
 
 
 class OnnxClassifier:
@@ -92,49 +71,41 @@ class OnnxClassifier:
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = False,
                  input_dtype: str | np.dtype = "float32", streams: int = 0):
-        import onnxruntime as ort
         self.path = resolve_model_path(path)
         self.input_dtype = np.dtype(input_dtype) if np.dtype(input_dtype) in CASTABLE else np.dtype(np.float32)
         providers = providers_for(device)
         self.streams, intra = stream_threads(providers[0], threads, streams)
-        self.input_name = INPUT_NAME
-        model: str | bytes = str(self.path)
-        if self.input_dtype != np.float32:
-            model, self.input_name = _with_input_cast(self.path, self.input_dtype), RAW_INPUT
-        try:
-            self.session = ort.InferenceSession(model, sess_options=onnx_session_options(intra, spinning),
-                                                providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            read_onnx_metadata(self.path)  # says precisely what is wrong with the file, if it can
-            raise ModelFileError(f"onnxruntime cannot load {self.path}: {exc}",
-                                 "export the model again with `asymkd export`") from exc
+        self.session = open_session(self.path, onnx_session_options(intra, spinning), providers)
         # the metadata comes from the session: the file is parsed once
-        self.meta: dict[str, Any] = parse_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
-        inputs = [i.name for i in self.session.get_inputs()]
-        if self.input_name not in inputs:
-            raise ModelFileError(f"{self.path} has input(s) {inputs}, not '{INPUT_NAME}'",
-                                 "export the model again with `asymkd export`")
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        if OUTPUT_NAMES[0] not in outputs:
-            raise ModelFileError(f"{self.path} has output(s) {list(outputs)}, not '{OUTPUT_NAMES[0]}'",
-                                 "export the model again with `asymkd export`")
-        shape_in = next(i.shape for i in self.session.get_inputs() if i.name == self.input_name)
-        check_graph_shapes(self.meta, shape_in, outputs[OUTPUT_NAMES[0]].shape, str(self.path))
+        self.meta: dict[str, Any] = session_metadata(self.session, str(self.path))
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise ConfigError(f"onnxruntime could not start its CUDA provider (running on {self.provider})",
                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or use --device auto")
+        self._cast = threading.local()  # each stream's float32 buffer
 
     @property
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
+
+    def _as_float(self, images: np.ndarray) -> np.ndarray:
+        """Integer tiles as float32 in this thread's buffer, reused from batch to batch: a
+        fresh array per batch maps and unmaps pages each time (Dask's workers trim the heap)."""
+        if images.dtype == np.float32:
+            return images
+        buf = getattr(self._cast, "buffer", None)
+        if buf is None or buf.size < images.size:
+            buf = self._cast.buffer = np.empty(images.size, np.float32)
+        out = buf[:images.size].reshape(images.shape)
+        np.copyto(out, images, casting="unsafe")
+        return out
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (n, num_classes) for raw-unit tiles (n, C, H, W).
 
         Tiles reach here with invalid pixels filled, so non-finite output means a broken
         model (its training diverged): refused rather than written as class 0."""
-        probs = self.session.run([OUTPUT_NAMES[0]], {self.input_name: images})[0]
+        probs = self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: self._as_float(images)})[0]
         if not np.isfinite(probs).all():
             raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN)",
                                  "the model is broken (its training diverged): train and export it again")
