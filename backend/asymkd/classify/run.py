@@ -99,7 +99,7 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
         small = src.width < grid.tile or src.height < grid.tile
         size = f"{src.width}x{src.height}"
         dtypes = {np.dtype(src.dtypes[b - 1]) for b in bands}
-    feed = dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE else np.dtype(np.float32)
+    feed = dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE.keys() else np.dtype(np.float32)
     notes = list(grid.notes)
     if how != "given":
         notes.append(f"raster bands {bands} feed the model's {', '.join(meta['band_names'])} (from {how})")
