@@ -215,3 +215,12 @@ def test_a_matcher_folder_is_refused_by_name(tmp_path, capsys):
         load_model(folder)
     assert cli.main(["export", str(folder), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "holds a matcher model" in capsys.readouterr().err
+
+
+def test_the_input_casts_onnx_types_are_onnxs_own():
+    # the cast is built without importing onnx, so its type codes are written out
+    from asymkd.classify.infer import _ONNX_FLOAT, CASTABLE
+    assert {str(d): code for d, code in CASTABLE.items()} == {
+        "uint8": onnx.TensorProto.UINT8, "int8": onnx.TensorProto.INT8,
+        "uint16": onnx.TensorProto.UINT16, "int16": onnx.TensorProto.INT16}
+    assert _ONNX_FLOAT == onnx.TensorProto.FLOAT

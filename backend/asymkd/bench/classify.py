@@ -208,7 +208,7 @@ def _children_cpu_s() -> float:
 def _pure_ort(model: Path, batch: int, tile: int, threads: int, seconds: float, spinning: bool,
               device: str = "cpu", streams: int = 0) -> tuple[float, float, str]:
     """(tiles/s, CPU seconds per tile, configuration) of onnxruntime alone: classify's own
-    session and predict (8-bit tiles cast to float32 before the run, as for the bench's rasters), `streams` in-memory
+    session (8-bit tiles cast in the graph, as for the bench's rasters), `streams` in-memory
     batches classified at once. Each stream cycles through batches of its own, as classify
     never feeds a batch that is still in the CPU's caches."""
     from ..classify.infer import OnnxClassifier
