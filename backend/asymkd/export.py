@@ -307,14 +307,14 @@ def load_onnx_proto(path: str | Path):
     return proto
 
 
-def open_session(path: str | Path, options: Any, providers: list[str], model: Path | bytes | None = None) -> Any:
+def open_session(path: str | Path, options: Any, providers: list[str], model: bytes | None = None) -> Any:
     """An onnxruntime session of the exported model in `path` (or of `model`, the bytes of a
     variant of it); ModelFileError saying what is wrong with the file when onnxruntime cannot
     load it."""
     import onnxruntime as ort
     path = resolve_model_path(path)
     try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(path), sess_options=options,
+        return ort.InferenceSession(model if model is not None else str(path), sess_options=options,
                                     providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         load_onnx_proto(path)  # says precisely what is wrong with the file, if it can

@@ -14,7 +14,6 @@ from ..errors import ConfigError, ModelFileError
 from ..export import (
     INPUT_NAME,
     OUTPUT_NAMES,
-    load_onnx_proto,
     onnx_proto_module,
     onnx_session_options,
     open_session,
@@ -74,19 +73,20 @@ _ONNX_FLOAT = 1
 
 
 def _with_input_cast(path: Path, dtype: np.dtype) -> bytes:
-    """The model with a Cast from `dtype` to float32 in front of its input."""
+    """The model with a Cast from `dtype` to float32 in front of its input. A file that is no
+    such model comes back as it is: opening it says what is wrong (`open_session`,
+    `session_metadata`)."""
     from google.protobuf.message import DecodeError
+    data = path.read_bytes()
     pb = onnx_proto_module()
     proto = pb.ModelProto()
     try:
-        proto.ParseFromString(path.read_bytes())
+        proto.ParseFromString(data)
     except DecodeError:
-        load_onnx_proto(path)  # says what is wrong with the file
-        raise
+        return data
     inp = next((i for i in proto.graph.input if i.name == INPUT_NAME), None)
     if inp is None:
-        raise ModelFileError(f"{path} has input(s) {[i.name for i in proto.graph.input]}, not '{INPUT_NAME}'",
-                             "export the model again with `asymkd export`")
+        return data
     inp.name = RAW_INPUT
     inp.type.tensor_type.elem_type = CASTABLE[dtype]
     cast = pb.NodeProto(op_type="Cast", input=[RAW_INPUT], output=[INPUT_NAME], name="asymkd_input_cast",
@@ -110,7 +110,7 @@ class OnnxClassifier:
         providers = providers_for(device)
         self.streams, intra = stream_threads(providers[0], threads, streams)
         self.input_name = INPUT_NAME
-        model: Path | bytes = self.path
+        model = None
         if self.input_dtype != np.float32:
             model, self.input_name = _with_input_cast(self.path, self.input_dtype), RAW_INPUT
         self.session = open_session(self.path, onnx_session_options(intra, spinning), providers, model)

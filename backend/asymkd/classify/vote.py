@@ -54,8 +54,8 @@ class Voter:
 
     def __init__(self, plan: TilePlan, num_classes: int):
         self.grid = plan.grid
+        self.k = check_vote_grid(plan.grid)
         self.cells = cell_grid(plan.grid)
-        self.k = self.grid.tile // self.grid.stride  # windows per axis over a cell (checked by cell_grid)
         self.planned = dict(zip(plan.rows, plan.cols, strict=True))  # window row -> its columns (None: all)
         width = self.cells.cols
         self.sum = np.zeros((self.k, width, num_classes), np.float64)
