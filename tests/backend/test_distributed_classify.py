@@ -4,6 +4,7 @@ still gives the complete layer, and bad cluster input fails clearly."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -20,7 +21,8 @@ import rasterio
 from asymkd import cli
 from asymkd.classify import classify, run
 from asymkd.classify.area import plan_tiles
-from asymkd.classify.distributed import DASK_REQUIREMENT, import_distributed, make_shards, shard_size
+from asymkd.classify.cluster import DASK_REQUIREMENT, import_distributed
+from asymkd.classify.distributed import make_shards, shard_size
 from asymkd.classify.grid import pixel_grid
 from asymkd.errors import ConfigError, DataError
 from asymkd.events import Events
@@ -101,13 +103,20 @@ def test_shard_size_by_default_about_four_shards_per_worker(total, workers, give
 
 
 # -- the same layer ----------------------------------------------------------------------
-def test_two_local_workers_give_the_single_process_layer(model, raster, reference, tmp_path):
+def test_two_local_workers_give_the_single_process_layer(model, raster, reference, tmp_path, monkeypatch):
     seen: list[dict] = []
 
     class Record(Events):
         def emit(self, event, **fields):
             seen.append({"event": event, **fields})
 
+    real_prepare, starting = run.prepare, []
+
+    def prepare(*args, **kwargs):  # is the cluster starting while the job is planned?
+        starting.append(any(t.name == "asymkd-cluster-start" for t in threading.enumerate()))
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(run, "prepare", prepare)
     out = tmp_path / "two.gpkg"
     res = classify(model[0], raster, out, workers=2, shard_tiles=SHARD, class_raster=tmp_path / "two.tif",
                    events=Record(progress_bars=False))
@@ -119,6 +128,9 @@ def test_two_local_workers_give_the_single_process_layer(model, raster, referenc
     progress = [e["done"] for e in seen if e["event"] == "progress"]
     assert progress[-1] == ROWS * COLS and progress == sorted(progress)
     assert leftovers(tmp_path) == []  # the shard folder is gone
+    assert starting == [True]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("asymkd-cluster")]
+    assert multiprocessing.active_children() == []  # the worker processes have ended
 
 
 class KillOnce(distributed.WorkerPlugin):
@@ -219,6 +231,14 @@ def test_a_raster_the_workers_cannot_open_names_worker_and_path(model, raster, c
 def test_bad_cluster_flags_exit_2(model, raster, tmp_path, capsys, flags, message):
     rc = cli.main(["classify", str(model[0]), str(raster), "--out", str(tmp_path / "o.gpkg"), *flags])
     assert rc == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_found_while_the_cluster_starts_ends_the_cluster(model, tmp_path):
+    with pytest.raises(DataError, match="missing.tif"):
+        classify(model[0], tmp_path / "missing.tif", tmp_path / "o.gpkg", workers=1)
+    assert multiprocessing.active_children() == []  # the worker started meanwhile has ended
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("asymkd-cluster")]
     assert list(tmp_path.iterdir()) == []
 
 

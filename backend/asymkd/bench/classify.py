@@ -318,13 +318,14 @@ def _bench_workers(args, events, work: Path) -> int:
     for _ in range(max(1, args.repeat)):  # interleaved, so a busy spell of the machine hits every setting
         for n in [0, *counts]:
             r = _child_classify(model, raster, work / f"out_w{n}.gpkg", args, False, workers=n)
-            start_s = r["timings"].get("cluster_start_s", 0.0)
-            r["after_start_tiles_per_s"] = r["tiles"] / max(r["seconds"] - start_s, 1e-9)
+            wait_s, start_s = (r["timings"].get(k, 0.0) for k in ("cluster_wait_s", "cluster_start_s"))
+            r["after_start_tiles_per_s"] = r["tiles"] / max(r["seconds"] - wait_s, 1e-9)
             runs[n].append(r)
             what = "plain classify" if n == 0 else f"{n} worker(s)"
             print(f"{what:15s}: {r['tiles_per_s']:7.0f} tiles/s ({r['tiles']} tiles in {r['seconds']:.2f} s, "
                   f"{r['tree_cpu_ms_per_tile']:.2f} CPU ms/tile in all processes"
-                  + (f"; cluster start {start_s:.2f} s, {r['after_start_tiles_per_s']:.0f} tiles/s after it, "
+                  + (f"; cluster start {start_s:.2f} s of which the job waited {wait_s:.2f} s, "
+                     f"{r['after_start_tiles_per_s']:.0f} tiles/s after the wait, "
                      f"{r['seconds'] / runs[0][-1]['seconds']:.3f} x this round's plain time)" if n else ")"),
                   flush=True)
     plain = runs[0]
@@ -336,14 +337,17 @@ def _bench_workers(args, events, work: Path) -> int:
         steady = [r["after_start_tiles_per_s"] / p["tiles_per_s"] for r, p in zip(runs[n], plain, strict=True)]
         cpu = [r["tree_cpu_ms_per_tile"] / p["tree_cpu_ms_per_tile"] for r, p in zip(runs[n], plain, strict=True)]
         start = statistics.median(r["timings"].get("cluster_start_s", 0.0) for r in runs[n])
+        wait = statistics.median(r["timings"].get("cluster_wait_s", 0.0) for r in runs[n])
         summary["workers"][str(n)] = {"tiles_per_s": statistics.median(r["tiles_per_s"] for r in runs[n]),
                                       "overhead": statistics.median(ratios), "overheads": ratios,
                                       "after_start_vs_plain": statistics.median(steady),
-                                      "cpu_overhead": statistics.median(cpu), "cluster_start_s": start}
+                                      "cpu_overhead": statistics.median(cpu), "cluster_start_s": start,
+                                      "cluster_wait_s": wait}
         w = summary["workers"][str(n)]
         print(f"    {n} worker(s): {w['tiles_per_s']:.0f} tiles/s; time / plain {w['overhead']:.3f} (per round "
-              + " / ".join(f"{v:.3f}" for v in ratios) + f"); cluster start {start:.2f} s; tiles/s after it / "
-              f"plain {w['after_start_vs_plain']:.3f}; CPU time per tile / plain {w['cpu_overhead']:.3f}")
+              + " / ".join(f"{v:.3f}" for v in ratios) + f"); cluster start {start:.2f} s, waited {wait:.2f} s; "
+              f"tiles/s after the wait / plain {w['after_start_vs_plain']:.3f}; CPU time per tile / plain "
+              f"{w['cpu_overhead']:.3f}")
     if 1 in counts:
         overhead = summary["workers"]["1"]["overhead"]
         print(f"overhead of 1 worker vs plain classify: {overhead:.3f} in time (target <= {TARGET_WORKER_OVERHEAD}) "

@@ -181,7 +181,9 @@ def classify(model: str | Path, raster: str | Path, out: str | Path, *, events: 
     engine's user errors (DataError, ConfigError, ModelFileError); on any error or cancel
     no output file is left behind.
     """
-    from .run import run_classify
     opts = dataclasses.replace(options or ClassifyOptions(), **kwargs)
     opts.check()
-    return run_classify(Path(model), Path(raster), Path(out), opts, events)
+    from .cluster import starting
+    with starting(opts) as cluster:  # a local cluster's workers start while the engine is imported
+        from .run import run_classify
+        return run_classify(Path(model), Path(raster), Path(out), opts, events, cluster)

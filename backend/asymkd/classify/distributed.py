@@ -35,31 +35,19 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import errors
-from ..errors import AsymKDError, ConfigError, DataError
+from ..errors import AsymKDError, DataError
 from ..events import Events
 from ..fileio import staged_dir, temp_name
 from . import ClassifyOptions
 from .area import TilePlan
+from .cluster import Cluster
 from .grid import Grid
 from .infer import OnnxClassifier, Summary, available_cores, summarize
 from .run import Counts, Job, TileSink, classify_plan, deliver
 from .writer import ClassRaster
 
-# Keep in step with backend/requirements-dask.txt (a test checks it).
-DASK_REQUIREMENT = "dask[distributed]==2026.8.0"
 _SEEN_BY_WORKERS = ("every worker must see it at the same path: a shared file system, or a GDAL network path "
                     "such as /vsicurl/https://host/scene.tif or /vsis3/bucket/scene.tif")
-
-
-def import_distributed() -> Any:
-    """The `distributed` package, or a ConfigError saying how to install it."""
-    try:
-        import distributed
-    except ImportError as exc:
-        raise ConfigError(f"classification on a Dask cluster needs Dask, which is not installed ({exc})",
-                          f"install {DASK_REQUIREMENT} to use --workers/--scheduler: pip install "
-                          f"'{DASK_REQUIREMENT}' (or pip install -r backend/requirements-dask.txt)") from exc
-    return distributed
 
 
 # -- shards ----------------------------------------------------------------------------
@@ -294,82 +282,35 @@ def local_threads(opts: ClassifyOptions) -> int:
     return max(1, available_cores() // opts.workers)
 
 
-# The workers' statistical profiler samples every thread's stack every 10 ms: CPU taken
-# from inference for a dashboard this engine does not show.
-WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
-
-
-@contextlib.contextmanager
-def _local_cluster(distributed: Any, workers: int) -> Iterator[Any]:
-    import logging
-
-    import dask
-    with dask.config.set(WORKER_CONFIG):  # handed to the worker processes as they start
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", silence_logs=logging.ERROR)
-    try:
-        with distributed.Client(cluster) as client:
-            yield client
-    finally:
-        cluster.close()
-
-
-@contextlib.contextmanager
-def _remote(distributed: Any, address: str, timeout: float) -> Iterator[Any]:
-    import dask
-    hint = ("start one with `dask-scheduler` and workers with `dask-worker ADDRESS`, check the address and "
-            "port (e.g. tcp://10.0.0.5:8786), or use --workers N for a cluster on this machine")
-    try:
-        with dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s"}):
-            client = distributed.Client(address, timeout=f"{timeout}s")
-    except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s: "
-                          f"{exc or type(exc).__name__}", hint) from exc
-    with client:
-        try:
-            client.wait_for_workers(1, timeout=timeout)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"the Dask scheduler at {address} has no workers (waited {timeout:g} s)",
-                              "start workers with `dask-worker ADDRESS` on the hosts that see the raster") from exc
-        yield client
-
-
-@contextlib.contextmanager
-def connect(opts: ClassifyOptions) -> Iterator[Any]:
-    """A Dask client: of a new local cluster (--workers) or of a running scheduler (--scheduler)."""
-    distributed = import_distributed()
-    if opts.scheduler is not None:
-        with _remote(distributed, str(opts.scheduler).strip(), opts.connect_timeout) as client:
-            yield client
-    else:
-        with _local_cluster(distributed, int(opts.workers or 1)) as client:
-            yield client
-
-
 class DaskEngine:
     """Classify the job's tiles on a Dask cluster and merge the shards into the writer."""
 
-    def __init__(self, job: Job, opts: ClassifyOptions, client: Any, folder: Path, start_s: float):
-        self.job, self.opts, self.client, self.folder = job, opts, client, folder
+    def __init__(self, job: Job, opts: ClassifyOptions, cluster: Cluster, folder: Path, wait_s: float):
+        self.job, self.opts, self.cluster, self.folder = job, opts, cluster, folder
+        self.client = cluster.client()
         self.provider = "?"
-        self.start_s = start_s
-        self.workers = len(client.scheduler_info().get("workers", {}))
+        self.wait_s = wait_s  # of the job for the cluster's start (the rest overlapped its planning)
+        self.workers = len(self.client.scheduler_info().get("workers", {}))
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, job: Job, opts: ClassifyOptions, events: Events) -> Iterator[DaskEngine]:
-        """The cluster and a hidden shard folder beside the output; on leaving, the cluster
-        is closed first (a local one's workers end) and then the folder is removed."""
-        t0 = time.perf_counter()
+    def start(cls, job: Job, opts: ClassifyOptions, cluster: Cluster, events: Events) -> Iterator[DaskEngine]:
+        """A hidden shard folder beside the output and the cluster's client; on leaving, the
+        cluster is closed first (a local one's workers end) and then the folder is removed."""
         scratch = job.out.with_name(job.out.name + ".shards")
         folders: list[Path] = []
         try:
-            with staged_dir(scratch, commit=_keep_nothing) as folder, connect(opts) as client:
+            with staged_dir(scratch, commit=_keep_nothing) as folder:
                 folders.append(folder)
-                engine = cls(job, opts, client, folder, time.perf_counter() - t0)
-                where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
-                events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
-                yield engine
+                try:
+                    t0 = time.perf_counter()
+                    cluster.client()
+                    engine = cls(job, opts, cluster, folder, time.perf_counter() - t0)
+                    where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
+                    events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
+                    yield engine
+                finally:
+                    cluster.close()
         finally:
             for folder in folders:
                 _remove_until_gone(folder)
@@ -392,17 +333,18 @@ class DaskEngine:
                                                                 for t in tasks])
         merger = _Merger(tasks, writer, raster_out, events, self.job.plan.total)
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=self.client.loop):  # not the default client: none is set
                 merger.completed(self._result(future, tasks))
                 while merger.next < len(tasks) and merger.next in merger.done:
                     futures[merger.next].release()  # merged: Dask need not keep or redo it
                     merger.merge_next()
         finally:
             self.client.cancel([f for f in futures if not f.done()])
+        self.cluster.close_soon()  # every shard is merged: the workers end while the outputs are finished
         self.provider = merger.provider()
         counts = merger.counts
-        counts.extra.update(cluster_start_s=self.start_s, merge_s=merger.merge_s, shards=float(len(tasks)),
-                            workers=float(self.workers))
+        counts.extra.update(cluster_start_s=self.cluster.start_s, cluster_wait_s=self.wait_s, merge_s=merger.merge_s,
+                            shards=float(len(tasks)), workers=float(self.workers))
         return counts
 
     @staticmethod

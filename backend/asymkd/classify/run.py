@@ -9,7 +9,7 @@ import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .stats import area_csv_text, areas_csv_path
 from .style import qml_text
 from .vote import Cells, Voter, cell_grid
 from .writer import LAYER, AtomicOutputs, ClassRaster, TileLayerWriter, check_not_inputs, check_output_names
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 def _open_raster(path: Path):
@@ -136,13 +139,15 @@ class LocalEngine:
                              raster_out, events)
 
 
-def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events) -> ClassifyResult:
+def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events,
+                 cluster: Cluster | None = None) -> ClassifyResult:
+    """The job: in this process, or on `cluster` (being started by `cluster.starting`)."""
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     job = prepare(model_path, raster, out, opts, events)
     for note in job.notes:
         events.log(note)
-    with _engine(job, opts, events) as engine:
+    with _engine(job, opts, cluster, events) as engine:
         qml = out.with_suffix(".qml")
         finals = [out, qml, areas_csv_path(out)] + ([class_raster] if class_raster else [])
         with AtomicOutputs(finals, overwrite=opts.overwrite) as outputs:
@@ -161,12 +166,12 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
 
 
 @contextlib.contextmanager
-def _engine(job: Job, opts: ClassifyOptions, events: Events) -> Iterator[Engine]:
-    if opts.workers is None and opts.scheduler is None:
+def _engine(job: Job, opts: ClassifyOptions, cluster: Cluster | None, events: Events) -> Iterator[Engine]:
+    if cluster is None:
         yield LocalEngine(job, opts)
         return
     from .distributed import DaskEngine  # dask is optional: imported only when asked for
-    with DaskEngine.start(job, opts, events) as engine:
+    with DaskEngine.start(job, opts, cluster, events) as engine:
         yield engine
 
 
