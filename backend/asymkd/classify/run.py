@@ -140,8 +140,8 @@ class LocalEngine:
 
 
 def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, events: Events,
-                 cluster: Cluster | None = None) -> ClassifyResult:
-    """The job: in this process, or on `cluster` (being started by `cluster.starting`)."""
+                 cluster: Cluster | None) -> ClassifyResult:
+    """The job: in this process (`cluster` None), or on the cluster `cluster.starting` gave."""
     t_setup = time.perf_counter()
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     job = prepare(model_path, raster, out, opts, events)
