@@ -285,11 +285,12 @@ def local_threads(opts: ClassifyOptions) -> int:
 class DaskEngine:
     """Classify the job's tiles on a Dask cluster and merge the shards into the writer."""
 
-    def __init__(self, job: Job, opts: ClassifyOptions, cluster: Cluster, folder: Path, wait_s: float):
+    def __init__(self, job: Job, opts: ClassifyOptions, cluster: Cluster, folder: Path):
         self.job, self.opts, self.cluster, self.folder = job, opts, cluster, folder
+        t0 = time.perf_counter()
         self.client = cluster.client()
+        self.wait_s = time.perf_counter() - t0  # of the job for the cluster's start (the rest overlapped its planning)
         self.provider = "?"
-        self.wait_s = wait_s  # of the job for the cluster's start (the rest overlapped its planning)
         self.workers = len(self.client.scheduler_info().get("workers", {}))
 
     @classmethod
@@ -303,9 +304,7 @@ class DaskEngine:
             with staged_dir(scratch, commit=_keep_nothing) as folder:
                 folders.append(folder)
                 try:
-                    t0 = time.perf_counter()
-                    cluster.client()
-                    engine = cls(job, opts, cluster, folder, time.perf_counter() - t0)
+                    engine = cls(job, opts, cluster, folder)
                     where = opts.scheduler or f"a local cluster of {opts.workers} worker process(es)"
                     events.log(f"classifying on {engine.workers} Dask worker(s) of {where}; shards in {folder}")
                     yield engine
