@@ -87,6 +87,9 @@ def distill_results(run: RunLayout) -> StepResults:
             which, part = scores
             out.rows[f"{name} {which} accuracy"] = part["overall_accuracy"]
             out.rows[f"{name} {which} macro-F1"] = part.get("macro_f1")
+    student = _json(run.metrics(layout.STUDENT)).get("summary") or {}
+    if student.get("ms_rows"):
+        out.rows["MS samples as RGB rows"] = f"{student['ms_rows']} ({student.get('ms_rows_source')})"
     if run.report.is_file():
         out.links[f"Open the report ({layout.REPORT})"] = str(run.report)
     if run.confusion.is_file():

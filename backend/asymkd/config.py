@@ -100,6 +100,8 @@ class DistillConfig:
                                        # so without it the teacher's gain looked 2.5x larger (README)
     shift: int = -1                    # random translation of labeled patches, pixels (-1 = auto: an
                                        # eighth of the patch from scratch, 0 for a pretrained start)
+    ms_rows: bool = True               # the MS samples also train the distilled student as RGB rows (their
+                                       # own target in RGB), each paired with itself; the baseline stays RGB-only
     weights: str | None = None
 
 

@@ -120,12 +120,18 @@ def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     return metrics
 
 
+def load_rgb_paired(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
+    """The RGB images of MS samples' own targets (files sharing their stems), when given."""
+    if not cfg.data.rgb_paired:
+        return None
+    return load_folder(cfg.data.rgb_paired, "rgb", class_names=class_names, known_from=MS_SET)
+
+
 def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     from .train.matcher import train_matcher
     with events.step("matcher"):
         ms = load_ms(cfg)
-        paired = (load_folder(cfg.data.rgb_paired, "rgb", class_names=ms.class_names, known_from=MS_SET)
-                  if cfg.data.rgb_paired else None)
+        paired = load_rgb_paired(cfg, ms.class_names)
         metrics = train_matcher(cfg, ms, paired, RunFolder(run_dir).matcher, events, resume)
         events.result("matcher", model=RunFolder(run_dir).matcher)
     distributed.barrier()
@@ -216,6 +222,7 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
             results[layout.STUDENT] = train_student(cfg, rgb, run.student, baseline=False,
                                                     teacher_dir=run.teacher, ms=ms, pairs=pairs,
                                                     pair_confidence=confidence,
+                                                    rgb_paired=load_rgb_paired(cfg, ms.class_names),
                                                     rgb_test=test, events=events, resume=resume)
             events.result("distill", model=run.student)
     if cfg.distill.baseline and not (skip_done and run.metrics(layout.BASELINE).is_file()):

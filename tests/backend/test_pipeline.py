@@ -40,6 +40,9 @@ def test_run_all_writes_every_step_and_report(tmp_path, dataset):
     # the semi-supervised recipe (default) trains baseline and student on the same samples
     assert baseline["summary"]["rgb_train"] == student["summary"]["rgb_train"]
     assert baseline["summary"]["semi_supervised"] == student["summary"]["semi_supervised"] == "fixmatch"
+    # the 18 MS samples train the distilled student as RGB rows (their paired RGB), not the baseline
+    assert student["summary"]["ms_rows"] == 18 and student["summary"]["ms_rows_source"] == "pairs"
+    assert baseline["summary"]["ms_rows"] == 0
     assert "train_unlabeled" in baseline["history"][0] and "train_pseudo" not in baseline["history"][0]
     meta = json.loads((run / "student" / "meta.json").read_text())
     assert meta["class_names"] == ["Forest", "River", "Urban"] and meta["in_chans"] == 3

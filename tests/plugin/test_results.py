@@ -25,12 +25,14 @@ def test_step_results_from_run_files(tmp_path):
     rows = results.teacher_results(run).rows
     assert rows["out-of-fold accuracy"] == 0.8 and rows["epochs"] == 2 and rows["final training loss"] == 1.5
     _write(run.student / "metrics.json",
-           {"test": {"overall_accuracy": 0.9, "macro_f1": 0.85}, "val": {"overall_accuracy": 1.0}})
+           {"test": {"overall_accuracy": 0.9, "macro_f1": 0.85}, "val": {"overall_accuracy": 1.0},
+            "summary": {"ms_rows": 5, "ms_rows_source": "pairs+pseudo-rgb"}})
     _write(run.root / "baseline" / "metrics.json", {"val": {"overall_accuracy": 0.7, "macro_f1": 0.6}})
     run.report.write_text("<html></html>")
     shown = results.distill_results(run)
     assert shown.rows == {"student test accuracy": 0.9, "student test macro-F1": 0.85,
-                          "baseline validation accuracy": 0.7, "baseline validation macro-F1": 0.6}
+                          "baseline validation accuracy": 0.7, "baseline validation macro-F1": 0.6,
+                          "MS samples as RGB rows": "5 (pairs+pseudo-rgb)"}
     assert shown.links == {"Open the report (report.html)": str(run.report)} and shown.image is None
     assert results.matcher_results(run).rows == {}  # nothing written yet: nothing shown
 

@@ -22,14 +22,17 @@ from ..config import merge, parse_set
 from ..events import Events
 from ..layout import RunFolder
 
-# name -> config overrides of the distilled student, each adding one part of the method
-ABLATION: dict[str, dict[str, Any]] = {
-    "+ soft labels, random same-class partner": {"pairing": {"method": "random"},
-                                                 "distill": {"repair_every": -1, "w_feat": 0.0}},
-    "+ matcher pairing (balanced)": {"distill": {"repair_every": -1, "w_feat": 0.0}},
-    "+ re-pairing": {"distill": {"w_feat": 0.0}},
-    "+ attention and domain term (full)": {},
-    "full, nearest pairing": {"pairing": {"method": "nearest"}},
+# name -> (work folder, config overrides of the distilled student), each row adding one part
+# of the method to the one above; the first row is the baseline (RGB alone, ground truth)
+ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "+ MS samples as RGB rows (ground truth only)": (
+        "ablation-msrows", {"distill": {"w_pseudo": 0.0, "w_feat": 0.0, "repair_every": -1}}),
+    "+ soft labels, random same-class partner": (
+        "ablation-random", {"pairing": {"method": "random"}, "distill": {"repair_every": -1, "w_feat": 0.0}}),
+    "+ matcher pairing (balanced)": ("ablation-matcher", {"distill": {"repair_every": -1, "w_feat": 0.0}}),
+    "+ re-pairing": ("ablation-repair", {"distill": {"w_feat": 0.0}}),
+    "+ attention and domain term (full)": ("main", {}),
+    "full, nearest pairing": ("ablation-nearest", {"pairing": {"method": "nearest"}}),
 }
 
 
@@ -142,8 +145,7 @@ def _ablation_table(bench: _Bench, count: int, seeds: int) -> dict[str, dict[str
     results: dict[str, dict[str, list[float]]] = {}
     for seed in range(seeds):
         _record(results, "GT only (baseline)", bench.run("main", count, seed, {}, baseline=True)[layout.BASELINE])
-        for i, (name, variant) in enumerate(ABLATION.items()):
-            folder = "main" if not variant else f"ablation{i}"
+        for name, (folder, variant) in ABLATION.items():
             _record(results, name, bench.run(folder, count, seed, variant, baseline=folder == "main")[layout.STUDENT])
         print(f"ablation seed {seed} done ({bench.elapsed()})", flush=True)
     print(f"\nAblation at {count} RGB labels, RGB test set (%), mean ± sd over {seeds} seeds")

@@ -155,8 +155,9 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                   labels=np.arange(n_ms) % k, class_names=rgb.class_names,
                   band_names=[f"b{i}" for i in range(13)], stems=[f"m{i}" for i in range(n_ms)],
                   paths=[""] * n_ms, modality="ms")
+    # no MS rows: both students train on the same rows, so the ratio is distillation's cost per row
     cfg = from_dict({"distill": {"epochs": args.epoch_count, "baseline": True, "backbone": args.student,
-                                 "input_size": args.input_size},
+                                 "input_size": args.input_size, "ms_rows": False},
                      "data": {"val_fraction": 0.05}, "device": args.epoch_device, "seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
         teacher = RunFolder(Path(tmp)).teacher

@@ -7,8 +7,13 @@ For each RGB sample i and its MS partner j the loss is
 F1 and the teacher's soft labels are computed once: the teacher is frozen. trust_j is the
 teacher's confidence on j where its out-of-fold prediction agrees with j's label (0 where
 it does not); g lowers all pseudo-label terms once the student's validation accuracy nears
-or passes the teacher's out-of-fold accuracy. The baseline is this same loop with only the
-ground-truth term, so baseline and student differ in distillation alone.
+or passes the teacher's out-of-fold accuracy.
+
+With `distill.ms_rows` the MS samples also train the distilled student as RGB rows: each
+one's own target as the RGB sensor sees it (`data.same_target`), labeled with its class and
+paired with itself for good (never re-paired), so its soft label and features are the
+teacher's on that very target. The baseline is this same loop with only the ground-truth
+term on the RGB samples alone: what an analyst gets without the MS side.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.nn import functional as F
 from .. import layout
 from ..config import RunConfig
 from ..data.patches import PatchSet
+from ..data.same_target import SameTarget, same_target_rgb
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
 from ..models.attention import CrossModalAttention
@@ -91,10 +97,13 @@ class DistillTask(ClassifierTask):
     student's validation accuracy nears the teacher's."""
 
     def __init__(self, model: SceneClassifier, *, objective: DistillObjective, cache: TeacherCache,
-                 rgb_labels: np.ndarray, repair_every: int, repair: Callable[..., np.ndarray], **kwargs: Any):
+                 rgb_labels: np.ndarray, repair_every: int, repair: Callable[..., np.ndarray],
+                 fixed: np.ndarray | None = None, **kwargs: Any):
         super().__init__(model, objective, **kwargs)
         self.objective: DistillObjective = objective
         self.cache, self.rgb_labels = cache, rgb_labels
+        # rows whose partner is their own target (the MS rows): never re-paired
+        self.fixed = torch.zeros(len(rgb_labels), dtype=torch.bool) if fixed is None else torch.as_tensor(fixed)
         self.repair_every, self.repair = repair_every, repair
         k = cache.soft.shape[1]
         self.logp_table = torch.full((len(rgb_labels), k), -float(np.log(k)))  # uniform until seen
@@ -129,6 +138,7 @@ class DistillTask(ClassifierTask):
         # rank 0 pairs on the gathered predictions and every rank takes its pairs.
         self._sync_table()
         t = self.trained_rows()
+        t = t[~self.fixed[t]]
         pairs = torch.zeros(len(t), dtype=torch.int64)
         if distributed.is_main() or self.shard.world == 1:
             pairs = torch.as_tensor(self.repair(
@@ -184,7 +194,8 @@ def _distill_objective(cfg: RunConfig, cache: TeacherCache, student: SceneClassi
 
 @dataclass
 class StudentData:
-    """The RGB samples a student trains on, normalised with statistics of its training rows."""
+    """The RGB samples a student trains on, normalised with statistics of its training rows:
+    the RGB set's, then the MS rows' (when given) after them."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -193,27 +204,55 @@ class StudentData:
     consistency: Consistency | None  # the unlabeled rows with semi-supervision
     mean: list[float]
     std: list[float]
+    ms_rows: SameTarget | None = None  # rows len(rgb) onwards
 
 
-def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool) -> StudentData:
+def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | None,
+            events: Events = NULL_EVENTS) -> SameTarget | None:
+    """The MS samples as RGB rows for the distilled student, or None where they cannot be
+    (no true-colour bands, or patches of another size than the RGB ones: said in the log)."""
+    if not cfg.distill.ms_rows:
+        return None
+    if ms.size != rgb.size:
+        events.warning(f"distill: no MS rows: MS patches are {ms.size} px, RGB patches {rgb.size} px")
+        return None
+    try:
+        rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb.images[rgb.labeled])
+    except DataError as exc:  # e.g. no band near red, green or blue
+        events.warning(f"distill: no MS rows: {exc}")
+        return None
+    events.log(f"distill: {len(rows)} MS samples train the student as RGB rows ({rows.source})")
+    return rows
+
+
+def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget | None = None,
+                 ms_labels: np.ndarray | None = None) -> StudentData:
     dc = cfg.distill
     train_idx, val_idx = _split(rgb, cfg)
-    unlabeled = train_idx[rgb.labels[train_idx] < 0]
+    images, labels = rgb.images, rgb.labels
+    if rows is not None and not baseline:
+        assert ms_labels is not None
+        images = np.concatenate([images, rows.images.astype(images.dtype)])
+        labels = np.concatenate([labels, ms_labels[rows.ms_index]])
+        train_idx = np.concatenate([train_idx, len(rgb) + np.arange(len(rows))])
+    else:
+        rows = None
+    unlabeled = train_idx[labels[train_idx] < 0]
     consistency = None
     if dc.semi_supervised == "fixmatch" and len(unlabeled):
         # baseline and student alike: labeled batches, each with its share of unlabeled samples
         consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
                                   dc.w_unlabeled)
     if consistency is not None or baseline:  # without semi-supervision the baseline sees labels only
-        train_idx = train_idx[rgb.labels[train_idx] >= 0]
-    mean, std = common.band_stats(rgb.images[trained_rows(train_idx, consistency)])  # of the rows that train
-    return StudentData(common.normalize(rgb.images, mean, std), torch.as_tensor(rgb.labels), train_idx, val_idx,
-                       consistency, mean, std)
+        train_idx = train_idx[labels[train_idx] >= 0]
+    mean, std = common.band_stats(images[trained_rows(train_idx, consistency)])  # of the rows that train
+    return StudentData(common.normalize(images, mean, std), torch.as_tensor(labels), train_idx, val_idx,
+                       consistency, mean, std, rows)
 
 
 def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, out_dir: Path, device: torch.device,
-                  cache: TeacherCache | None, pairs: np.ndarray | None, pair_confidence: np.ndarray | None,
-                  rgb_labels: np.ndarray) -> ClassifierTask:
+                  cache: TeacherCache | None, pairs: np.ndarray | None,
+                  pair_confidence: np.ndarray | None) -> ClassifierTask:
     """The baseline's task (ground truth alone) or, with a teacher cache, the distillation's."""
     dc = cfg.distill
     kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=device, amp=cfg.amp,
@@ -223,16 +262,23 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
     if cache is None:
         return ClassifierTask(student, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
     assert pairs is not None
+    fixed = np.zeros(len(data.y), dtype=bool)
+    if data.ms_rows is not None:  # each MS row's partner is its own MS sample, fully trusted
+        fixed[len(pairs):] = True
+        pair_confidence = np.concatenate([np.ones(len(pairs)) if pair_confidence is None else pair_confidence,
+                                          np.ones(len(data.ms_rows))])
+        pairs = np.concatenate([pairs, data.ms_rows.ms_index])
     objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
     per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
-    return DistillTask(student, objective=objective, cache=cache, rgb_labels=rgb_labels,
-                       repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), **kwargs)
+    return DistillTask(student, objective=objective, cache=cache, rgb_labels=data.y.numpy(),
+                       repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), fixed=fixed,
+                       **kwargs)
 
 
 def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: bool,
                   teacher_dir: Path | None = None, ms: PatchSet | None = None,
                   pairs: np.ndarray | None = None, pair_confidence: np.ndarray | None = None,
-                  rgb_test: PatchSet | None = None,
+                  rgb_paired: PatchSet | None = None, rgb_test: PatchSet | None = None,
                   events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
     dc = cfg.distill
@@ -240,7 +286,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
-    data = student_data(cfg, rgb, baseline)
+    rows = None if baseline or ms is None else ms_rows(cfg, ms, rgb, rgb_paired, events)
+    data = student_data(cfg, rgb, baseline, rows, None if ms is None else ms.labels)
     gen = common.generator(cfg.seed + 101)
     source = start_source(dc)
     student = build_classifier(dc, 3, len(rgb.class_names), rgb.band_names, device)
@@ -250,12 +297,13 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
         cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
         distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
-    task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence, rgb.labels)
+    task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence)
     epochs = auto_epochs(dc, len(data.train_index))
     checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
     settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
                                  dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
-                                 fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline})
+                                 fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline,
+                                              "ms_rows": None if rows is None else rows.ms_index.tolist()})
     started = time.time()
     history = loop.fit(task, len(data.train_index), settings, gen, events)
     if not distributed.is_main():  # rank 0 evaluates and writes
@@ -280,13 +328,15 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
 def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet, cache: TeacherCache | None,
              epochs: int, seconds: float, source: str) -> dict[str, Any]:
     rows = task.trained_rows().numpy()
+    rows = rows[rows < len(rgb)]  # the RGB set's (the MS rows are counted apart)
     summary: dict[str, Any] = {
         "rgb_train": int(len(rows)), "rgb_val": int(len(data.val_index)),
         "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
         "semi_supervised": cfg.distill.semi_supervised if data.consistency is not None else "none",
         "best_val_accuracy": task.best_acc if len(data.val_index) else None, "train_seconds": round(seconds, 1),
         "backbone": cfg.distill.backbone, "weights_source": source, "input_size": cfg.distill.input_size,
-        "shift": task.shift}
+        "shift": task.shift, "ms_rows": len(data.ms_rows) if data.ms_rows is not None else 0,
+        "ms_rows_source": data.ms_rows.source if data.ms_rows is not None else None}
     if cache is not None and isinstance(task, DistillTask):
         stats = pairing_stats(task.objective.partners[task.trained_rows()].numpy(), cache.labels.numpy())
         summary.update(teacher_oof_accuracy=cache.accuracy, repair_every_steps=task.repair_every,

@@ -1,9 +1,9 @@
 """Step 2: the matcher, two encoders (MS, RGB) with projection heads trained with InfoNCE.
 
-Positives are one RGB and one MS image of the same target: explicit pairs (files sharing a
-stem) or, when there are none, a pseudo-RGB rendered from the MS true-colour bands (chosen
-from band metadata). Negatives are pairs of different classes; same-class non-targets are
-masked out, since they may look alike for good reason.
+Positives are one RGB and one MS image of the same target (`data.same_target`): explicit
+pairs (files sharing a stem) and, for MS samples without one, their true-colour bands
+(chosen from band metadata) calibrated on the pairs. Negatives are pairs of different
+classes; same-class non-targets are masked out, since they may look alike for good reason.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .. import layout
 from ..config import RunConfig
-from ..data.bands import true_colour_indices
-from ..data.patches import PatchSet, match_pairs
-from ..errors import DataError, ModelFileError
+from ..data.patches import PatchSet
+from ..data.same_target import same_target_rgb
+from ..errors import ModelFileError
 from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_write_text
 from ..models.files import save_state
@@ -51,50 +50,6 @@ class Matcher(nn.Module):
         self.rgb = Encoder(rgb_backbone, 3, embed_dim)
 
 
-def pseudo_rgb(ms: PatchSet) -> np.ndarray:
-    """The MS patches' true-colour bands (R, G, B order) picked by wavelength."""
-    r, g, b = true_colour_indices(ms.band_names)
-    return ms.images[:, [r, g, b]]
-
-
-def positive_pairs(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None,
-                   events: Events) -> tuple[np.ndarray, np.ndarray, str]:
-    """(ms_index, rgb_images) of same-target positives, and which source was used."""
-    mode = cfg.matcher.positives
-    if mode == "pairs" and rgb_paired is None:
-        raise DataError("matcher.positives is 'pairs' but no paired RGB folder was given",
-                        "give --rgb-paired DIR (same file stems as the MS set) or use positives=auto")
-    idx = np.flatnonzero(ms.labeled)
-    if rgb_paired is not None and mode != "pseudo-rgb":
-        ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
-        keep = ms.labels[ms_idx] >= 0
-        ms_idx, rgb_images = ms_idx[keep], rgb_paired.images[rgb_idx[keep]]
-        events.log(f"matcher: {len(ms_idx)} explicit same-target pairs")
-        rest = np.setdiff1d(idx, ms_idx)
-        if mode == "pairs" or len(rest) == 0 or len(ms_idx) < 2:
-            return ms_idx, rgb_images, "pairs"
-        # The MS samples without a pair join as pseudo-RGB, brought to the RGB sensor's scale
-        # by a per-band linear fit on the pairs: more positives than the pairs alone.
-        gain, offset = _fit_pseudo_rgb(pseudo_rgb(ms)[ms_idx], rgb_images)
-        extra = pseudo_rgb(ms)[rest] * gain[None, :, None, None] + offset[None, :, None, None]
-        events.log(f"matcher: {len(rest)} more MS samples as calibrated pseudo-RGB")
-        return (np.concatenate([ms_idx, rest]), np.concatenate([rgb_images, extra.astype(rgb_images.dtype)]),
-                "pairs+pseudo-rgb")
-    events.log(f"matcher: pseudo-RGB positives from MS bands {true_colour_indices(ms.band_names)}")
-    return idx, pseudo_rgb(ms)[idx], "pseudo-rgb"
-
-
-def _fit_pseudo_rgb(pseudo: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band gain and offset taking pseudo-RGB patch means to the paired RGB patch means."""
-    p = pseudo.reshape(len(pseudo), 3, -1).mean(-1).astype(np.float64)
-    r = rgb.reshape(len(rgb), 3, -1).mean(-1).astype(np.float64)
-    gain, offset = np.ones(3), np.zeros(3)
-    for b in range(3):
-        if np.ptp(p[:, b]) > 0:
-            gain[b], offset[b] = np.polyfit(p[:, b], r[:, b], 1)
-    return gain, offset
-
-
 class ContrastiveTask(loop.Task):
     """Masked InfoNCE between the two encoders on independent dihedral views of each pair."""
 
@@ -121,7 +76,9 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
         out_dir.mkdir(parents=True, exist_ok=True)
     mc = cfg.matcher
     device = common.resolve_device(cfg.device)
-    ms_idx, rgb_images, source = positive_pairs(cfg, ms, rgb_paired, events)
+    positives = same_target_rgb(ms, rgb_paired, mc.positives, events=events)
+    ms_idx, rgb_images, source = positives.ms_index, positives.images, positives.source
+    events.log(f"matcher: {len(ms_idx)} positives ({source})")
     ms_mean, ms_std = common.band_stats(ms.images)
     rgb_mean, rgb_std = common.band_stats(rgb_images)
     x_ms = common.normalize(ms.images[ms_idx], ms_mean, ms_std)

@@ -1,0 +1,101 @@
+"""The MS samples as the RGB sensor would see them: the matcher's positives and the
+distilled student's extra rows.
+
+Each labeled MS sample gets one RGB image of its own target: its explicit same-target RGB
+(a file of the paired RGB folder sharing its stem) where there is one, else its true-colour
+bands (picked by wavelength) brought to the RGB sensor's scale: by a per-band linear fit on
+the pairs where there are at least two, else, given a reference RGB set, by matching each
+band's mean and spread to it. A sensor saturates, so calibrated bands are clipped to the
+range of the RGB images they were fitted to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..choices import POSITIVES
+from ..errors import DataError
+from ..events import NULL_EVENTS, Events
+from .bands import true_colour_indices
+from .patches import PatchSet, match_pairs
+
+
+@dataclass
+class SameTarget:
+    """One RGB image per MS sample it covers."""
+
+    ms_index: np.ndarray  # rows of the MS set
+    images: np.ndarray    # (N, 3, H, W) on the RGB sensor's scale (raw true colour: see `same_target_rgb`)
+    source: str           # "pairs", "pairs+pseudo-rgb" or "pseudo-rgb"
+
+    def __len__(self) -> int:
+        return len(self.ms_index)
+
+
+def pseudo_rgb(ms: PatchSet) -> np.ndarray:
+    """The MS patches' true-colour bands (R, G, B order) picked by wavelength."""
+    r, g, b = true_colour_indices(ms.band_names)
+    return ms.images[:, [r, g, b]]
+
+
+def fit_to_pairs(pseudo: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band gain and offset taking pseudo-RGB patch means to the paired RGB patch means."""
+    p = pseudo.reshape(len(pseudo), 3, -1).mean(-1).astype(np.float64)
+    r = rgb.reshape(len(rgb), 3, -1).mean(-1).astype(np.float64)
+    gain, offset = np.ones(3), np.zeros(3)
+    for b in range(3):
+        if np.ptp(p[:, b]) > 0:
+            gain[b], offset[b] = np.polyfit(p[:, b], r[:, b], 1)
+    return gain, offset
+
+
+def fit_to_moments(pseudo: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band gain and offset giving the pseudo-RGB pixels the reference's mean and spread
+    (no pairs needed: both sets show the same classes, in other places)."""
+    p = pseudo.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    r = reference.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    gain = r.std(1) / np.maximum(p.std(1), 1e-12)
+    return gain, r.mean(1) - gain * p.mean(1)
+
+
+def _apply(pseudo: np.ndarray, gain: np.ndarray, offset: np.ndarray, fitted_to: np.ndarray) -> np.ndarray:
+    out = pseudo * gain[None, :, None, None] + offset[None, :, None, None]
+    return np.clip(out, float(fitted_to.min()), float(fitted_to.max())).astype(fitted_to.dtype)
+
+
+def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto",
+                    reference: np.ndarray | None = None, events: Events = NULL_EVENTS) -> SameTarget:
+    """An RGB image of each labeled MS sample's own target.
+
+    mode "pairs": the explicit pairs alone; "pseudo-rgb": true colour for every sample; "auto":
+    the pairs, plus calibrated true colour for the samples without one. True colour is
+    calibrated on the pairs (auto, two or more pairs) or to `reference` (RGB images of the
+    same classes) and left on the MS scale when there is neither."""
+    if mode not in POSITIVES:
+        raise ValueError(f"mode must be one of {list(POSITIVES)}, not {mode!r}")
+    if mode == "pairs" and rgb_paired is None:
+        raise DataError("matcher.positives is 'pairs' but no paired RGB folder was given",
+                        "give --rgb-paired DIR (same file stems as the MS set) or use positives=auto")
+    idx = np.flatnonzero(ms.labeled)
+    if rgb_paired is not None and mode != "pseudo-rgb":
+        ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
+        keep = ms.labels[ms_idx] >= 0
+        ms_idx, rgb_images = ms_idx[keep], rgb_paired.images[rgb_idx[keep]]
+        events.log(f"{len(ms_idx)} explicit same-target pairs")
+        rest = np.setdiff1d(idx, ms_idx)
+        if mode == "pairs" or len(rest) == 0 or len(ms_idx) < 2:
+            return SameTarget(ms_idx, rgb_images, "pairs")
+        # The MS samples without a pair join as true colour brought to the RGB sensor's scale
+        # by a per-band linear fit on the pairs: more same-target images than the pairs alone.
+        gain, offset = fit_to_pairs(pseudo_rgb(ms)[ms_idx], rgb_images)
+        extra = _apply(pseudo_rgb(ms)[rest], gain, offset, rgb_images)
+        events.log(f"{len(rest)} more MS samples as true colour calibrated on the pairs")
+        return SameTarget(np.concatenate([ms_idx, rest]), np.concatenate([rgb_images, extra]), "pairs+pseudo-rgb")
+    images = pseudo_rgb(ms)[idx]
+    if reference is not None:
+        gain, offset = fit_to_moments(images, reference)
+        images = _apply(images, gain, offset, reference)
+    events.log(f"true colour from MS bands {true_colour_indices(ms.band_names)}")
+    return SameTarget(idx, images, "pseudo-rgb")

@@ -1,0 +1,75 @@
+"""The distilled student's rows: the RGB set, then the MS samples seen in RGB, each paired
+with itself for good; the baseline trains on the RGB set alone."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from asymkd.config import from_dict
+from asymkd.data.patches import load_folder
+from asymkd.events import Events
+from asymkd.train.distill import TeacherCache, _student_task, ms_rows, student_data
+from asymkd.train.teacher import build_classifier
+from tiny_data import TINY_CONFIG, make_dataset
+
+
+def _sets(tmp_path, **kwargs):
+    paths = make_dataset(tmp_path, **kwargs)
+    ms = load_folder(paths["ms"], "ms", bands="sentinel2")
+    rgb = load_folder(paths["rgb_train"], "rgb", class_names=ms.class_names)
+    paired = load_folder(paths["rgb_paired"], "rgb", class_names=ms.class_names)
+    return ms, rgb, paired
+
+
+def test_ms_rows_train_with_their_own_partner_and_are_never_repaired(tmp_path):
+    torch.manual_seed(0)
+    ms, rgb, paired = _sets(tmp_path)
+    cfg = from_dict(TINY_CONFIG)
+    rows = ms_rows(cfg, ms, rgb, paired)
+    assert rows is not None and rows.source == "pairs" and len(rows) == len(ms)
+    data = student_data(cfg, rgb, False, rows, ms.labels)
+    n = len(rgb)
+    assert len(data.y) == n + len(ms) and (data.y[n:].numpy() == ms.labels[rows.ms_index]).all()
+    assert set(data.train_index[data.train_index >= n]) == set(range(n, n + len(ms)))  # every MS row trains
+    assert len(data.val_index) and data.val_index.max() < n  # and none validates: scores stay RGB's
+    k = len(ms.class_names)
+    cache = TeacherCache(features=torch.randn(len(ms), 8, 2, 2), soft=F.softmax(torch.randn(len(ms), k), -1),
+                         labels=torch.as_tensor(ms.labels), trust=torch.ones(len(ms)), accuracy=0.9)
+    student = build_classifier(cfg.distill, 3, k, rgb.band_names, torch.device("cpu"))
+    # each RGB row starts with the first MS sample of its class
+    first = np.array([np.flatnonzero(ms.labels == c)[0] for c in range(k)])
+    task = _student_task(cfg, data, student, tmp_path, torch.device("cpu"), cache, first[rgb.labels], None)
+    assert (task.objective.partners[n:].numpy() == rows.ms_index).all()
+    task.logp_table = F.log_softmax(torch.randn(len(data.y), k), -1)
+    task.after_step(task.repair_every)
+    partners = task.objective.partners.numpy()
+    assert (partners[n:] == rows.ms_index).all()  # the MS rows kept themselves
+    trained = task.trained_rows().numpy()
+    rgb_rows = trained[trained < n]
+    assert (ms.labels[partners[rgb_rows]] == rgb.labels[rgb_rows]).all()
+    assert len(set(partners[rgb_rows])) > k  # re-paired among the class's samples, not left on the first
+    # the baseline trains on the RGB set alone
+    base = student_data(cfg, rgb, True, rows, ms.labels)
+    assert len(base.y) == n and base.ms_rows is None
+
+
+def test_ms_rows_are_left_out_where_they_cannot_be_rgb_rows(tmp_path):
+    ms, rgb, paired = _sets(tmp_path)
+    stream = io.StringIO()
+    events = Events(stream, progress_bars=False)
+
+    def said() -> list[str]:
+        return [e["message"] for e in map(json.loads, stream.getvalue().splitlines()) if e["event"] == "warning"]
+
+    cfg = from_dict({**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "ms_rows": False}})
+    assert ms_rows(cfg, ms, rgb, paired, events) is None and not said()  # asked not to
+    cfg = from_dict(TINY_CONFIG)
+    small = rgb.subset(np.arange(len(rgb)))
+    small.images = small.images[:, :, :8, :8]
+    assert ms_rows(cfg, ms, small, paired, events) is None
+    assert "MS patches are 16 px, RGB patches 8 px" in said()[-1]

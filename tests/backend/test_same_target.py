@@ -1,0 +1,52 @@
+"""Each MS sample's own target in RGB: explicit pairs, and true colour calibrated on the pairs
+or to a reference RGB set (the matcher's positives and the distilled student's MS rows)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asymkd import config as config_mod
+from asymkd.data.patches import load_folder
+from asymkd.data.same_target import pseudo_rgb, same_target_rgb
+from asymkd.events import NULL_EVENTS
+from tiny_data import make_dataset
+
+
+def test_unpaired_ms_samples_join_as_pseudo_rgb_on_the_rgb_scale(tmp_path):
+    paths = make_dataset(tmp_path)
+    ms = load_folder(paths["ms"], "ms", bands="sentinel2")
+    paired = load_folder(paths["rgb_paired"], "rgb", class_names=ms.class_names)
+    half = paired.subset(np.arange(0, len(paired), 2))
+    cfg = config_mod.RunConfig()
+    got = same_target_rgb(ms, half, cfg.matcher.positives, events=NULL_EVENTS)
+    ms_idx, images, source = got.ms_index, got.images, got.source
+    assert source == "pairs+pseudo-rgb"
+    assert sorted(ms_idx.tolist()) == list(range(len(ms)))  # every MS sample has a positive
+    n_pairs = len(half)
+    # the added pseudo-RGB is on the paired RGB's scale (8-bit), not the MS reflectance scale
+    added = images[n_pairs:]
+    assert abs(float(added.mean()) - float(half.images.mean())) < 0.25 * float(half.images.mean())
+    assert float(pseudo_rgb(ms).mean()) > 5 * float(added.mean())
+    # explicit pairs only, when asked
+    got = same_target_rgb(ms, half, "pairs", events=NULL_EVENTS)
+    ms_idx, images, source = got.ms_index, got.images, got.source
+    assert source == "pairs" and len(ms_idx) == n_pairs
+
+
+def test_without_pairs_true_colour_takes_the_reference_rgb_scale(tmp_path):
+    paths = make_dataset(tmp_path)
+    ms = load_folder(paths["ms"], "ms", bands="sentinel2")
+    rgb = load_folder(paths["rgb_train"], "rgb", class_names=ms.class_names)
+    got = same_target_rgb(ms, None, "auto", reference=rgb.images, events=NULL_EVENTS)
+    assert got.source == "pseudo-rgb" and sorted(got.ms_index.tolist()) == list(range(len(ms)))
+    per_band = got.images.transpose(1, 0, 2, 3).reshape(3, -1)
+    ref = rgb.images.transpose(1, 0, 2, 3).reshape(3, -1)
+    # each band has the reference's mean (clipping to its range moves it a little) and stays in range
+    assert np.allclose(per_band.mean(1), ref.mean(1), rtol=0.05)
+    assert per_band.min() >= ref.min() and per_band.max() <= ref.max()
+    # the classes keep their order of brightness: calibration is one gain per band
+    means = [got.images[ms.labels[got.ms_index] == c].mean() for c in range(len(ms.class_names))]
+    assert means == sorted(means)
+    # no reference: the bands stay on the MS scale (the matcher standardises each side itself)
+    raw = same_target_rgb(ms, None, "pseudo-rgb", events=NULL_EVENTS)
+    assert np.array_equal(raw.images, pseudo_rgb(ms))
