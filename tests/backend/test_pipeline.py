@@ -216,3 +216,15 @@ def test_every_step_of_a_run_is_reproducible_after_a_kill_and_resume(tmp_path, d
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_the_last_lines_give_both_scores_the_gain_and_where_it_came_from(tmp_path):
+    from asymkd.commands.run import result_lines
+    for name, oa, f1, rows in (("baseline", 0.79, 0.787, 0), ("student", 0.815, 0.808, 240)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"test": {"overall_accuracy": oa, "macro_f1": f1}, "summary": {"ms_rows": rows}}))
+    lines = result_lines(tmp_path).splitlines()
+    assert lines == [" baseline: test OA  79.0 %, macro-F1  78.7 %",
+                     "distilled: test OA  81.5 %, macro-F1  80.8 %",
+                     "     gain: +2.5 OA points from the MS teacher and its 240 samples as RGB rows"]

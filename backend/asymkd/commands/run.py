@@ -61,6 +61,7 @@ def result_lines(run_dir: Path) -> str:
     set and the gain, the last thing a user reads."""
     import json
     scores = {}
+    ms_rows = 0
     for name in (layout.BASELINE, layout.STUDENT):
         path = RunFolder(run_dir).metrics(name)
         if path.is_file():
@@ -68,10 +69,13 @@ def result_lines(run_dir: Path) -> str:
             part = doc.get("test") or doc.get("val")
             if part:
                 scores[name] = (part["overall_accuracy"], part["macro_f1"], "test" if doc.get("test") else "validation")
+            if name == layout.STUDENT:
+                ms_rows = (doc.get("summary") or {}).get("ms_rows") or 0
     lines = [f"{'distilled' if n == layout.STUDENT else n:>9}: {s[2]} "
              f"OA {100 * s[0]:5.1f} %, macro-F1 {100 * s[1]:5.1f} %"
              for n, s in sorted(scores.items())]
     if len(scores) == 2:
         gain = 100 * (scores[layout.STUDENT][0] - scores[layout.BASELINE][0])
-        lines.append(f"     gain: {gain:+.1f} OA points from the MS teacher")
+        source = f"the MS teacher and its {ms_rows} samples as RGB rows" if ms_rows else "the MS teacher"
+        lines.append(f"     gain: {gain:+.1f} OA points from {source}")
     return "\n".join(lines)

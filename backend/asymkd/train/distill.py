@@ -210,7 +210,7 @@ class StudentData:
 def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | None,
             events: Events = NULL_EVENTS) -> SameTarget | None:
     """The MS samples as RGB rows for the distilled student, or None where they cannot be
-    (no true-colour bands, or patches of another size than the RGB ones: said in the log)."""
+    (no true-colour bands, or patches of another size than the RGB ones: a warning says so)."""
     if not cfg.distill.ms_rows:
         return None
     if ms.size != rgb.size:
