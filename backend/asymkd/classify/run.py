@@ -285,13 +285,18 @@ def _regions(path: Path, classes: ClassRaster | None, grid: Grid, names: list[st
     return stats
 
 
+# Batches waiting in the inference pool beyond the `streams` running: a stream that finishes
+# takes the next batch at once instead of idling while the main thread hands its result on.
+QUEUED = 1
+
+
 def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: list[int], opts: ClassifyOptions,
                   sink: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
     """Classify the tiles of `plan` (the whole job's, or a worker's shard of it) into `sink`:
     the one read -> infer -> write loop of the engine."""
     reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
-                            nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams)
+                            nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams + QUEUED)
     voter = Voter(plan, len(model.class_names)) if opts.vote else None
     counts = _stream(model, reader, sink, raster_out, plan.total, events, voter)
     if voter is not None:  # the last rows of cells; the counts are of cells, not windows
@@ -342,7 +347,7 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, ras
                     _check_value_range(batch.images, model.meta, events)
                     checked = True
                 pending.append((batch, pool.submit(model.predict, batch.images)))
-                if len(pending) == model.streams:
+                if len(pending) == model.streams + QUEUED:
                     hand_on()
             while pending:
                 hand_on()
