@@ -222,7 +222,8 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
             results[layout.STUDENT] = train_student(cfg, rgb, run.student, baseline=False,
                                                     teacher_dir=run.teacher, ms=ms, pairs=pairs,
                                                     pair_confidence=confidence,
-                                                    rgb_paired=load_rgb_paired(cfg, ms.class_names),
+                                                    rgb_paired=load_rgb_paired(cfg, ms.class_names)
+                                                    if cfg.distill.ms_rows else None,
                                                     rgb_test=test, events=events, resume=resume)
             events.result("distill", model=run.student)
     if cfg.distill.baseline and not (skip_done and run.metrics(layout.BASELINE).is_file()):

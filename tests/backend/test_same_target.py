@@ -37,7 +37,7 @@ def test_without_pairs_true_colour_takes_the_reference_rgb_scale(tmp_path):
     paths = make_dataset(tmp_path)
     ms = load_folder(paths["ms"], "ms", bands="sentinel2")
     rgb = load_folder(paths["rgb_train"], "rgb", class_names=ms.class_names)
-    got = same_target_rgb(ms, None, "auto", reference=rgb.images, events=NULL_EVENTS)
+    got = same_target_rgb(ms, None, "auto", reference=rgb, events=NULL_EVENTS)
     assert got.source == "pseudo-rgb" and sorted(got.ms_index.tolist()) == list(range(len(ms)))
     per_band = got.images.transpose(1, 0, 2, 3).reshape(3, -1)
     ref = rgb.images.transpose(1, 0, 2, 3).reshape(3, -1)

@@ -347,7 +347,7 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, ras
                     _check_value_range(batch.images, model.meta, events)
                     checked = True
                 pending.append((batch, pool.submit(model.predict, batch.images)))
-                if len(pending) == model.streams + QUEUED:
+                if len(pending) == reader.in_flight:  # the batches the reader lets us hold
                     hand_on()
             while pending:
                 hand_on()

@@ -54,10 +54,9 @@ def fit_to_pairs(pseudo: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.nd
 def fit_to_moments(pseudo: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-band gain and offset giving the pseudo-RGB pixels the reference's mean and spread
     (no pairs needed: both sets show the same classes, in other places)."""
-    p = pseudo.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
-    r = reference.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
-    gain = r.std(1) / np.maximum(p.std(1), 1e-12)
-    return gain, r.mean(1) - gain * p.mean(1)
+    axes = (0, 2, 3)  # per band, over every image and pixel, without copying the images
+    gain = reference.std(axis=axes, dtype=np.float64) / np.maximum(pseudo.std(axis=axes, dtype=np.float64), 1e-12)
+    return gain, reference.mean(axis=axes, dtype=np.float64) - gain * pseudo.mean(axis=axes, dtype=np.float64)
 
 
 def _apply(pseudo: np.ndarray, gain: np.ndarray, offset: np.ndarray, fitted_to: np.ndarray) -> np.ndarray:
@@ -66,13 +65,13 @@ def _apply(pseudo: np.ndarray, gain: np.ndarray, offset: np.ndarray, fitted_to: 
 
 
 def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto",
-                    reference: np.ndarray | None = None, events: Events = NULL_EVENTS) -> SameTarget:
+                    reference: PatchSet | None = None, events: Events = NULL_EVENTS) -> SameTarget:
     """An RGB image of each labeled MS sample's own target.
 
     mode "pairs": the explicit pairs alone; "pseudo-rgb": true colour for every sample; "auto":
     the pairs, plus calibrated true colour for the samples without one. True colour is
-    calibrated on the pairs (auto, two or more pairs) or to `reference` (RGB images of the
-    same classes) and left on the MS scale when there is neither."""
+    calibrated on the pairs (auto, two or more pairs) or to the labeled images of `reference`
+    (an RGB set of the same classes) and left on the MS scale when there is neither."""
     if mode not in POSITIVES:
         raise ValueError(f"mode must be one of {list(POSITIVES)}, not {mode!r}")
     if mode == "pairs" and rgb_paired is None:
@@ -95,7 +94,8 @@ def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto
         return SameTarget(np.concatenate([ms_idx, rest]), np.concatenate([rgb_images, extra]), "pairs+pseudo-rgb")
     images = pseudo_rgb(ms)[idx]
     if reference is not None:
-        gain, offset = fit_to_moments(images, reference)
-        images = _apply(images, gain, offset, reference)
+        labeled = reference.images[reference.labeled]
+        gain, offset = fit_to_moments(images, labeled)
+        images = _apply(images, gain, offset, labeled)
     events.log(f"true colour from MS bands {true_colour_indices(ms.band_names)}")
     return SameTarget(idx, images, "pseudo-rgb")

@@ -98,12 +98,12 @@ class DistillTask(ClassifierTask):
 
     def __init__(self, model: SceneClassifier, *, objective: DistillObjective, cache: TeacherCache,
                  rgb_labels: np.ndarray, repair_every: int, repair: Callable[..., np.ndarray],
-                 fixed: np.ndarray | None = None, **kwargs: Any):
+                 fixed: np.ndarray, **kwargs: Any):
         super().__init__(model, objective, **kwargs)
         self.objective: DistillObjective = objective
         self.cache, self.rgb_labels = cache, rgb_labels
         # rows whose partner is their own target (the MS rows): never re-paired
-        self.fixed = torch.zeros(len(rgb_labels), dtype=torch.bool) if fixed is None else torch.as_tensor(fixed)
+        self.fixed = torch.as_tensor(fixed)
         self.repair_every, self.repair = repair_every, repair
         k = cache.soft.shape[1]
         self.logp_table = torch.full((len(rgb_labels), k), -float(np.log(k)))  # uniform until seen
@@ -217,7 +217,7 @@ def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | 
         events.warning(f"distill: no MS rows: MS patches are {ms.size} px, RGB patches {rgb.size} px")
         return None
     try:
-        rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb.images[rgb.labeled])
+        rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb)
     except DataError as exc:  # e.g. no band near red, green or blue
         events.warning(f"distill: no MS rows: {exc}")
         return None
