@@ -16,12 +16,11 @@ TINY = ["teacher.backbone=resnet18_w16", "teacher.epochs=1", "teacher.folds=2", 
         "distill.attention_heads=2", "distill.input_size=0"]
 
 
-def test_ablation_rows_train_what_they_name(tmp_path, capsys, monkeypatch):
+def test_ablation_rows_train_what_they_name(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", n_ms=4, n_rgb=4)
     out = tmp_path / "bench"
     argv = ["bench", "accuracy", "--data", str(data["ms"].parent), "--out", str(out), "--labels", "6",
             "--seeds", "1", "--ablation", "--device", "cpu", "--set", *TINY]
-    monkeypatch.setattr(sys, "argv", ["asymkd", *argv])  # `bench` adds the flags of the kind named there
     assert main(argv) == 0
     table = capsys.readouterr().out.split("Ablation at 6 RGB labels")[1]
     for row in ("GT only (baseline)", "+ MS samples as RGB rows (ground truth only)",
@@ -39,3 +38,14 @@ def test_ablation_rows_train_what_they_name(tmp_path, capsys, monkeypatch):
     assert student("ablation-random")["history"][0]["train_pseudo"] > 0
     full = student("main")
     assert full["summary"]["ms_rows"] == 12 and full["history"][0]["train_feat"] > 0
+
+
+def test_bench_flags_come_from_the_arguments_given(capsys, monkeypatch):
+    """`cli.main([...])` from Python: the benchmark named in its arguments, not in the
+    process's own command line, gets its flags."""
+    import pytest
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "classify", "--help"])
+    assert done.value.code == 0
+    assert "--workers" in capsys.readouterr().out

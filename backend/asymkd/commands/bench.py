@@ -1,19 +1,40 @@
 from __future__ import annotations
 
+import argparse
 import importlib
-import sys
 
 KINDS = {"accuracy": "teacher, baseline and distilled students on a real folder dataset, over seeds",
          "train": "distillation epoch time vs a plain student epoch; re-pairing time",
          "classify": "onnxruntime compute vs end-to-end classify throughput; peak memory"}
 
 
+class _KindParser(argparse.ArgumentParser):
+    """A benchmark's parser that adds its flags when it parses or shows help: only the
+    benchmark that runs is imported (`bench train` imports torch), whether the arguments come
+    from the command line or from `cli.main([...])`."""
+
+    def __init__(self, *args, kind: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kind, self._loaded = kind, False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(f"asymkd.bench.{self._kind}").add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True, parser_class=_KindParser)
     for kind, text in KINDS.items():
-        p = sub.add_parser(kind, help=text, description=text)
-        if kind in sys.argv:  # import only the benchmark that runs
-            importlib.import_module(f"asymkd.bench.{kind}").add_arguments(p)
+        sub.add_parser(kind, help=text, description=text, kind=kind)
 
 
 def run(args, events) -> int:
