@@ -22,7 +22,7 @@ class _KindParser(argparse.ArgumentParser):
             self._loaded = True
             importlib.import_module(f"asymkd.bench.{self._kind}").add_arguments(self)
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         self._load()
         return super().parse_known_args(args, namespace)
 
