@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from asymkd.cli import main
 from tiny_data import make_dataset
 
@@ -43,7 +45,6 @@ def test_ablation_rows_train_what_they_name(tmp_path, capsys):
 def test_bench_flags_come_from_the_arguments_given(capsys, monkeypatch):
     """`cli.main([...])` from Python: the benchmark named in its arguments, not in the
     process's own command line, gets its flags."""
-    import pytest
     monkeypatch.setattr(sys, "argv", ["pytest"])
     with pytest.raises(SystemExit) as done:
         main(["bench", "classify", "--help"])

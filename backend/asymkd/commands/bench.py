@@ -9,11 +9,11 @@ KINDS = {"accuracy": "teacher, baseline and distilled students on a real folder 
 
 
 class _KindParser(argparse.ArgumentParser):
-    """A benchmark's parser that adds its flags when it parses or shows help: only the
+    """A benchmark's parser that adds its flags when it parses (help included): only the
     benchmark that runs is imported (`bench train` imports torch), whether the arguments come
     from the command line or from `cli.main([...])`."""
 
-    def __init__(self, *args, kind: str = "", **kwargs):
+    def __init__(self, *args, kind: str, **kwargs):
         super().__init__(*args, **kwargs)
         self._kind, self._loaded = kind, False
 
@@ -25,10 +25,6 @@ class _KindParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         self._load()
         return super().parse_known_args(args, namespace)
-
-    def format_help(self) -> str:
-        self._load()
-        return super().format_help()
 
 
 def add_arguments(parser) -> None:

@@ -54,7 +54,7 @@ def fit_to_pairs(pseudo: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.nd
 def fit_to_moments(pseudo: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-band gain and offset giving the pseudo-RGB pixels the reference's mean and spread
     (no pairs needed: both sets show the same classes, in other places)."""
-    axes = (0, 2, 3)  # per band, over every image and pixel, without copying the images
+    axes = (0, 2, 3)  # per band, over every image and pixel (no transposed float64 copy)
     gain = reference.std(axis=axes, dtype=np.float64) / np.maximum(pseudo.std(axis=axes, dtype=np.float64), 1e-12)
     return gain, reference.mean(axis=axes, dtype=np.float64) - gain * pseudo.mean(axis=axes, dtype=np.float64)
 
