@@ -11,7 +11,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 "$PY" -c "import torch, onnxruntime as ort; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0)); print('onnxruntime providers', ort.get_available_providers())"
 echo "== CUDA tests"
-"$PY" -m pytest -q tests/backend/test_cuda.py
+"$PY" -m pytest -q tests/backend/test_cuda.py tests/backend/test_distributed_train.py -k "cuda or gpu"
 for device in cuda cpu; do
   samples=4096; [ "$device" = cpu ] && samples=512
   echo "== training throughput and distillation/plain epoch ratio on $device ($samples patches)"

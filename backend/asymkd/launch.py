@@ -20,6 +20,7 @@ class Launch:
     rank: int
     world: int
     local_rank: int
+    local_world: int = 1  # ranks on this machine (LOCAL_WORLD_SIZE)
 
 
 def launched() -> Launch | None:
@@ -28,9 +29,11 @@ def launched() -> Launch | None:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
     try:
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                      int(env.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        raise ConfigError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r} are not whole numbers",
+        raise ConfigError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK and LOCAL_WORLD_SIZE "
+                          "must be whole numbers",
                           "start the command with torchrun, which sets them, or unset them") from None
 
 

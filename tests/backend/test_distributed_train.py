@@ -2,7 +2,7 @@
 global batch.
 
 The ranks are started with torch.multiprocessing and the same environment torchrun sets
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the engine's own
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the engine's own
 `distributed.session()` starts the process group. The reference runs in a process of its
 own, alike in threads and in the test backbone.
 
@@ -15,6 +15,7 @@ statistics the two-rank run is the one-process run up to the order of float sums
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import operator
 import os
@@ -35,6 +36,7 @@ from torch import multiprocessing as mp
 from asymkd import config as config_mod
 from asymkd.errors import ConfigError
 from asymkd.events import NULL_EVENTS, Events
+from asymkd.launch import Launch, launched
 from asymkd.pipeline import resolve_config, step_distill, step_matcher, step_pair, step_teacher
 from asymkd.train import common, distributed, loop
 from tiny_data import TINY_CONFIG, data_config, make_dataset
@@ -119,8 +121,8 @@ def _process(rank: int, world: int, port: int, job: Callable[..., Any], args: tu
     """One rank: the torchrun environment (when world > 1), one thread, the job; its result
     and what it wrote in the run folder go to out/rank{rank}.json."""
     if world > 1:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ[distributed.TIMEOUT_ENV] = "1"
     torch.set_num_threads(1)
     writes: list[str] = []
@@ -229,6 +231,17 @@ def _steps_job(run: str) -> dict:
     return _steps(run, setattr, operator.setitem)
 
 
+def _device_steps_job(run: str, device: str) -> dict:
+    """The teacher and the distillation on `device`, BatchNorm kept (on CUDA SyncBatchNorm)."""
+    pairs = _record_pairs(setattr)
+    cfg = dataclasses.replace(resolve_config(Path(run), write=False), device=device)
+    teacher = step_teacher(cfg, Path(run))
+    group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    student = step_distill(cfg, Path(run))
+    return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs,
+            "backend": group}
+
+
 # -- tests -------------------------------------------------------------------------------------
 def test_two_ranks_train_as_one_process_with_the_global_batch_and_resume(tmp_path):
     (tmp_path / "one").mkdir()
@@ -312,6 +325,45 @@ class _Dying(_Toy):
 def _dying_job(folder: str) -> dict:
     loop.fit(_Dying(folder), 40, loop.LoopSettings("toy", 50, 8, 0.05, 0.0), common.generator(0), NULL_EVENTS)
     return {}
+
+
+def test_ranks_that_share_a_gpu_send_cuda_tensors_through_gloo(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launched() == Launch(rank=1, world=4, local_rank=1, local_world=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.backend(1) == "cpu:gloo,cuda:nccl"
+    assert distributed.backend(2) == "gloo"  # NCCL refuses two ranks on one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.backend(2) == "cpu:gloo,cuda:nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.backend(1) == "gloo"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_two_ranks_train_data_parallel_on_the_gpu(tmp_path, paired_run):
+    """DDP on CUDA (run by tools/gpu_check.sh): NCCL where each rank has a GPU, gloo where the
+    two share the only one; BatchNorm becomes SyncBatchNorm, over the global batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(paired_run, one)
+    shutil.copytree(paired_run, two)
+    ref = _launch(_device_steps_job, (str(one), "cuda"), 1, tmp_path / "out1")[0]["result"]
+    reports = _launch(_device_steps_job, (str(two), "cuda"), 2, tmp_path / "out2")
+    got, rank1 = (r["result"] for r in reports)
+    for r in (ref, got, rank1):
+        assert r is not None and "error" not in r, r
+    assert got["backend"] is not None and ("nccl" in got["backend"]) == (torch.cuda.device_count() >= 2)
+    assert len(got["pairs"]) > 2 and rank1["pairs"] == got["pairs"]
+    assert reports[1]["writes"] == []
+    for step in ("teacher", "student"):
+        weights = load_file(str(two / step / "model.safetensors"))
+        assert all(bool(torch.isfinite(w.float()).all()) for w in weights.values()), step
+    # bf16 autocast and cuDNN's kernels: close to one process, not bit for bit
+    assert got["teacher"]["out_of_fold_accuracy"] == pytest.approx(ref["teacher"]["out_of_fold_accuracy"], abs=0.2)
+    assert got["student"]["overall_accuracy"] == pytest.approx(ref["student"]["overall_accuracy"], abs=0.25)
 
 
 def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tmp_path):

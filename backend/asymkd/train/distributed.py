@@ -1,8 +1,9 @@
 """Data-parallel training under `torchrun`: one process per rank, PyTorch's own
 DistributedDataParallel, no scheduler of ours.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `session()` starts the process group from
-them (NCCL for CUDA tensors, gloo for CPU tensors) and does nothing without them, so the
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; `session()` starts the
+process group from them (NCCL for CUDA tensors where each rank has a GPU of its own, gloo
+for CPU tensors and for ranks that share a GPU) and does nothing without them, so the
 single-process path is untouched. Every helper here is a no-op in one process.
 
 The rules the trainers follow:
@@ -59,9 +60,13 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(minutes=minutes)
 
 
-def backend() -> str:
-    """NCCL for CUDA tensors where CUDA is present (gloo still carries CPU tensors), else gloo."""
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+def backend(local_world: int = 1) -> str:
+    """gloo for CPU tensors; for CUDA tensors NCCL where each of this machine's
+    `local_world` ranks has a GPU of its own, else gloo (NCCL refuses two ranks on one GPU,
+    as when two ranks share a machine's only GPU)."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if local_world <= torch.cuda.device_count() else "gloo"
 
 
 def active() -> bool:
@@ -106,7 +111,7 @@ def session() -> Iterator[None]:
     if torch.cuda.is_available():
         torch.cuda.set_device(_local_gpu(launch.local_rank))
     try:
-        dist.init_process_group(backend(), timeout=timeout())
+        dist.init_process_group(backend(launch.local_world), timeout=timeout())
     except (RuntimeError, ValueError) as exc:
         raise RankFailure(f"rank {launch.rank}: cannot join the other {launch.world - 1} processes: {exc}",
                           "start every rank with the same torchrun rendezvous (--rdzv-endpoint, --nnodes)") from None
