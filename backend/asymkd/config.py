@@ -39,7 +39,9 @@ class DataConfig:
 class TeacherConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
-    input_size: int = 0                # resize patches to this size inside the model (0 = as they are)
+    input_size: int = 96               # resize patches to this size inside the model (0 = as they are):
+                                       # out of fold on the 270 EuroSAT MS patches 91.1 / 92.2 % at 96 px,
+                                       # 88.9 / 90.0 % at 64 (seeds 0 / 1)
     epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
     min_steps: int = 240
     batch_size: int = 32

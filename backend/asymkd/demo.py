@@ -11,7 +11,7 @@ from .layout import RunFolder
 
 # Small epochs: the demo shows the whole loop in minutes on 2 CPU cores.
 DEMO_CONFIG: dict[str, Any] = {
-    "teacher": {"backbone": "resnet18_w16", "epochs": 25, "folds": 4},
+    "teacher": {"backbone": "resnet18_w16", "epochs": 25, "folds": 4, "input_size": 0},
     "matcher": {"epochs": 25},
     "distill": {"backbone": "resnet18_w16", "epochs": 20, "baseline": True, "input_size": 0},
 }

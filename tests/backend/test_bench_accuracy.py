@@ -12,10 +12,10 @@ from asymkd.cli import main
 from tiny_data import make_dataset
 
 TINY = ["teacher.backbone=resnet18_w16", "teacher.epochs=1", "teacher.folds=2", "teacher.batch_size=8",
-        "teacher.min_steps=1", "matcher.backbone_ms=resnet18_w16", "matcher.backbone_rgb=resnet18_w16",
-        "matcher.epochs=1", "matcher.batch_size=8", "matcher.embed_dim=16", "distill.backbone=resnet18_w16",
-        "distill.epochs=1", "distill.min_steps=1", "distill.batch_size=8", "distill.attention_dim=16",
-        "distill.attention_heads=2", "distill.input_size=0"]
+        "teacher.min_steps=1", "teacher.input_size=0", "matcher.backbone_ms=resnet18_w16",
+        "matcher.backbone_rgb=resnet18_w16", "matcher.epochs=1", "matcher.batch_size=8", "matcher.embed_dim=16",
+        "distill.backbone=resnet18_w16", "distill.epochs=1", "distill.min_steps=1", "distill.batch_size=8",
+        "distill.attention_dim=16", "distill.attention_heads=2", "distill.input_size=0"]
 
 
 def test_ablation_rows_train_what_they_name(tmp_path, capsys):

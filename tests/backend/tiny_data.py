@@ -8,7 +8,7 @@ import numpy as np
 
 CLASSES = ["Forest", "River", "Urban"]
 TINY_CONFIG = {
-    "teacher": {"backbone": "resnet18_w16", "epochs": 2, "folds": 2, "batch_size": 8},
+    "teacher": {"backbone": "resnet18_w16", "epochs": 2, "folds": 2, "batch_size": 8, "input_size": 0},
     "matcher": {"backbone_ms": "resnet18_w16", "backbone_rgb": "resnet18_w16", "epochs": 1,
                 "batch_size": 8, "embed_dim": 16},
     "distill": {"backbone": "resnet18_w16", "epochs": 2, "batch_size": 8, "attention_dim": 16,

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--input-size", type=int, default=student.input_size,
                    help=f"the student's input size (default {student.input_size})")
     e.add_argument("--teacher", default=teacher.backbone, help=f"teacher backbone (default {teacher.backbone})")
+    e.add_argument("--teacher-input-size", type=int, default=teacher.input_size,
+                   help=f"the teacher's input size (default {teacher.input_size}): its feature map's size")
     e.add_argument("--epoch-device", default="auto", help="device for the epoch timing (default auto)")
 
 
@@ -161,9 +163,10 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
                      "data": {"val_fraction": 0.05}, "device": args.epoch_device, "seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
         teacher = RunFolder(Path(tmp)).teacher
-        save_model(teacher, SceneClassifier(args.teacher, 13, k),
+        save_model(teacher, SceneClassifier(args.teacher, 13, k, input_size=args.teacher_input_size),
                    {"backbone": args.teacher, "class_names": ms.class_names, "band_names": ms.band_names,
-                    "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})
+                    "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size,
+                    "input_size": args.teacher_input_size})
         soft = rng.dirichlet(np.ones(k), n_ms).astype(np.float32)
         np.save(teacher / layout.SOFT_LABELS, soft)
         (teacher / layout.MS_INDEX).write_text(json.dumps({"stems": ms.stems, "labels": ms.labels.tolist()}))
