@@ -215,16 +215,23 @@ def _toy_job(folder: str) -> dict:
     return {"whole": whole, "resumed": resumed, "refused": refused}
 
 
-def _steps(run: str, setattr_: Callable[..., None], setitem: Callable[..., None]) -> dict:
-    """The teacher and the distillation of a run folder that holds the matcher and pairs."""
-    _no_batch_statistics(setitem)
+def _steps(run: str, setattr_: Callable[..., None], setitem: Callable[..., None], device: str | None = None,
+           batch_norm: bool = False) -> dict:
+    """The teacher and the distillation of a run folder that holds the matcher and pairs (on
+    `device` when given; with the backbone's BatchNorm kept when `batch_norm`: on CUDA
+    SyncBatchNorm)."""
+    if not batch_norm:
+        _no_batch_statistics(setitem)
     pairs = _record_pairs(setattr_)
     validation = _record_validation(setattr_)
     cfg = resolve_config(Path(run), write=False)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
     teacher = step_teacher(cfg, Path(run))
+    group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     student = step_distill(cfg, Path(run))
     return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs,
-            "validation": validation}
+            "validation": validation, "backend": group}
 
 
 def _steps_job(run: str) -> dict:
@@ -232,14 +239,7 @@ def _steps_job(run: str) -> dict:
 
 
 def _device_steps_job(run: str, device: str) -> dict:
-    """The teacher and the distillation on `device`, BatchNorm kept (on CUDA SyncBatchNorm)."""
-    pairs = _record_pairs(setattr)
-    cfg = dataclasses.replace(resolve_config(Path(run), write=False), device=device)
-    teacher = step_teacher(cfg, Path(run))
-    group = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    student = step_distill(cfg, Path(run))
-    return {"teacher": teacher.get("summary"), "student": student.get("student", {}).get("test"), "pairs": pairs,
-            "backend": group}
+    return _steps(run, setattr, operator.setitem, device=device, batch_norm=True)
 
 
 # -- tests -------------------------------------------------------------------------------------
