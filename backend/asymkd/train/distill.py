@@ -313,7 +313,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
     meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,
             "mean": data.mean, "std": data.std, "patch_size": rgb.size, "role": metrics["step"],
-            "kind": "student", "input_size": dc.input_size, "weights_source": source,
+            "kind": "student", "weights_source": source,
             # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
             "gsd": rgb.gsd or (ms.gsd if ms is not None else None), "summary": metrics["summary"],
             "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}

@@ -156,7 +156,7 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
                "soft_label_confidence": float(soft.max(1).mean())}
     meta = {"backbone": tc.backbone, "class_names": ms.class_names, "band_names": ms.band_names,
             "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "kind": "teacher",
-            "input_size": tc.input_size, "weights_source": start_source(tc),
+            "weights_source": start_source(tc),
             "gsd": ms.gsd, "summary": summary}
     save_model(out_dir, fit.model.cpu(), meta)
     atomic_save_npy(out_dir / layout.SOFT_LABELS, soft)
