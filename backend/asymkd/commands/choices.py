@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, choices
-from ..config import DistillConfig, TeacherConfig
+from ..config import ClassifierConfig, DistillConfig, TeacherConfig
 from ..events import PROTOCOL_VERSION
 from ._report import send_report
 
@@ -42,7 +42,7 @@ def choices_report() -> dict[str, Any]:
                          "distill": _model_defaults(DistillConfig())}}
 
 
-def _model_defaults(section: Any) -> dict[str, Any]:
+def _model_defaults(section: ClassifierConfig) -> dict[str, Any]:
     values = dataclasses.asdict(section)
     return {key: values[key] for key in ("backbone", "pretrained", "input_size")}
 

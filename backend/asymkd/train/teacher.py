@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import layout
-from ..config import DistillConfig, RunConfig, TeacherConfig
+from ..config import ClassifierConfig, DistillConfig, RunConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
@@ -35,12 +35,12 @@ class FitResult:
     epochs: int
 
 
-def start_source(section: TeacherConfig | DistillConfig) -> str:
+def start_source(section: ClassifierConfig) -> str:
     """Where a config section's backbone starts from: file, bundled, hub or scratch."""
     return weights_source(section.backbone, section.pretrained, section.weights)
 
 
-def auto_epochs(section: TeacherConfig | DistillConfig, n: int) -> int:
+def auto_epochs(section: ClassifierConfig, n: int) -> int:
     """Configured epochs, or when 0 (auto) 30 for a pretrained start and 80 from scratch,
     more where a small set would give fewer than `min_steps` optimiser steps."""
     return common.epochs_for(section.epochs, section.min_steps, loop.steps_per_epoch(n, section.batch_size),
@@ -56,7 +56,7 @@ def auto_shift(section: DistillConfig, patch_size: int) -> int:
     return patch_size // 8 if start_source(section) == "scratch" else 0
 
 
-def build_classifier(section: TeacherConfig | DistillConfig, in_chans: int, num_classes: int,
+def build_classifier(section: ClassifierConfig, in_chans: int, num_classes: int,
                      band_names: list[str] | None, device: torch.device) -> SceneClassifier:
     """The classifier a config section describes, started from its weights, on `device`."""
     model = SceneClassifier(section.backbone, in_chans, num_classes, weights=section.weights,
@@ -64,7 +64,7 @@ def build_classifier(section: TeacherConfig | DistillConfig, in_chans: int, num_
     return common.prepare_model(model, device)
 
 
-def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig, num_classes: int,
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: ClassifierConfig, num_classes: int,
                    device: torch.device, gen: torch.Generator, events: Events, step: str,
                    amp: bool = True, checkpoint: common.Checkpoint | None = None,
                    resume: bool = False, band_names: list[str] | None = None,
