@@ -161,7 +161,7 @@ def _make_model(work: Path, backbone: str, classes: int, tile: int, events, inpu
     from ..models.files import save_model
     torch.manual_seed(0)
     net = SceneClassifier(backbone, 3, classes, input_size=input_size)
-    meta = {"backbone": backbone, "class_names": [f"class{i}" for i in range(classes)],
+    meta = {"class_names": [f"class{i}" for i in range(classes)],
             "band_names": ["R", "G", "B"],
             "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
     run = RunFolder(work)

@@ -164,7 +164,7 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = RunFolder(Path(tmp)).teacher
         save_model(teacher, SceneClassifier(args.teacher, 13, k, input_size=args.teacher_input_size),
-                   {"backbone": args.teacher, "class_names": ms.class_names, "band_names": ms.band_names,
+                   {"class_names": ms.class_names, "band_names": ms.band_names,
                     "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})
         soft = rng.dirichlet(np.ones(k), n_ms).astype(np.float32)
         np.save(teacher / layout.SOFT_LABELS, soft)

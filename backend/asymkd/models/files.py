@@ -72,16 +72,16 @@ def read_state_dict(path: str | Path, what: str = "weights file") -> dict[str, t
 
 
 def save_model(folder: Path, model: SceneClassifier, meta: dict[str, Any]) -> Path:
-    """Save a classifier and its metadata. meta must hold: backbone, class_names, band_names,
-    mean, std, patch_size (and anything else worth keeping); in_chans, num_classes and
-    input_size are taken from the names and the model, so they cannot disagree with it."""
+    """Save a classifier and its metadata. meta must hold: class_names, band_names, mean, std,
+    patch_size (and anything else worth keeping); backbone, in_chans, num_classes and
+    input_size are taken from the model and the names, so they cannot disagree with it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for key in ("backbone", "class_names", "band_names", "mean", "std", "patch_size"):
+    for key in ("class_names", "band_names", "mean", "std", "patch_size"):
         if key not in meta:
             raise ValueError(f"model metadata lacks '{key}'")
-    meta = {**meta, "in_chans": len(meta["band_names"]), "num_classes": len(meta["class_names"]),
-            "input_size": model.input_size}
+    meta = {**meta, "backbone": model.backbone_name, "in_chans": len(meta["band_names"]),
+            "num_classes": len(meta["class_names"]), "input_size": model.input_size}
     # Weights and metadata are one unit: the old meta.json goes first, so a kill between
     # the two renames leaves a folder that is refused as incomplete, never a mixed pair.
     (folder / META).unlink(missing_ok=True)

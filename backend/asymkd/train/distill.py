@@ -311,7 +311,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     metrics = _evaluate(task.final_model(), rgb, data.val_index, rgb_test, data.mean, data.std, history, out_dir,
                         "baseline" if baseline else "student")
     metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
-    meta = {"backbone": dc.backbone, "class_names": rgb.class_names, "band_names": rgb.band_names,
+    meta = {"class_names": rgb.class_names, "band_names": rgb.band_names,
             "mean": data.mean, "std": data.std, "patch_size": rgb.size, "role": metrics["step"],
             "kind": "student", "weights_source": source,
             # RGB patches without georeference (JPEG) take the MS sensor's ground resolution

@@ -154,7 +154,7 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     summary = {"ms_samples": len(ms), "classes": k, "folds": tc.folds,
                "out_of_fold_accuracy": oof_acc if folds else None,
                "soft_label_confidence": float(soft.max(1).mean())}
-    meta = {"backbone": tc.backbone, "class_names": ms.class_names, "band_names": ms.band_names,
+    meta = {"class_names": ms.class_names, "band_names": ms.band_names,
             "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "kind": "teacher",
             "weights_source": start_source(tc),
             "gsd": ms.gsd, "summary": summary}
