@@ -62,6 +62,23 @@ class PatchSet:
             self, images=self.images[index], labels=self.labels[index],
             stems=[self.stems[i] for i in index], paths=[self.paths[i] for i in index])
 
+    def restrict_classes(self, names: Sequence[str]) -> "PatchSet":
+        """The samples of `names` only (unlabeled ones kept), labelled in the order of `names`."""
+        missing = [n for n in names if n not in self.class_names]
+        if missing:
+            raise DataError(f"classes {', '.join(missing)} are not among the {self.modality} set's "
+                            f"({', '.join(self.class_names)})", "use class names the teacher knows")
+        if list(names) == self.class_names:
+            return self
+        remap = np.full(len(self.class_names) + 1, -2, dtype=np.int64)  # -2: a class left out
+        remap[-1] = UNLABELED  # labels -1 index the last slot
+        for new, name in enumerate(names):
+            remap[self.class_names.index(name)] = new
+        labels = remap[self.labels]
+        keep = np.flatnonzero(labels != -2)
+        out = self.subset(keep)
+        return dataclasses.replace(out, labels=labels[keep], class_names=list(names))
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
         return {c: int(n) for c, n in zip(self.class_names, counts, strict=True)}

@@ -59,14 +59,28 @@ def fit_to_moments(pseudo: np.ndarray, reference: np.ndarray) -> tuple[np.ndarra
     return gain, reference.mean(axis=axes, dtype=np.float64) - gain * pseudo.mean(axis=axes, dtype=np.float64)
 
 
+def resample(images: np.ndarray, size: int | None) -> np.ndarray:
+    """(N, C, H, W) images at `size` x `size` pixels (bilinear; antialiased when shrinking),
+    so MS samples of another patch size can stand beside the RGB sensor's patches."""
+    if size is None or images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    import torch
+    from torch.nn import functional as F
+    out = [F.interpolate(torch.as_tensor(images[i:i + 256], dtype=torch.float32), size=(size, size),
+                         mode="bilinear", align_corners=False, antialias=True).numpy()
+           for i in range(0, len(images), 256)]
+    return np.concatenate(out).astype(images.dtype) if out else images[:, :, :size, :size]
+
+
 def _apply(pseudo: np.ndarray, gain: np.ndarray, offset: np.ndarray, fitted_to: np.ndarray) -> np.ndarray:
     out = pseudo * gain[None, :, None, None] + offset[None, :, None, None]
     return np.clip(out, float(fitted_to.min()), float(fitted_to.max())).astype(fitted_to.dtype)
 
 
 def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto",
-                    reference: PatchSet | None = None, events: Events = NULL_EVENTS) -> SameTarget:
-    """An RGB image of each labeled MS sample's own target.
+                    reference: PatchSet | None = None, events: Events = NULL_EVENTS,
+                    size: int | None = None) -> SameTarget:
+    """An RGB image of each labeled MS sample's own target, at `size` pixels when given.
 
     mode "pairs": the explicit pairs alone; "pseudo-rgb": true colour for every sample; "auto":
     the pairs, plus calibrated true colour for the samples without one. True colour is
@@ -81,7 +95,7 @@ def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto
     if rgb_paired is not None and mode != "pseudo-rgb":
         ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
         keep = ms.labels[ms_idx] >= 0
-        ms_idx, rgb_images = ms_idx[keep], rgb_paired.images[rgb_idx[keep]]
+        ms_idx, rgb_images = ms_idx[keep], resample(rgb_paired.images[rgb_idx[keep]], size)
         events.log(f"{len(ms_idx)} explicit same-target pairs")
         rest = np.setdiff1d(idx, ms_idx)
         if mode == "pairs" or len(rest) == 0 or len(ms_idx) < 2:
@@ -89,10 +103,10 @@ def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto
         # The MS samples without a pair join as true colour brought to the RGB sensor's scale
         # by a per-band linear fit on the pairs: more same-target images than the pairs alone.
         gain, offset = fit_to_pairs(pseudo_rgb(ms)[ms_idx], rgb_images)
-        extra = _apply(pseudo_rgb(ms)[rest], gain, offset, rgb_images)
+        extra = _apply(resample(pseudo_rgb(ms)[rest], size), gain, offset, rgb_images)
         events.log(f"{len(rest)} more MS samples as true colour calibrated on the pairs")
         return SameTarget(np.concatenate([ms_idx, rest]), np.concatenate([rgb_images, extra]), "pairs+pseudo-rgb")
-    images = pseudo_rgb(ms)[idx]
+    images = resample(pseudo_rgb(ms)[idx], size)
     if reference is not None:
         labeled = reference.images[reference.labeled]
         gain, offset = fit_to_moments(images, labeled)
