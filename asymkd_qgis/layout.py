@@ -16,6 +16,7 @@ EVENTS = "events.jsonl"
 REPORT = "report.html"
 STUDENT_ONNX = "student.onnx"
 CLASSIFIED = "classified"
+LOCK = ".lock"
 
 TEACHER = "teacher"
 MATCHER = "matcher"

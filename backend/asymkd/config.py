@@ -116,6 +116,29 @@ class RunConfig:
     workers: int = 0                   # torch threads (0 = torch default)
 
 
+# Inclusive bounds of every integer setting, by field name (alike in every section), checked
+# by `validate`: wide enough for any real run, narrow enough that a typo (or a bool) is
+# refused before training. name -> (lowest, highest, what a special value means)
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "rgb_limit_per_class": (0, 10**9, "0 = all"),
+    "input_size": (0, 1024, "0 = the patches as they are"),
+    "epochs": (0, 100_000, "0 = automatic for the teacher and the student"),
+    "min_steps": (0, 10**7, ""),
+    "batch_size": (2, 65_536, ""),
+    "folds": (0, 100, "0 = no out-of-fold teachers; else at least 2"),
+    "embed_dim": (1, 4096, ""),
+    "sinkhorn_iters": (1, 100_000, ""),
+    "attention_dim": (1, 4096, ""),
+    "attention_heads": (1, 64, ""),
+    "repair_every": (-1, 10**9, "0 = every epoch, -1 = never"),
+    "fixmatch_ratio": (1, 16, ""),
+    "shift": (-1, 64, "-1 = automatic"),
+    "seed": (0, 2**32 - 1, ""),
+    "checkpoint_every": (1, 100_000, ""),
+    "workers": (0, 1024, "0 = torch's default"),
+}
+
+
 def _to_bool(value: Any) -> bool:
     if isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
@@ -127,12 +150,18 @@ def _to_bool(value: Any) -> bool:
 
 
 def _to_int(value: Any) -> int:
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(value)
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)  # `epochs: true` is not 1 epoch
     return int(value)
 
 
-_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: float, str: str}
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: str}
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -181,23 +210,31 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
+def _check_ranges(section: Any, where: str = "") -> None:
+    """Every integer setting of `section` (and its subsections) within `INT_RANGES`."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{where}{f.name}.")
+            continue
+        if f.name not in INT_RANGES:
+            continue
+        low, high, note = INT_RANGES[f.name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{where}{f.name} must be a whole number from {low} to {high}"
+                              f"{f' ({note})' if note else ''}, not {value!r}",
+                              f"set it in the config file (or RUN/config.yaml), or with --set {where}{f.name}=N")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
+    _check_ranges(cfg)
     checks = [
         (0 <= cfg.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
-        (all(0 <= n <= 1024 for n in (cfg.teacher.input_size, cfg.distill.input_size)),
-         "input_size must be 0 (as the patches are) or a size in pixels up to 1024"),
-        (min(cfg.teacher.epochs, cfg.distill.epochs, cfg.matcher.epochs) >= 0,
-         "epochs must be >= 0 (0 = automatic for the teacher and the student)"),
-        (min(cfg.teacher.batch_size, cfg.distill.batch_size, cfg.matcher.batch_size) >= 2,
-         "batch_size must be >= 2"),
         (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),
         (min(cfg.distill.w_feat, cfg.distill.w_pseudo, cfg.distill.w_gt) >= 0, "loss weights must be >= 0"),
         (cfg.distill.temperature > 0 and cfg.matcher.temperature > 0, "temperatures must be > 0"),
         (0 < cfg.distill.fixmatch_threshold <= 1, "distill.fixmatch_threshold must be in (0, 1]"),
-        (1 <= cfg.distill.fixmatch_ratio <= 16, "distill.fixmatch_ratio must be 1 to 16"),
         (cfg.distill.w_unlabeled >= 0, "distill.w_unlabeled must be >= 0"),
-        (cfg.distill.repair_every >= -1, "distill.repair_every must be >= 1, 0 (every epoch) or -1 (never)"),
-        (-1 <= cfg.distill.shift <= 64, "distill.shift must be -1 (automatic) or 0 to 64 pixels"),
         (cfg.teacher.folds == 0 or cfg.teacher.folds >= 2, "teacher.folds must be 0 or >= 2"),
     ]
     for ok, message in checks:
@@ -270,3 +307,9 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def dump(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_config(path: str | Path, cfg: RunConfig) -> Path:
+    """Write `cfg` as YAML to `path` (a run's RUN/config.yaml) atomically."""
+    from .fileio import atomic_write_text
+    return atomic_write_text(path, dump(cfg))

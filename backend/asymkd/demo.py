@@ -31,19 +31,18 @@ def demo_world(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Any]:
 
 def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path]:
     """Export the student to ONNX and classify the synthetic RGB test scene with it."""
-    import json
-
     from .classify import classify
     from .export import export_onnx
+    from .fileio import read_json
     from .pipeline import load_rgb_test, resolve_config
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     cfg = resolve_config(run_dir, write=False)
-    meta = json.loads((run.student / layout.META).read_text())
+    meta = read_json(run.student, layout.META, ("class_names",))
     test = load_rgb_test(cfg, meta["class_names"])
     onnx = export_onnx(run.student, run.student_onnx, overwrite=True,
                        check_data=test.images[:128] if test is not None else None, events=events).path
-    world = json.loads((run_dir / "world" / "world.json").read_text())
+    world = read_json(run_dir / "world", "world.json", ("paths",))
     scene = run_dir / "world" / world["paths"]["rgb_test_scene"]  # relative to the world folder
     out = run_dir / layout.CLASSIFIED / "rgb_test_tiles.gpkg"
     out.parent.mkdir(exist_ok=True)

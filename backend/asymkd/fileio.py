@@ -21,6 +21,15 @@ so the rename stays on one file system. A `kill -9` cannot run cleanup code;
 `remove_stale(final)` (called by every helper here) removes what a dead process left beside
 `final`. `final_path(tmp)` maps a temporary name back, so messages name the user's file.
 
+`written_first(root, action)` runs `action` right before the first of these writes under
+`root` (a command writes a run's config.yaml so: once the step's checks have passed).
+
+Reading back the engine's own files (metrics, metadata, pairs, soft labels): `read_regular`
+opens only a regular file in the folder named, never through a symbolic link, so a run
+folder cannot make a command read (and a report embed) a file outside it; `read_json`,
+`read_npy` and `read_npz` parse such a file, and a damaged one is a DataError naming it and
+the step that writes it.
+
 Checks for writers that cannot promise a complete file: `check_writable(folder)` probes an
 output folder before long work; `check_raster` and `check_vector` read back what GDAL wrote
 (on a full disk it can leave a truncated GeoTIFF or GeoPackage without raising). Failures
@@ -33,13 +42,19 @@ import contextlib
 import ctypes
 import errno
 import io
+import json
 import os
 import re
 import shutil
+import stat
+import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .errors import DataError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|partial|old)-(?P<pid>\d+)(?:\.[^.]*)?$")
 
@@ -105,12 +120,44 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+# (root, action) of the `written_first` blocks that have not written under their root yet
+_FIRST_WRITES: list[tuple[Path, Callable[[], object]]] = []
+
+
+def _before_write(final: Path) -> None:
+    """Run (once) the pending action of a `written_first` block whose root holds `final`."""
+    where = final.absolute()
+    for entry in list(_FIRST_WRITES):
+        if where.is_relative_to(entry[0]):
+            _FIRST_WRITES.remove(entry)  # first: the action's own write must not run it again
+            entry[1]()
+
+
+@contextlib.contextmanager
+def written_first(root: str | Path, action: Callable[[], object]) -> Iterator[None]:
+    """Run `action` right before the block's first write under `root` through this module
+    (`temp_path`, `staged_dir` and the writers built on them), or at the block's end when it
+    succeeded without writing there; not at all when it fails before writing there."""
+    entry = (Path(root).absolute(), action)
+    _FIRST_WRITES.append(entry)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ValueError):
+            _FIRST_WRITES.remove(entry)
+        raise
+    if entry in _FIRST_WRITES:
+        _FIRST_WRITES.remove(entry)
+        action()
+
+
 @contextlib.contextmanager
 def temp_path(final: str | Path) -> Iterator[Path]:
     """A temporary path beside `final`; renamed onto `final` when the block succeeds,
     removed when it raises (any exception, KeyboardInterrupt, SIGTERM). The parent folder
     is created. The writer inside the block must create the file at the given path."""
     final = Path(final)
+    _before_write(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     tmp = _temp_name(final, "tmp")
@@ -154,6 +201,96 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub checks **arrays against allow_pickle
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# -- reading the engine's own files ----------------------------------------------------------
+# never through a link, never blocking on a FIFO, bytes as they are (flags the OS lacks are 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+    getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def read_regular(folder: str | Path, name: str) -> bytes:
+    """The bytes of the regular file `name` in `folder`, opened without following a symbolic
+    link (`name` is one path component, so the file lies inside `folder`; the folder itself
+    may be a link, as a run's shared teacher folder is). DataError naming the file when it
+    is missing, a link, a folder or another non-regular file (a FIFO, a device)."""
+    from .errors import DataError
+    from .layout import remake_hint
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"{name!r} is not a file name")
+    path = Path(folder) / name
+    try:
+        if os.path.islink(path):  # also where the OS has no O_NOFOLLOW (Windows)
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist", remake_hint(folder)) from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise DataError(f"{path} is a symbolic link; files of a run are read only as regular files "
+                        "inside their folder", f"replace the link with the file, or {remake_hint(folder)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(f"{path} is not a regular file", remake_hint(folder))
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _damaged(folder: str | Path, name: str, detail: str) -> DataError:
+    from .errors import DataError
+    from .layout import remake_hint
+    return DataError(f"{Path(folder) / name} is damaged: {detail}", remake_hint(folder))
+
+
+def read_json(folder: str | Path, name: str, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in the file `name` of `folder` (read by `read_regular`), holding at
+    least `keys`; DataError naming the file and the step that writes it when it is not."""
+    try:
+        doc = json.loads(read_regular(folder, name).decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError
+        raise _damaged(folder, name, f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise _damaged(folder, name, f"a JSON {type(doc).__name__}, not an object")
+    missing = [k for k in keys if k not in doc]
+    if missing:
+        raise _damaged(folder, name, f"it lacks {', '.join(missing)}")
+    return doc
+
+
+def read_npy(folder: str | Path, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The numeric array in the .npy file `name` of `folder` (no pickled objects), of `shape`
+    when given; DataError naming the file and the step that writes it when it is not."""
+    try:
+        array = np.load(io.BytesIO(read_regular(folder, name)), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise _damaged(folder, name, f"not a .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise _damaged(folder, name, "an archive of arrays, not one .npy array")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise _damaged(folder, name, f"an array of {array.dtype}, not of numbers")
+    if shape is not None and array.shape != shape:
+        raise _damaged(folder, name, f"an array of shape {array.shape}, not {shape}")
+    return array
+
+
+def read_npz(folder: str | Path, name: str, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays of the .npz file `name` of `folder` (no pickled objects), holding at least
+    `keys`; DataError naming the file and the step that writes it when it is damaged."""
+    try:
+        data = np.load(io.BytesIO(read_regular(folder, name)), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("one .npy array, not an archive of arrays")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise _damaged(folder, name, f"not a .npz archive ({exc})") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise _damaged(folder, name, f"it lacks {', '.join(missing)}")
+    return arrays
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> None:
@@ -276,6 +413,7 @@ def staged_dir(final: str | Path,
     succeeds, `commit(stage, final)` puts it in place (default: `replace_dir`); when the
     block or the commit raises, what is left of the stage is removed."""
     final = Path(final)
+    _before_write(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     stage = _temp_name(final, "partial", keep_suffix=False)

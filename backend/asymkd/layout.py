@@ -15,6 +15,7 @@ EVENTS = "events.jsonl"
 REPORT = "report.html"
 STUDENT_ONNX = "student.onnx"
 CLASSIFIED = "classified"  # classified layers of the run's data
+LOCK = ".lock"  # held by the one command writing into the run folder (runlock.py)
 
 # one folder per step
 TEACHER = "teacher"
@@ -23,6 +24,8 @@ PAIRS = "pairs"
 STUDENT = "student"
 BASELINE = "baseline"
 STEP_FOLDERS = (TEACHER, MATCHER, PAIRS, BASELINE, STUDENT)
+# the command that writes each step folder: a missing or damaged file there is made again by it
+WRITTEN_BY = {TEACHER: "teacher", MATCHER: "matcher", PAIRS: "pair", BASELINE: "distill", STUDENT: "distill"}
 
 # files inside a step or model folder
 METRICS = "metrics.json"
@@ -38,6 +41,15 @@ MS_INDEX = "ms_index.json"
 FOLDS = "folds.npz"
 # a folder of chips cut from a map (`asymkd chips`)
 CHIPS_MANIFEST = "chips.json"
+
+
+def remake_hint(folder: str | Path) -> str:
+    """What makes a file of `folder` (a step folder of a run) again: the step that writes it."""
+    folder = Path(folder)
+    command = WRITTEN_BY.get(folder.name)
+    if command is None:
+        return "run the step that wrote it again (or restore the file)"
+    return f"run `asymkd {command} --run {folder.parent}` again: it writes this file"
 
 
 @dataclass(frozen=True)

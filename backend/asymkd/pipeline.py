@@ -18,7 +18,7 @@ from .config import RunConfig
 from .data.patches import MS_SET, PatchSet, load_folder, require_classes
 from .errors import DataError
 from .events import NULL_EVENTS, Events
-from .fileio import atomic_save_npz
+from .fileio import atomic_save_npz, read_npz
 from .layout import RunFolder
 from .train import distributed
 
@@ -200,7 +200,7 @@ def load_pairs(run_dir: Path, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
     path = RunFolder(run_dir).pairs_file
     if not path.is_file():
         raise DataError(f"{path} does not exist", "run `asymkd pair --run RUN` first")
-    data = np.load(path)
+    data = read_npz(path.parent, path.name, ("ms_index", "rgb_stems", "confidence"))
     if list(data["rgb_stems"]) != rgb.stems:
         raise DataError("the RGB training set differs from the one that was paired",
                         "run `asymkd pair` again with the same RGB folders")

@@ -14,12 +14,14 @@ import datetime as _dt
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import layout
 from .errors import DataError
+from .fileio import read_json, read_regular
 from .models.files import atomic_write_text
 
 STEPS = layout.STEP_FOLDERS
@@ -85,14 +87,12 @@ def _read_step(run_dir: Path, name: str) -> Step | None:
         return None
     path = folder / layout.METRICS
     where = f"{name}/{layout.METRICS}"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return Step(name, folder, error=f"{where} is missing (step not finished?)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        doc = read_json(folder, layout.METRICS)
+    except (OSError, DataError) as exc:
         return Step(name, folder, error=f"{where} could not be read: {exc}")
-    if not isinstance(doc, dict):
-        return Step(name, folder, error=f"{where} is not a JSON object")
     return Step(name, folder, doc=doc)
 
 
@@ -172,8 +172,20 @@ def _confusion_png(step: Step, split: str, scores: dict[str, Any]) -> bytes | No
                                    f"{step.title} ({split}): OA {pct(scores['overall_accuracy'])}")
     except (KeyError, TypeError, ValueError):
         # A metrics file without a usable matrix: fall back to the PNG the trainer wrote.
-        fallback = step.folder / layout.CONFUSION
-        return fallback.read_bytes() if fallback.is_file() else None
+        return _run_png(step.folder, layout.CONFUSION)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_png(folder: Path, name: str) -> bytes | None:
+    """A PNG the run wrote, read by the rule for run files (a regular file in its folder,
+    never through a link); None when there is none or it is not a PNG."""
+    try:
+        data = read_regular(folder, name)
+    except (OSError, DataError):
+        return None
+    return data if data.startswith(PNG_SIGNATURE) else None
 
 
 def _curves_png(step: Step) -> bytes | None:
@@ -374,10 +386,12 @@ def section_student_summaries(baseline: Step | None, student: Step | None) -> st
 
 
 def section_config(run_dir: Path) -> str:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(run_dir / CONFIG_FILE):
         return "<h2>Resolved configuration</h2>" + note(f"No {CONFIG_FILE} in the run folder.")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = read_regular(run_dir, CONFIG_FILE).decode("utf-8", errors="replace")
+    except (OSError, DataError) as exc:
+        return "<h2>Resolved configuration</h2>" + note(f"{CONFIG_FILE} could not be read: {exc}", "warn")
     return f"<h2>Resolved configuration</h2><pre>{esc(text)}</pre>"
 
 

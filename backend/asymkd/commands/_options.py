@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from ..config import merge, parse_set
+from .. import runlock
+from ..config import RunConfig, merge, parse_set, write_config
+from ..fileio import written_first
+from ..layout import RunFolder
 
 # flag dest -> dotted config key
 DATA_FLAGS = {"ms": "data.ms", "rgb": "data.rgb", "rgb_unlabeled": "data.rgb_unlabeled",
@@ -76,14 +80,58 @@ def overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]
     return merge(out, parse_set(args.set))
 
 
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path, command: str) -> Iterator[None]:
+    """The run folder's lock (`runlock.hold`) for this command. Under torchrun rank 0 holds
+    it for the whole job (its ranks never lock each other out), and when another command
+    holds it every rank fails alike."""
+    from ..errors import StorageError
+    from ..train import distributed
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(runlock.hold(run_dir, command))
+            except StorageError as exc:
+                refusal = (exc.message, exc.hint)
+        refusal = distributed.from_main(refusal)
+        if refusal is not None:
+            raise StorageError(*refusal)
+        yield
+
+
+@contextlib.contextmanager
+def config_with_outputs(run_dir: str | Path, cfg: RunConfig) -> Iterator[None]:
+    """Write RUN/config.yaml right before the block's first output in the run folder, so a
+    command refused by its step's checks (a missing data folder, a matcher not trained yet)
+    leaves the run's config as it was; under torchrun rank 0 alone writes it."""
+    from ..train import distributed
+    if not distributed.is_main():
+        yield
+        return
+    with written_first(run_dir, lambda: write_config(RunFolder(Path(run_dir)).config, cfg)):
+        yield
+
+
+def use_threads(cfg: RunConfig) -> None:
+    """`workers` torch threads for this process (0 keeps torch's default)."""
+    if cfg.workers > 0:
+        import torch
+        torch.set_num_threads(cfg.workers)
+
+
 def run_step(args: argparse.Namespace, events: Any, flags: dict[str, str], step: Callable[..., Any]) -> Any:
-    """Run one pipeline step with the config of the run folder, the file and the flags. Under
-    torchrun the ranks train data-parallel and rank 0 alone writes the config; the step's
-    result on rank 0, None on the other ranks (which print nothing)."""
+    """Run one pipeline step with the config of the run folder, the file and the flags, holding
+    the run folder's lock. Under torchrun the ranks train data-parallel and rank 0 alone writes
+    the config; the step's result on rank 0, None on the other ranks (which print nothing)."""
     from ..pipeline import resolve_config
     from ..train import distributed
-    with distributed.session():
+    values = overrides(args, flags)
+    resolve_config(args.run, args.config, values, write=False)  # a refused config creates no run folder
+    with distributed.session(), run_folder_lock(args.run, args._command):
         main, events = distributed.is_main(), distributed.rank_events(events)
-        cfg = resolve_config(args.run, args.config, overrides(args, flags), write=main)
-        result = step(cfg, args.run, events, args.resume)
+        cfg = resolve_config(args.run, args.config, values, write=False)  # the run's config.yaml as it is now
+        use_threads(cfg)
+        with config_with_outputs(args.run, cfg):
+            result = step(cfg, args.run, events, args.resume)
     return result if main else None

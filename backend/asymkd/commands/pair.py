@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from ..choices import PAIRING_METHODS
 from ..layout import RunFolder
-from ..pipeline import resolve_config, step_pair
-from ._options import add_data_options, add_run_options, overrides
+from ..pipeline import step_pair
+from ._options import add_data_options, add_run_options, run_step
 
 FLAGS = {"method": "pairing.method"}
 
@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, events) -> int:
-    cfg = resolve_config(args.run, args.config, overrides(args, FLAGS))
-    s = step_pair(cfg, args.run, events)
+    s = run_step(args, events, FLAGS, lambda cfg, run, events, resume: step_pair(cfg, run, events))
+    if s is None:  # a rank other than 0 under torchrun
+        return 0
     print(f"paired {s['rgb_samples']} RGB samples with MS samples: {RunFolder(args.run).pairs_file}")
     return 0

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
-from ..errors import ModelFileError
-from ..fileio import atomic_write_text, temp_path
+from ..errors import DataError, ModelFileError
+from ..fileio import atomic_write_text, read_regular, temp_path
 from ..layout import META, WEIGHTS
 from .backbones import SceneClassifier
 from .metadata import validate_meta
@@ -98,8 +98,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
                              "point to a step folder of a run, e.g. runs/demo/student; "
                              "if the step was interrupted, run it again")
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        meta = json.loads(read_regular(folder, META).decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError too
         raise ModelFileError(f"{folder / META} is not valid JSON ({exc})",
                              "the file is damaged: train the step again (or restore the file)") from exc
     kind = meta.get("kind") if isinstance(meta, dict) else None
@@ -119,7 +119,9 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneC
     model = SceneClassifier.from_meta(meta)
     path = Path(folder) / WEIGHTS
     try:
-        state = load_file(str(path))
+        state = load(read_regular(folder, WEIGHTS))
+    except DataError:  # a link or not a regular file: said so already
+        raise
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise ModelFileError(f"{path} is not a readable safetensors file ({exc})",
                              "the file is damaged: train the step again (or restore the file)") from exc

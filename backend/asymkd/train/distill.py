@@ -18,7 +18,6 @@ term on the RGB samples alone: what an analyst gets without the MS side.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -35,6 +34,7 @@ from ..data.patches import PatchSet
 from ..data.same_target import SameTarget, same_target_rgb
 from ..errors import DataError
 from ..events import NULL_EVENTS, Events
+from ..fileio import read_json, read_npy
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
 from ..models.files import check_bands, load_model, save_model
@@ -57,19 +57,30 @@ class TeacherCache:
     accuracy: float          # out-of-fold accuracy of the soft labels
 
 
-def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bool) -> TeacherCache:
+def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bool,
+                  classes: list[str] | None = None) -> TeacherCache:
+    """The teacher's features and soft labels of the labeled MS samples; with `classes` (the
+    student's), of those classes' samples only, the soft labels restricted to those classes
+    and renormalised, labels in their order: the rows of `ms.restrict_classes(classes)`."""
     model, meta = load_model(teacher_dir, device)
     check_bands(meta, ms.num_bands, "the MS dataset")
-    index = json.loads((Path(teacher_dir) / layout.MS_INDEX).read_text())
+    index = read_json(teacher_dir, layout.MS_INDEX, ("stems",))
     if index["stems"] != [ms.stems[i] for i in np.flatnonzero(ms.labeled)]:
         raise DataError(f"the MS set differs from the one the teacher in {teacher_dir} was trained on",
                         "train the teacher again on this MS folder (asymkd teacher)")
     ms = ms.subset(np.flatnonzero(ms.labeled))
+    soft = torch.as_tensor(read_npy(teacher_dir, layout.SOFT_LABELS, (len(ms), len(ms.class_names))),
+                           dtype=torch.float32)
+    if classes is not None and list(classes) != ms.class_names:
+        rows = np.flatnonzero(np.isin(ms.labels, [ms.class_names.index(c) for c in classes]))
+        cols = [ms.class_names.index(c) for c in classes]
+        soft = soft[torch.as_tensor(rows)][:, cols]
+        soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-12)
+        ms = ms.restrict_classes(classes)
     x = common.normalize(ms.images, meta["mean"], meta["std"])
     with torch.no_grad():
         feats = torch.cat([model.forward_features(xb.to(device)).float()
                            for xb in common.iterate_eval(x, 256)])
-    soft = torch.as_tensor(np.load(Path(teacher_dir) / layout.SOFT_LABELS), dtype=torch.float32)
     labels = torch.as_tensor(ms.labels)
     agree = soft.argmax(1) == labels
     return TeacherCache(features=feats, soft=soft.to(device), labels=labels,

@@ -20,9 +20,9 @@ from .. import layout
 from ..config import RunConfig
 from ..data.patches import PatchSet
 from ..data.same_target import same_target_rgb
-from ..errors import ModelFileError
+from ..errors import AsymKDError, ModelFileError
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_json, read_regular
 from ..models.files import save_state
 from ..models.losses import masked_info_nce
 from . import common, distributed, loop
@@ -118,12 +118,24 @@ def embed(encoder: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
     return torch.cat([encoder(xb.to(device)).cpu() for xb in common.iterate_eval(x, batch_size)])
 
 
+MATCHER_META_KEYS = ("ms_backbone", "rgb_backbone", "ms_chans", "embed_dim", "ms_mean", "ms_std")
+
+
 def load_matcher(folder: Path) -> tuple[Matcher, dict]:
-    from safetensors.torch import load_file
+    """The trained matcher of a run's matcher folder; ModelFileError (exit 2) naming the
+    file and `asymkd matcher` when it is missing or damaged."""
+    from safetensors.torch import load
     folder = Path(folder)
     if not (folder / layout.META).is_file():
         raise ModelFileError(f"{folder} holds no trained matcher", "run `asymkd matcher` first")
-    meta = json.loads((folder / layout.META).read_text())
-    model = Matcher(meta["ms_backbone"], meta["rgb_backbone"], meta["ms_chans"], meta["embed_dim"])
-    model.load_state_dict(load_file(str(folder / layout.WEIGHTS)))
+    meta = read_json(folder, layout.META, MATCHER_META_KEYS)
+    try:
+        model = Matcher(meta["ms_backbone"], meta["rgb_backbone"], meta["ms_chans"], meta["embed_dim"])
+        model.load_state_dict(load(read_regular(folder, layout.WEIGHTS)))
+    except AsymKDError:
+        raise
+    except Exception as exc:  # safetensors' own error for a damaged file, torch's for other shapes
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelFileError(f"the matcher in {folder} cannot be loaded ({detail})",
+                             layout.remake_hint(folder)) from exc
     return model.eval(), meta

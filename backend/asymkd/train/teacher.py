@@ -19,7 +19,7 @@ from .. import layout
 from ..config import ClassifierConfig, DistillConfig, RunConfig
 from ..data.patches import PatchSet, require_classes
 from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text
+from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text, read_npz
 from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import save_model
 from . import common, distributed, loop
@@ -90,8 +90,8 @@ def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Te
     ranks outnumber them are trained data-parallel."""
     mean, std = stats
     # rank 0's finished folds (read there alone: the others take its copy)
-    done = distributed.from_main(dict(np.load(fold_file)) if distributed.is_main() and resume and fold_file.is_file()
-                                 else {})
+    done = distributed.from_main(read_npz(fold_file.parent, fold_file.name)
+                                 if distributed.is_main() and resume and fold_file.is_file() else {})
 
     def train_fold(f: int, data_parallel: bool) -> np.ndarray:
         held = folds[f]
