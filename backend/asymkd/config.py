@@ -100,6 +100,7 @@ class DistillConfig(ClassifierConfig):
                                        # eighth of the patch from scratch, 0 for a pretrained start)
     ms_rows: bool = True               # the MS samples also train the distilled student as RGB rows (their
                                        # own target in RGB), each paired with itself; the baseline stays RGB-only
+    all_teacher_classes: bool = False  # the student learns every teacher class, not only those of its RGB labels
 
 
 @dataclass

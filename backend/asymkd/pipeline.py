@@ -102,10 +102,33 @@ def load_rgb_train(cfg: RunConfig, class_names: list[str]) -> PatchSet:
                     paths=[s for p in parts for s in p.paths], modality="rgb", gsd=parts[0].gsd)
 
 
+def student_classes(cfg: RunConfig, rgb: PatchSet) -> list[str]:
+    """The classes the student learns and predicts: those of its RGB labels (in the teacher's
+    order), or all the teacher's with `distill.all_teacher_classes` or without RGB labels.
+    An RGB sensor often covers only some of the MS classes; a class with no RGB label would
+    be learned from the MS side alone and predicted on scenes of the RGB sensor."""
+    present = [c for c, n in rgb.class_counts().items() if n > 0]
+    if cfg.distill.all_teacher_classes or not present:
+        return list(rgb.class_names)
+    return present
+
+
+def load_student_rgb(cfg: RunConfig, ms: PatchSet, events: Events = NULL_EVENTS) -> PatchSet:
+    """The RGB training set labelled in the student's classes (see `student_classes`)."""
+    rgb = load_rgb_train(cfg, ms.class_names)
+    classes = student_classes(cfg, rgb)
+    if len(classes) < len(ms.class_names):
+        left = [c for c in ms.class_names if c not in classes]
+        events.log(f"the student learns the {len(classes)} classes of its RGB labels; the teacher's "
+                   f"{', '.join(left)} left out (distill.all_teacher_classes=true keeps them)")
+    return rgb.restrict_classes(classes)
+
+
 def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
     if not cfg.data.rgb_test:
         return None
-    return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names, known_from=MS_SET)
+    return load_folder(cfg.data.rgb_test, "rgb", class_names=class_names,
+                       known_from="the student's classes (those of the RGB labels)")
 
 
 # -- steps ---------------------------------------------------------------------------
@@ -151,8 +174,9 @@ def _pair(cfg: RunConfig, run_dir: Path, events: Events) -> dict:
     from .train.pairing import assign_pairs, pairing_stats
     run = RunFolder(run_dir)
     with events.step("pair"):
-        ms = load_ms(cfg)
-        rgb = load_rgb_train(cfg, ms.class_names)
+        teacher_ms = load_ms(cfg)
+        rgb = load_student_rgb(cfg, teacher_ms)
+        ms = teacher_ms.restrict_classes(rgb.class_names)  # partners of the student's classes only
         model, meta = load_matcher(run.matcher)
         device = common.resolve_device(cfg.device)
         model = model.to(device)
@@ -213,8 +237,8 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
     from .train.distill import train_student
     run = RunFolder(run_dir)
     ms = load_ms(cfg)
-    rgb = load_rgb_train(cfg, ms.class_names)
-    test = load_rgb_test(cfg, ms.class_names)
+    rgb = load_student_rgb(cfg, ms, events)
+    test = load_rgb_test(cfg, rgb.class_names)
     results = {}
     if not (skip_done and run.metrics(layout.STUDENT).is_file()):
         with events.step("distill"):

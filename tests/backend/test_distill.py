@@ -58,7 +58,7 @@ def test_ms_rows_train_with_their_own_partner_and_are_never_repaired(tmp_path):
     assert len(base.y) == n and base.ms_rows is None
 
 
-def test_ms_rows_are_left_out_where_they_cannot_be_rgb_rows(tmp_path):
+def test_ms_rows_take_the_rgb_patch_size_and_are_left_out_only_when_asked(tmp_path):
     ms, rgb, paired = _sets(tmp_path)
     stream = io.StringIO()
     events = Events(stream, progress_bars=False)
@@ -69,7 +69,11 @@ def test_ms_rows_are_left_out_where_they_cannot_be_rgb_rows(tmp_path):
     cfg = from_dict({**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "ms_rows": False}})
     assert ms_rows(cfg, ms, rgb, paired, events) is None and not said()  # asked not to
     cfg = from_dict(TINY_CONFIG)
-    small = rgb.subset(np.arange(len(rgb)))
-    small.images = small.images[:, :, :8, :8]
-    assert ms_rows(cfg, ms, small, paired, events) is None
-    assert "MS patches are 16 px, RGB patches 8 px" in said()[-1]
+    for size in (8, 40):  # an RGB sensor with smaller and larger patches than the MS ones (16 px)
+        other = rgb.subset(np.arange(len(rgb)))
+        other.images = np.repeat(np.repeat(rgb.images, 3, -1), 3, -2)[:, :, :size, :size]
+        for partner in (paired, None):  # with same-target RGB (16 px) and without
+            rows = ms_rows(cfg, ms, other, partner, events)
+            assert rows is not None and len(rows) == len(ms) and rows.images.shape[-2:] == (size, size)
+    assert not said()
+

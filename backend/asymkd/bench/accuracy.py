@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import layout
 from ..config import merge, parse_set
+from ..data.patches import scan_folder
 from ..events import Events
 from ..layout import RunFolder
 
@@ -37,9 +38,12 @@ ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="EuroSAT-layout root with ms/, rgb_paired/, rgb_train/, rgb_test/")
+    p.add_argument("--data", required=True,
+                   help="root with ms/, rgb_train/, rgb_test/ and optionally rgb_paired/ (same-target RGB)")
     p.add_argument("--out", default=None, help="work folder (default: a folder under /tmp); finished runs are reused")
-    p.add_argument("--labels", default="270,3000", help="RGB label counts (total over classes)")
+    p.add_argument("--ms", default=None, metavar="DIR", help="the MS folder (default: DATA/ms)")
+    p.add_argument("--labels", default="270,3000",
+                   help="RGB label counts, total over the classes of rgb_train (e.g. 40 = 5 a class of 8)")
     p.add_argument("--seeds", type=int, default=5, help="seeds at the smallest label count")
     p.add_argument("--seeds-large", type=int, default=3, help="seeds at larger label counts")
     p.add_argument("--unlabeled", action="store_true",
@@ -48,6 +52,18 @@ def add_arguments(p) -> None:
                    help="one table of the method's parts at the smallest label count")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--device", default="auto")
+
+
+def _folder(path: Path, given: str | None) -> Path:
+    """`given`, else `path`; a link stored as a plain file (its text the target, as a checkout
+    without symbolic links leaves it) is followed."""
+    if given:
+        return Path(given).resolve()
+    if path.is_file() and path.stat().st_size < 4096:
+        target = (path.parent / path.read_text().strip()).resolve()
+        if target.is_dir():
+            return target
+    return path
 
 
 def _summary(values: list[float]) -> str:
@@ -66,9 +82,12 @@ class _Bench:
         self.out = Path(args.out or f"/tmp/asymkd-bench-accuracy-{os.getpid()}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.user = parse_set(args.set)
-        self.base = {"data": {"ms": str(self.data / "ms"), "rgb_paired": str(self.data / "rgb_paired"),
-                              "rgb": str(self.data / "rgb_train"), "rgb_test": str(self.data / "rgb_test"),
-                              "bands": "sentinel2"}, "device": args.device}
+        data: dict[str, Any] = {"ms": str(_folder(self.data / "ms", args.ms)), "rgb": str(self.data / "rgb_train"),
+                                "rgb_test": str(self.data / "rgb_test"), "bands": "sentinel2"}
+        if (self.data / "rgb_paired").is_dir():  # same-target RGB is optional (none across sensors)
+            data["rgb_paired"] = str(self.data / "rgb_paired")
+        self.base = {"data": data, "device": args.device}
+        self.rgb_classes = len(scan_folder(self.data / "rgb_train")[0])
         self.unlabeled = args.unlabeled
         self.events = events
         self.started = time.time()
@@ -100,7 +119,8 @@ class _Bench:
             link = run_dir / step
             if not link.exists():
                 link.symlink_to((self.out / "shared" / step).resolve())
-        values = merge(self.base, {"seed": seed, "data": {"rgb_limit_per_class": max(count // 10, 1),
+        per_class = max(count // max(self.rgb_classes, 1), 1)
+        values = merge(self.base, {"seed": seed, "data": {"rgb_limit_per_class": per_class,
                                                           "rgb_rest_unlabeled": self.unlabeled},
                                    "distill": {"baseline": baseline}})
         cfg = resolve_config(run_dir, None, merge(merge(values, variant), self.user))

@@ -10,7 +10,8 @@ FLAGS = {"backbone": "distill.backbone", "epochs": "distill.epochs", "batch_size
          "w_pseudo": "distill.w_pseudo", "w_gt": "distill.w_gt", "pseudo": "distill.pseudo",
          "temperature": "distill.temperature", "domain_loss": "distill.domain_loss",
          "baseline": "distill.baseline", "input_size": "distill.input_size",
-         "semi_supervised": "distill.semi_supervised", "pretrained": "distill.pretrained"}
+         "semi_supervised": "distill.semi_supervised", "pretrained": "distill.pretrained",
+         "all_teacher_classes": "distill.all_teacher_classes"}
 
 
 def add_arguments(p) -> None:
@@ -38,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--baseline", action="store_true", default=None,
                    help="also train the same student without distillation (default on)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--all-teacher-classes", action="store_true", default=None,
+                   help="the student learns every class of the teacher, not only those of its RGB labels")
 
 
 def run(args, events) -> int:

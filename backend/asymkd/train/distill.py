@@ -220,15 +220,12 @@ class StudentData:
 
 def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | None,
             events: Events = NULL_EVENTS) -> SameTarget | None:
-    """The MS samples as RGB rows for the distilled student, or None where they cannot be
-    (no true-colour bands, or patches of another size than the RGB ones: a warning says so)."""
+    """The MS samples as RGB rows for the distilled student, resampled to the RGB patch size,
+    or None where they cannot be (no true-colour bands: a warning says so)."""
     if not cfg.distill.ms_rows:
         return None
-    if ms.size != rgb.size:
-        events.warning(f"distill: no MS rows: MS patches are {ms.size} px, RGB patches {rgb.size} px")
-        return None
     try:
-        rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb)
+        rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb, size=rgb.size)
     except DataError as exc:  # e.g. no band near red, green or blue
         events.warning(f"distill: no MS rows: {exc}")
         return None
@@ -297,8 +294,10 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
     device = common.resolve_device(cfg.device)
-    rows = None if baseline or ms is None else ms_rows(cfg, ms, rgb, rgb_paired, events)
-    data = student_data(cfg, rgb, baseline, rows, None if ms is None else ms.labels)
+    # the MS samples of the student's classes (the RGB set's): the rows `pairs` index
+    student_ms = None if ms is None else ms.restrict_classes(rgb.class_names)
+    rows = None if baseline or student_ms is None else ms_rows(cfg, student_ms, rgb, rgb_paired, events)
+    data = student_data(cfg, rgb, baseline, rows, None if student_ms is None else student_ms.labels)
     gen = common.generator(cfg.seed + 101)
     source = start_source(dc)
     student = build_classifier(dc, 3, len(rgb.class_names), rgb.band_names, device)
@@ -306,7 +305,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     if not baseline:
         if teacher_dir is None or ms is None or pairs is None:
             raise ValueError("distillation needs the teacher, the MS set and the pairs")
-        cache = teacher_cache(teacher_dir, ms, device, cfg.amp)
+        cache = teacher_cache(teacher_dir, ms, device, cfg.amp, rgb.class_names)
         distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
     task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence)
     epochs = auto_epochs(dc, len(data.train_index))
@@ -322,6 +321,8 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     metrics = _evaluate(task.final_model(), rgb, data.val_index, rgb_test, data.mean, data.std, history, out_dir,
                         "baseline" if baseline else "student")
     metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
+    if ms is not None:  # the classes the student knows, and the teacher's it was not taught
+        metrics["summary"]["teacher_classes_left_out"] = [c for c in ms.class_names if c not in rgb.class_names]
     meta = {"class_names": rgb.class_names, "band_names": rgb.band_names,
             "mean": data.mean, "std": data.std, "patch_size": rgb.size, "role": metrics["step"],
             "kind": "student", "weights_source": source,
