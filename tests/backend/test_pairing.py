@@ -234,3 +234,22 @@ def test_bench_train_times_repairing(capsys):
     args.ms = 3
     with pytest.raises(ConfigError, match="smaller than --classes"):
         bench_train.run(args, NULL_EVENTS)
+
+
+def test_random_pairing_re_pairs_randomly_within_the_class():
+    from asymkd.config import from_dict
+    from asymkd.train.distill import _repair_function
+    from asymkd.train.pairing import repair_by_kl_balanced
+    rgb_labels, ms_labels = np.repeat([0, 1], 50), np.repeat([0, 1], 10)
+    # the student agrees with one MS sample per class only: KL re-pairing would pick it for every row
+    teacher = np.full((20, 2), 0.5)
+    teacher[0], teacher[10] = [0.99, 0.01], [0.01, 0.99]
+    student = np.log(np.where(rgb_labels[:, None] == 0, [0.99, 0.01], [0.01, 0.99]))
+    repair = _repair_function(from_dict({"pairing": {"method": "random"}}))
+    first, second = (repair(student, teacher, rgb_labels, ms_labels) for _ in range(2))
+    for assign in (first, second):
+        assert (ms_labels[assign] == rgb_labels).all()  # same class
+        assert len(set(assign[:50])) > 5  # spread over the class, not the KL nearest
+    assert (first != second).any()  # drawn anew at each re-pairing
+    balanced = repair_by_kl_balanced(student, teacher, rgb_labels, ms_labels)
+    assert not np.array_equal(balanced, first)

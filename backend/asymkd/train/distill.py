@@ -42,7 +42,7 @@ from . import common, distributed, loop
 from .classifier import ClassifierTask, Consistency, trained_rows
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
 from .objectives import DistillObjective, SupervisedObjective
-from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced
+from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced, repair_randomly
 from .teacher import auto_epochs, auto_shift, build_classifier, start_source
 
 
@@ -176,9 +176,12 @@ class DistillTask(ClassifierTask):
         self.logp_table = extra["logp_table"]
 
 
-def _repair_function(cfg: RunConfig):
+def _repair_function(cfg: RunConfig) -> Callable[..., Any]:
+    """Step 5 for the configured pairing method: `random` stays random when re-pairing."""
     if cfg.pairing.method == "nearest":
         return repair_by_kl
+    if cfg.pairing.method == "random":
+        return partial(repair_randomly, gen=torch.Generator().manual_seed(cfg.seed + 211))
     return partial(repair_by_kl_balanced, sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
 
 

@@ -288,6 +288,15 @@ def random_pairs(blocks: list[Block], n_rows: int, seed: int = 0) -> np.ndarray:
     return assign
 
 
+def repair_randomly(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_labels: ArrayLike,
+                    ms_labels: ArrayLike, gen: torch.Generator) -> np.ndarray:
+    """Re-pairing for `random` pairing: a new random allowed partner per row, whatever the
+    student predicts (the control stays random through training)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    return random_pairs(class_blocks(_labels(rgb_labels, "rgb_labels"), _labels(ms_labels, "ms_labels")),
+                        len(np.asarray(rgb_labels)), seed)
+
+
 def _kl_operands(student_logp: ArrayLike, teacher_p: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Left (N_rgb, K+1) and right (N_ms, K+1) with left @ right.T = -KL(t_j || s_i).
 
