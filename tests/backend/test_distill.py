@@ -77,3 +77,30 @@ def test_ms_rows_take_the_rgb_patch_size_and_are_left_out_only_when_asked(tmp_pa
             assert rows is not None and len(rows) == len(ms) and rows.images.shape[-2:] == (size, size)
     assert not said()
 
+
+def test_colour_jitter_reaches_the_ms_rows_only_and_only_when_asked(tmp_path):
+    torch.manual_seed(0)
+    ms, rgb, paired = _sets(tmp_path)
+    k = len(ms.class_names)
+    cache = TeacherCache(features=torch.randn(len(ms), 8, 2, 2), soft=F.softmax(torch.randn(len(ms), k), -1),
+                         labels=torch.as_tensor(ms.labels), trust=torch.ones(len(ms)), accuracy=0.9)
+    first = np.array([np.flatnonzero(ms.labels == c)[0] for c in range(k)])
+    seen = {}
+    for jitter in (False, True):
+        cfg = from_dict({**TINY_CONFIG, "data": {"val_fraction": 0.0},
+                         "distill": {**TINY_CONFIG["distill"], "ms_rows_jitter": jitter}})
+        data = student_data(cfg, rgb, False, ms_rows(cfg, ms, rgb, paired), ms.labels)
+        student = build_classifier(cfg.distill, 3, k, rgb.band_names, torch.device("cpu"))
+        task = _student_task(cfg, data, student, tmp_path, torch.device("cpu"), cache, first[rgb.labels], None)
+        inputs: list[torch.Tensor] = []
+        forward = student.forward_features
+        student.forward_features = lambda x, f=forward, into=inputs: into.append(x.clone()) or f(x)  # type: ignore[method-assign]
+        task.forward_batch(torch.arange(len(data.train_index)), common_generator(5))
+        seen[jitter] = inputs[0]
+    n = len(rgb)
+    assert torch.equal(seen[True][:n], seen[False][:n])  # the RGB rows' views are the same draws
+    assert not torch.allclose(seen[True][n:], seen[False][n:])  # the MS rows' colours moved
+
+
+def common_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

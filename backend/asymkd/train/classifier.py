@@ -50,9 +50,11 @@ class ClassifierTask(Task):
     def __init__(self, model: SceneClassifier, objective: SupervisedObjective, x: torch.Tensor,
                  y: torch.Tensor, train_index: np.ndarray, device: torch.device, amp: bool,
                  val_index: np.ndarray | None = None, best_path: Path | None = None,
-                 consistency: Consistency | None = None, shift: int = 0):
+                 consistency: Consistency | None = None, shift: int = 0,
+                 jitter_rows: torch.Tensor | None = None):
         self.model, self.objective = model, objective
         self.shift = shift  # random translation of the labeled view, pixels
+        self.jitter_rows = jitter_rows  # rows whose labeled view gets colour jitter (bool per row)
         self.modules: dict[str, nn.Module] = {"model": model}
         attention = getattr(objective, "attention", None)
         if attention is not None:
@@ -75,6 +77,9 @@ class ClassifierTask(Task):
         views = [common.dihedral(self.x[rows], gen)]
         if self.shift:  # no draw otherwise: runs without it stay bit for bit as they were
             views[0] = common.shift(views[0], gen, self.shift)
+        if self.jitter_rows is not None:  # likewise: no draw without it
+            sel = self.jitter_rows[rows]
+            views[0][sel] = common.colour_jitter(views[0][sel], gen)
         c = self.consistency
         unlabeled = rows[:0]
         if c is not None:  # weak and strong views of unlabeled samples, in the same forward pass

@@ -116,19 +116,26 @@ def shift(x: torch.Tensor, gen: torch.Generator, pixels: int) -> torch.Tensor:
     return torch.gather(rows, 3, dx.view(n, 1, 1, w).expand(n, c, h, w))
 
 
+def colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample contrast, per-band gain and brightness jitter of normalised patches: another
+    sensor's colour response, within the range one scene set shows."""
+    n, c = x.shape[:2]
+    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
+    gain = 0.8 + 0.4 * torch.rand(n, c, 1, 1, generator=gen)
+    brightness = 0.8 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    return x * contrast * gain + brightness
+
+
 def strong_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A strong view of normalised patches for consistency training: a dihedral move, then
-    per-sample brightness, contrast and per-band gain jitter, and a cut-out square."""
+    colour jitter and a cut-out square."""
     x = dihedral(x, gen)
     n, c, h, w = x.shape
 
     def u(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=gen)
 
-    contrast = 0.6 + 0.8 * u(n, 1, 1, 1)
-    gain = 0.8 + 0.4 * u(n, c, 1, 1)
-    brightness = 0.8 * (u(n, 1, 1, 1) - 0.5)
-    out = x * contrast * gain + brightness
+    out = colour_jitter(x, gen)
     size = (torch.minimum(torch.tensor(h), torch.tensor(w)) * (0.25 + 0.25 * u(n))).long()
     top = (u(n) * (h - size + 1)).long()
     left = (u(n) * (w - size + 1)).long()

@@ -279,6 +279,8 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
         pair_confidence = np.concatenate([np.ones(len(pairs)) if pair_confidence is None else pair_confidence,
                                           np.ones(len(data.ms_rows))])
         pairs = np.concatenate([pairs, data.ms_rows.ms_index])
+    if dc.ms_rows_jitter and data.ms_rows is not None:
+        kwargs["jitter_rows"] = torch.as_tensor(fixed)  # the MS rows
     objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
     per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
     return DistillTask(student, objective=objective, cache=cache, rgb_labels=data.y.numpy(),
