@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "run": "all steps from one config file (YAML or TOML)",
     "export": "export a student to ONNX with its metadata",
     "classify": "classify the tiles of a raster into a styled GeoPackage",
+    "sample": "draw the tiles to label for an accuracy assessment (stratified by map class)",
+    "assess": "accuracy with confidence intervals and area estimates from reference labels",
     "bench": "benchmarks: accuracy, train, classify",
     "doctor": "print Python, torch, CUDA, onnxruntime versions and devices as JSON",
     "choices": "print the named choices (backbones, losses, pairing, devices) and defaults as JSON",
