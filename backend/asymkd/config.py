@@ -42,17 +42,15 @@ class ClassifierConfig:
     pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
     weights: str | None = None         # local backbone weights to start from
     input_size: int = 96               # resize patches to this size inside the model (0 = as they are):
-                                       # teacher out of fold on the 270 EuroSAT MS patches 91.1 / 92.2 % at
-                                       # 96 px, 88.9 / 90.0 % at 64 (seeds 0 / 1); student +4 points OA at
-                                       # 64 px EuroSAT for 2.2x the compute per patch
+                                       # small patches gain detail for the pretrained filters
+                                       # (docs/benchmarks.md)
     epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
     min_steps: int = 240
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.1       # on the ground-truth term (both students' too: at 270 labels it lifts
-                                       # the baseline by 0.7-1.0 and the distilled not at all, so without it
-                                       # the teacher's gain looked 2.5x larger; README)
+    label_smoothing: float = 0.1       # on the ground-truth term, both students' too, so the gain measured
+                                       # is the teacher's, not the smoothing's (docs/benchmarks.md)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """JSON-lines event stream and terminal progress.
 
 Every long job reports through an `Events` object. With `--events FILE|-` each event is
-one JSON object per line (the protocol the QGIS plugin reads, see README); on a terminal a
+one JSON object per line (the protocol the QGIS plugin reads, see docs/events.md); on a terminal a
 tqdm bar is shown as well. Events are flushed at once so a reader sees them live.
 
 The first event of a stream also carries `protocol` (PROTOCOL_VERSION) and `engine` (the
