@@ -178,14 +178,14 @@ class VectorExport:
                              else f"Exporting '{self.name}': {exc}") from exc
 
 
-def vector_source(layer: QgsVectorLayer, folder: Path,
-                  only_selected: bool = False) -> tuple[VectorSource, VectorExport | None]:
+def vector_source(layer: QgsVectorLayer, folder: Path, only_selected: bool = False,
+                  gpkg_only: bool = False) -> tuple[VectorSource, VectorExport | None]:
     """The OGR file the engine reads for a vector layer, and the export that writes it first
-    (None when the layer is a whole local file already)."""
+    (None when the layer is a whole local file already; with gpkg_only, a whole GeoPackage)."""
     if not only_selected and layer.providerType() == "ogr" and not layer.subsetString():
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path")
-        if path and os.path.isfile(path):
+        if path and os.path.isfile(path) and (not gpkg_only or path.lower().endswith(".gpkg")):
             return VectorSource(path, parts.get("layerName") or None), None
     suffix = "_selection" if only_selected else ""
     out = Path(folder) / f"{_safe_name(layer.name())}{suffix}.gpkg"

@@ -88,10 +88,11 @@ def raster_file(layer: QgsRasterLayer, folder: Path, extent: QgsRectangle | None
     return path
 
 
-def vector_file(layer: QgsVectorLayer, folder: Path, prepared: Prepared,
-                only_selected: bool = False) -> layers.VectorSource:
-    """The layer's OGR file; other layers (or a selection) are exported by the job first."""
-    source, export = layers.vector_source(layer, folder, only_selected)
+def vector_file(layer: QgsVectorLayer, folder: Path, prepared: Prepared, only_selected: bool = False,
+                gpkg_only: bool = False) -> layers.VectorSource:
+    """The layer's OGR file; other layers (or a selection; with gpkg_only, any layer that is
+    not a whole GeoPackage) are exported by the job first."""
+    source, export = layers.vector_source(layer, folder, only_selected, gpkg_only)
     if export is not None:
         prepared.pre_steps.append(PreStep(f"exporting '{layer.name()}'", export.run))
     return source

@@ -27,7 +27,8 @@ class AsymKDProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self) -> None:
         from .algorithms import ALGORITHMS
-        for algorithm in ALGORITHMS:
+        from .assessment import ALGORITHMS as ASSESSMENT
+        for algorithm in (*ALGORITHMS, *ASSESSMENT):
             self.addAlgorithm(algorithm())
 
     def supportedOutputVectorLayerExtensions(self) -> list[str]:

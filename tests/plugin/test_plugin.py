@@ -13,7 +13,9 @@ import mapdata
 from conftest import REPO
 
 ALGORITHMS = {"teacher": "Train teacher", "matcher": "Train matcher and pair", "distill": "Distill student",
-              "export": "Export model", "classify": "Classify scene tiles"}
+              "export": "Export model", "classify": "Classify scene tiles",
+              "sample_tiles": "Sample tiles for accuracy assessment",
+              "assess_accuracy": "Assess accuracy and class areas"}
 
 
 def _flush_deletes() -> None:
