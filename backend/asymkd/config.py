@@ -91,7 +91,8 @@ class DistillConfig(ClassifierConfig):
     trust: bool = True                 # weight pseudo-labels by teacher confidence/agreement
     baseline: bool = True              # also train the same student without distillation
     semi_supervised: str = "fixmatch"  # choices.SEMI_SUPERVISED: how unlabeled RGB trains the student
-    fixmatch_threshold: float = 0.95   # pseudo-label a strong view where the weak view is this sure
+    fixmatch_threshold: float = 0.95   # pseudo-label a strong view where the weak view is this sure, as a
+                                       # share of the confidence label smoothing lets the model reach
     fixmatch_ratio: int = 2            # unlabeled samples per labeled sample in a batch
     w_unlabeled: float = 1.0           # weight of the consistency term
     shift: int = -1                    # random translation of labeled patches, pixels (-1 = auto: an

@@ -104,3 +104,21 @@ def test_colour_jitter_reaches_the_ms_rows_only_and_only_when_asked(tmp_path):
 
 def common_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def test_fixmatch_threshold_is_a_share_of_the_confidence_label_smoothing_allows(tmp_path):
+    from asymkd.train.classifier import consistency_terms
+    ms, rgb, _ = _sets(tmp_path)
+    rgb.labels[::2] = -1  # half of the RGB set unlabeled
+    k = len(rgb.class_names)
+    cfg = from_dict({**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "label_smoothing": 0.1}})
+    data = student_data(cfg, rgb, True)
+    assert data.consistency is not None
+    ceiling = 0.9 + 0.1 / k  # where label smoothing pulls the true class's probability
+    assert abs(data.consistency.threshold - 0.95 * ceiling) < 1e-9
+    # a weak view as sure as a smoothed model gets now teaches the strong view; at 0.95 it never did
+    weak = torch.log(torch.tensor([[ceiling] + [(1 - ceiling) / (k - 1)] * (k - 1)]))
+    assert float(consistency_terms(weak, torch.zeros(1, k), data.consistency)["confident_share"]) == 1.0
+    unsmoothed = from_dict({**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "label_smoothing": 0.0}})
+    plain = student_data(unsmoothed, rgb, True).consistency
+    assert plain is not None and plain.threshold == 0.95

@@ -236,6 +236,13 @@ def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | 
     return rows
 
 
+def attainable_confidence(label_smoothing: float, num_classes: int) -> float:
+    """The highest probability training with label smoothing pulls a model towards: 1 - e + e/K.
+    FixMatch's threshold is a share of it; 0.95 itself (above 0.9125 at e = 0.1, K = 8) would
+    almost never be reached, and the unlabeled samples would teach nothing."""
+    return 1.0 - label_smoothing + label_smoothing / max(num_classes, 1)
+
+
 def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget | None = None,
                  ms_labels: np.ndarray | None = None) -> StudentData:
     dc = cfg.distill
@@ -252,8 +259,8 @@ def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget
     consistency = None
     if dc.semi_supervised == "fixmatch" and len(unlabeled):
         # baseline and student alike: labeled batches, each with its share of unlabeled samples
-        consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, dc.fixmatch_threshold,
-                                  dc.w_unlabeled)
+        threshold = dc.fixmatch_threshold * attainable_confidence(dc.label_smoothing, len(rgb.class_names))
+        consistency = Consistency(torch.as_tensor(unlabeled), dc.fixmatch_ratio, threshold, dc.w_unlabeled)
     if consistency is not None or baseline:  # without semi-supervision the baseline sees labels only
         train_idx = train_idx[labels[train_idx] >= 0]
     mean, std = common.band_stats(images[trained_rows(train_idx, consistency)])  # of the rows that train
