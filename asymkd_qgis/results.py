@@ -81,15 +81,22 @@ def matcher_results(run: RunLayout) -> StepResults:
 
 def distill_results(run: RunLayout) -> StepResults:
     out = StepResults()
+    shown = {}
     for name in (layout.STUDENT, layout.BASELINE):
         scores = _scores(_json(run.metrics(name)))
         if scores:
             which, part = scores
+            shown[name] = scores
             out.rows[f"{name} {which} accuracy"] = part["overall_accuracy"]
             out.rows[f"{name} {which} macro-F1"] = part.get("macro_f1")
+    if len(shown) == 2 and shown[layout.STUDENT][0] == shown[layout.BASELINE][0]:  # same held-out set
+        gain = shown[layout.STUDENT][1]["overall_accuracy"] - shown[layout.BASELINE][1]["overall_accuracy"]
+        out.rows["the teacher's gain"] = f"{100 * gain:+.1f} points of accuracy"
     student = _json(run.metrics(layout.STUDENT)).get("summary") or {}
     if student.get("ms_rows"):
         out.rows["MS samples as RGB rows"] = f"{student['ms_rows']} ({student.get('ms_rows_source')})"
+    if student.get("teacher_classes_left_out"):  # the RGB labels cover some of the teacher's classes
+        out.rows["teacher classes not learned"] = ", ".join(map(str, student["teacher_classes_left_out"]))
     if run.report.is_file():
         out.links[f"Open the report ({layout.REPORT})"] = str(run.report)
     if run.confusion.is_file():

@@ -30,11 +30,20 @@ def test_step_results_from_run_files(tmp_path):
     _write(run.root / "baseline" / "metrics.json", {"val": {"overall_accuracy": 0.7, "macro_f1": 0.6}})
     run.report.write_text("<html></html>")
     shown = results.distill_results(run)
+    assert "the teacher's gain" not in shown.rows  # test against validation: no gain to show
     assert shown.rows == {"student test accuracy": 0.9, "student test macro-F1": 0.85,
                           "baseline validation accuracy": 0.7, "baseline validation macro-F1": 0.6,
                           "MS samples as RGB rows": "5 (pairs+pseudo-rgb)"}
     assert shown.links == {"Open the report (report.html)": str(run.report)} and shown.image is None
     assert results.matcher_results(run).rows == {}  # nothing written yet: nothing shown
+    # another sensor: the baseline on the same test set, and RGB labels for some of the teacher's classes
+    _write(run.root / "baseline" / "metrics.json", {"test": {"overall_accuracy": 0.82, "macro_f1": 0.8}})
+    _write(run.student / "metrics.json",
+           {"test": {"overall_accuracy": 0.865, "macro_f1": 0.86},
+            "summary": {"teacher_classes_left_out": ["HerbaceousVegetation", "PermanentCrop"]}})
+    rows = results.distill_results(run).rows
+    assert rows["the teacher's gain"] == "+4.5 points of accuracy"
+    assert rows["teacher classes not learned"] == "HerbaceousVegetation, PermanentCrop"
 
 
 def test_classify_results_name_the_device_briefly():
