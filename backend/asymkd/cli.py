@@ -12,10 +12,10 @@ import signal
 import sys
 import traceback
 from contextlib import ExitStack, suppress
-from typing import Sequence
+from typing import Sequence, TextIO, cast
 
 from . import __version__
-from .errors import AsymKDError, Cancelled, StorageError, storage_error
+from .errors import AsymKDError, Cancelled, StorageError, os_error_cause, storage_error
 from .events import Events
 from .launch import writes_files
 
@@ -64,8 +64,16 @@ _DEFAULT_HINTS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a `hint:` line after its errors (exit 2), like every other refusal."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n  hint: see `{self.prog} --help` for the arguments\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="asymkd", description="AsymKD: an MS teacher teaches an RGB student without same-target pairs.")
     parser.add_argument("--version", action="version", version=f"asymkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,10 +112,13 @@ def _main(argv: Sequence[str] | None, as_program: bool) -> int:
     parser = build_parser()
     # Add the chosen command's own arguments before parsing (lazy import).
     command = next((a for a in argv if a in COMMANDS), None)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if command is not None:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         _module(command).add_arguments(sub.choices[command])
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported with the command's usage and hint
+        chosen = getattr(args, "_command", None)
+        (sub.choices[chosen] if chosen else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_command", None):
         parser.print_help()
         return 0
@@ -149,18 +160,52 @@ def _cancelled(events: Events) -> int:
     return 130
 
 
+class _EventFile:
+    """The --events file. A failed write (a full disk) is one StorageError naming the file,
+    whenever it comes (the outputs the command has moved into place by then are kept); the
+    stream is dropped after it, and closing it never raises."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.file = open(target, "a", encoding="utf-8")  # noqa: SIM115 (closed by the command's ExitStack)
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        return self._do(lambda: self.file.write(text)) or 0
+
+    def flush(self) -> None:
+        self._do(self.file.flush)
+
+    def _do(self, action):
+        if self.broken:
+            return None
+        try:
+            return action()
+        except OSError as exc:
+            self.broken = True
+            cause, hint = os_error_cause(exc) or (str(exc), "check the disk that holds the event file")
+            raise StorageError(f"cannot write the event file {self.target} (--events): {cause}; the outputs "
+                               "already in place are kept", hint) from exc
+
+    def close(self) -> None:
+        with suppress(OSError):  # what a failed write left in the buffer is dropped
+            self.file.close()
+
+
 def _open_events(target: str | None, stack: ExitStack) -> Events:
     if target == "-":
         return Events(stream=sys.stdout)
     if not target or not writes_files():  # under torchrun rank 0 alone keeps the event file
         return Events(stream=None)
     try:
-        return Events(stream=stack.enter_context(open(target, "a", encoding="utf-8")))
+        stream = _EventFile(target)
     except OSError as exc:
         fault = storage_error(exc)
         if fault is None:
             raise
         raise StorageError(f"cannot open the event file (--events): {fault.message}", fault.hint) from exc
+    stack.callback(stream.close)
+    return Events(stream=cast(TextIO, stream))
 
 
 def _report(exc: AsymKDError, events: Events, command: str) -> int:

@@ -162,7 +162,32 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
-_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: str}
+# The longest text setting (paths, names): a path is at most 4096 bytes on Linux, and a
+# longer value is a mistake (or an attack) that would be copied into every run file.
+MAX_TEXT = 4096
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple, set)):  # `ms: [a, b]` is not the folder "['a', 'b']"
+        raise ValueError(value)
+    text = str(value)
+    if len(text) > MAX_TEXT:
+        raise ValueError(value)
+    if not _is_utf8(text):
+        raise ValueError(value)
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (a lone surrogate, e.g. YAML's "\\ud800", cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_text}
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -183,10 +208,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     try:
         converted = convert(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, not {value!r}") from None
+        if hint is str:
+            raise ConfigError(f"{where} must be a single text value (a path or a name) of at most {MAX_TEXT} "
+                              f"characters, without lone surrogates, not {_shown(value)}",
+                              f"set {where} to one path or name (not a list or a mapping)") from None
+        raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, not {_shown(value)}") from None
     if hint is float and not math.isfinite(converted):  # inf/nan settings train NaN models
         raise ConfigError(f"{where} must be a finite number, not {value!r}")
     return converted
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value` as a short, printable representation for a message."""
+    text = ascii(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
@@ -268,19 +303,54 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a config file has no use for them, and a few
+    nested aliases (a "billion laughs") expand into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed in a config file",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _check_text(values: Any, path: Path, where: str = "") -> None:
+    """Every key and string of a parsed config file is UTF-8 text."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            if isinstance(key, str) and not _is_utf8(key):
+                raise ConfigError(f"config file {path} has a key that is not UTF-8 text: {_shown(key)}",
+                                  "remove the lone surrogate (an escape such as \\ud800) from the key")
+            _check_text(value, path, f"{where}{key}.")
+    elif isinstance(values, list):
+        for value in values:
+            _check_text(value, path, where)
+    elif isinstance(values, str) and not _is_utf8(values):
+        raise ConfigError(f"config file {path}: {where.rstrip('.')} is not UTF-8 text: {_shown(values)}",
+                          "remove the lone surrogate (an escape such as \\ud800) from the value")
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          "give a YAML or TOML config file saved as UTF-8") from None
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_NoAliasLoader)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        raise ConfigError(f"cannot parse config file {path}: {exc}",
+                          "write the settings out in full (no &anchor/*alias), as plain YAML or TOML") from exc
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
+    _check_text(values, path)
     return values
 
 

@@ -131,8 +131,53 @@ def load_rgb_test(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
                        known_from="the student's classes (those of the RGB labels)")
 
 
+# -- input checks --------------------------------------------------------------------
+# The folders each step reads (config key under `data`); `run` reads them all.
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "teacher": ("ms",),
+    "matcher": ("ms", "rgb_paired"),
+    "pair": ("ms", "rgb", "rgb_unlabeled"),
+    "distill": ("ms", "rgb", "rgb_unlabeled", "rgb_test", "rgb_paired"),
+    "run": ("ms", "rgb", "rgb_unlabeled", "rgb_test", "rgb_paired"),
+}
+_INPUT_NAMES = {"ms": ("MS dataset", "--ms"), "rgb": ("labeled RGB folder", "--rgb"),
+                "rgb_unlabeled": ("unlabeled RGB folder", "--rgb-unlabeled"),
+                "rgb_paired": ("paired RGB folder", "--rgb-paired"), "rgb_test": ("RGB test folder", "--rgb-test")}
+
+
+def check_inputs(cfg: RunConfig, step: str, events: Events = NULL_EVENTS) -> None:
+    """Refuse in seconds, before `step` trains, an input folder that would fail it later:
+    each folder laid out as a dataset, its class names known to the MS set, its first patch
+    readable, with more than 3 bands for the MS set and exactly 3 for every RGB set. Skipped
+    folders are reported on `events` (see `scan_folder`)."""
+    from .data.patches import check_known_classes, read_image, scan_folder
+    keys = [k for k in STEP_INPUTS[step] if k != "rgb_paired" or step != "distill" or cfg.distill.ms_rows]
+    ms_classes: list[str] = []
+    for key in keys:
+        root = getattr(cfg.data, key)
+        what, flag = _INPUT_NAMES[key]
+        if key == "ms":
+            root = _need(root, what, flag)
+        if not root:
+            continue
+        classes, items = scan_folder(Path(root), events.warning)
+        bands = read_image(items[0][0])[0].shape[0]
+        if key == "ms":
+            ms_classes = classes
+            if bands <= 3:
+                raise DataError(f"the MS dataset {root} has {bands} bands; a multispectral teacher needs more "
+                                "than 3", "point --ms to the multispectral patches (e.g. 13 Sentinel-2 bands)")
+            continue
+        if bands != 3:
+            raise DataError(f"the {what} {root} ({flag}) has {bands} bands (e.g. {items[0][0].name}); "
+                            "an RGB set needs 3", f"point {flag} to the RGB images, not to the MS patches")
+        if ms_classes:
+            check_known_classes(classes, ms_classes, f"the {what} {root}", MS_SET)
+
+
 # -- steps ---------------------------------------------------------------------------
 def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
+    check_inputs(cfg, "teacher", events)
     from .train.teacher import train_teacher
     with events.step("teacher"):
         ms = load_ms(cfg)
@@ -151,6 +196,7 @@ def load_rgb_paired(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
 
 
 def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
+    check_inputs(cfg, "matcher", events)
     from .train.matcher import train_matcher
     with events.step("matcher"):
         ms = load_ms(cfg)
@@ -163,6 +209,7 @@ def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
 
 def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
     """Pair every RGB sample (under torchrun on rank 0, the others wait for its file)."""
+    check_inputs(cfg, "pair", events)
     return distributed.on_main(_pair, cfg, run_dir, events) or {}
 
 
@@ -233,6 +280,7 @@ def load_pairs(run_dir: Path, rgb: PatchSet) -> tuple[np.ndarray, np.ndarray]:
 
 def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False,
                  skip_done: bool = False) -> dict:
+    check_inputs(cfg, "distill", events)
     from .report import write_report
     from .train.distill import train_student
     run = RunFolder(run_dir)
@@ -263,6 +311,7 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
 
 def run_all(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> Path:
     """teacher -> matcher -> pair -> distill (+ baseline) -> report."""
+    check_inputs(cfg, "run", events)
     run = RunFolder(run_dir)
 
     def done(step: str) -> bool:

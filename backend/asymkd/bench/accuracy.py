@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import layout
-from ..config import merge, parse_set
+from ..config import from_dict, merge, parse_set
 from ..data.patches import scan_folder
+from ..errors import ConfigError, DataError
 from ..events import Events
 from ..layout import RunFolder
 
@@ -175,10 +176,45 @@ def _ablation_table(bench: _Bench, count: int, seeds: int) -> dict[str, dict[str
     return results
 
 
+def label_counts(text: str) -> list[int]:
+    """`--labels 270,3000` as positive whole numbers."""
+    counts = []
+    for part in str(text).split(","):
+        try:
+            count = int(part.strip())
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ConfigError(f"--labels must be positive whole numbers separated by commas, not {text!r}",
+                              "e.g. --labels 270,3000 (RGB labels in all, over the classes of rgb_train)")
+        counts.append(count)
+    return counts
+
+
+def check_arguments(args) -> list[int]:
+    """Every argument and data folder checked before any training; the label counts."""
+    counts = label_counts(args.labels)
+    for flag, value in (("--seeds", args.seeds), ("--seeds-large", args.seeds_large)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, not {value}", f"e.g. {flag} 3")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise DataError(f"the data folder {data} (--data) does not exist",
+                        "give a folder with ms/, rgb_train/ and rgb_test/ (and optionally rgb_paired/)")
+    folders = {"ms/ (or --ms)": _folder(data / "ms", args.ms), "rgb_train/": data / "rgb_train",
+               "rgb_test/": data / "rgb_test"}
+    missing = [name for name, path in folders.items() if not path.is_dir()]
+    if missing:
+        raise DataError(f"the data folder {data} (--data) lacks {', '.join(missing)}",
+                        "give a folder with ms/, rgb_train/ and rgb_test/ (and optionally rgb_paired/)")
+    from_dict(merge({"device": args.device}, parse_set(args.set)))  # --set and --device as a run checks them
+    return counts
+
+
 def run(args, events: Events) -> int:
+    counts = check_arguments(args)
     bench = _Bench(args, events)
     doc: dict[str, Any] = bench.shared()
-    counts = [int(c) for c in args.labels.split(",")]
     doc["results"] = _main_table(bench, counts, args)
     if args.ablation:
         doc["ablation"] = _ablation_table(bench, min(counts), args.seeds)

@@ -34,6 +34,39 @@ def import_distributed() -> Any:
     return distributed
 
 
+SCHEMES = ("tcp", "tls", "ucx", "inproc")
+_ADDRESS_HINT = "give the scheduler's address as tcp://HOST:PORT (or tls://, ucx://), e.g. tcp://10.0.0.5:8786"
+
+
+def check_address(address: str) -> str:
+    """The --scheduler address, stripped, once its form is right (scheme tcp, tls, ucx or
+    inproc; a host; a port from 1 to 65535; tcp when no scheme is given, as Dask reads it).
+    Refused here before any Dask client starts: Dask's own refusal of a malformed address
+    comes from a background thread, with a traceback and a wait."""
+    text = str(address).strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--scheduler {ascii(text)}: unknown scheme {ascii(scheme)} (tcp, tls, ucx or inproc)",
+                          _ADDRESS_HINT)
+    if scheme == "inproc":
+        if not rest.strip("/"):
+            raise ConfigError(f"--scheduler {ascii(text)} names no in-process address", _ADDRESS_HINT)
+        return text
+    if rest.startswith("["):  # an IPv6 host: [::1]:8786
+        host, _, port = rest[1:].partition("]")
+        port = port[1:] if port.startswith(":") else "" if not port else "?"
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host or any(c.isspace() or c in "/?#@[]" for c in host) or not host.isprintable():
+        raise ConfigError(f"--scheduler {ascii(text)}: no valid host name before the port", _ADDRESS_HINT)
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"--scheduler {ascii(text)}: the port must be a number from 1 to 65535, "
+                          f"not {ascii(port) if port else 'missing'}", _ADDRESS_HINT)
+    return text
+
+
 # The workers' statistical profiler samples every thread's stack every 10 ms: CPU taken
 # from inference for a dashboard this engine does not show.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
@@ -151,6 +184,8 @@ def starting(opts: ClassifyOptions) -> Iterator[Cluster | None]:
     if opts.workers is None and opts.scheduler is None:
         yield None
         return
+    if opts.scheduler is not None:
+        check_address(opts.scheduler)
     import_distributed()  # here, not in the thread: a missing Dask is a ConfigError now
     cluster = Cluster(opts)
     try:

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
-import argparse
 import importlib
+
+from ..cli import Parser
 
 KINDS = {"accuracy": "teacher, baseline and distilled students on a real folder dataset, over seeds",
          "train": "distillation epoch time vs a plain student epoch; re-pairing time",
          "classify": "onnxruntime compute vs end-to-end classify throughput; peak memory"}
 
 
-class _KindParser(argparse.ArgumentParser):
+class _KindParser(Parser):
     """A benchmark's parser that adds its flags when it parses (help included): only the
     benchmark that runs is imported (`bench train` imports torch), whether the arguments come
     from the command line or from `cli.main([...])`."""
@@ -24,7 +25,10 @@ class _KindParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._load()
-        return super().parse_known_args(args, namespace)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # refused here, with this benchmark's usage
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def add_arguments(parser) -> None:

@@ -75,6 +75,9 @@ def add_arguments(parser) -> None:
 
 def run(args, events) -> int:
     from ..classify import classify
+    if args.scheduler is not None and str(args.scheduler).strip():
+        from ..classify.cluster import check_address
+        check_address(args.scheduler)  # before the model and raster are read
     result = classify(args.model, args.raster, args.out, events=events, bands=args.bands, bbox=args.bbox,
                       bbox_crs=args.bbox_crs, mask=args.mask, mask_layer=args.mask_layer, tile=args.tile,
                       stride=args.stride, xyz_zoom=args.xyz_zoom, batch_size=args.batch_size,

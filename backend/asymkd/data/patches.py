@@ -1,16 +1,21 @@
 """Patch sets held in memory: folder datasets (EuroSAT layout) and explicit pairs.
 
 A folder dataset is `root/<Class>/*.tif|tiff|jpg|jpeg|png`; a folder with images and no
-class subfolders is an unlabeled set (labels -1). Patches are small (EuroSAT: 64x64), so a
+class subfolders is an unlabeled set (labels -1). Images beside class folders are refused
+(they would have no class), and folders whose names start with "." (.git, .ipynb_checkpoints)
+are not classes: they are skipped with a warning. Patches are small (EuroSAT: 64x64), so a
 set is one (N, C, H, W) float32 array.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -83,6 +88,29 @@ class PatchSet:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
         return {c: int(n) for c, n in zip(self.class_names, counts, strict=True)}
 
+    def identity(self, *others: "PatchSet | None") -> str:
+        """A hash of this set's content (pixels, labels, file stems, class and band names) and
+        of `others`': what a resumed training step must find unchanged."""
+        return content_identity(*(part for ps in (self, *others)
+                                  for part in ((None,) if ps is None else
+                                               (ps.images, ps.labels, ps.stems, ps.class_names, ps.band_names))))
+
+
+def content_identity(*parts: Any) -> str:
+    """A short hash of arrays (numpy or torch, by dtype, shape and bytes), lists and strings."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if hasattr(part, "detach"):  # a torch tensor
+            part = part.detach().cpu().contiguous().numpy()
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part)
+            digest.update(f"array {part.dtype.str} {part.shape}".encode())
+            digest.update(part.reshape(-1).view(np.uint8).data)
+        else:
+            digest.update(json.dumps(part, default=str).encode("utf-8", "backslashreplace"))
+        digest.update(b"|")
+    return digest.hexdigest()
+
 
 def read_image(path: Path) -> tuple[np.ndarray, list[str] | None]:
     """One image as (C, H, W) float32 and its band descriptions if the file has them."""
@@ -106,19 +134,52 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names and (file, label) items of a folder dataset; labels -1 when unlabeled."""
+Warn = Callable[[str], None]
+_WARNED: set[str] = set()  # each warning once per process (a folder is scanned by a step's check and its load)
+
+
+def _warn_once(message: str, warn: Warn | None) -> None:
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    if warn is None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        warn(message)
+
+
+def _listed(paths: Sequence[Path], limit: int = 5) -> str:
+    names = [ascii(p.name)[1:-1] for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def scan_folder(root: Path, warn: Warn | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (file, label) items of a folder dataset; labels -1 when unlabeled.
+
+    Folders whose names start with "." are skipped, with a warning through `warn` (else on
+    stderr); images beside class folders are a DataError (they would have no class)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist",
                         "give a folder laid out as root/<Class>/<image files>")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    class_dirs = [p for p in folders if not p.name.startswith(".")]
+    hidden = [p for p in folders if p.name.startswith(".")]
     loose = _images_in(root)
+    if hidden:
+        _warn_once(f"dataset folder {root}: skipped {len(hidden)} folder(s) whose names start with '.' "
+                   f"({_listed(hidden)}); such folders are not classes, rename them to use their images",
+                   warn)
     if not class_dirs:
         if not loose:
             raise DataError(f"dataset folder {root} has no class folders and no images",
                             "lay it out as root/<Class>/<image files> (or images directly for an unlabeled set)")
         return [], [(p, UNLABELED) for p in loose]
+    if loose:
+        raise DataError(f"dataset folder {root} holds {len(loose)} image(s) beside its class folders, which "
+                        f"would have no class: {_listed(loose)}",
+                        "move each image into its class folder, or into a folder of its own given as the "
+                        "unlabeled set (--rgb-unlabeled)")
     items: list[tuple[Path, int]] = []
     empty = []
     for label, d in enumerate(class_dirs):
@@ -174,14 +235,15 @@ def check_known_classes(classes: Sequence[str], known: Sequence[str], where: str
 
 def load_folder(root: str | Path, modality: str, bands: str | list[str] | None = None,
                 class_names: list[str] | None = None, workers: int = 8,
-                known_from: str = "the model's training set") -> PatchSet:
+                known_from: str = "the model's training set", warn: Warn | None = None) -> PatchSet:
     """Read a folder dataset into memory.
 
     `class_names`, when given, fixes the label order (e.g. the teacher's); folder classes
     not in it are an error that names `known_from`, the set those classes come from.
+    `warn` receives what was skipped (see `scan_folder`).
     """
     root = Path(root)
-    found, items = scan_folder(root)
+    found, items = scan_folder(root, warn)
     names = list(found) if class_names is None else list(class_names)
     check_known_classes(found, names, f"{modality.upper()} folder {root}", known_from)
     remap = {i: names.index(c) for i, c in enumerate(found)}

@@ -222,6 +222,9 @@ class Checkpoint:
                                  f"({type(exc).__name__})",
                                  "delete the checkpoint to start this step afresh") from None
         if not isinstance(state, dict) or state.get("fingerprint", "") != fingerprint:
+            stored = _fingerprint_data(state.get("fingerprint") if isinstance(state, dict) else None)
+            if stored is not None and stored != _fingerprint_data(fingerprint):
+                raise data_changed(self.path)
             raise ConfigError(f"cannot resume from {self.path}: it was written with other settings or data",
                               "drop --resume to start this step afresh, or restore the settings and data "
                               "of the interrupted run")
@@ -235,9 +238,38 @@ class Checkpoint:
             raise ModelFileError(f"cannot resume from {self.path}: {type(exc).__name__}: {exc}",
                                  "delete the checkpoint to start this step afresh") from None
 
+    def stored_data(self) -> Any:
+        """The data identity (the fingerprint's "data") the checkpoint was written for, or
+        None when there is no readable checkpoint or it names none (`load` reports those)."""
+        if not self.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        return _fingerprint_data(state.get("fingerprint") if isinstance(state, dict) else None)
+
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _fingerprint_data(fingerprint: Any) -> Any:
+    """The "data" entry of a JSON fingerprint (see `loop.LoopSettings`), else None."""
+    import json
+    try:
+        values = json.loads(fingerprint) if isinstance(fingerprint, str) else None
+    except ValueError:
+        return None
+    return values.get("data") if isinstance(values, dict) else None
+
+
+def data_changed(path: Path) -> ConfigError:
+    """The refusal to resume from `path`, written for other training data."""
+    return ConfigError(f"cannot resume from {path}: the data changed since it was written (other patch "
+                       "files, or the same files with other contents)",
+                       "start this step afresh: run it again without --resume, or restore the data of "
+                       "the interrupted run")
 
 
 def iterate_eval(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

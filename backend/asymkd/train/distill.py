@@ -324,7 +324,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
     settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
                                  dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
-                                 fingerprint={"config": asdict(cfg), "rgb": rgb.stems, "baseline": baseline,
+                                 fingerprint={"config": asdict(cfg), "data": rgb.identity(ms), "baseline": baseline,
                                               "ms_rows": None if rows is None else rows.ms_index.tolist()})
     started = time.time()
     history = loop.fit(task, len(data.train_index), settings, gen, events)

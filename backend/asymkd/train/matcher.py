@@ -89,7 +89,8 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
     task = ContrastiveTask(model, x_ms, x_rgb, labels, mc.temperature, device)
     checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
     settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4, checkpoint, resume=resume,
-                                 fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source})
+                                 fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source,
+                                              "data": ms.identity(rgb_paired)})
     history = loop.fit(task, len(x_ms), settings, gen, events)
     if not distributed.is_main():  # rank 0 evaluates and writes
         return {}

@@ -17,7 +17,8 @@ import torch
 
 from .. import layout
 from ..config import ClassifierConfig, DistillConfig, RunConfig
-from ..data.patches import PatchSet, require_classes
+from ..data.patches import PatchSet, content_identity, require_classes
+from ..errors import ConfigError
 from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text, read_npz
 from ..models.backbones import SceneClassifier, weights_source
@@ -75,8 +76,9 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: ClassifierConfig, num_
     task = ClassifierTask(model, SupervisedObjective(1.0, cfg.label_smoothing), x, y, np.arange(len(x)),
                           device, amp)
     epochs = auto_epochs(cfg, len(x))
+    data = content_identity(x, y) if checkpoint is not None else None  # what a resumed run trains on
     settings = loop.LoopSettings(step, epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, checkpoint,
-                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x)},
+                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x), "data": data},
                                  data_parallel=data_parallel)
     history = loop.fit(task, len(x), settings, gen, events)
     return FitResult(task.final_model().to(device), history, epochs)
@@ -92,6 +94,10 @@ def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Te
     # rank 0's finished folds (read there alone: the others take its copy)
     done = distributed.from_main(read_npz(fold_file.parent, fold_file.name)
                                  if distributed.is_main() and resume and fold_file.is_file() else {})
+    data = content_identity(x, y)
+    if done and str(done.get("data", "")) != data:  # folds of other data are not mixed in
+        raise common.data_changed(fold_file)
+    done["data"] = np.array(data)
 
     def train_fold(f: int, data_parallel: bool) -> np.ndarray:
         held = folds[f]
@@ -142,6 +148,16 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     tc = cfg.teacher
     folds = common.kfold_indices(ms.labels, tc.folds, cfg.seed) if tc.folds >= 2 else []
     fold_file = out_dir / layout.FOLDS
+    if resume:  # before the folds train: a checkpoint of other data is refused now, not after them
+        refusal = None
+        if distributed.is_main():
+            stored = common.Checkpoint(out_dir / layout.CHECKPOINT).stored_data()
+            if stored is not None and stored != content_identity(x, y):
+                error = common.data_changed(out_dir / layout.CHECKPOINT)
+                refusal = (error.message, error.hint)
+        refusal = distributed.from_main(refusal)  # every rank alike
+        if refusal is not None:
+            raise ConfigError(*refusal)
     soft = _fold_soft_labels(cfg, ms, x, y, folds, (mean, std), device, fold_file, events, resume)
     gen = common.generator(cfg.seed)
     fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
