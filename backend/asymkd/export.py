@@ -331,11 +331,21 @@ def session_metadata(session: Any, where: str, input_name: str = INPUT_NAME) -> 
     if input_name not in inputs:
         raise ModelFileError(f"{where} has input(s) {list(inputs)}, not '{INPUT_NAME}'",
                              "export the model again with `asymkd export`")
-    if OUTPUT_NAMES[0] not in outputs:
-        raise ModelFileError(f"{where} has output(s) {list(outputs)}, not '{OUTPUT_NAMES[0]}'",
+    wanted = model_output(meta, list(outputs))
+    if wanted not in outputs:
+        raise ModelFileError(f"{where} has output(s) {list(outputs)}, not '{wanted}'",
                              "export the model again with `asymkd export`")
-    check_graph_shapes(meta, inputs[input_name].shape, outputs[OUTPUT_NAMES[0]].shape, where)
+    check_graph_shapes(meta, inputs[input_name].shape, outputs[wanted].shape, where)
     return meta
+
+
+def model_output(meta: dict[str, Any], names: Sequence[str]) -> str:
+    """The graph output a classifier reads: `probabilities`, or for a model whose metadata
+    declares `"output": "logits"` its `logits` output where it has one (softmax is then
+    applied by the reader)."""
+    if meta.get("output") == "logits" and OUTPUT_NAMES[1] in names:
+        return OUTPUT_NAMES[1]
+    return OUTPUT_NAMES[0]
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ MAX_BATCH = 65_536
 MAX_THREADS = 256
 MAX_STREAMS = 8  # batches classified at once by default (each run's threads sync less)
 MAX_BATCH_BYTES = 4 * 2**30  # one batch of tiles in memory (a few are in flight)
+DEFAULT_UNCERTAIN_BY = "confidence"
 
 
 @dataclasses.dataclass
@@ -71,15 +72,22 @@ class ClassifyOptions:
                                                   # (0 = auto: about 4 shards per worker)
     connect_timeout: float = 5.0                  # seconds to reach --scheduler before giving up
     uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
-    uncertain_by: str = "confidence"              # certainty measure (choices.UNCERTAINTY_MEASURES)
+    uncertain_by: str | None = None               # certainty measure (choices.UNCERTAINTY_MEASURES;
+                                                  # None: confidence); needs uncertain_below
     regions: bool = False                         # also dissolve tiles of a class into the `regions` layer
     min_region_ha: float = 0.0                    # drop regions smaller than this (hectares)
     vote: bool = False                            # stride-sized cells take the mean of the windows over them
+    yes: bool = False                             # start a job beyond the limits of budget.py
+    scale: float = 1.0                            # multiply the pixels by this before the model
 
     def check(self) -> None:
         """Refuse absurd options before anything is read (a tile of 0 is not the default,
         a tile of 10^6 px must not try to allocate terabytes)."""
         self.uncertainty().check()
+        if self.uncertain_by is not None and self.uncertain_below is None:
+            raise ConfigError(f"--uncertain-by {self.uncertain_by} does nothing without --uncertain-below",
+                              f"add a threshold, e.g. --uncertain-below 0.6 --uncertain-by {self.uncertain_by}, "
+                              "or drop --uncertain-by")
         for flag, value in (("--tile", self.tile), ("--stride", self.stride)):
             if value is not None and not 1 <= value <= MAX_TILE:
                 raise ConfigError(f"{flag} {value} is out of range", f"use 1..{MAX_TILE} pixels, or leave {flag} "
@@ -98,6 +106,9 @@ class ClassifyOptions:
         if not 0 <= self.streams <= MAX_THREADS:
             raise ConfigError(f"--streams {self.streams} is out of range",
                               f"use 0 (one per thread on the CPU, one on a GPU) up to {MAX_THREADS}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"--scale {self.scale} must be a positive number",
+                              "e.g. --scale 255 for reflectance 0..1 fed to a model trained on 8-bit images")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
         self._check_cluster()
@@ -140,7 +151,7 @@ class ClassifyOptions:
 
     def uncertainty(self) -> Uncertainty:
         from .stats import Uncertainty
-        return Uncertainty(self.uncertain_below, self.uncertain_by)
+        return Uncertainty(self.uncertain_below, self.uncertain_by or DEFAULT_UNCERTAIN_BY)
 
     def check_memory(self, tile: int, bands: int) -> None:
         """Refuse a batch of tiles too large to hold in memory, once the tile size and the

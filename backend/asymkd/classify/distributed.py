@@ -238,6 +238,8 @@ def classify_shard(task: ShardTask) -> ShardDone:
     events = _Collect()
     try:
         model = _open_on_worker(task, worker)
+        for note in model.notes:
+            events.warning(note)
         sink = ShardSink(len(model.class_names))
         counts = classify_plan(model, Path(task.raster), task.shard.plan(task.grid), list(task.bands), task.opts,
                                sink, None, events)

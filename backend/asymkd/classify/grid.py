@@ -62,6 +62,17 @@ class Grid:
         x1, y1 = self.to_crs(c0 + self.tile, r0 + self.tile)
         return np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)
 
+    def feature_bounds(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, ...]:
+        """`bounds` of the features written: XYZ tiles east of the antimeridian (columns past
+        the world's last) are placed at their wrapped position, where their z/x/y key says."""
+        minx, miny, maxx, maxy = self.bounds(rows, cols)
+        if self.kind == "xyz" and self.zoom is not None:
+            past = (np.asarray(cols, np.int64) + self.x0) >= 2 ** self.zoom
+            if past.any():
+                shift = np.where(past, 2 * MERCATOR_HALF, 0.0)
+                minx, maxx = minx - shift, maxx - shift
+        return minx, miny, maxx, maxy
+
     def to_crs(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (column, row; fractional) of the grid -> x, y in its CRS."""
         t = self.transform
@@ -71,7 +82,9 @@ class Grid:
         rows = np.asarray(rows, np.int64)
         cols = np.asarray(cols, np.int64)
         if self.kind == "xyz":
-            return {"z": np.full(len(rows), self.zoom, np.int64), "x": cols + self.x0, "y": rows + self.y0}
+            assert self.zoom is not None
+            return {"z": np.full(len(rows), self.zoom, np.int64), "x": (cols + self.x0) % 2 ** self.zoom,
+                    "y": rows + self.y0}
         return {"row": rows, "col": cols}
 
     def key_strings(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -94,6 +107,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def utm_crs(lon: float, lat: float) -> CRS:
+    lon = (lon + 180.0) % 360.0 - 180.0  # 181 degrees east is 179 west
     zone = min(max(int((lon + 180) // 6) + 1, 1), 60)
     return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
 
@@ -158,13 +172,29 @@ def _metric_resolution(src, work: CRS) -> float:
     return math.sqrt((right - left) * (top - bottom) / (src.width * src.height))
 
 
-def lonlat_to_tile(lon: float, lat: float, zoom: int) -> tuple[int, int]:
-    """Slippy-map tile (x, y) containing a point."""
+def lonlat_to_tile(lon: float, lat: float, zoom: int, wrap: bool = False) -> tuple[int, int]:
+    """Slippy-map tile (x, y) containing a point; with `wrap`, x counts on past the
+    antimeridian (n, n+1, ... for 180 degrees east and beyond) instead of stopping there."""
     n = 2 ** zoom
     lat = max(min(lat, MAX_LAT), -MAX_LAT)
-    x = int((lon + 180.0) / 360.0 * n)
+    x = int(math.floor((lon + 180.0) / 360.0 * n))
     y = int((1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * n)
-    return min(max(x, 0), n - 1), min(max(y, 0), n - 1)
+    return (min(max(x, 0), 2 * n - 1) if wrap else min(max(x, 0), n - 1)), min(max(y, 0), n - 1)
+
+
+def lon_wrapped_crs(src) -> CRS | None:
+    """For a raster in geographic coordinates reaching past 180 degrees east (or west of -180):
+    its CRS with longitudes kept around the raster's centre (PROJ's lon_wrap), so a warp reads
+    its pixels there instead of looking for them at -179 (or 179) degrees and finding nodata.
+    None for every other raster."""
+    crs = src.crs
+    if crs is None or not crs.is_geographic:
+        return None
+    left, _, right, _ = src.bounds
+    if min(left, right) >= -180.0 and max(left, right) <= 180.0:
+        return None
+    centre = (left + right) / 2.0
+    return CRS.from_proj4(f"{crs.to_proj4()} +lon_wrap={centre:.12g}")
 
 
 def xyz_grid(src, zoom: int, tile: int, gsd: float | None) -> Grid:
@@ -173,6 +203,10 @@ def xyz_grid(src, zoom: int, tile: int, gsd: float | None) -> Grid:
         raise ConfigError(f"XYZ zoom {zoom} is out of range", f"use a zoom from 0 to {MAX_ZOOM}")
     crs = _check_crs(src)
     w, s, e, n = transform_bounds(crs, WGS84, *src.bounds, densify_pts=21)
+    if e < w:  # across the antimeridian: the east edge counts on past 180 degrees
+        e += 360.0
+    if w < -180.0:  # west of -180 degrees: the same place past 180 degrees east
+        w, e = w + 360.0, e + 360.0
     s, n = max(s, -MAX_LAT), min(n, MAX_LAT)
     if s >= n:
         raise DataError("the raster lies beyond the web-map latitude limit (85.05 degrees)",
@@ -180,7 +214,8 @@ def xyz_grid(src, zoom: int, tile: int, gsd: float | None) -> Grid:
     x0, y0 = lonlat_to_tile(w, n, zoom)
     # the maximum edge is exclusive: a raster ending exactly on a tile edge does not take the next tile
     eps = 1e-9
-    x1, y1 = lonlat_to_tile(e - eps, s + eps, zoom)
+    x1, y1 = lonlat_to_tile(e - eps, s + eps, zoom, wrap=True)
+    x1 = min(x1, x0 + 2 ** zoom - 1)  # at most the whole world once
     extent = 2 * MERCATOR_HALF / 2 ** zoom
     res = extent / tile
     notes = []

@@ -13,7 +13,7 @@ from .. import choices
 from ..errors import ConfigError, ModelFileError
 from ..export import (
     INPUT_NAME,
-    OUTPUT_NAMES,
+    model_output,
     onnx_proto_module,
     onnx_session_options,
     open_session,
@@ -120,6 +120,17 @@ class OnnxClassifier:
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise ConfigError(f"onnxruntime could not start its CUDA provider (running on {self.provider})",
                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or use --device auto")
+        self.output_name = model_output(self.meta, [o.name for o in self.session.get_outputs()])
+        self.logits = self.meta.get("output") == "logits"
+        shape = next(i for i in self.session.get_inputs() if i.name == self.input_name).shape
+        self.fixed_batch = _fixed(shape[0])
+        self.notes: list[str] = []  # warnings for the job's events
+        if self.fixed_batch is not None:
+            self.notes.append(f"the model {self.path} takes a fixed batch of {self.fixed_batch} tile(s): tiles are "
+                              f"classified {self.fixed_batch} at a time, which is slower (export it with "
+                              "`asymkd export` for a model that takes any batch)")
+        size = int(self.meta["patch_size"])
+        self._probe(_fixed(shape[2]) or size, _fixed(shape[3]) or size)
 
     @property
     def class_names(self) -> list[str]:
@@ -130,11 +141,76 @@ class OnnxClassifier:
 
         Tiles reach here with invalid pixels filled, so non-finite output means a broken
         model (its training diverged): refused rather than written as class 0."""
-        probs = self.session.run([OUTPUT_NAMES[0]], {self.input_name: images})[0]
+        probs = self._run(images)
         if not np.isfinite(probs).all():
             raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN)",
                                  "the model is broken (its training diverged): train and export it again")
+        self._check_probabilities(probs, "")
         return probs
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        """The model's output for the tiles, as probabilities (softmax of declared logits); a
+        model with a fixed batch runs on slices of that size (the last one padded)."""
+        b = self.fixed_batch
+        if b is None:
+            out = self.session.run([self.output_name], {self.input_name: images})[0]
+        else:
+            parts = []
+            for i in range(0, len(images), b):
+                chunk = images[i:i + b]
+                k = len(chunk)
+                if k < b:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - k, axis=0)])
+                parts.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:k])
+            out = (np.concatenate(parts) if parts
+                   else np.zeros((0, int(self.meta["num_classes"])), np.float32))
+        return softmax(out) if self.logits else out
+
+    def _probe(self, height: int, width: int) -> None:
+        """Run a few tiles around the training mean through the model at load: its output must
+        be class probabilities (finite, 0..1, summing to 1 per tile), never logits or scores."""
+        mean = np.asarray(self.meta["mean"], np.float64).reshape(1, -1, 1, 1)
+        std = np.asarray(self.meta["std"], np.float64).reshape(1, -1, 1, 1)
+        steps = np.array([-1.0, -0.3, 0.3, 1.0]).reshape(-1, 1, 1, 1)
+        ramp = np.linspace(-0.5, 0.5, height * width).reshape(1, 1, height, width)
+        tiles = np.clip(mean + std * (steps + ramp), 0, None)
+        if self.input_dtype.kind in "iu":
+            info = np.iinfo(self.input_dtype)
+            tiles = np.clip(np.rint(tiles), info.min, info.max)
+        probs = self._run(np.ascontiguousarray(tiles.astype(self.input_dtype)))
+        if not np.isfinite(probs).all():
+            raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN) on tiles of its "
+                                 "training mean", "the model is broken (its training diverged): train and export "
+                                 "it again")
+        self._check_probabilities(probs, " on tiles of its training mean")
+
+    def _check_probabilities(self, probs: np.ndarray, where: str) -> None:
+        if not len(probs):
+            return
+        sums = probs.sum(axis=1, dtype=np.float64)
+        if probs.min() >= -PROB_TOLERANCE and probs.max() <= 1 + PROB_TOLERANCE \
+                and np.abs(sums - 1).max() <= PROB_TOLERANCE:
+            return
+        raise ModelFileError(
+            f"the model {self.path} does not give class probabilities{where}: its output '{self.output_name}' "
+            f"holds {probs.min():.3g}..{probs.max():.3g}, each tile's values summing to {sums.min():.3g}.."
+            f"{sums.max():.3g} instead of 1 (logits or scores?)",
+            "export the model with `asymkd export` (its graph ends in a softmax); for a model whose output is "
+            "logits, declare it in its AsymKD metadata (\"output\": \"logits\")")
+
+
+PROB_TOLERANCE = 1e-3  # per value out of 0..1, and per tile's sum away from 1
+
+
+def _fixed(dim: Any) -> int | None:
+    """An axis of fixed size in an ONNX shape (None: dynamic)."""
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float32)
+    e = np.exp(x - x.max(axis=1, keepdims=True)) if len(x) else x
+    return e / e.sum(axis=1, keepdims=True) if len(x) else x
 
 
 @dataclasses.dataclass

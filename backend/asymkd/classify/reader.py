@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from ..data.bands import TRUE_COLOUR_NM, wavelength_nm
 from ..errors import ConfigError, DataError
 from .area import TilePlan
-from .grid import Grid
+from .grid import Grid, lon_wrapped_crs
 
 _COLOUR_INTERP = {"R": ColorInterp.red, "G": ColorInterp.green, "B": ColorInterp.blue}
 
@@ -112,8 +112,10 @@ class _Source:
         self.vrt = None
         self._strips: dict[tuple[int, int], np.ndarray] = {}  # read buffers by shape, reused
         if grid.warp:
+            wrapped = lon_wrapped_crs(self.src)  # a raster past 180 degrees east is read there
             self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
-                                 height=grid.height, resampling=grid.resampling, add_alpha=True)
+                                 height=grid.height, resampling=grid.resampling, add_alpha=True,
+                                 **({"src_crs": wrapped} if wrapped is not None else {}))
             self.alpha = self.vrt.count
             self.mode = "alpha"
         else:
@@ -190,8 +192,11 @@ class PrefetchReader:
     def __init__(self, path: str | Path, plan: TilePlan, bands: list[int], fill: Sequence[float],
                  batch_size: int = 64, min_valid: float = 0.5, prefetch: int = 4,
                  max_strip_tiles: int = 256, nice: int = 0, dtype: str | np.dtype = "float32",
-                 in_flight: int = 1):
+                 in_flight: int = 1, scale: float = 1.0):
         self.path = str(path)
+        self.scale = float(scale)  # pixels are multiplied by it (float batches only)
+        if self.scale != 1 and np.dtype(dtype).kind != "f":
+            raise ValueError("scaled pixels need a floating-point batch dtype")
         self.nice = nice
         self.dtype = np.dtype(dtype)
         self.plan = plan
@@ -338,6 +343,8 @@ class PrefetchReader:
         else:
             for j, step in enumerate(steps.tolist()):
                 np.copyto(out[j], windows[step], casting="unsafe")
+        if self.scale != 1:
+            out *= self.scale
         tile = out.shape[-1]
         for j in np.flatnonzero(frac < 1.0).tolist():
             assert ok is not None  # a tile with invalid pixels comes from a strip with a mask

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..events import Events
-from ..export import read_onnx_metadata
-from . import ClassifyOptions, ClassifyResult
+from ..export import read_onnx_metadata, resolve_model_path
+from . import ClassifyOptions, ClassifyResult, budget, scaling
 from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
 from .infer import CASTABLE, OnnxClassifier, Summary, summarize
@@ -55,21 +55,6 @@ def _grid(src, meta: dict, opts: ClassifyOptions, events: Events) -> Grid:
     return pixel_grid(src, gsd, tile, int(tile if opts.stride is None else opts.stride))
 
 
-def _check_value_range(images: np.ndarray, meta: dict, events: Events) -> None:
-    """Warn once when the raster's values look unlike the training data (wrong bands or
-    scaling, e.g. 16-bit reflectance fed to a model trained on 8-bit images)."""
-    mean = np.asarray(meta.get("mean") or [], np.float64)
-    std = np.asarray(meta.get("std") or [], np.float64)
-    if mean.size != images.shape[1] or not len(images):
-        return
-    seen = images.mean(axis=(0, 2, 3), dtype=np.float64)
-    off = np.abs(seen - mean) / np.maximum(std, 1e-6)
-    if np.any(off > 4):
-        events.warning(f"raster band means {np.round(seen, 1).tolist()} are far from the training data's "
-                       f"{np.round(mean, 1).tolist()} (std {np.round(std, 1).tolist()}); check --bands and the "
-                       "raster's value scaling")
-
-
 @dataclasses.dataclass
 class Job:
     """A classify job as decided before any tile is read; the same for one process and for a
@@ -93,7 +78,7 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
     class_raster = Path(opts.class_raster) if opts.class_raster else None
     check_output_names(out, class_raster)
     check_not_inputs([out, out.with_suffix(".qml"), areas_csv_path(out), class_raster],
-                     [model_path, raster, opts.mask])
+                     [model_path, resolve_model_path(model_path), raster, opts.mask])
     meta = read_onnx_metadata(model_path)
     with _open_raster(raster) as src:
         bands, how = resolve_bands(src, meta["band_names"], opts.bands)
@@ -101,8 +86,10 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
         area = resolve_area(src, grid, opts.bbox, opts.bbox_crs, opts.mask, opts.mask_layer, warn=events.warning)
         small = src.width < grid.tile or src.height < grid.tile
         size = f"{src.width}x{src.height}"
-        dtypes = {np.dtype(src.dtypes[b - 1]) for b in bands}
-    feed = dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE.keys() else np.dtype(np.float32)
+        band_dtypes = [src.dtypes[b - 1] for b in bands]
+    dtypes = {np.dtype(d) for d in band_dtypes}
+    feed = (dtypes.pop() if len(dtypes) == 1 and dtypes <= CASTABLE.keys() and opts.scale == 1
+            else np.dtype(np.float32))  # scaled pixels are fed as float32
     notes = list(grid.notes)
     if how != "given":
         notes.append(f"raster bands {bands} feed the model's {', '.join(meta['band_names'])} (from {how})")
@@ -110,7 +97,27 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
         notes.append(f"the raster ({size} px) is smaller than one {grid.tile}-px tile: it is classified as one "
                      f"padded tile if at least {opts.min_valid:.0%} of it is valid (--min-valid)")
     out_grid = cell_grid(grid) if opts.vote else grid  # ConfigError now unless the stride divides the tile
-    return Job(model_path, raster, out, meta, bands, grid, plan_tiles(grid, area), feed, notes, small, out_grid)
+    plan = plan_tiles(grid, area)
+    _check_budget(plan, out_grid, out, class_raster, len(meta["class_names"]), opts, events)
+    with _open_raster(raster) as src:
+        values = scaling.sample(src, bands)
+    scaling.check(values, meta, bands, band_dtypes, opts.scale, events.warning)
+    return Job(model_path, raster, out, meta, bands, grid, plan, feed, notes, small, out_grid)
+
+
+def _check_budget(plan: TilePlan, out_grid: Grid, out: Path, class_raster: Path | None, classes: int,
+                  opts: ClassifyOptions, events: Events) -> None:
+    """Log what the job will cost, and refuse one beyond the limits unless --yes (budget.py)."""
+    cells = out_grid.total if class_raster or opts.regions else 0
+    cell_bytes = 1 if classes < 255 else 2  # ClassRaster's dtype
+    # with --vote the layer holds cells, about as many as the windows over them
+    est = budget.estimate(plan.total, plan.total, cells, cell_bytes, opts.regions)
+    events.log(f"estimate: {est.text()}")
+    need = {out.parent.absolute(): est.gpkg_bytes}
+    if class_raster is not None:
+        folder = class_raster.parent.absolute()
+        need[folder] = need.get(folder, 0) + est.raster_bytes
+    budget.check(est, need, opts.yes)
 
 
 def load_model(job: Job, opts: ClassifyOptions) -> OnnxClassifier:
@@ -168,7 +175,10 @@ def run_classify(model_path: Path, raster: Path, out: Path, opts: ClassifyOption
 @contextlib.contextmanager
 def _engine(job: Job, opts: ClassifyOptions, cluster: Cluster | None, events: Events) -> Iterator[Engine]:
     if cluster is None:
-        yield LocalEngine(job, opts)
+        local = LocalEngine(job, opts)
+        for note in local.model.notes:
+            events.warning(note)
+        yield local
         return
     from .distributed import DaskEngine  # dask is optional: imported only when asked for
     with DaskEngine.start(job, opts, cluster, events) as engine:
@@ -296,7 +306,8 @@ def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: li
     the one read -> infer -> write loop of the engine."""
     reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
-                            nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams + QUEUED)
+                            nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams + QUEUED,
+                            scale=opts.scale)
     voter = Voter(plan, len(model.class_names)) if opts.vote else None
     counts = _stream(model, reader, sink, raster_out, plan.total, events, voter)
     if voter is not None:  # the last rows of cells; the counts are of cells, not windows
@@ -314,7 +325,6 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, ras
     thread; their results are handed on in reading order, so the layer does not depend on it."""
     c = Counts()
     started = time.time()  # the event layer draws the one terminal progress bar
-    checked = False
     pending: collections.deque[tuple[Batch, Future[np.ndarray]]] = collections.deque()
 
     def progress(force: bool = False) -> None:
@@ -343,9 +353,6 @@ def _stream(model: OnnxClassifier, reader: PrefetchReader, writer: TileSink, ras
                 if not len(batch.rows):  # tiles skipped in an empty area
                     progress()
                     continue
-                if not checked:
-                    _check_value_range(batch.images, model.meta, events)
-                    checked = True
                 pending.append((batch, pool.submit(model.predict, batch.images)))
                 if len(pending) == reader.in_flight:  # the batches the reader lets us hold
                     hand_on()

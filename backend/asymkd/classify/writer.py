@@ -314,7 +314,7 @@ class TileLayerWriter:
     def _write(self, cat: dict[str, np.ndarray], append: bool) -> None:
         start = time.perf_counter()
         tiles = TileRows(grid=self.grid, names=self.class_names, **cat)
-        bounds = self.grid.bounds(tiles.rows, tiles.cols)
+        bounds = self.grid.feature_bounds(tiles.rows, tiles.cols)
         geoms = shapely.to_wkb(shapely.box(*bounds)) if len(tiles.rows) else np.array([], dtype=object)
         self.areas.add(bounds, tiles.class_id, tiles.confidence, tiles.uncertain)
         data, masks = _columns(self.fields, tiles)
@@ -378,16 +378,12 @@ def _folder_lock(folder: Path):
 
 
 def check_not_inputs(outputs: Sequence[Path | None], inputs: Sequence[str | Path | None]) -> None:
-    """Refuse an output that is one of the inputs (the raster, the model, the mask): it
-    would be overwritten."""
-    for out in (Path(o) for o in outputs if o is not None):
-        for inp in (Path(i) for i in inputs if i is not None and "://" not in str(i)):
-            same = out.resolve() == inp.resolve()
-            if not same and out.exists() and inp.exists():
-                same = os.path.samefile(out, inp)
-            if same:
-                raise ConfigError(f"output {out} is the input {inp}; it would be overwritten",
-                                  "write the outputs to another file name")
+    """Refuse an output that is one of the inputs (the raster, the model, the mask) or a file
+    behind one (a VRT's source, an .aux.xml, an overview; hard and symbolic links included):
+    it would be overwritten. Each output's sidecars, replaced with it, are checked too."""
+    from ..resources import check_outputs_clear
+    outs = [Path(o) for o in outputs if o is not None]
+    check_outputs_clear(outs + [Path(str(o) + side) for o in outs for side in _SIDECARS], inputs)
 
 
 def check_output_names(out: Path, class_raster: Path | None) -> None:

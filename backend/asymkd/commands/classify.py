@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .. import choices
-from ..classify import MAX_STREAMS, ClassifyOptions
+from ..classify import DEFAULT_UNCERTAIN_BY, MAX_STREAMS, ClassifyOptions
 
 # Defaults come from ClassifyOptions, the one place that holds them (the Python API's too).
 _DEFAULT = ClassifyOptions()
@@ -60,9 +60,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--uncertain-below", type=float, default=_DEFAULT.uncertain_below, metavar="T",
                         help="mark tiles whose certainty is below T (0..1) as uncertain=1 (default: none)")
     parser.add_argument("--uncertain-by", choices=list(choices.UNCERTAINTY_MEASURES), default=_DEFAULT.uncertain_by,
-                        help="certainty measure: " + "; ".join(f"{k}: {v}" for k, v in
-                                                                choices.UNCERTAINTY_MEASURES.items())
-                        + " (default %(default)s)")
+                        help="certainty measure, with --uncertain-below: " + "; ".join(
+                            f"{k}: {v}" for k, v in choices.UNCERTAINTY_MEASURES.items())
+                        + f" (default {DEFAULT_UNCERTAIN_BY})")
     parser.add_argument("--regions", action="store_true",
                         help="also write the layer `regions`: neighbouring tiles of a class dissolved into polygons "
                              "(holes kept) with their tiles and hectares")
@@ -71,6 +71,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vote", action="store_true",
                         help="with --stride smaller than --tile (and dividing it): output stride-sized cells, each the "
                              "mean probability of the windows over it; costs (tile/stride)^2 times the inference")
+    parser.add_argument("--scale", type=float, default=_DEFAULT.scale, metavar="FACTOR",
+                        help="multiply the pixels by FACTOR before the model, for a raster in other units than the "
+                             "training data (e.g. 255 for reflectance 0..1 given to a model trained on 8-bit images)")
+    parser.add_argument("--yes", action="store_true",
+                        help="start a job beyond the limits (more than 10 million tiles, outputs larger than the free "
+                             "disk or a class raster larger than the free memory); the estimate is always logged")
 
 
 def run(args, events) -> int:
@@ -85,7 +91,8 @@ def run(args, events) -> int:
                       min_valid=args.min_valid, threads=args.threads, streams=args.streams, spinning=args.spinning,
                       workers=args.workers, scheduler=args.scheduler, shard_tiles=args.shard_tiles,
                       uncertain_below=args.uncertain_below, uncertain_by=args.uncertain_by, regions=args.regions,
-                      min_region_ha=args.min_region_ha, vote=args.vote)
+                      min_region_ha=args.min_region_ha, vote=args.vote, yes=args.yes,
+                      scale=args.scale)
     if args.events != "-":
         print(json.dumps({"gpkg": str(result.gpkg), "qml": str(result.qml),
                           "class_raster": str(result.class_raster) if result.class_raster else None,

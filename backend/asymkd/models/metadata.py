@@ -13,6 +13,7 @@ import math
 import unicodedata
 from typing import Any, Sequence
 
+from ..config import INT_RANGES
 from ..errors import ModelFileError
 from ..palette import is_hex_color
 
@@ -21,7 +22,20 @@ MAX_CHANS = 1024
 MAX_CLASSES = 10_000
 MAX_PATCH = 2048
 MAX_NAME = 255  # a file name's length on common file systems
-MAX_GSD = 1e6
+MIN_GSD = 1e-3  # metres per pixel: 1 mm (close-range imagery) ...
+MAX_GSD = 1e4   # ... to 10 km (coarse global products); beyond, tiles of a scene span continents
+# The sane range of each numeric field, checked where present: (lowest, highest, unit).
+# `input_size` is bounded as the training config bounds it (config.INT_RANGES).
+BOUNDS: dict[str, tuple[float, float, str]] = {
+    "in_chans": (1, MAX_CHANS, "bands"),
+    "num_classes": (1, MAX_CLASSES, "classes"),
+    "patch_size": (1, MAX_PATCH, "pixels"),
+    "input_size": (1, INT_RANGES["input_size"][1], "pixels (0 or absent: none)"),
+    "gsd": (MIN_GSD, MAX_GSD, "metres per pixel (ground resolution; null: unknown)"),
+}
+# what a model's output holds: class probabilities (the default), or logits that the reader
+# turns into probabilities (softmax)
+OUTPUT_KINDS = (None, "probabilities", "logits")
 
 _HINT_META = "the model's meta.json is damaged or was edited: train the step again (or restore the file)"
 _HINT_ONNX = "the model file is damaged or was edited: export it again with `asymkd export`"
@@ -44,11 +58,23 @@ class _Check:
             raise self.fail(f"lacks '{key}'")
         return self.meta[key]
 
-    def int_in(self, key: str, lo: int, hi: int, value: Any = None) -> int:
+    def int_in(self, key: str, lo: int | None = None, hi: int | None = None, value: Any = None) -> int:
+        """A whole number within `lo`..`hi` (default: the field's BOUNDS)."""
         value = self.meta[key] if value is None else value
+        lo = int(BOUNDS[key][0]) if lo is None else lo
+        hi = int(BOUNDS[key][1]) if hi is None else hi
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise self.fail(f"'{key}' is {_short(value)}; it must be a whole number in {lo}..{hi}")
         return value
+
+    def number_in(self, key: str) -> float:
+        """A finite number within the field's BOUNDS."""
+        value = self.meta[key]
+        lo, hi, unit = BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo <= value <= hi:
+            raise self.fail(f"'{key}' is {_short(value)}; it must be a number from {lo:g} to {hi:g} ({unit})")
+        return float(value)
 
     def names(self, key: str, lo: int, hi: int, unique: bool) -> list[str]:
         value = self.has(key)
@@ -84,8 +110,9 @@ def validate_meta(meta: Any, where: str, onnx: bool = False) -> dict[str, Any]:
     """Check a model's metadata; return it with `in_chans` and `num_classes` filled in.
 
     Needed: backbone, class_names, band_names, mean, std, patch_size. Checked when present:
-    in_chans, num_classes (must equal the name lists' lengths), gsd (None or a positive
-    number), input_size (0 = none, else a patch size), class_colors (ONNX: one per class).
+    in_chans, num_classes (must equal the name lists' lengths), gsd (None or a number
+    in BOUNDS), input_size (0 = none, else within BOUNDS), class_colors (ONNX: one per class),
+    output ("probabilities" or "logits").
     Other fields (metrics, summary, kind, ...) are not read by any model reader."""
     c = _Check(meta, where, _HINT_ONNX if onnx else _HINT_META)
     if not isinstance(meta, dict):
@@ -97,20 +124,20 @@ def validate_meta(meta: Any, where: str, onnx: bool = False) -> dict[str, Any]:
     bands = c.names("band_names", 1, MAX_CHANS, unique=False)
     for key, n in (("in_chans", len(bands)), ("num_classes", len(classes))):
         if key in meta and meta[key] != n:
-            c.int_in(key, 1, MAX_CLASSES if key == "num_classes" else MAX_CHANS)
+            c.int_in(key)
             raise c.fail(f"'{key}' is {meta[key]} but it lists {n} "
                          f"{'band' if key == 'in_chans' else 'class'} names")
     c.numbers("mean", len(bands), positive=False)
     c.numbers("std", len(bands), positive=True)
     c.has("patch_size")
-    c.int_in("patch_size", 1, MAX_PATCH)
+    c.int_in("patch_size")
     if meta.get("input_size") not in (None, 0):
-        c.int_in("input_size", 1, MAX_PATCH)
-    gsd = meta.get("gsd")
-    if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float))
-                            or not math.isfinite(gsd) or not 0 < gsd <= MAX_GSD):
-        raise c.fail(f"'gsd' (ground resolution in metres) is {_short(gsd)}; it must be a number "
-                     f"above 0 and at most {MAX_GSD:g}, or null")
+        c.int_in("input_size")
+    if meta.get("gsd") is not None:
+        c.number_in("gsd")
+    if meta.get("output") not in OUTPUT_KINDS:
+        raise c.fail(f"'output' is {_short(meta.get('output'))}; it must be one of "
+                     f"{', '.join(repr(k) for k in OUTPUT_KINDS if k)} (what the model's output holds), or absent")
     if onnx and "class_colors" in meta:
         colors = meta["class_colors"]
         if not isinstance(colors, list) or len(colors) != len(classes) or not all(is_hex_color(v) for v in colors):
