@@ -99,6 +99,7 @@ class DistillConfig(ClassifierConfig):
                                        # eighth of the patch from scratch, 0 for a pretrained start)
     ms_rows: bool = True               # the MS samples also train the distilled student as RGB rows (their
                                        # own target in RGB), each paired with itself; the baseline stays RGB-only
+    balance_rows: bool = False         # repeat the labeled RGB rows until they are as many as the MS rows
     ms_rows_jitter: bool = False       # colour jitter on the MS rows' labeled view (another sensor's colours)
     all_teacher_classes: bool = False  # the student learns every teacher class, not only those of its RGB labels
 

@@ -122,3 +122,17 @@ def test_fixmatch_threshold_is_a_share_of_the_confidence_label_smoothing_allows(
     unsmoothed = from_dict({**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "label_smoothing": 0.0}})
     plain = student_data(unsmoothed, rgb, True).consistency
     assert plain is not None and plain.threshold == 0.95
+
+
+def test_balanced_rows_repeat_the_rgb_labels_up_to_the_ms_rows(tmp_path):
+    ms, rgb, paired = _sets(tmp_path)
+    few = rgb.subset(np.flatnonzero(np.isin(np.arange(len(rgb)) % 8, [0, 1])))  # 2 labels a class: 6 rows
+    n = len(few)
+    base = {**TINY_CONFIG, "data": {"val_fraction": 0.0}}
+    for balance, copies in ((False, 1), (True, 3)):  # 18 MS rows: 6 RGB labels, then 3 times over
+        cfg = from_dict({**base, "distill": {**TINY_CONFIG["distill"], "balance_rows": balance}})
+        data = student_data(cfg, few, False, ms_rows(cfg, ms, few, paired), ms.labels)
+        counts = np.bincount(data.train_index, minlength=len(data.y))
+        assert (counts[:n] == copies).all() and (counts[n:] == 1).all()
+        assert sorted(set(data.train_index)) == list(range(len(data.y)))
+    assert len(student_data(cfg, few, True).train_index) == n  # the baseline: its labels once

@@ -236,6 +236,16 @@ def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | 
     return rows
 
 
+def _balanced(train_idx: np.ndarray, labels: np.ndarray, n_rgb: int) -> np.ndarray:
+    """`train_idx` with its labeled RGB rows repeated until they are at least as many as the
+    MS rows: with 5 RGB labels a class and 27 MS samples, the RGB sensor's own labels would
+    otherwise be a sixth of every epoch and seen a quarter as often as by the baseline."""
+    rgb_rows = train_idx[(train_idx < n_rgb) & (labels[train_idx] >= 0)]
+    ms_rows = int((train_idx >= n_rgb).sum())
+    repeat = -(-ms_rows // max(len(rgb_rows), 1)) - 1  # ceil(ms / rgb) - 1 more copies
+    return np.concatenate([train_idx, *[rgb_rows] * repeat]) if repeat > 0 else train_idx
+
+
 def attainable_confidence(label_smoothing: float, num_classes: int) -> float:
     """The highest probability training with label smoothing pulls a model towards: 1 - e + e/K.
     FixMatch's threshold is a share of it; 0.95 itself (above 0.9125 at e = 0.1, K = 8) would
@@ -253,6 +263,8 @@ def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget
         images = np.concatenate([images, rows.images.astype(images.dtype)])
         labels = np.concatenate([labels, ms_labels[rows.ms_index]])
         train_idx = np.concatenate([train_idx, len(rgb) + np.arange(len(rows))])
+        if dc.balance_rows:
+            train_idx = _balanced(train_idx, labels, len(rgb))
     else:
         rows = None
     unlabeled = train_idx[labels[train_idx] < 0]
