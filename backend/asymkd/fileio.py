@@ -293,6 +293,16 @@ def read_npz(folder: str | Path, name: str, keys: Sequence[str] = ()) -> dict[st
     return arrays
 
 
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV text with a header of `columns`; None is an empty cell."""
+    import csv
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return out.getvalue()
+
+
 def check_writable(folder: str | Path, what: str = "output folder") -> None:
     """Fail now, before long work, when files cannot be created in `folder`: a StorageError
     naming the folder and the cause (read-only, a file in the path, permissions). Nothing

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, DataError
 from ..events import Events
-from ..fileio import check_writable, temp_path
+from ..fileio import check_writable, csv_text, temp_path
 from .estimate import ROW_COLUMNS, Assessment, estimate
 from .layers import (
     Reference,
@@ -210,12 +208,8 @@ def _design_dict(design: SampleDesign | None) -> dict[str, Any] | None:
             "strata": design.strata_rows()}
 
 
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=ROW_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return out.getvalue()
+def assessment_csv(rows: list[dict[str, Any]]) -> str:
+    return csv_text(rows, ROW_COLUMNS)
 
 
 def _write_outputs(paths: dict[str, Path], result: Assessment, extra: dict[str, Any]) -> None:
@@ -223,7 +217,7 @@ def _write_outputs(paths: dict[str, Path], result: Assessment, extra: dict[str, 
     rows = result.to_rows()
     with ExitStack() as stack:
         tmp = {k: stack.enter_context(temp_path(p)) for k, p in paths.items()}
-        tmp["csv"].write_text(csv_text(rows), encoding="utf-8")
+        tmp["csv"].write_text(assessment_csv(rows), encoding="utf-8")
         tmp["json"].write_text(result.to_json(**extra) + "\n", encoding="utf-8")
         write_assessment_table(tmp["gpkg"], rows)
 

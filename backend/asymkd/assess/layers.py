@@ -12,12 +12,12 @@ which `assess` reads the strata back, and the table `sample_info` (design, seed,
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..data.mapchips import class_text
 from ..errors import DataError
 from ..events import Events
 from ..fileio import check_vector, write_gpkg_layer
@@ -102,16 +102,6 @@ def _read(path: Path, layer: str, columns: list[str], what: str,
         raise DataError(f"cannot read {what} {path} (layer '{layer}'): {exc}",
                         "check the file in QGIS, or save the layer again as a GeoPackage") from exc
     return meta, np.asarray(fids), wkb, dict(zip((str(f) for f in meta["fields"]), values, strict=True))
-
-
-def class_text(value: Any) -> str | None:
-    """A class label as text: None for NULL, NaN and blank; 3.0 -> '3'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
 
 
 def read_tiles(path: str | Path, layer: str | None = None, events: Events | None = None) -> Tiles:

@@ -18,9 +18,7 @@ at 70 degrees north), vectorised over all tiles of a batch.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -172,11 +170,8 @@ def write_area_table(gpkg: Path, table: list[dict[str, Any]]) -> None:
 
 def area_csv_text(table: list[dict[str, Any]]) -> str:
     """The table as CSV (an empty mean_confidence for a class without tiles)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=AREA_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in table)
-    return out.getvalue()
+    from ..fileio import csv_text
+    return csv_text(table, AREA_COLUMNS)
 
 
 def areas_csv_path(gpkg: Path) -> Path:

@@ -227,7 +227,8 @@ class Labels:
     dropped: int  # features without geometry or class
 
 
-def _class_text(value: Any) -> str | None:
+def class_text(value: Any) -> str | None:
+    """A class label as text: None for NULL, NaN and blank; 3.0 -> '3'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -276,7 +277,7 @@ def read_labels(path: str | Path, field: str, layer: str | None, raster_crs,
         raise DataError(f"cannot read labels {path} (layer '{layer}'): {exc}",
                         "check the file in QGIS, or save the layer again as a GeoPackage") from exc
     geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
-    classes = np.array([_class_text(v) for v in values[0]], dtype=object)
+    classes = np.array([class_text(v) for v in values[0]], dtype=object)
     if label_crs is not None and not same_crs and len(geoms):
         from pyproj import Transformer
         tf = Transformer.from_crs(label_crs.to_wkt(), raster_crs.to_wkt(), always_xy=True)
