@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,15 +287,6 @@ def test_command_lines():
 
 
 # -- qgis_process ---------------------------------------------------------------------------------
-def qgis_process() -> str:
-    # Debian's qgis_process wrapper passes --noversioncheck, which qgis_process 3.22 rejects.
-    for name in ("qgis_process.bin", "qgis_process"):
-        path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-        if path:
-            return path
-    pytest.skip("qgis_process is not installed")
-
-
 def test_qgis_process_samples_and_assesses(world, tmp_path):
     config = tmp_path / "qgis config"
     tool = REPO / "tools" / "plugin_package.py"
@@ -308,7 +298,7 @@ def test_qgis_process_samples_and_assesses(world, tmp_path):
     env.pop("PYTHONPATH", None)
 
     def run(*args: str) -> dict:
-        done = subprocess.run([qgis_process(), "--json", "run", *args], env=env, capture_output=True, text=True,
+        done = subprocess.run([mapdata.qgis_process(), "--json", "run", *args], env=env, capture_output=True, text=True,
                               timeout=300, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return json.loads(done.stdout[done.stdout.index("{"):])["results"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,6 @@ CLASSES, TILE = MODEL_CLASSES, MODEL_TILE
 def scene(tmp_path) -> Path:
     """An RGB scene of 4 x 3 tiles of 32 pixels, no nodata."""
     return mapdata.write_raster(tmp_path / "scène rgb.tif", 3, width=4 * TILE, height=3 * TILE, seed=3)
-
-
-def qgis_process() -> str:
-    # Debian's qgis_process wrapper passes --noversioncheck, which qgis_process 3.22 rejects.
-    for name in ("qgis_process.bin", "qgis_process"):
-        path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-        if path:
-            return path
-    pytest.skip("qgis_process is not installed")
 
 
 # -- Processing ------------------------------------------------------------------------
@@ -246,7 +236,7 @@ def installed_profile(tmp_path_factory) -> Path:
 def _qgis_process(config: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "QGIS_CUSTOM_CONFIG_PATH": str(config)}
     env.pop("PYTHONPATH", None)
-    return subprocess.run([qgis_process(), *args], env=env, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([mapdata.qgis_process(), *args], env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 
