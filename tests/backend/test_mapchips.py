@@ -296,3 +296,15 @@ def test_synthetic_world_map_round_trip(tmp_path):
     ms_idx, rgb_idx = match_pairs(chips, pairs)
     for i, j in zip(ms_idx, rgb_idx, strict=True):
         assert np.array_equal(render_rgb(chips.images[i].astype(np.uint16)), pairs.images[j].astype(np.uint8))
+
+
+def test_a_class_name_too_long_for_a_file_name_is_refused_before_writing(scene, tmp_path, capsys):
+    long = "F" * 255  # a folder name of 255 bytes, and chip files "<class>_r0_c0.tif" beyond it
+    labels = _write_labels(tmp_path / "long.gpkg", [_cell_box(0, 0, shrink=1.0), _cell_box(1, 1, shrink=1.0)],
+                           [long, "Forest"])
+    out = tmp_path / "chips"
+    assert cli.main(["chips", "--raster", str(scene["raster"]), "--labels", str(labels), "--field", "class",
+                     "--size", str(CELL), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "too long" in err and "hint:" in err and "Traceback" not in err
+    assert not out.exists()

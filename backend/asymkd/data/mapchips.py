@@ -291,6 +291,11 @@ def read_labels(path: str | Path, field: str, layer: str | None, raster_crs,
 
 
 # -- chip selection ----------------------------------------------------------------------
+# A class name's folder, and the chip files named after it ("<class>_f<fid>_<n>.tif"), must fit
+# the 255 bytes of a file name on common file systems.
+MAX_CLASS_BYTES = 200
+
+
 def safe_name(class_name: str) -> str:
     """A class name usable as a folder and file name (load_folder takes the folder name);
     control characters are replaced too, so none reach model files, styles or messages."""
@@ -304,6 +309,11 @@ def check_folder_names(classes: list[str]) -> None:
     by_folder: dict[str, list[str]] = {}
     for cls in sorted(set(classes)):
         by_folder.setdefault(safe_name(cls).casefold(), []).append(cls)
+    long = [cls for cls in sorted(set(classes)) if len(safe_name(cls).encode("utf-8")) > MAX_CLASS_BYTES]
+    if long:  # the class folder, and each chip's file name that starts with it, must fit 255 bytes
+        raise DataError(f"class name(s) too long for a folder and file name: "
+                        f"{', '.join(ascii(n[:40]) + '...' for n in long[:3])} (at most {MAX_CLASS_BYTES} bytes "
+                        "in UTF-8)", "shorten the classes in the label field")
     clashes = [names for names in by_folder.values() if len(names) > 1]
     if clashes:
         detail = "; ".join(f"{', '.join(ascii(n) for n in names)} -> folder '{safe_name(names[0])}'"
