@@ -142,9 +142,6 @@ class OnnxClassifier:
         Tiles reach here with invalid pixels filled, so non-finite output means a broken
         model (its training diverged): refused rather than written as class 0."""
         probs = self._run(images)
-        if not np.isfinite(probs).all():
-            raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN)",
-                                 "the model is broken (its training diverged): train and export it again")
         self._check_probabilities(probs, "")
         return probs
 
@@ -178,13 +175,13 @@ class OnnxClassifier:
             info = np.iinfo(self.input_dtype)
             tiles = np.clip(np.rint(tiles), info.min, info.max)
         probs = self._run(np.ascontiguousarray(tiles.astype(self.input_dtype)))
-        if not np.isfinite(probs).all():
-            raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN) on tiles of its "
-                                 "training mean", "the model is broken (its training diverged): train and export "
-                                 "it again")
         self._check_probabilities(probs, " on tiles of its training mean")
 
     def _check_probabilities(self, probs: np.ndarray, where: str) -> None:
+        """Finite class probabilities per tile, else a ModelFileError saying what the model gave."""
+        if not np.isfinite(probs).all():
+            raise ModelFileError(f"the model {self.path} gives non-finite probabilities (NaN){where}",
+                                 "the model is broken (its training diverged): train and export it again")
         if not len(probs):
             return
         sums = probs.sum(axis=1, dtype=np.float64)
