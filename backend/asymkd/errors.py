@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 
+from .tempnames import final_path  # temporary names stand for the file being written
+
 
 class AsymKDError(Exception):
     """An error caused by the user's input or environment, shown without a traceback."""
@@ -87,7 +89,6 @@ def storage_error(exc: BaseException) -> StorageError | None:
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in _CAUSES:
             cause, hint = _CAUSES[e.errno]
-            from .fileio import final_path  # temporary names stand for the file being written
             where = final_path(e.filename) if e.filename is not None else \
                 "the output stream" if e.errno == errno.EPIPE else "a file"
             if e.filename2 is not None:

@@ -19,7 +19,7 @@ Temporary names start with "." and carry ".tmp-<pid>" (files, keeping the suffix
 GDAL still knows the format) or ".partial-<pid>" (folders), in the final path's own folder
 so the rename stays on one file system. A `kill -9` cannot run cleanup code;
 `remove_stale(final)` (called by every helper here) removes what a dead process left beside
-`final`. `final_path(tmp)` maps a temporary name back, so messages name the user's file.
+`final`. `tempnames.final_path(tmp)` maps a temporary name back, so messages name the user's file.
 
 `written_first(root, action)` runs `action` right before the first of these writes under
 `root` (a command writes a run's config.yaml so: once the step's checks have passed).
@@ -44,31 +44,17 @@ import errno
 import io
 import json
 import os
-import re
 import shutil
 import stat
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .errors import DataError
-
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|partial|old)-(?P<pid>\d+)(?:\.[^.]*)?$")
-
-
-def _temp_name(final: Path, kind: str, keep_suffix: bool = True) -> Path:
-    # a file keeps its suffix so writers that pick a format from it (GDAL) still can
-    suffix = final.suffix if keep_suffix else ""
-    return final.with_name(f".{final.name}.{kind}-{os.getpid()}{suffix}")
-
-
-def temp_name(final: str | Path) -> Path:
-    """The hidden temporary name beside `final` that this process writes it under (for
-    writers that need a name of their own; `remove_stale` knows it)."""
-    return _temp_name(Path(final), "tmp")
+from .errors import DataError, StorageError, os_error_cause
+from .layout import remake_hint
+from .tempnames import TEMP_PATTERN, final_path, temp_name_of
 
 
 def _alive(pid: int) -> bool:
@@ -83,14 +69,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def final_path(path: str | os.PathLike) -> str:
-    """The final path a temporary path of this module stands for (else `path` itself), so
-    messages name the file the user asked for."""
-    p = Path(path)
-    m = _TEMP.match(p.name)
-    return str(p.with_name(m.group("name"))) if m else str(path)
-
-
 def remove_stale(final: str | Path) -> list[Path]:
     """Remove the temporary files and folders that killed processes left beside `final`."""
     final = Path(final)
@@ -100,7 +78,7 @@ def remove_stale(final: str | Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        m = _TEMP.match(entry.name)
+        m = TEMP_PATTERN.match(entry.name)
         if not m or m.group("name") != final.name or _alive(int(m.group("pid"))):
             continue
         with contextlib.suppress(OSError):
@@ -160,7 +138,7 @@ def temp_path(final: str | Path) -> Iterator[Path]:
     _before_write(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
-    tmp = _temp_name(final, "tmp")
+    tmp = temp_name_of(final, "tmp")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -214,8 +192,6 @@ def read_regular(folder: str | Path, name: str) -> bytes:
     link (`name` is one path component, so the file lies inside `folder`; the folder itself
     may be a link, as a run's shared teacher folder is). DataError naming the file when it
     is missing, a link, a folder or another non-regular file (a FIFO, a device)."""
-    from .errors import DataError
-    from .layout import remake_hint
     if name in ("", ".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"{name!r} is not a file name")
     path = Path(folder) / name
@@ -240,8 +216,6 @@ def read_regular(folder: str | Path, name: str) -> bytes:
 
 
 def _damaged(folder: str | Path, name: str, detail: str) -> DataError:
-    from .errors import DataError
-    from .layout import remake_hint
     return DataError(f"{Path(folder) / name} is damaged: {detail}", remake_hint(folder))
 
 
@@ -307,13 +281,12 @@ def check_writable(folder: str | Path, what: str = "output folder") -> None:
     """Fail now, before long work, when files cannot be created in `folder`: a StorageError
     naming the folder and the cause (read-only, a file in the path, permissions). Nothing
     is created: the nearest existing folder on the path is probed."""
-    from .errors import StorageError, os_error_cause
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        probe = _temp_name(existing / "probe", "tmp", keep_suffix=False)
+        probe = temp_name_of(existing / "probe", "tmp", keep_suffix=False)
         with open(probe, "xb"):
             pass
         probe.unlink()
@@ -332,7 +305,6 @@ def check_raster(path: str | Path, expected: np.ndarray | None = None) -> None:
     import rasterio
     from rasterio.errors import RasterioError
 
-    from .errors import StorageError
     try:
         with rasterio.open(path) as src:
             data = src.read()
@@ -365,7 +337,6 @@ def check_vector(path: str | Path, layer: str, features: int) -> None:
     GeoPackage on a full disk without an error. StorageError unless it holds `features`."""
     import pyogrio
 
-    from .errors import StorageError
     try:
         ok = pyogrio.read_info(str(path), layer=layer)["features"] == features
     except Exception:  # any read error of a file just written means it is incomplete
@@ -410,7 +381,7 @@ def replace_dir(staged: str | Path, final: str | Path) -> None:
     if _exchange(staged, final):
         shutil.rmtree(staged)  # now holds the old folder
         return
-    old = _temp_name(final, "old", keep_suffix=False)
+    old = temp_name_of(final, "old", keep_suffix=False)
     os.rename(final, old)
     os.rename(staged, final)
     shutil.rmtree(old)
@@ -426,7 +397,7 @@ def staged_dir(final: str | Path,
     _before_write(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
-    stage = _temp_name(final, "partial", keep_suffix=False)
+    stage = temp_name_of(final, "partial", keep_suffix=False)
     try:  # mkdir inside: a signal handled right after it must not leak the folder
         stage.mkdir()
         yield stage

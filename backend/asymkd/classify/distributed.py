@@ -37,7 +37,8 @@ import numpy as np
 from .. import errors
 from ..errors import AsymKDError, DataError
 from ..events import Events
-from ..fileio import staged_dir, temp_name
+from ..fileio import staged_dir
+from ..tempnames import temp_name
 from . import ClassifyOptions
 from .area import TilePlan
 from .cluster import Cluster

@@ -17,8 +17,9 @@ import pyogrio.errors
 import shapely
 
 from ..errors import ConfigError, DataError, StorageError
-from ..fileio import check_raster, check_vector, final_path, remove_stale, temp_name, write_gpkg_layer
+from ..fileio import check_raster, check_vector, remove_stale, write_gpkg_layer
 from ..palette import hex_to_rgb
+from ..tempnames import final_path, temp_name
 from .grid import Grid
 from .infer import Summary
 from .stats import ClassAreas, Uncertainty, write_area_table
