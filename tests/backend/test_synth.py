@@ -13,7 +13,7 @@ import shapely
 from pyogrio.raw import read as read_vector
 
 from asymkd import cli
-from asymkd.data import synth
+from asymkd.data import landcover, synth
 from asymkd.data.patches import load_folder, match_pairs
 from asymkd.errors import ConfigError, DataError
 from asymkd.palette import EUROSAT_COLORS, class_color, class_colors, hex_to_rgb
@@ -86,7 +86,7 @@ def test_paired_are_the_same_target(world):
     assert sorted(set(paired.labels.tolist())) == [0, 1, 2]
     for i, j in zip(ms_idx, rgb_idx, strict=True):
         assert ms.labels[i] == paired.labels[j]
-        expected = synth.render_rgb(ms.images[i].astype(np.uint16))
+        expected = landcover.render_rgb(ms.images[i].astype(np.uint16))
         assert np.array_equal(paired.images[j], expected.astype(np.float32))
 
 
@@ -94,7 +94,7 @@ def test_render_rgb_uses_true_colour_bands_and_eurosat_scale():
     ms = np.zeros((13, 2, 2), np.uint16)
     ms[3], ms[2], ms[1] = 2750, 1375, 10  # B04 red, B03 green, B02 blue
     ms[0] = 9999  # coastal: must not leak into "blue"
-    rgb = synth.render_rgb(ms)
+    rgb = landcover.render_rgb(ms)
     assert rgb[:, 0, 0].tolist() == [255, 128, 1]
 
 
@@ -139,7 +139,7 @@ def test_rgb_scene_overlaps_ms_scene_with_same_content(world):
         rgb_part = rgb.read(window=rgb.window(left, bottom, right, top))
     valid = ms_part[0] > 0
     assert valid.any()
-    assert np.array_equal(synth.render_rgb(ms_part)[:, valid], rgb_part[:, valid])
+    assert np.array_equal(landcover.render_rgb(ms_part)[:, valid], rgb_part[:, valid])
     with rasterio.open(world["rgb_test_scene"]) as test:
         assert test.bounds.top <= ms.bounds.bottom  # elsewhere
     info = json.loads(Path(world["world"]).read_text())
@@ -161,16 +161,16 @@ def test_ms_separates_what_rgb_confuses():
     ms, labels = [], []
     for ci, name in enumerate(synth.CLASSES):
         for i in range(per_class):
-            ms.append(synth.render_patch(name, synth._rng(0, "ms", ci, i), 16, synth.MS_PLACE))
+            ms.append(landcover.render_patch(name, synth._rng(0, "ms", ci, i), 16, synth.MS_PLACE))
             labels.append(ci)
     ms_arr = np.stack(ms).astype(np.float64)
-    rgb_arr = np.stack([synth.render_rgb(m) for m in ms]).astype(np.float64)
+    rgb_arr = np.stack([landcover.render_rgb(m) for m in ms]).astype(np.float64)
     y = np.array(labels)
     train = np.arange(len(y)) % 2 == 0
     acc = {}
     for key, arr in (("ms", ms_arr), ("rgb", rgb_arr)):
-        f = synth.patch_mean_features(arr)
-        acc[key] = synth.nearest_mean_accuracy(f[train], y[train], f[~train], y[~train])
+        f = landcover.patch_mean_features(arr)
+        acc[key] = landcover.nearest_mean_accuracy(f[train], y[train], f[~train], y[~train])
     assert acc["ms"] >= 0.8, acc
     assert acc["ms"] - acc["rgb"] >= 0.25, acc
     assert acc["rgb"] >= 0.25, acc  # chance is 0.1: RGB keeps some signal
