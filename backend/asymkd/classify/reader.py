@@ -186,6 +186,49 @@ def _finite(data: np.ndarray) -> np.ndarray | bool:
     return True
 
 
+class _Filling:
+    """The batch being filled, in a ring of buffers reused in turn: the queue's batches, the
+    ones being classified and the one the consumer took before them, and the one being filled."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, ring_size: int):
+        self.shape, self.dtype, self.ring_size = shape, dtype, ring_size
+        self.ring: list[np.ndarray] = [np.empty(shape, dtype)]
+        self.turn = 0
+        self.skipped = 0  # tiles skipped since the previous batch
+        self._fresh()
+
+    def _fresh(self) -> None:
+        b = self.shape[0]
+        self.images = self.ring[self.turn]
+        self.rows, self.cols = np.empty(b, np.int64), np.empty(b, np.int64)
+        self.valid = np.empty(b, np.float32)
+        self.n = 0
+
+    def add(self, row: int, cols: np.ndarray, valid: np.ndarray) -> None:
+        """Record the tiles just cut into `images[n:n + len(cols)]`."""
+        k = len(cols)
+        self.rows[self.n:self.n + k], self.cols[self.n:self.n + k], self.valid[self.n:self.n + k] = row, cols, valid
+        self.n += k
+
+    def take(self) -> Batch:
+        batch = Batch(self.images[:self.n], self.rows[:self.n], self.cols[:self.n], self.valid[:self.n], self.skipped)
+        self.skipped = 0
+        return batch
+
+    def take_skipped(self) -> Batch:
+        """No tiles, only the count skipped (the batch being filled stays)."""
+        batch = Batch(self.images[:0], self.rows[:0], self.cols[:0], self.valid[:0], self.skipped)
+        self.skipped = 0
+        return batch
+
+    def next(self) -> None:
+        """Move on to the next buffer of the ring (allocated on first use)."""
+        self.turn = (self.turn + 1) % self.ring_size
+        if self.turn == len(self.ring):
+            self.ring.append(np.empty(self.shape, self.dtype))
+        self._fresh()
+
+
 class PrefetchReader:
     """Iterate over `Batch`es of the planned tiles, read ahead in a background thread."""
 
@@ -268,69 +311,60 @@ class PrefetchReader:
             self._put(exc)
 
     def _produce(self, source: _Source) -> None:
-        g = self.grid
-        T, S, B = g.tile, g.stride, self.batch_size
-        C = len(self.bands)
-        # batch buffers, reused in turn: the queue's batches, the ones being classified and the
-        # one the consumer took before them, and the one being filled
-        ring: list[np.ndarray] = [np.empty((B, C, T, T), self.dtype)]
-        turn = 0
-        buf = ring[turn]
-        rows = np.empty(B, np.int64)
-        cols = np.empty(B, np.int64)
-        valid = np.empty(B, np.float32)
-        n, skipped = 0, 0
+        T, S, B = self.grid.tile, self.grid.stride, self.batch_size
+        fill = _Filling((B, len(self.bands), T, T), self.dtype, self.queue.maxsize + self.in_flight + 2)
         for r, row_cols in self.plan:
             for chunk in _chunks(row_cols, self.max_strip_tiles):
                 if self.stop.is_set():
                     return
-                t0 = time.perf_counter()
-                c0 = int(chunk[0])
-                width = (int(chunk[-1]) - c0) * S + T
-                data, ok = source.read(r * S, c0 * S, T, width)
+                windows, ok, step, frac, keep = self._read_strip(source, r, chunk)
                 t1 = time.perf_counter()
-                self.stats.read_s += t1 - t0
-                self.stats.strips += 1
-                step = chunk - c0  # the tiles' windows in the strip, in steps of S
-                if ok is None:
-                    frac = np.ones(len(chunk))
-                else:
-                    csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
-                    frac = (csum[step * S + T] - csum[step * S]) / float(T * T)
-                keep = np.flatnonzero((frac >= self.min_valid) & (frac > 0.0))
-                skipped += len(chunk) - len(keep)
-                # every tile window of the strip as a view (tiles, bands, T, T): no copy until the batch
-                windows = np.lib.stride_tricks.sliding_window_view(data, T, axis=2)[:, :, ::S].transpose(2, 0, 1, 3)
+                fill.skipped += len(chunk) - len(keep)
                 done = 0
                 while done < len(keep):
-                    k = min(B - n, len(keep) - done)
+                    k = min(B - fill.n, len(keep) - done)
                     take = keep[done:done + k]
-                    self._cut(buf[n:n + k], windows, step[take], frac[take], ok, S)
-                    rows[n:n + k], cols[n:n + k], valid[n:n + k] = r, chunk[take], frac[take]
-                    n += k
+                    self._cut(fill.images[fill.n:fill.n + k], windows, step[take], frac[take], ok, S)
+                    fill.add(r, chunk[take], frac[take])
                     done += k
-                    if n == B:
+                    if fill.n == B:
                         self.stats.cut_s += time.perf_counter() - t1
-                        if not self._put(Batch(buf, rows, cols, valid, skipped)):
+                        if not self._send(fill.take()):
                             return
-                        self.stats.skipped += skipped
+                        fill.next()
                         t1 = time.perf_counter()
-                        turn = (turn + 1) % (self.queue.maxsize + self.in_flight + 2)
-                        if turn == len(ring):
-                            ring.append(np.empty((B, C, T, T), self.dtype))
-                        buf = ring[turn]
-                        rows, cols, valid = np.empty(B, np.int64), np.empty(B, np.int64), np.empty(B, np.float32)
-                        n, skipped = 0, 0
                 self.stats.cut_s += time.perf_counter() - t1
-                if skipped >= 4 * B:  # keep progress moving through empty areas
-                    if not self._put(Batch(buf[:0], rows[:0], cols[:0], valid[:0], skipped)):
-                        return
-                    self.stats.skipped += skipped
-                    skipped = 0
-        if n or skipped:
-            self._put(Batch(buf[:n], rows[:n], cols[:n], valid[:n], skipped))
-            self.stats.skipped += skipped
+                if fill.skipped >= 4 * B and not self._send(fill.take_skipped()):
+                    return  # (an empty batch keeps progress moving through empty areas)
+        if fill.n or fill.skipped:
+            self._send(fill.take())
 
+    def _send(self, batch: Batch) -> bool:
+        if not self._put(batch):
+            return False
+        self.stats.skipped += batch.skipped
+        return True
+
+    def _read_strip(self, source: _Source, r: int, chunk: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+        """Row `r`'s strip under the tiles of `chunk`: every tile window as a view (tiles, bands,
+        T, T; no copy until the batch), the valid-pixel mask, each tile's step in the strip, its
+        valid fraction and the tiles worth classifying."""
+        T, S = self.grid.tile, self.grid.stride
+        t0 = time.perf_counter()
+        c0 = int(chunk[0])
+        data, ok = source.read(r * S, c0 * S, T, (int(chunk[-1]) - c0) * S + T)
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.strips += 1
+        step = chunk - c0  # the tiles' windows in the strip, in steps of S
+        if ok is None:
+            frac = np.ones(len(chunk))
+        else:
+            csum = np.concatenate([[0], np.cumsum(ok.sum(axis=0, dtype=np.int64))])
+            frac = (csum[step * S + T] - csum[step * S]) / float(T * T)
+        keep = np.flatnonzero((frac >= self.min_valid) & (frac > 0.0))
+        windows = np.lib.stride_tricks.sliding_window_view(data, T, axis=2)[:, :, ::S].transpose(2, 0, 1, 3)
+        return windows, ok, step, frac, keep
 
     def _cut(self, out: np.ndarray, windows: np.ndarray, steps: np.ndarray, frac: np.ndarray,
              ok: np.ndarray | None, stride: int) -> None:
