@@ -81,76 +81,88 @@ def run(args, events) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+class _PureRates:
+    """Pure onnxruntime rates of classify's configuration and of one batch at a time with and
+    without spinning threads: the compute limit that end-to-end runs are compared with."""
+
+    def __init__(self, model: Path, args):
+        self.model, self.args = model, args
+        self.configs = [(args.streams, ClassifyOptions.spinning), (1, True), (1, False)]
+        self.best_by_config: dict[str, float] = {}
+        self.cpu_by_config: dict[str, float] = {}
+
+    def measure(self) -> float:
+        """The compute limit now: the best configuration's pure rate."""
+        a, best = self.args, 0.0
+        for streams, spinning in self.configs:
+            rate, cpu, name = _pure_ort(self.model, a.batch_size, a.tile, a.threads, a.seconds, spinning,
+                                        a.device, streams)
+            best = max(best, rate)
+            self.best_by_config[name] = max(self.best_by_config.get(name, 0.0), rate)
+            self.cpu_by_config[name] = min(self.cpu_by_config.get(name, float("inf")), cpu)
+            print(f"(a) pure onnxruntime ({name}): {rate:.0f} tiles/s, {cpu * 1000:.2f} CPU ms/tile", flush=True)
+        return best
+
+
 def _bench(args, events, work: Path) -> int:
     model = Path(args.model) if args.model else _make_model(work, args.backbone, args.classes, args.tile, events,
                                                                    args.input_size)
     small, large = args.size // 2, args.size
     rasters = {}
     for side in (small, large):
-        path = work / f"synthetic_{side}.tif"
+        rasters[side] = work / f"synthetic_{side}.tif"
         with events.step("bench-raster", size=side):
-            _write_raster(path, side, args.compress)
-        rasters[side] = path
+            _write_raster(rasters[side], side, args.compress)
     print(f"model {model} | batch {args.batch_size} | tile {args.tile} px | threads {args.threads or 'every core'} "
           f"| {available_cores()} cores", flush=True)
-
-    # classify's configuration, then one batch at a time with and without spinning threads
-    configs = [(args.streams, ClassifyOptions.spinning), (1, True), (1, False)]
-    pure: dict[str, float] = {}
-    pure_cpu: dict[str, float] = {}
-
-    def compute_rate() -> float:
-        """The compute limit now: the best configuration's pure rate."""
-        best = 0.0
-        for streams, spinning in configs:
-            rate, cpu, name = _pure_ort(model, args.batch_size, args.tile, args.threads, args.seconds, spinning,
-                                        args.device, streams)
-            best = max(best, rate)
-            pure[name] = max(pure.get(name, 0.0), rate)
-            pure_cpu[name] = min(pure_cpu.get(name, float("inf")), cpu)
-            print(f"(a) pure onnxruntime ({name}): {rate:.0f} tiles/s, {cpu * 1000:.2f} CPU ms/tile", flush=True)
-        return best
-
+    pure = _PureRates(model, args)
     # The machine's speed drifts (up to 30 % between minutes on a shared 2-core machine):
     # each end-to-end run is compared with the compute rate measured just before and just
     # after it, and the runs' median is the result.
     runs = []
-    computes = [compute_rate()]
+    computes = [pure.measure()]
     for _ in range(max(1, args.repeat)):
         r = _child_classify(model, rasters[large], work / f"out_{large}.gpkg", args, ClassifyOptions.spinning)
         runs.append(r)
         print(f"(b) end-to-end classify {large}x{large}: {r['tiles_per_s']:.0f} tiles/s "
               f"({r['tiles']} tiles in {r['seconds']:.2f} s; in-loop {r['loop_tiles_per_s']:.0f} tiles/s), "
               f"{r['cpu_ms_per_tile']:.2f} CPU ms/tile, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        computes.append(compute_rate())
+        computes.append(pure.measure())
+    best = max(runs, key=lambda r: r["tiles_per_s"])
+    small_run = _child_classify(model, rasters[small], work / f"out_{small}.gpkg", args, best["spinning"])
+    events.metrics("bench-classify", {**_summarise(runs, computes, pure, small_run, small, large),
+                                      "raster": large, "batch_size": args.batch_size, "threads": args.threads,
+                                      "provider": best["provider"]})
+    return 0
+
+
+def _summarise(runs: list[dict], computes: list[float], pure: _PureRates, small_run: dict,
+               small: int, large: int) -> dict:
+    """Print the ratios (c), memory (d) and where the time went; the numbers as metrics."""
     rounds = [r["tiles_per_s"] / ((computes[i] + computes[i + 1]) / 2) for i, r in enumerate(runs)]
     ratio = float(np.median(rounds))
-    compute = max(pure.values())
+    compute = max(pure.best_by_config.values())
     best = max(runs, key=lambda r: r["tiles_per_s"])
     best_ratio = best["tiles_per_s"] / compute
-    small_run = _child_classify(model, rasters[small], work / f"out_{small}.gpkg", args, best["spinning"])
-    rss_ratio = max(r["peak_rss_mb"] for r in runs) / small_run["peak_rss_mb"]
-
+    large_rss = max(r["peak_rss_mb"] for r in runs)
+    rss_ratio = large_rss / small_run["peak_rss_mb"]
     print(f"(c) end-to-end / compute: {ratio:.3f}, the median of the runs' "
           f"{' / '.join(f'{v:.3f}' for v in rounds)} (each over the mean compute rate just before and after it; "
           f"target >= {TARGET_RATIO}) {'OK' if ratio >= TARGET_RATIO else 'MISSED'}; best over best {best_ratio:.3f}")
-    cpu_ratio = min(pure_cpu.values()) * 1000 / min(r["cpu_ms_per_tile"] for r in runs)
+    cpu_ratio = min(pure.cpu_by_config.values()) * 1000 / min(r["cpu_ms_per_tile"] for r in runs)
     print(f"    CPU time per tile, compute / end-to-end: {cpu_ratio:.3f} (insensitive to other load on the machine)")
     print(f"(d) peak RSS {small}x{small}: {small_run['peak_rss_mb']:.0f} MB, {large}x{large}: "
-          f"{max(r['peak_rss_mb'] for r in runs):.0f} MB, ratio {rss_ratio:.3f} for 4x the pixels "
+          f"{large_rss:.0f} MB, ratio {rss_ratio:.3f} for 4x the pixels "
           f"(target <= {TARGET_RSS_RATIO}) {'OK' if rss_ratio <= TARGET_RSS_RATIO else 'MISSED'}")
     print("where the time went (best large run, seconds):")
     for k, v in best["timings"].items():
         print(f"    {k:20s} {v:8.3f}")
     print(f"    {'process wall':20s} {best['process_s']:8.3f}  (includes imports and model load)")
-    events.metrics("bench-classify", {
-        "pure_tiles_per_s": compute, "pure_by_config": pure,
-        "e2e_tiles_per_s": best["tiles_per_s"], "e2e_spinning": best["spinning"], "ratio": ratio,
-        "round_ratios": rounds, "best_over_best": best_ratio, "compute_rates": computes,
-        "cpu_ratio": cpu_ratio, "rss_ratio": rss_ratio, "timings": best["timings"],
-        "peak_rss_mb": {str(small): small_run["peak_rss_mb"], str(large): max(r["peak_rss_mb"] for r in runs)},
-        "raster": large, "batch_size": args.batch_size, "threads": args.threads, "provider": best["provider"]})
-    return 0
+    return {"pure_tiles_per_s": compute, "pure_by_config": pure.best_by_config,
+            "e2e_tiles_per_s": best["tiles_per_s"], "e2e_spinning": best["spinning"], "ratio": ratio,
+            "round_ratios": rounds, "best_over_best": best_ratio, "compute_rates": computes,
+            "cpu_ratio": cpu_ratio, "rss_ratio": rss_ratio, "timings": best["timings"],
+            "peak_rss_mb": {str(small): small_run["peak_rss_mb"], str(large): large_rss}}
 
 
 def _make_model(work: Path, backbone: str, classes: int, tile: int, events, input_size: int = 0) -> Path:
