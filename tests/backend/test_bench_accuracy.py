@@ -21,10 +21,19 @@ TINY = ["teacher.backbone=resnet18_w16", "teacher.epochs=1", "teacher.folds=2", 
 def test_ablation_rows_train_what_they_name(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", n_ms=4, n_rgb=4)
     out = tmp_path / "bench"
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nintro\n\n## Earlier\n\nhand-written history\n")
     argv = ["bench", "accuracy", "--data", str(data["ms"].parent), "--out", str(out), "--labels", "6",
-            "--seeds", "1", "--ablation", "--device", "cpu", "--set", *TINY]
+            "--seeds", "1", "--ablation", "--device", "cpu", "--markdown", str(md), "--set", *TINY]
     assert main(argv) == 0
     table = capsys.readouterr().out.split("Ablation at 6 RGB labels")[1]
+    # --markdown: the tables as a section before the hand-written history, replaced on a rerun
+    text = md.read_text()
+    assert text.index("## Generated results") < text.index("| labels | seeds | baseline OA") < text.index("## Earlier")
+    assert "| + MS samples as RGB rows (ground truth only) |" in text and "hand-written history" in text
+    assert "--out" not in text.split("<!-- section: ")[1].split("-->")[0]  # where it worked is no key
+    assert main(argv) == 0  # finished runs are reused
+    assert md.read_text().count("<!-- section: asymkd bench accuracy") == 1
     for row in ("GT only (baseline)", "+ MS samples as RGB rows (ground truth only)",
                 "+ soft labels, random same-class partner", "+ attention and domain term (full)"):
         assert row in table, row

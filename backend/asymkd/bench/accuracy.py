@@ -23,6 +23,7 @@ from ..data.patches import scan_folder
 from ..errors import ConfigError, DataError
 from ..events import Events
 from ..layout import RunFolder
+from . import record
 
 # name -> (work folder, config overrides of the distilled student), each row adding one part
 # of the method to the one above; the first row is the baseline (RGB alone, ground truth)
@@ -176,6 +177,29 @@ def _ablation_table(bench: _Bench, count: int, seeds: int) -> dict[str, dict[str
     return results
 
 
+def _pct(values: list[float]) -> str:
+    return _summary(values).replace("  ", " ").strip()
+
+
+def _markdown_main(results: dict[str, dict[str, list[float]]], counts: list[int], unlabeled: bool) -> str:
+    what = "labeled + the rest of rgb_train unlabeled" if unlabeled else "labeled only"
+    rows = []
+    for count in counts:
+        b, s = results[f"{count}/baseline"], results[f"{count}/student"]
+        gains = [100 * (x - y) for x, y in zip(s["oa"], b["oa"], strict=True)]
+        rows.append([str(count), str(len(b["oa"])), _pct(b["oa"]), _pct(s["oa"]), f"{statistics.mean(gains):+.1f}",
+                     _pct(b["f1"]), _pct(s["f1"]), " ".join(f"{g:+.1f}" for g in gains)])
+    return (f"RGB test set, % mean ± sd over seeds ({what}):\n\n"
+            + record.markdown_table(["labels", "seeds", "baseline OA", "distilled OA", "gain", "baseline F1",
+                                     "distilled F1", "per-seed gains"], rows))
+
+
+def _markdown_ablation(results: dict[str, dict[str, list[float]]], count: int, seeds: int) -> str:
+    rows = [[name, _pct(r["oa"]), _pct(r["f1"])] for name, r in results.items()]
+    return (f"Ablation at {count} RGB labels, % mean ± sd over {seeds} seeds:\n\n"
+            + record.markdown_table(["variant", "OA", "macro-F1"], rows))
+
+
 def label_counts(text: str) -> list[int]:
     """`--labels 270,3000` as positive whole numbers."""
     counts = []
@@ -219,6 +243,9 @@ def run(args, events: Events) -> int:
     if args.ablation:
         doc["ablation"] = _ablation_table(bench, min(counts), args.seeds)
     doc["wall_seconds"] = round(time.time() - bench.started)
+    record.table(_markdown_main(doc["results"], counts, args.unlabeled))
+    if args.ablation:
+        record.table(_markdown_ablation(doc["ablation"], min(counts), args.seeds))
     (bench.out / "results.json").write_text(json.dumps(doc, indent=2))
     print(f"\nresults: {bench.out / 'results.json'} (wall time {bench.elapsed()})")
     return 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 from ..cli import Parser
 
@@ -22,10 +23,14 @@ class _KindParser(Parser):
         if not self._loaded:
             self._loaded = True
             importlib.import_module(f"asymkd.bench.{self._kind}").add_arguments(self)
+            self.add_argument("--markdown", metavar="FILE.md", default=None,
+                              help="also write the results as this command's section of a Markdown file "
+                                   "(e.g. docs/benchmarks.md), replacing its earlier section")
 
     def parse_known_args(self, args=None, namespace=None):
         self._load()
         namespace, extras = super().parse_known_args(args, namespace)
+        namespace.bench_argv = list(sys.argv[1:] if args is None else args)  # the section's key
         if extras:  # refused here, with this benchmark's usage
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
@@ -38,4 +43,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args, events) -> int:
-    return importlib.import_module(f"asymkd.bench.{args.kind}").run(args, events)
+    bench = importlib.import_module(f"asymkd.bench.{args.kind}")
+    if not args.markdown:
+        return int(bench.run(args, events))
+    from ..bench import record
+    record.check(args.markdown)
+    with record.recording() as rec:
+        code = int(bench.run(args, events))
+    if code == 0:  # a failed benchmark leaves the file as it was
+        path = record.write(args.markdown, record.command_line(args.kind, args.bench_argv), rec)
+        print(f"written: {path}")
+    return code
