@@ -92,6 +92,7 @@ class _Bench:
         self.rgb_classes = len(scan_folder(self.data / "rgb_train")[0])
         self.unlabeled = args.unlabeled
         self.events = events
+        self.reused = self.runs = 0  # student runs, and those found finished in the work folder
         self.started = time.time()
 
     def shared(self) -> dict[str, Any]:
@@ -127,10 +128,12 @@ class _Bench:
                                    "distill": {"baseline": baseline}})
         cfg = resolve_config(run_dir, None, merge(merge(values, variant), self.user))
         run = RunFolder(run_dir)
+        names = (layout.STUDENT, layout.BASELINE) if baseline else (layout.STUDENT,)
+        self.runs += 1
+        self.reused += all(run.metrics(n).is_file() for n in names)
         if not run.metrics(layout.STUDENT).is_file():
             step_pair(cfg, run_dir, self.events)
         step_distill(cfg, run_dir, self.events, skip_done=True)
-        names = (layout.STUDENT, layout.BASELINE) if baseline else (layout.STUDENT,)
         return {n: json.loads(run.metrics(n).read_text())["test"] for n in names}
 
 
@@ -246,6 +249,9 @@ def run(args, events: Events) -> int:
     record.table(_markdown_main(doc["results"], counts, args.unlabeled))
     if args.ablation:
         record.table(_markdown_ablation(doc["ablation"], min(counts), args.seeds))
+    doc["reused_runs"] = bench.reused
     (bench.out / "results.json").write_text(json.dumps(doc, indent=2))
+    if bench.reused:  # their numbers come from the code that trained them
+        print(f"\n{bench.reused} of {bench.runs} runs were found finished in {bench.out} and reused")
     print(f"\nresults: {bench.out / 'results.json'} (wall time {bench.elapsed()})")
     return 0
