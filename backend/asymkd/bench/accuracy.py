@@ -246,7 +246,9 @@ def run(args, events: Events) -> int:
     if args.ablation:
         doc["ablation"] = _ablation_table(bench, min(counts), args.seeds)
     doc["wall_seconds"] = round(time.time() - bench.started)
-    record.table(_markdown_main(doc["results"], counts, args.unlabeled))
+    reused = (f"\n\n{bench.reused} of {bench.runs} runs were found finished in the work folder and reused "
+              "(their numbers come from the code that trained them)." if bench.reused else "")
+    record.table(_markdown_main(doc["results"], counts, args.unlabeled) + reused)
     if args.ablation:
         record.table(_markdown_ablation(doc["ablation"], min(counts), args.seeds))
     doc["reused_runs"] = bench.reused
