@@ -34,6 +34,12 @@ def test_ablation_rows_train_what_they_name(tmp_path, capsys):
     assert "--out" not in text.split("<!-- section: ")[1].split("-->")[0]  # where it worked is no key
     assert main(argv) == 0  # finished runs are reused
     assert md.read_text().count("<!-- section: asymkd bench accuracy") == 1
+    # --unlabeled trains its own runs (not the labeled-only ones), and a finished run is
+    # reused only with the settings it was trained with
+    assert main([*argv[:argv.index("--ablation")], "--unlabeled", "--device", "cpu", "--set", *TINY]) == 0
+    assert (out / "main-unlabeled" / "labels6-seed0" / "student" / "metrics.json").is_file()
+    assert main([*argv, "distill.w_gt=0.5"]) == 2
+    assert "trained with other settings" in capsys.readouterr().err
     for row in ("GT only (baseline)", "+ MS samples as RGB rows (ground truth only)",
                 "+ soft labels, random same-class partner", "+ attention and domain term (full)"):
         assert row in table, row

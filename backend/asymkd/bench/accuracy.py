@@ -114,9 +114,10 @@ class _Bench:
         return f"{time.time() - self.started:.0f} s"
 
     def run(self, name: str, count: int, seed: int, variant: dict[str, Any], baseline: bool) -> dict[str, Any]:
-        """Pair and train in RUN = out/name/labels{count}-seed{seed}; metrics of student (and baseline)."""
+        """Pair and train in RUN = out/name[-unlabeled]/labels{count}-seed{seed}; metrics of student
+        (and baseline)."""
         from ..pipeline import resolve_config, step_distill, step_pair
-        run_dir = self.out / name / f"labels{count}-seed{seed}"
+        run_dir = self.out / (name + ("-unlabeled" if self.unlabeled else "")) / f"labels{count}-seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         for step in (layout.TEACHER, layout.MATCHER):
             link = run_dir / step
@@ -126,15 +127,41 @@ class _Bench:
         values = merge(self.base, {"seed": seed, "data": {"rgb_limit_per_class": per_class,
                                                           "rgb_rest_unlabeled": self.unlabeled},
                                    "distill": {"baseline": baseline}})
-        cfg = resolve_config(run_dir, None, merge(merge(values, variant), self.user))
+        overrides = merge(merge(values, variant), self.user)
         run = RunFolder(run_dir)
         names = (layout.STUDENT, layout.BASELINE) if baseline else (layout.STUDENT,)
+        if any(run.metrics(n).is_file() for n in names):
+            _check_same_config(run_dir, resolve_config(run_dir, None, overrides, write=False))
+        cfg = resolve_config(run_dir, None, overrides)
         self.runs += 1
         self.reused += all(run.metrics(n).is_file() for n in names)
         if not run.metrics(layout.STUDENT).is_file():
             step_pair(cfg, run_dir, self.events)
         step_distill(cfg, run_dir, self.events, skip_done=True)
         return {n: json.loads(run.metrics(n).read_text())["test"] for n in names}
+
+
+def _check_same_config(run_dir: Path, wanted: Any) -> None:
+    """A finished run is reused only when it was trained with the configuration asked for now."""
+    from dataclasses import asdict
+
+    from ..config import read_file
+    stored = from_dict(read_file(run_dir / layout.CONFIG))
+    differ = sorted(_differences(asdict(stored), asdict(wanted)))
+    if differ:
+        raise ConfigError(f"the work folder's finished run {run_dir} was trained with other settings "
+                          f"({', '.join(differ[:4])})", "give another --out, or delete that run folder")
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _record(results: dict[str, dict[str, list[float]]], key: str, test: dict[str, Any]) -> None:
