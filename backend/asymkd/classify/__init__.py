@@ -21,8 +21,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .. import choices
 from ..errors import ConfigError
 from ..events import NULL_EVENTS, Events
+from ..settings import BOTH, declaration, setting
 
 if TYPE_CHECKING:
     from .stats import Uncertainty
@@ -39,46 +41,77 @@ DEFAULT_UNCERTAIN_BY = "confidence"
 
 @dataclasses.dataclass
 class ClassifyOptions:
-    bands: Sequence[int] | str | None = None      # 1-based raster bands for the model's bands
-    bbox: Sequence[float] | str | None = None     # minx, miny, maxx, maxy
-    bbox_crs: str | None = None                   # CRS of bbox (default: the raster's)
-    mask: str | Path | None = None                # polygon vector file limiting the area
-    mask_layer: str | None = None
-    tile: int | None = None                       # pixels (default: the model's patch size)
-    stride: int | None = None                     # pixels (default: tile)
-    xyz_zoom: int | None = None                   # use the XYZ web-map grid at this zoom instead
-    batch_size: int = 64
-    class_raster: str | Path | None = None
-    overwrite: bool = False
-    device: str = "auto"
-    min_valid: float = 0.5                        # skip tiles with fewer valid pixels than this
-    threads: int = 0                              # CPU threads for inference in all (0 = every core)
-    streams: int = 0                              # batches classified at once (0 = CPU: one per thread,
-                                                  # at most MAX_STREAMS; GPU: 1)
-    # idle onnxruntime threads busy-wait: with the reader and writer this light, faster
-    # end to end on CPU (bench classify: 632-663 vs 610 tiles/s on 2 cores)
-    spinning: bool = True
-    # nice of the reader/writer threads (0 = normal priority): low enough that they do not
-    # preempt inference, not so low that they starve. At 19 (a 1.5 % share beside two busy
-    # inference threads) the main thread waited 3.2-3.8 s of a 38 s run for the reader in 4
-    # of 6 runs on a loaded 2-core machine; at 10 and 0, 0.1 s in 4 of 4 (reader CPU 0.6 s).
-    io_nice: int = 10
-    prefetch: int = 4                             # batches read ahead
-    max_strip_tiles: int = 256                    # tiles per window read
-    chunk: int = 4096                             # features per GeoPackage write (in the background)
-    workers: int | None = None                    # classify on a local Dask cluster of N worker processes
-    scheduler: str | None = None                  # or on the workers of a running dask-scheduler (address)
-    shard_tiles: int = 0                          # tiles per shard (whole tile rows) on a cluster
-                                                  # (0 = auto: about 4 shards per worker)
-    connect_timeout: float = 5.0                  # seconds to reach --scheduler before giving up
-    uncertain_below: float | None = None          # mark tiles whose certainty is below this (0..1)
-    uncertain_by: str | None = None               # certainty measure (choices.UNCERTAINTY_MEASURES;
-                                                  # None: confidence); needs uncertain_below
-    regions: bool = False                         # also dissolve tiles of a class into the `regions` layer
-    min_region_ha: float = 0.0                    # drop regions smaller than this (hectares)
-    vote: bool = False                            # stride-sized cells take the mean of the windows over them
-    yes: bool = False                             # start a job beyond the limits of budget.py
-    scale: float = 1.0                            # multiply the pixels by this before the model
+    bands: Sequence[int] | str | None = setting(
+        None, metavar="1,2,3", help="raster bands feeding the model's bands, in the model's order "
+        "(default: by band description, colour interpretation, or band order)")
+    bbox: Sequence[float] | str | None = setting(
+        None, metavar="minx,miny,maxx,maxy", group="area",
+        help="classify only the tiles that meet this box (write --bbox=-1.5,... when minx is negative)")
+    bbox_crs: str | None = setting(None, metavar="EPSG:xxxx", help="CRS of --bbox (default: the raster's)")
+    mask: str | Path | None = setting(None, metavar="VECTOR", group="area",
+                                      help="classify only tiles meeting these polygons")
+    mask_layer: str | None = setting(None, help="layer of --mask (default: the first)")
+    tile: int | None = setting(None, range=(1, MAX_TILE, "pixels; default the model's patch size"),
+                               help="tile size in pixels at the model's resolution (default: the model's patch size)")
+    stride: int | None = setting(None, range=(1, MAX_TILE, "pixels; default the tile size"),
+                                 help="tile step in pixels (default: the tile size)")
+    xyz_zoom: int | None = setting(None, metavar="Z", help="use the XYZ web-map tiles of zoom Z (keys z/x/y)")
+    batch_size: int = setting(64, range=(1, MAX_BATCH, ""), help="tiles per inference batch (default {default})")
+    class_raster: str | Path | None = setting(None, metavar="OUT.tif",
+                                              help="also write a class raster (one pixel per tile step)")
+    overwrite: bool = setting(False, help="replace existing outputs")
+    device: str = setting("auto", choices=choices.ONNX_DEVICES, help="onnxruntime device")
+    min_valid: float = setting(0.5, range=(0.0, 1.0, "a fraction"),
+                               help="skip tiles with a smaller fraction of valid pixels (default {default})")
+    # bounded: onnxruntime would try to start them all (10^5 threads take tens of GB)
+    threads: int = setting(0, range=(0, MAX_THREADS, "0 = every core"),
+                           help="CPU threads for inference in all (default {default}: every core this process "
+                                "may use)")
+    streams: int = setting(0, range=(0, MAX_THREADS, "0 = one per thread on the CPU, one on a GPU"),
+                           help="batches classified at once, sharing the threads (default {default}: on the CPU "
+                                f"one per thread, at most {MAX_STREAMS}; on a GPU one)")
+    # Idle onnxruntime threads busy-wait: with the reader and writer this light, faster end to
+    # end on CPU (bench classify: 632-663 vs 610 tiles/s on 2 cores).
+    spinning: bool = setting(True, flag=BOTH, help="let idle onnxruntime threads busy-wait between operators "
+                             "(default: on; faster on a machine given to the job, --no-spinning on one shared "
+                             "with other work)")
+    # Low enough that they do not preempt inference, not so low that they starve. At 19 (a
+    # 1.5 % share beside two busy inference threads) the main thread waited 3.2-3.8 s of a 38 s
+    # run for the reader in 4 of 6 runs on a loaded 2-core machine; at 10 and 0, 0.1 s in 4 of
+    # 4 (reader CPU 0.6 s).
+    io_nice: int = setting(10, flag=False, help="nice of the reader/writer threads (0 = normal priority)")
+    prefetch: int = setting(4, flag=False, help="batches read ahead")
+    max_strip_tiles: int = setting(256, flag=False, help="tiles per window read")
+    chunk: int = setting(4096, flag=False, help="features per GeoPackage write (in the background)")
+    workers: int | None = setting(None, metavar="N", range=(1, MAX_THREADS, "worker processes"),
+                                  help="classify on a local Dask cluster of N worker processes "
+                                       "(needs dask[distributed])")
+    scheduler: str | None = setting(None, metavar="ADDRESS",
+                                    help="classify on the workers of a running dask-scheduler, e.g. "
+                                         "tcp://10.0.0.5:8786; they must see the raster and the model at the "
+                                         "same paths")
+    shard_tiles: int = setting(0, metavar="N", help="tiles per shard (one Dask task) with --workers/--scheduler "
+                               "(default 0: about 4 shards per worker, 2,048 to 65,536 tiles each)")
+    connect_timeout: float = setting(5.0, flag=False, help="seconds to reach --scheduler before giving up")
+    uncertain_below: float | None = setting(None, metavar="T", help="mark tiles whose certainty is below T (0..1) "
+                                            "as uncertain=1 (default: none)")
+    # None: DEFAULT_UNCERTAIN_BY, which needs uncertain_below (check)
+    uncertain_by: str | None = setting(None, choices=choices.UNCERTAINTY_MEASURES,
+                                       help="certainty measure, with --uncertain-below "
+                                            f"(default {DEFAULT_UNCERTAIN_BY})")
+    regions: bool = setting(False, help="also write the layer `regions`: neighbouring tiles of a class dissolved "
+                            "into polygons (holes kept) with their tiles and hectares")
+    min_region_ha: float = setting(0.0, metavar="HA", help="with --regions, drop regions smaller than HA hectares "
+                                   "(default {default})")
+    vote: bool = setting(False, help="with --stride smaller than --tile (and dividing it): output stride-sized "
+                         "cells, each the mean probability of the windows over it; costs (tile/stride)^2 times "
+                         "the inference")
+    yes: bool = setting(False, help="start a job beyond the limits (more than 10 million tiles, outputs larger "
+                        "than the free disk or a class raster larger than the free memory); the estimate is "
+                        "always logged")
+    scale: float = setting(1.0, metavar="FACTOR", help="multiply the pixels by FACTOR before the model, for a "
+                           "raster in other units than the training data (e.g. 255 for reflectance 0..1 given to "
+                           "a model trained on 8-bit images)")
 
     def check(self) -> None:
         """Refuse absurd options before anything is read (a tile of 0 is not the default,
@@ -88,24 +121,9 @@ class ClassifyOptions:
             raise ConfigError(f"--uncertain-by {self.uncertain_by} does nothing without --uncertain-below",
                               f"add a threshold, e.g. --uncertain-below 0.6 --uncertain-by {self.uncertain_by}, "
                               "or drop --uncertain-by")
-        for flag, value in (("--tile", self.tile), ("--stride", self.stride)):
-            if value is not None and not 1 <= value <= MAX_TILE:
-                raise ConfigError(f"{flag} {value} is out of range", f"use 1..{MAX_TILE} pixels, or leave {flag} "
-                                  "out for the default (the model's patch size)")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ConfigError(f"batch size {self.batch_size} is out of range",
-                              f"use 1..{MAX_BATCH}, e.g. --batch-size 64")
-        if not 0.0 <= self.min_valid <= 1.0:
-            raise ConfigError(f"--min-valid {self.min_valid} must be between 0 and 1", "e.g. --min-valid 0.5")
+        self._check_ranges()
         if self.xyz_zoom is not None and (self.stride is not None):
             raise ConfigError("--stride does not apply to the XYZ grid", "drop --stride, or drop --xyz-zoom")
-        if not 0 <= self.threads <= MAX_THREADS:
-            # onnxruntime would try to start them all (10^5 threads take tens of GB)
-            raise ConfigError(f"--threads {self.threads} is out of range",
-                              f"use 0 (every core) up to {MAX_THREADS}")
-        if not 0 <= self.streams <= MAX_THREADS:
-            raise ConfigError(f"--streams {self.streams} is out of range",
-                              f"use 0 (one per thread on the CPU, one on a GPU) up to {MAX_THREADS}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ConfigError(f"--scale {self.scale} must be a positive number",
                               "e.g. --scale 255 for reflectance 0..1 fed to a model trained on 8-bit images")
@@ -113,6 +131,19 @@ class ClassifyOptions:
             raise ConfigError(f"prefetch {self.prefetch} must be at least 1", "e.g. prefetch=4")
         self._check_cluster()
         self._check_outputs()
+
+    def _check_ranges(self) -> None:
+        """Each option within the range it declares (None: left out, the default)."""
+        for f in dataclasses.fields(self):
+            bounds, value = declaration(ClassifyOptions, f.name).range, getattr(self, f.name)
+            if bounds is None or value is None:
+                continue
+            low, high, note = bounds
+            if not low <= value <= high:
+                flag = "--" + f.name.replace("_", "-")
+                leave = f", or leave {flag} out" if f.default is None else ""
+                raise ConfigError(f"{flag} {value} is out of range",
+                                  f"use {low}..{high}{f' ({note})' if note else ''}{leave}")
 
     def _check_outputs(self) -> None:
         if not (math.isfinite(self.min_region_ha) and self.min_region_ha >= 0):
@@ -134,10 +165,6 @@ class ClassifyOptions:
             raise ConfigError("--workers and --scheduler were both given",
                               "give --workers N for a cluster on this machine, or --scheduler ADDRESS for the "
                               "workers of a running dask-scheduler, not both")
-        if self.workers is not None and not 1 <= self.workers <= MAX_THREADS:
-            raise ConfigError(f"--workers {self.workers} is out of range",
-                              f"use 1..{MAX_THREADS} worker processes, or leave --workers out to classify in "
-                              "this process")
         if self.scheduler is not None and not str(self.scheduler).strip():
             raise ConfigError("--scheduler is empty", "give the scheduler's address, e.g. tcp://10.0.0.5:8786")
         if self.shard_tiles < 0:

@@ -1,4 +1,4 @@
-"""Options shared by the training commands, mapped onto config keys."""
+"""Options shared by the training commands; their setting flags come from the config's declarations."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import runlock
+from .. import config, runlock, settings
 from ..config import RunConfig, merge, parse_set, write_config
 from ..fileio import written_first
 from ..layout import RunFolder
-
-# flag dest -> dotted config key
-DATA_FLAGS = {"ms": "data.ms", "rgb": "data.rgb", "rgb_unlabeled": "data.rgb_unlabeled",
-              "rgb_paired": "data.rgb_paired", "rgb_test": "data.rgb_test", "bands": "data.bands",
-              "seed": "seed", "device": "device"}
-
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -45,33 +39,25 @@ def config_file(text: str) -> str:
 
 
 def add_run_options(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    """The options of every training command: the run folder, the config and the top-level settings."""
     p.add_argument("--run", required=run_required, metavar="DIR", help="run folder (created if missing)")
     p.add_argument("--config", metavar="FILE", type=config_file, help="YAML or TOML config file")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
                    help="override config keys, e.g. --set distill.epochs=5 teacher.folds=0")
-    p.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int)
+    add_config_flags(p, "")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
 
 
-def add_data_options(p: argparse.ArgumentParser, *names: str) -> None:
-    helps = {"ms": "MS folder dataset root/<Class>/*.tif", "rgb": "labeled RGB folder dataset",
-             "rgb_unlabeled": "folder of unlabeled RGB images", "rgb_paired":
-             "RGB images of the same targets as the MS set (same file stems)",
-             "rgb_test": "labeled RGB test folder", "bands": "MS band names: sentinel2 or B01,B02,..."}
-    for n in names:
-        p.add_argument("--" + n.replace("_", "-"), dest=n, help=helps[n])
+def add_config_flags(p: argparse.ArgumentParser, section: str, *names: str) -> None:
+    """The flags of a config section ("" = the top level) as its fields declare them; only
+    `names` where given (the data folders a step reads)."""
+    settings.add_flags(p, settings.section(settings.entries(config.RunConfig), section, *names))
 
 
-def overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    """Config overrides from the flags that were given, then --set (which wins)."""
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from the setting flags that were given, then --set (which wins)."""
     out: dict[str, Any] = {}
-    for dest, key in {**DATA_FLAGS, **flags}.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if isinstance(value, str) and dest in DATA_FLAGS and key.startswith("data.") and key != "data.bands":
-            value = str(Path(value).resolve())  # runs can be resumed from another folder
+    for key, value in settings.given(args).items():
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -120,13 +106,13 @@ def use_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.workers)
 
 
-def run_step(args: argparse.Namespace, events: Any, flags: dict[str, str], step: Callable[..., Any]) -> Any:
+def run_step(args: argparse.Namespace, events: Any, step: Callable[..., Any]) -> Any:
     """Run one pipeline step with the config of the run folder, the file and the flags, holding
     the run folder's lock. Under torchrun the ranks train data-parallel and rank 0 alone writes
     the config; the step's result on rank 0, None on the other ranks (which print nothing)."""
     from ..pipeline import resolve_config
     from ..train import distributed
-    values = overrides(args, flags)
+    values = overrides(args)
     resolve_config(args.run, args.config, values, write=False)  # a refused config creates no run folder
     with distributed.session(), run_folder_lock(args.run, args._command):
         main, events = distributed.is_main(), distributed.rank_events(events)

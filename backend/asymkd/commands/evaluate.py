@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any, TextIO
 
+from .. import choices
 from ..errors import ConfigError
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
-    return text
+from ..settings import Names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labeled folder dataset root/<Class>/<images> with the model's bands")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where metrics.json and confusion.png go (default: MODEL/eval/<data folder name>)")
-    parser.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda[:N]",
+    parser.add_argument("--device", choices=Names(choices.DEVICES), default="auto", metavar="auto|cpu|cuda[:N]",
                         help="where to run the model (default: auto = CUDA when available)")
     parser.add_argument("--tta", action="store_true",
                         help="average predictions over the 8 rotations/flips of each patch")

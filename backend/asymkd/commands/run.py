@@ -45,7 +45,7 @@ def run(args, events) -> int:
 def _check_config(args, run_dir: Path) -> None:
     """Refuse a bad config before the run folder is made or locked (the steps resolve it
     again under the lock)."""
-    values = overrides(args, {})
+    values = overrides(args)
     if args.demo:
         from ..demo import DEMO_CONFIG
         values = merge(DEMO_CONFIG, values)
@@ -53,7 +53,7 @@ def _check_config(args, run_dir: Path) -> None:
 
 
 def _run_steps(args, run_dir: Path, events) -> tuple[Path, dict]:
-    values = overrides(args, {})
+    values = overrides(args)
     if args.demo:
         from ..demo import DEMO_CONFIG, demo_world
         world = distributed.on_main(demo_world, run_dir, events)  # rank 0 writes the world, then
