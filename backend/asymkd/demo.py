@@ -34,12 +34,12 @@ def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path
     from .classify import classify
     from .export import export_onnx
     from .fileio import read_json
+    from .models.files import read_meta
     from .pipeline import load_rgb_test, resolve_config
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     cfg = resolve_config(run_dir, write=False)
-    meta = read_json(run.student, layout.META, ("class_names",))
-    test = load_rgb_test(cfg, meta["class_names"])
+    test = load_rgb_test(cfg, read_meta(run.student).class_names)
     onnx = export_onnx(run.student, run.student_onnx, overwrite=True,
                        check_data=test.images[:128] if test is not None else None, events=events).path
     world = read_json(run_dir / "world", "world.json", ("paths",))

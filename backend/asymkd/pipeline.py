@@ -227,7 +227,7 @@ def _pair(cfg: RunConfig, run_dir: Path, events: Events) -> dict:
         model, meta = load_matcher(run.matcher)
         device = common.resolve_device(cfg.device)
         model = model.to(device)
-        z_ms = embed(model.ms, common.normalize(ms.images, meta["ms_mean"], meta["ms_std"]), device)
+        z_ms = embed(model.ms, common.normalize(ms.images, meta.ms_mean, meta.ms_std), device)
         rgb_mean, rgb_std = common.band_stats(rgb.images)  # each RGB set standardised on itself
         z_rgb = embed(model.rgb, common.normalize(rgb.images, rgb_mean, rgb_std), device)
         sim = (z_rgb @ z_ms.T).numpy()

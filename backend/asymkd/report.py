@@ -23,13 +23,13 @@ from . import layout
 from .errors import DataError
 from .fileio import read_json, read_regular
 from .models.files import atomic_write_text
+from .scores import SPLITS, held_out, split_name, split_scores
 
 STEPS = layout.STEP_FOLDERS
 STEP_TITLES = {layout.TEACHER: "MS teacher", layout.MATCHER: "Matcher", layout.PAIRS: "Pairing",
                layout.BASELINE: "Baseline student (no distillation)", layout.STUDENT: "Distilled student"}
 REPORT_FILE = layout.REPORT
 CONFIG_FILE = layout.CONFIG
-SPLITS = (("test", "test"), ("val", "validation"))
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
@@ -69,16 +69,7 @@ class Step:
         return STEP_TITLES.get(self.name, self.name)
 
     def scores(self, split: str) -> dict[str, Any] | None:
-        value = self.doc.get(split)
-        return value if isinstance(value, dict) and "overall_accuracy" in value else None
-
-    def best_split(self) -> tuple[str, dict[str, Any]] | None:
-        """The test scores, else the validation scores, else None."""
-        for split, _ in SPLITS:
-            scores = self.scores(split)
-            if scores is not None:
-                return split, scores
-        return None
+        return split_scores(self.doc, split)
 
 
 def _read_step(run_dir: Path, name: str) -> Step | None:
@@ -202,10 +193,6 @@ def _curves_png(step: Step) -> bytes | None:
 
 # -- sections ----------------------------------------------------------------------------
 
-def _split_name(split: str) -> str:
-    return dict(SPLITS).get(split, split)
-
-
 def _present(*steps: Step | None) -> list[Step]:
     """The steps this run has, in the order given."""
     return [step for step in steps if step is not None]
@@ -231,18 +218,18 @@ def section_headline(baseline: Step | None, student: Step | None) -> str:
         n_text = f"n = {b.get('n', '?')}" if b.get("n") == s.get("n") else \
             f"n = {b.get('n', '?')} / {s.get('n', '?')}"
         return ("<h2>Baseline vs distilled student</h2>"
-                f'<p class="sub">Scores on the {esc(_split_name(split))} set ({esc(n_text)}). '
+                f'<p class="sub">Scores on the {esc(split_name(split))} set ({esc(n_text)}). '
                 "The baseline is the same student trained on the same RGB labels without the teacher.</p>"
                 + table(["", "Baseline", "Distilled student", "Gain"], rows, cls="headline"))
     for step in _present(student, baseline):
-        found = step.best_split()
+        found = held_out(step.doc)
         if found is not None:
             split, scores = found
             rows = [["Overall accuracy", pct(scores["overall_accuracy"])],
                     ["Macro-F1", pct(scores["macro_f1"])]]
             missing = "baseline" if step is student else "distilled student"
             return (f"<h2>{esc(step.title)}</h2>"
-                    f'<p class="sub">Scores on the {esc(_split_name(split))} set '
+                    f'<p class="sub">Scores on the {esc(split_name(split))} set '
                     f"(n = {esc(scores.get('n', '?'))}). No {esc(missing)} scores in this run to compare with.</p>"
                     + table(["", esc(step.title)], [[esc(r[0]), r[1]] for r in rows], cls="headline"))
     return "<h2>Students</h2>" + note("No student scores in this run yet.")
@@ -269,17 +256,17 @@ def section_per_class(baseline: Step | None, student: Step | None) -> str:
                      gain(srow.get("f1"), brow.get("f1"))])
     header = ["Class", "Support", "Baseline precision", "Baseline recall", "Baseline F1",
               "Student precision", "Student recall", "Student F1", "F1 gain"]
-    return (f"<h2>Per class ({esc(_split_name(split))} set)</h2>" + table(header, rows))
+    return (f"<h2>Per class ({esc(split_name(split))} set)</h2>" + table(header, rows))
 
 
 def section_confusions(baseline: Step | None, student: Step | None) -> str:
     figs = []
     for step in _present(baseline, student):
-        found = step.best_split()
+        found = held_out(step.doc)
         if found is not None:
             split, scores = found
             figs.append(figure(_confusion_png(step, split, scores),
-                               f"{step.title}, {_split_name(split)} set (rows: true class; colour: share of row)"))
+                               f"{step.title}, {split_name(split)} set (rows: true class; colour: share of row)"))
     figs = [f for f in figs if f]
     if not figs:
         return ""

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from asymkd.errors import ConfigError, ModelFileError
 from asymkd.models.backbones import SceneClassifier
+from asymkd.models.metadata import ModelMeta
 
 
 def test_feature_map_and_logits_shapes():
@@ -94,6 +95,7 @@ def test_input_size_resizes_inside_the_model():
     model = SceneClassifier("resnet18_w16", 3, 5, input_size=96).eval()
     small = torch.rand(1, 3, 64, 64)
     assert model.forward_features(small).shape[-1] == 3  # 96 / 32
-    rebuilt = SceneClassifier.from_meta({"backbone": "resnet18_w16", "in_chans": 3, "num_classes": 5,
-                                         "input_size": 96})
+    rebuilt = SceneClassifier.from_meta(ModelMeta(backbone="resnet18_w16", class_names=list("ABCDE"),
+                                                  band_names=["R", "G", "B"], mean=[0.0] * 3, std=[1.0] * 3,
+                                                  patch_size=64, input_size=96))
     assert rebuilt.input_size == 96

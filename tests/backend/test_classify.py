@@ -35,6 +35,7 @@ from asymkd.events import Events
 from asymkd.export import export_onnx
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import load_model, save_model
+from asymkd.models.metadata import ModelMeta
 
 torch.set_num_threads(1)
 T = 32  # the test model's patch size
@@ -50,8 +51,8 @@ def model(tmp_path_factory):
     net = SceneClassifier("resnet18_w16", 3, len(CLASSES))
     net.head.weight.data *= 20
     root = tmp_path_factory.mktemp("model")
-    meta = {"backbone": "resnet18_w16", "class_names": CLASSES, "band_names": ["R", "G", "B"],
-            "mean": [100.0, 100.0, 100.0], "std": [50.0, 50.0, 50.0], "patch_size": T, "gsd": 10.0}
+    meta = ModelMeta(backbone="resnet18_w16", class_names=CLASSES, band_names=["R", "G", "B"],
+                     mean=[100.0, 100.0, 100.0], std=[50.0, 50.0, 50.0], patch_size=T, gsd=10.0)
     folder = save_model(root / "student", net, meta)
     onnx_path = export_onnx(folder, root / "student.onnx", check_samples=8).path
     return onnx_path, folder
@@ -84,8 +85,8 @@ def read_layer(path: Path):
 
 def torch_probs(folder: Path, tiles: np.ndarray) -> np.ndarray:
     net, meta = load_model(folder)
-    mean = np.asarray(meta["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(meta["std"], np.float32).reshape(1, -1, 1, 1)
+    mean = np.asarray(meta.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(meta.std, np.float32).reshape(1, -1, 1, 1)
     with torch.no_grad():
         return torch.softmax(net(torch.from_numpy((tiles.astype(np.float32) - mean) / std)), 1).numpy()
 
@@ -312,8 +313,8 @@ def test_band_mapping_by_description(tmp_path):
 
 
 def test_qml_is_a_categorized_style_with_the_model_colours(model, tmp_path):
-    from asymkd.export import read_onnx_metadata
-    colors = read_onnx_metadata(model[0])["class_colors"]
+    from asymkd.models.onnx_file import read_onnx_metadata
+    colors = read_onnx_metadata(model[0]).class_colors
     src = write_raster(tmp_path / "r.tif", texture(T, 2 * T))
     res = classify(model[0], src, tmp_path / "out.gpkg")
     assert res.qml == tmp_path / "out.qml"
@@ -350,8 +351,8 @@ def test_class_raster_has_one_pixel_per_tile_and_a_colour_table(model, tmp_path)
             assert arr[r, c] == k
             assert tuple(ds.window_bounds(Window(c, r, 1, 1))) == pytest.approx(g.bounds)
         cmap = ds.colormap(1)
-    from asymkd.export import read_onnx_metadata
-    for i, color in enumerate(read_onnx_metadata(model[0])["class_colors"]):
+    from asymkd.models.onnx_file import read_onnx_metadata
+    for i, color in enumerate(read_onnx_metadata(model[0]).class_colors):
         assert "#" + "".join(f"{v:02x}" for v in cmap[i][:3]) == color
 
 

@@ -23,8 +23,8 @@ from asymkd import cli
 from asymkd.classify import classify
 from asymkd.errors import ConfigError, ModelFileError
 from asymkd.events import Events
-from asymkd.export import FORMAT_VERSION, META_KEY, VERSION_KEY
 from asymkd.models.metadata import validate_meta
+from asymkd.models.onnx_file import FORMAT_VERSION, META_KEY, VERSION_KEY
 
 CLASSES = ["Forest", "Water", "Urban"]
 T = 8  # the test models' patch size

@@ -15,6 +15,7 @@ from asymkd.cli import main as cli_main
 from asymkd.errors import DataError, ModelFileError
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
+from asymkd.models.metadata import ModelMeta
 from asymkd.train.common import normalize
 from asymkd.train.evaluate import (
     classification_metrics,
@@ -129,9 +130,9 @@ def _write_png_dataset(root: Path, classes: dict[str, int], size: int = 16, seed
 def _save_tiny_model(folder: Path, bands: list[str], classes: list[str]) -> Path:
     torch.manual_seed(0)
     model = SceneClassifier("resnet18_w16", len(bands), len(classes))
-    return save_model(folder, model, {
-        "backbone": "resnet18_w16", "class_names": classes, "band_names": bands,
-        "mean": [120.0] * len(bands), "std": [60.0] * len(bands), "patch_size": 16})
+    return save_model(folder, model, ModelMeta(
+        backbone="resnet18_w16", class_names=classes, band_names=bands,
+        mean=[120.0] * len(bands), std=[60.0] * len(bands), patch_size=16))
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +159,9 @@ def test_evaluate_command_matches_predict_probs(rgb_world: Path, tmp_path: Path,
     from asymkd.data.patches import load_folder
     from asymkd.models.files import load_model
     model, meta = load_model(rgb_world / "model")
-    data = load_folder(rgb_world / "test", "rgb", class_names=meta["class_names"])
-    probs = predict_probs(model, data.images, meta["mean"], meta["std"])
-    expected = classification_metrics(data.labels, probs.argmax(1), meta["class_names"])
+    data = load_folder(rgb_world / "test", "rgb", class_names=meta.class_names)
+    probs = predict_probs(model, data.images, meta.mean, meta.std)
+    expected = classification_metrics(data.labels, probs.argmax(1), meta.class_names)
     assert metrics["confusion"] == expected["confusion"]
     assert metrics["overall_accuracy"] == pytest.approx(expected["overall_accuracy"])
     assert metrics["n"] == 5 and sum(map(sum, metrics["confusion"])) == 5

@@ -12,25 +12,21 @@ import torch
 
 from asymkd import cli
 from asymkd.errors import ConfigError, ModelFileError
-from asymkd.export import (
-    FORMAT_VERSION,
-    META_KEY,
-    VERSION_KEY,
-    export_onnx,
-    read_onnx_metadata,
-)
+from asymkd.export import export_onnx
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import load_model, save_model
+from asymkd.models.metadata import ModelMeta
+from asymkd.models.onnx_file import FORMAT_VERSION, META_KEY, VERSION_KEY, read_onnx_metadata
 from asymkd.palette import class_color, class_colors
 
 torch.set_num_threads(1)
 CLASSES = ["Forest", "Water", "Urban"]
 
 
-def _meta(**extra):
-    return {"backbone": "resnet18_w16", "class_names": CLASSES, "band_names": ["R", "G", "B"],
-            "mean": [100.0, 110.0, 90.0], "std": [40.0, 35.0, 30.0], "patch_size": 32, "gsd": 10.0,
-            "summary": {"method": "asymkd", "epochs": 1}, "metrics": {"accuracy": 0.5}, **extra}
+def _meta(**extra) -> ModelMeta:
+    return ModelMeta(backbone="resnet18_w16", class_names=CLASSES, band_names=["R", "G", "B"],
+                     mean=[100.0, 110.0, 90.0], std=[40.0, 35.0, 30.0], patch_size=32, gsd=10.0,
+                     summary={"method": "asymkd", "epochs": 1}, metrics={"accuracy": 0.5}, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +44,8 @@ def exported(model_folder, tmp_path_factory):
 
 def _torch_probs(folder, x: np.ndarray) -> np.ndarray:
     model, meta = load_model(folder)
-    mean = np.asarray(meta["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(meta["std"], np.float32).reshape(1, -1, 1, 1)
+    mean = np.asarray(meta.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(meta.std, np.float32).reshape(1, -1, 1, 1)
     with torch.no_grad():
         return torch.softmax(model(torch.from_numpy((x - mean) / std)), dim=1).numpy()
 
@@ -69,7 +65,7 @@ def test_metadata_travels_inside_the_file(exported, model_folder):
     assert meta["class_colors"][1] == "#0000ff"  # from meta.json colors
     assert len(meta["class_colors"]) == 3 and all(c.startswith("#") and len(c) == 7 for c in meta["class_colors"])
     assert meta["parity"]["max_abs_prob_diff"] <= 1e-4
-    assert read_onnx_metadata(exported.path)["class_names"] == CLASSES
+    assert read_onnx_metadata(exported.path).class_names == CLASSES
 
 
 def test_dynamic_batch_axis_and_parity_with_torch(exported, model_folder):
@@ -116,7 +112,7 @@ def test_refuses_existing_output_unless_overwrite(model_folder, exported, tmp_pa
     with pytest.raises(ConfigError, match="already exists"):
         export_onnx(model_folder, out, check_samples=4)
     export_onnx(model_folder, out, check_samples=4, overwrite=True)
-    assert read_onnx_metadata(out)["num_classes"] == 3
+    assert read_onnx_metadata(out).num_classes == 3
 
 
 def test_refuses_file_that_is_not_onnx(tmp_path):
@@ -180,7 +176,7 @@ def test_a_file_without_colours_gets_each_names_palette_colour(exported, tmp_pat
     del meta["class_colors"]
     prop.value = json.dumps(meta)
     onnx.save(proto, str(tmp_path / "plain.onnx"))
-    assert read_onnx_metadata(tmp_path / "plain.onnx")["class_colors"] == [class_color(n) for n in CLASSES]
+    assert read_onnx_metadata(tmp_path / "plain.onnx").class_colors == [class_color(n) for n in CLASSES]
 
 
 def test_cli_export(model_folder, tmp_path, capsys):

@@ -29,9 +29,11 @@ from rasterio.transform import from_origin
 from safetensors.torch import save_file
 
 from asymkd import cli
-from asymkd.export import META_KEY, export_onnx
+from asymkd.export import export_onnx
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
+from asymkd.models.metadata import ModelMeta
+from asymkd.models.onnx_file import META_KEY
 from tiny_data import make_dataset, write_rgb
 
 torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("fi_model")
     net = SceneClassifier("resnet18_w16", 3, 3)
     net.head.weight.data *= 20
-    folder = save_model(root / "student", net, dict(META))
+    folder = save_model(root / "student", net, ModelMeta(**META))
     onnx_path = export_onnx(folder, root / "student.onnx", check_samples=4).path
     raster = root / "scene.tif"
     with rasterio.open(raster, "w", driver="GTiff", width=48, height=48, count=3, dtype="uint8",

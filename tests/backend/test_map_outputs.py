@@ -147,8 +147,8 @@ def test_cli_uncertainty_flags(model, scene, tmp_path, capsys):
 
 
 def test_style_fades_and_hatches_uncertain_tiles_in_their_class_colour(model, scene, tmp_path):
-    from asymkd.export import read_onnx_metadata
-    colors = read_onnx_metadata(model[0])["class_colors"]
+    from asymkd.models.onnx_file import read_onnx_metadata
+    colors = read_onnx_metadata(model[0]).class_colors
     res = classify(model[0], scene[0], tmp_path / "s.gpkg", uncertain_below=0.5)
     renderer = ET.parse(res.qml).getroot().find("renderer-v2")
     assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_name"

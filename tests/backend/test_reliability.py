@@ -21,7 +21,7 @@ from asymkd.data import synth
 from asymkd.data.mapchips import check_folder_names, safe_name
 from asymkd.data.patches import load_folder
 from asymkd.errors import DataError, ModelFileError
-from asymkd.models.metadata import check_graph_shapes, validate_meta
+from asymkd.models.metadata import ModelMeta, check_graph_shapes, validate_meta
 from tiny_data import write_ms, write_rgb
 
 torch.set_num_threads(1)
@@ -188,8 +188,9 @@ def test_missing_metadata_field_is_named(key):
 
 
 def test_good_metadata_and_graph_shapes():
-    meta = validate_meta({**META, "kind": "student", "input_size": 0, "gsd": None}, "m")
-    assert meta["in_chans"] == 3 and meta["num_classes"] == 3
+    assert validate_meta(META, "m")["in_chans"] == 3
+    meta = ModelMeta.from_json({**META, "kind": "student", "input_size": 0, "gsd": None}, "m")
+    assert meta.in_chans == 3 and meta.num_classes == 3
     check_graph_shapes(meta, ["batch", 3, "height", "width"], ["batch", 3], "m.onnx")
     with pytest.raises(ModelFileError, match="4 outputs"):
         check_graph_shapes(meta, ["batch", 3, "h", "w"], ["batch", 4], "m.onnx")
@@ -205,7 +206,7 @@ def test_a_model_with_nan_weights_is_refused_by_evaluate_and_export(tmp_path, ca
     from asymkd.models.files import save_model
     net = SceneClassifier("resnet18_w16", 3, 3)
     net.head.weight.data[:] = math.nan
-    folder = save_model(tmp_path / "student", net, dict(META))
+    folder = save_model(tmp_path / "student", net, ModelMeta(**META))
     write_rgb(tmp_path / "data" / "A" / "a.png", np.full((3, 32, 32), 100))
     write_rgb(tmp_path / "data" / "B" / "b.png", np.full((3, 32, 32), 50))
     assert cli.main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "data")]) == 2
@@ -238,7 +239,8 @@ def tiny_model(tmp_path_factory):
     from asymkd.models.files import save_model
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_model")
-    folder = save_model(root / "student", SceneClassifier("resnet18_w16", 3, 3), {**META, "patch_size": 16})
+    meta = ModelMeta(**{**META, "patch_size": 16})
+    folder = save_model(root / "student", SceneClassifier("resnet18_w16", 3, 3), meta)
     onnx_path = export_onnx(folder, root / "student.onnx", check_samples=4).path
     raster = root / "scene.tif"
     with rasterio.open(raster, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",

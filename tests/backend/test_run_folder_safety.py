@@ -19,6 +19,7 @@ from asymkd import cli, config, fileio, layout, runlock
 from asymkd.errors import ConfigError, DataError, StorageError
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
+from asymkd.models.metadata import ModelMeta
 from asymkd.pipeline import load_ms, load_pairs
 from asymkd.report import build_report_html
 from tiny_data import TINY_CONFIG, data_config, make_dataset
@@ -211,8 +212,9 @@ def teacher_run(tmp_path, dataset):
     ms = load_ms(cfg)
     teacher = run / layout.TEACHER
     save_model(teacher, SceneClassifier("resnet18_w16", ms.num_bands, len(ms.class_names)),
-               {"class_names": ms.class_names, "band_names": ms.band_names, "mean": [1000.0] * ms.num_bands,
-                "std": [500.0] * ms.num_bands, "patch_size": ms.size, "gsd": 10.0, "kind": "teacher"})
+               ModelMeta(backbone="resnet18_w16", class_names=ms.class_names, band_names=ms.band_names,
+                         mean=[1000.0] * ms.num_bands, std=[500.0] * ms.num_bands, patch_size=ms.size, gsd=10.0,
+                         kind="teacher"))
     soft = np.full((len(ms), len(ms.class_names)), 1 / len(ms.class_names), np.float32)
     fileio.atomic_save_npy(teacher / layout.SOFT_LABELS, soft)
     fileio.atomic_write_text(teacher / layout.MS_INDEX, json.dumps({"stems": ms.stems}))

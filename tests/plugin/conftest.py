@@ -136,10 +136,11 @@ _MAKE_MODEL = """
 import sys, torch
 from asymkd.models.backbones import SceneClassifier
 from asymkd.models.files import save_model
+from asymkd.models.metadata import ModelMeta
 torch.manual_seed(0)
 model = SceneClassifier("resnet18_w32", 3, {n})
-save_model(sys.argv[1], model, {{"backbone": "resnet18_w32", "class_names": {classes!r}, "band_names": ["R", "G", "B"],
-           "mean": [120.0, 120.0, 120.0], "std": [60.0, 60.0, 60.0], "patch_size": {tile}, "gsd": 10.0}})
+save_model(sys.argv[1], model, ModelMeta(backbone="resnet18_w32", class_names={classes!r}, band_names=["R", "G", "B"],
+           mean=[120.0, 120.0, 120.0], std=[60.0, 60.0, 60.0], patch_size={tile}, gsd=10.0))
 """
 
 

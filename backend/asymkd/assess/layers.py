@@ -96,12 +96,12 @@ def _read(path: Path, layer: str, columns: list[str], what: str,
     (by name: GDAL returns them in the layer's order, not the order asked)."""
     from pyogrio.raw import read
     try:
-        meta, fids, wkb, values = read(str(path), layer=layer, columns=columns, return_fids=True,
+        info, fids, wkb, values = read(str(path), layer=layer, columns=columns, return_fids=True,
                                        read_geometry=geometry)
     except Exception as exc:  # GDAL errors on a broken layer
         raise DataError(f"cannot read {what} {path} (layer '{layer}'): {exc}",
                         "check the file in QGIS, or save the layer again as a GeoPackage") from exc
-    return meta, np.asarray(fids), wkb, dict(zip((str(f) for f in meta["fields"]), values, strict=True))
+    return info, np.asarray(fids), wkb, dict(zip((str(f) for f in info["fields"]), values, strict=True))
 
 
 def read_tiles(path: str | Path, layer: str | None = None, events: Events | None = None) -> Tiles:
@@ -119,7 +119,7 @@ def read_tiles(path: str | Path, layer: str | None = None, events: Events | None
         raise DataError(f"layer '{name}' of {path} has no field '{CLASS_FIELD}'; its fields are: "
                         f"{', '.join(fields) or '(none)'}", "give the tile layer written by `asymkd classify`")
     columns = [CLASS_FIELD] + [f for f in (KEY_FIELD, "class_id") if f in fields]
-    meta, fids, wkb, data = _read(path, name, columns, "tiles file")
+    info, fids, wkb, data = _read(path, name, columns, "tiles file")
     geoms = shapely.from_wkb(wkb) if wkb is not None and len(wkb) else np.full(len(fids), None, object)
     classes = np.array([class_text(v) for v in data[CLASS_FIELD]], dtype=object)
     keep = (classes != None) & ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)  # noqa: E711
@@ -127,7 +127,7 @@ def read_tiles(path: str | Path, layer: str | None = None, events: Events | None
             else np.array([str(f) for f in fids], dtype=object))
     ids = _ids(data.get("class_id"))
     kept_ids = None if ids is None else ids[keep]
-    tiles = Tiles(path=path, layer=name, crs=meta.get("crs") or None, classes=_class_order(classes[keep], kept_ids),
+    tiles = Tiles(path=path, layer=name, crs=info.get("crs") or None, classes=_class_order(classes[keep], kept_ids),
                   map_class=classes[keep], keys=keys[keep], geoms=geoms[keep], areas=np.zeros(0), area_unit="ha",
                   skipped=int((~keep).sum()), class_ids=_class_ids(classes[keep], kept_ids))
     tiles.areas, tiles.area_unit = _tile_areas(tiles.geoms, tiles.crs)
@@ -205,7 +205,7 @@ def read_reference(path: str | Path, field: str, tiles: Tiles, layer: str | None
     is_sample = (name == SAMPLE_LAYER and STRATA_TABLE in {n for n, _ in layers}
                  and {"map_class", KEY_FIELD} <= set(fields))
     columns = [field] + (["map_class", KEY_FIELD] if is_sample else [])
-    meta, _, wkb, data = _read(path, name, list(dict.fromkeys(columns)), "reference", geometry=not is_sample)
+    info, _, wkb, data = _read(path, name, list(dict.fromkeys(columns)), "reference", geometry=not is_sample)
     labels = np.array([class_text(v) for v in data[field]], dtype=object)
     if is_sample:
         design, unit = read_design(path)
@@ -213,7 +213,7 @@ def read_reference(path: str | Path, field: str, tiles: Tiles, layer: str | None
                          keys=np.array([str(k) for k in data[KEY_FIELD]], dtype=object),
                          map_class=np.array([class_text(v) for v in data["map_class"]], dtype=object),
                          design=design, area_unit=unit)
-    geoms = _reproject(wkb, meta.get("crs") or None, tiles.crs, path, events)
+    geoms = _reproject(wkb, info.get("crs") or None, tiles.crs, path, events)
     return Reference(path=path, layer=name, field=field, labels=labels, geoms=geoms)
 
 

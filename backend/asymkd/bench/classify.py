@@ -171,11 +171,11 @@ def _make_model(work: Path, backbone: str, classes: int, tile: int, events, inpu
     from ..export import export_onnx
     from ..models.backbones import SceneClassifier
     from ..models.files import save_model
+    from ..models.metadata import ModelMeta
     torch.manual_seed(0)
     net = SceneClassifier(backbone, 3, classes, input_size=input_size)
-    meta = {"class_names": [f"class{i}" for i in range(classes)],
-            "band_names": ["R", "G", "B"],
-            "mean": [110.0, 115.0, 100.0], "std": [50.0, 45.0, 45.0], "patch_size": tile, "gsd": 10.0}
+    meta = ModelMeta(backbone=backbone, class_names=[f"class{i}" for i in range(classes)], band_names=["R", "G", "B"],
+                     mean=[110.0, 115.0, 100.0], std=[50.0, 45.0, 45.0], patch_size=tile, gsd=10.0)
     run = RunFolder(work)
     save_model(run.student, net, meta)
     return export_onnx(run.student, run.student_onnx, check_samples=16, overwrite=True, events=events).path

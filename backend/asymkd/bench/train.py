@@ -144,6 +144,7 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
     from ..data.patches import PatchSet
     from ..models.backbones import SceneClassifier
     from ..models.files import save_model
+    from ..models.metadata import ModelMeta
     from ..train.distill import train_student
 
     rng = np.random.default_rng(args.seed)
@@ -164,8 +165,8 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = RunFolder(Path(tmp)).teacher
         save_model(teacher, SceneClassifier(args.teacher, 13, k, input_size=args.teacher_input_size),
-                   {"class_names": ms.class_names, "band_names": ms.band_names,
-                    "mean": [0.0] * 13, "std": [1000.0] * 13, "patch_size": size})
+                   ModelMeta(backbone=args.teacher, class_names=ms.class_names, band_names=ms.band_names,
+                             mean=[0.0] * 13, std=[1000.0] * 13, patch_size=size))
         soft = rng.dirichlet(np.ones(k), n_ms).astype(np.float32)
         np.save(teacher / layout.SOFT_LABELS, soft)
         (teacher / layout.MS_INDEX).write_text(json.dumps({"stems": ms.stems, "labels": ms.labels.tolist()}))

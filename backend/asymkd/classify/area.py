@@ -82,7 +82,7 @@ def read_mask(path: str | Path, layer: str | None = None):
         raise DataError(f"mask file {path} does not exist",
                         "give a vector file with polygons (GeoPackage, shapefile, GeoJSON)")
     try:
-        meta, _, wkb, _ = pyogrio.raw.read(str(path), layer=layer, columns=[], read_geometry=True)
+        info, _, wkb, _ = pyogrio.raw.read(str(path), layer=layer, columns=[], read_geometry=True)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
         raise DataError(f"cannot read mask {path}: {exc}", "give a vector file with polygons") from exc
     geoms = shapely.from_wkb(wkb) if wkb is not None else np.array([])
@@ -90,7 +90,7 @@ def read_mask(path: str | Path, layer: str | None = None):
     if not polys:
         raise DataError(f"mask {path} has no polygons", "draw the area to classify as polygons")
     geom = shapely.union_all(shapely.make_valid(np.array(polys, dtype=object)))
-    return geom, (CRS.from_user_input(meta["crs"]) if meta.get("crs") else None)
+    return geom, (CRS.from_user_input(info["crs"]) if info.get("crs") else None)
 
 
 def resolve_area(src, grid: Grid, bbox=None, bbox_crs=None, mask=None, mask_layer: str | None = None,

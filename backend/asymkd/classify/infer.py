@@ -11,7 +11,8 @@ import numpy as np
 
 from .. import choices
 from ..errors import ConfigError, ModelFileError
-from ..export import (
+from ..models.metadata import ModelMeta
+from ..models.onnx_file import (
     INPUT_NAME,
     model_output,
     onnx_proto_module,
@@ -115,13 +116,13 @@ class OnnxClassifier:
             model, self.input_name = _with_input_cast(self.path, self.input_dtype), RAW_INPUT
         self.session = open_session(self.path, onnx_session_options(intra, spinning), providers, model)
         # the metadata comes from the session: the file is parsed once
-        self.meta: dict[str, Any] = session_metadata(self.session, str(self.path), self.input_name)
+        self.meta: ModelMeta = session_metadata(self.session, str(self.path), self.input_name)
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise ConfigError(f"onnxruntime could not start its CUDA provider (running on {self.provider})",
                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or use --device auto")
         self.output_name = model_output(self.meta, [o.name for o in self.session.get_outputs()])
-        self.logits = self.meta.get("output") == "logits"
+        self.logits = self.meta.output == "logits"
         shape = next(i for i in self.session.get_inputs() if i.name == self.input_name).shape
         self.fixed_batch = _fixed(shape[0])
         self.notes: list[str] = []  # warnings for the job's events
@@ -129,12 +130,12 @@ class OnnxClassifier:
             self.notes.append(f"the model {self.path} takes a fixed batch of {self.fixed_batch} tile(s): tiles are "
                               f"classified {self.fixed_batch} at a time, which is slower (export it with "
                               "`asymkd export` for a model that takes any batch)")
-        size = int(self.meta["patch_size"])
+        size = self.meta.patch_size
         self._probe(_fixed(shape[2]) or size, _fixed(shape[3]) or size)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return list(self.meta.class_names)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (n, num_classes) for raw-unit tiles (n, C, H, W).
@@ -160,14 +161,14 @@ class OnnxClassifier:
                     chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - k, axis=0)])
                 parts.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:k])
             out = (np.concatenate(parts) if parts
-                   else np.zeros((0, int(self.meta["num_classes"])), np.float32))
+                   else np.zeros((0, self.meta.num_classes), np.float32))
         return softmax(out) if self.logits else out
 
     def _probe(self, height: int, width: int) -> None:
         """Run a few tiles around the training mean through the model at load: its output must
         be class probabilities (finite, 0..1, summing to 1 per tile), never logits or scores."""
-        mean = np.asarray(self.meta["mean"], np.float64).reshape(1, -1, 1, 1)
-        std = np.asarray(self.meta["std"], np.float64).reshape(1, -1, 1, 1)
+        mean = np.asarray(self.meta.mean, np.float64).reshape(1, -1, 1, 1)
+        std = np.asarray(self.meta.std, np.float64).reshape(1, -1, 1, 1)
         steps = np.array([-1.0, -0.3, 0.3, 1.0]).reshape(-1, 1, 1, 1)
         ramp = np.linspace(-0.5, 0.5, height * width).reshape(1, 1, height, width)
         tiles = np.clip(mean + std * (steps + ramp), 0, None)

@@ -15,7 +15,9 @@ import numpy as np
 
 from ..errors import DataError
 from ..events import Events
-from ..export import read_onnx_metadata, resolve_model_path
+from ..models.metadata import ModelMeta
+from ..models.onnx_file import read_onnx_metadata, resolve_model_path
+from ..palette import class_colors
 from . import ClassifyOptions, ClassifyResult, budget, scaling
 from .area import TilePlan, plan_tiles, resolve_area
 from .grid import Grid, pixel_grid, xyz_grid
@@ -42,14 +44,14 @@ def _open_raster(path: Path):
         raise DataError(f"cannot open raster {path}: {exc}", "give a GeoTIFF, VRT or any raster GDAL opens") from exc
 
 
-def _grid(src, meta: dict, opts: ClassifyOptions, events: Events) -> Grid:
-    patch = int(meta["patch_size"])
+def _grid(src, meta: ModelMeta, opts: ClassifyOptions, events: Events) -> Grid:
+    patch = meta.patch_size
     tile = int(patch if opts.tile is None else opts.tile)
-    opts.check_memory(tile, int(meta["in_chans"]))
+    opts.check_memory(tile, meta.in_chans)
     if tile != patch:
         events.warning(f"tile size {tile} px differs from the model's patch size {patch} px; "
                        "the model sees a different ground extent than it was trained on")
-    gsd = meta.get("gsd")
+    gsd = meta.gsd
     if opts.xyz_zoom is not None:
         return xyz_grid(src, int(opts.xyz_zoom), tile, gsd)
     return pixel_grid(src, gsd, tile, int(tile if opts.stride is None else opts.stride))
@@ -63,7 +65,7 @@ class Job:
     model_path: Path
     raster: Path
     out: Path
-    meta: dict
+    meta: ModelMeta
     bands: list[int]
     grid: Grid           # the windows the model sees
     plan: TilePlan
@@ -81,7 +83,7 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
                      [model_path, resolve_model_path(model_path), raster, opts.mask])
     meta = read_onnx_metadata(model_path)
     with _open_raster(raster) as src:
-        bands, how = resolve_bands(src, meta["band_names"], opts.bands)
+        bands, how = resolve_bands(src, meta.band_names, opts.bands)
         grid = _grid(src, meta, opts, events)
         area = resolve_area(src, grid, opts.bbox, opts.bbox_crs, opts.mask, opts.mask_layer, warn=events.warning)
         small = src.width < grid.tile or src.height < grid.tile
@@ -92,13 +94,13 @@ def prepare(model_path: Path, raster: Path, out: Path, opts: ClassifyOptions, ev
             else np.dtype(np.float32))  # scaled pixels are fed as float32
     notes = list(grid.notes)
     if how != "given":
-        notes.append(f"raster bands {bands} feed the model's {', '.join(meta['band_names'])} (from {how})")
+        notes.append(f"raster bands {bands} feed the model's {', '.join(meta.band_names)} (from {how})")
     if small and grid.kind == "pixel":
         notes.append(f"the raster ({size} px) is smaller than one {grid.tile}-px tile: it is classified as one "
                      f"padded tile if at least {opts.min_valid:.0%} of it is valid (--min-valid)")
     out_grid = cell_grid(grid) if opts.vote else grid  # ConfigError now unless the stride divides the tile
     plan = plan_tiles(grid, area)
-    _check_budget(plan, out_grid, out, class_raster, len(meta["class_names"]), opts, events)
+    _check_budget(plan, out_grid, out, class_raster, meta.num_classes, opts, events)
     with _open_raster(raster) as src:
         values = scaling.sample(src, bands)
     scaling.check(values, meta, bands, band_dtypes, opts.scale, events.warning)
@@ -240,7 +242,7 @@ class TileSink(Protocol):
 def _loop(job: Job, engine: Engine, opts: ClassifyOptions, outputs: AtomicOutputs, out: Path, qml: Path,
           class_raster: Path | None, events: Events, setup_s: float) -> ClassifyResult:
     meta, grid = job.meta, job.out_grid
-    names, colors = list(meta["class_names"]), list(meta["class_colors"])
+    names, colors = list(meta.class_names), class_colors(meta.class_names, meta.class_colors)
     style = qml_text(names, colors)
     raster_out = ClassRaster(grid, names) if class_raster or opts.regions else None  # regions dissolve its grid
     writer: TileLayerWriter | None = None
@@ -304,7 +306,7 @@ def classify_plan(model: OnnxClassifier, raster: Path, plan: TilePlan, bands: li
                   sink: TileSink, raster_out: ClassRaster | None, events: Events) -> Counts:
     """Classify the tiles of `plan` (the whole job's, or a worker's shard of it) into `sink`:
     the one read -> infer -> write loop of the engine."""
-    reader = PrefetchReader(raster, plan, bands, fill=model.meta["mean"], batch_size=opts.batch_size,
+    reader = PrefetchReader(raster, plan, bands, fill=model.meta.mean, batch_size=opts.batch_size,
                             min_valid=opts.min_valid, prefetch=opts.prefetch, max_strip_tiles=opts.max_strip_tiles,
                             nice=opts.io_nice, dtype=model.input_dtype, in_flight=model.streams + QUEUED,
                             scale=opts.scale)

@@ -17,6 +17,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from ..errors import DataError
+from ..models.metadata import ModelMeta
 
 SAMPLE_GRID = 16     # windows along each axis: 256 windows
 SAMPLE_WINDOW = 16   # pixels per window side
@@ -39,16 +40,16 @@ def sample(src, bands: Sequence[int]) -> np.ndarray | None:
     return values if values.shape[1] >= MIN_PIXELS else None
 
 
-def check(values: np.ndarray | None, meta: dict, bands: Sequence[int], dtypes: Sequence[str], scale: float,
+def check(values: np.ndarray | None, meta: ModelMeta, bands: Sequence[int], dtypes: Sequence[str], scale: float,
           warn: Callable[[str], None]) -> None:
     """Refuse a clear mismatch of the (scaled) sample with the training statistics; warn on a
     doubtful one."""
-    mean = np.asarray(meta.get("mean") or [], np.float64)
-    std = np.asarray(meta.get("std") or [], np.float64)
+    mean = np.asarray(meta.mean, np.float64)
+    std = np.asarray(meta.std, np.float64)
     if values is None or len(mean) != len(values) or len(std) != len(values):
         return
     values = values * scale
-    names = list(meta.get("band_names") or [])
+    names = list(meta.band_names)
     doubtful = []
     for i, band in enumerate(bands):
         v, m, s = values[i], float(mean[i]), float(std[i])

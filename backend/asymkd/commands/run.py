@@ -9,6 +9,7 @@ from ..config import merge
 from ..fileio import read_json
 from ..layout import RunFolder
 from ..pipeline import resolve_config, run_all
+from ..scores import held_out, split_name
 from ..train import distributed
 from ._options import add_run_options, config_with_outputs, overrides, run_folder_lock, use_threads
 
@@ -90,9 +91,10 @@ def result_lines(run_dir: Path) -> str:
         path = RunFolder(run_dir).metrics(name)
         if path.is_file():
             doc = read_json(path.parent, path.name)
-            part = doc.get("test") or doc.get("val")
-            if isinstance(part, dict) and {"overall_accuracy", "macro_f1"} <= part.keys():
-                scores[name] = (part["overall_accuracy"], part["macro_f1"], "test" if doc.get("test") else "validation")
+            found = held_out(doc)
+            if found is not None:
+                split, part = found
+                scores[name] = (part["overall_accuracy"], part["macro_f1"], split_name(split))
             if name == layout.STUDENT:
                 ms_rows = (doc.get("summary") or {}).get("ms_rows") or 0
     lines = [f"{'distilled' if n == layout.STUDENT else n:>9}: {s[2]} "

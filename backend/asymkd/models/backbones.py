@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError, ModelFileError
+from .metadata import ModelMeta
 
 
 def _efficientnet_lite_weights(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -202,10 +203,9 @@ class SceneClassifier(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "SceneClassifier":
+    def from_meta(cls, meta: ModelMeta) -> "SceneClassifier":
         """The architecture a model folder's metadata describes (weights not loaded)."""
-        return cls(meta["backbone"], meta["in_chans"], meta["num_classes"],
-                   input_size=int(meta.get("input_size") or 0))
+        return cls(meta.backbone, meta.in_chans, meta.num_classes, input_size=meta.input_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size and x.shape[-1] != self.input_size:

@@ -6,6 +6,7 @@ Weights are safetensors, so loading never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ from ..errors import DataError, ModelFileError
 from ..fileio import atomic_write_text, read_regular, temp_path
 from ..layout import META, WEIGHTS
 from .backbones import SceneClassifier
-from .metadata import validate_meta
+from .metadata import MATCHER_KIND, ModelMeta
 
 __all__ = ["WEIGHTS", "META", "atomic_write_text", "save_state", "save_model", "read_meta", "load_model",
            "check_bands"]
 
-CLASSIFIER_KINDS = ("student", "teacher")  # `kind` in meta.json; a matcher folder says "matcher"
+CLASSIFIER_KINDS = ("student", "teacher")  # `kind` in meta.json; a matcher folder says MATCHER_KIND
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -71,26 +72,21 @@ def read_state_dict(path: str | Path, what: str = "weights file") -> dict[str, t
     return state
 
 
-def save_model(folder: Path, model: SceneClassifier, meta: dict[str, Any]) -> Path:
-    """Save a classifier and its metadata. meta must hold: class_names, band_names, mean, std,
-    patch_size (and anything else worth keeping); backbone, in_chans, num_classes and
-    input_size are taken from the model and the names, so they cannot disagree with it."""
+def save_model(folder: Path, model: SceneClassifier, meta: ModelMeta) -> Path:
+    """Save a classifier and its metadata; backbone and input_size are taken from the model
+    (in_chans and num_classes from the name lists), so they cannot disagree with it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for key in ("class_names", "band_names", "mean", "std", "patch_size"):
-        if key not in meta:
-            raise ValueError(f"model metadata lacks '{key}'")
-    meta = {**meta, "backbone": model.backbone_name, "in_chans": len(meta["band_names"]),
-            "num_classes": len(meta["class_names"]), "input_size": model.input_size}
+    meta = dataclasses.replace(meta, backbone=model.backbone_name, input_size=model.input_size)
     # Weights and metadata are one unit: the old meta.json goes first, so a kill between
     # the two renames leaves a folder that is refused as incomplete, never a mixed pair.
     (folder / META).unlink(missing_ok=True)
     save_state(folder / WEIGHTS, model.state_dict())
-    atomic_write_text(folder / META, json.dumps(meta, indent=2))
+    atomic_write_text(folder / META, json.dumps(meta.to_json(), indent=2))
     return folder
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
+def read_meta(folder: Path) -> ModelMeta:
     """The validated metadata of a model folder (see models/metadata.py)."""
     folder = Path(folder)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
@@ -104,15 +100,15 @@ def read_meta(folder: Path) -> dict[str, Any]:
                              "the file is damaged: train the step again (or restore the file)") from exc
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if isinstance(meta, dict) and kind is None and "ms_backbone" in meta:
-        kind = "matcher"  # written before model folders named their kind
+        kind = MATCHER_KIND  # written before model folders named their kind
     if kind is not None and kind not in CLASSIFIER_KINDS:
         raise ModelFileError(f"{folder} holds a {kind} model; this needs a scene classifier "
                              f"({' or '.join(CLASSIFIER_KINDS)})",
                              "point to the run's student folder (e.g. runs/demo/student), or its teacher folder")
-    return validate_meta(meta, str(folder / META))
+    return ModelMeta.from_json(meta, str(folder / META))
 
 
-def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneClassifier, dict[str, Any]]:
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneClassifier, ModelMeta]:
     """The model of a folder, in eval mode; ModelFileError for damaged, mismatched or
     non-finite weights (a diverged training must not be scored or exported)."""
     meta = read_meta(folder)
@@ -128,7 +124,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneC
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelFileError(f"weights in {folder} do not fit backbone {meta['backbone']}: {exc}",
+        raise ModelFileError(f"weights in {folder} do not fit backbone {meta.backbone}: {exc}",
                              "keep model.safetensors and meta.json of the same training together") from exc
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -138,9 +134,9 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[SceneC
     return model.to(device).eval(), meta
 
 
-def check_bands(meta: dict[str, Any], num_bands: int, what: str) -> None:
-    if meta["in_chans"] != num_bands:
+def check_bands(meta: ModelMeta, num_bands: int, what: str) -> None:
+    if meta.in_chans != num_bands:
         raise ModelFileError(
-            f"{what} has {num_bands} bands but the model was trained on {meta['in_chans']} "
-            f"({', '.join(meta['band_names'])})",
+            f"{what} has {num_bands} bands but the model was trained on {meta.in_chans} "
+            f"({', '.join(meta.band_names)})",
             "use data with the model's bands, or train a new model on this data")

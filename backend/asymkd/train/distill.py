@@ -38,6 +38,7 @@ from ..fileio import read_json, read_npy
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
 from ..models.files import check_bands, load_model, save_model
+from ..models.metadata import ModelMeta
 from . import common, distributed, loop
 from .classifier import ClassifierTask, Consistency, trained_rows
 from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
@@ -77,7 +78,7 @@ def teacher_cache(teacher_dir: Path, ms: PatchSet, device: torch.device, amp: bo
         soft = soft[torch.as_tensor(rows)][:, cols]
         soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-12)
         ms = ms.restrict_classes(classes)
-    x = common.normalize(ms.images, meta["mean"], meta["std"])
+    x = common.normalize(ms.images, meta.mean, meta.std)
     with torch.no_grad():
         feats = torch.cat([model.forward_features(xb.to(device)).float()
                            for xb in common.iterate_eval(x, 256)])
@@ -347,17 +348,17 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
     if ms is not None:  # the classes the student knows, and the teacher's it was not taught
         metrics["summary"]["teacher_classes_left_out"] = [c for c in ms.class_names if c not in rgb.class_names]
-    meta = {"class_names": rgb.class_names, "band_names": rgb.band_names,
-            "mean": data.mean, "std": data.std, "patch_size": rgb.size, "role": metrics["step"],
-            "kind": "student", "weights_source": source,
-            # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
-            "gsd": rgb.gsd or (ms.gsd if ms is not None else None), "summary": metrics["summary"],
-            "metrics": {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")}
-                        for s in ("val", "test") if s in metrics}}
+    scores = {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")} for s in ("val", "test") if s in metrics}
+    meta = ModelMeta(backbone=task.model.backbone_name, class_names=rgb.class_names, band_names=rgb.band_names,
+                     mean=data.mean, std=data.std, patch_size=rgb.size, role=metrics["step"], kind="student",
+                     weights_source=source,
+                     # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
+                     gsd=rgb.gsd or (ms.gsd if ms is not None else None), summary=metrics["summary"],
+                     metrics=scores)
     save_model(out_dir, task.model, meta)
     write_metrics_json(out_dir / layout.METRICS, metrics)
     checkpoint.remove()
-    events.metrics(metrics["step"], {**metrics["summary"], **meta["metrics"]})
+    events.metrics(metrics["step"], {**metrics["summary"], **scores})
     return metrics
 
 

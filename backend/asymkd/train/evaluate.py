@@ -27,6 +27,7 @@ from ..errors import DataError
 from ..events import NULL_EVENTS, Events, jsonable
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..models.files import check_bands, load_model
+from ..models.metadata import ModelMeta
 from .common import batch_probs, normalize, resolve_device
 
 # -- preprocessing and prediction -----------------------------------------------------
@@ -268,14 +269,14 @@ def save_curves_png(history: Sequence[dict[str, Any]], path: str | Path, title: 
 
 # -- evaluation of models ----------------------------------------------------------------
 
-def evaluate_patches(model: nn.Module, meta: dict[str, Any], data: PatchSet,
+def evaluate_patches(model: nn.Module, meta: ModelMeta, data: PatchSet,
                      device: str | torch.device = "cpu", batch_size: int = 256,
                      tta: bool = False, events: Events = NULL_EVENTS,
                      step: str = "evaluate") -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of a model on the labeled samples of a patch set, and the probabilities."""
-    probs = predict_probs(model, data.images, meta["mean"], meta["std"], device=device,
+    probs = predict_probs(model, data.images, meta.mean, meta.std, device=device,
                           batch_size=batch_size, tta=tta, events=events, step=step)
-    metrics = classification_metrics(data.labels, probs.argmax(axis=1), meta["class_names"])
+    metrics = classification_metrics(data.labels, probs.argmax(axis=1), meta.class_names)
     return metrics, probs
 
 
@@ -284,30 +285,30 @@ def default_out_dir(model_dir: str | Path, data_dir: str | Path) -> Path:
     return Path(model_dir) / layout.EVAL / (Path(data_dir).resolve().name or "data")
 
 
-def _model_modality(meta: dict[str, Any]) -> str:
-    if meta.get("modality") in ("rgb", "ms"):
-        return str(meta["modality"])
-    return "rgb" if [b.upper() for b in meta["band_names"]] == ["R", "G", "B"] else "ms"
+def _model_modality(meta: ModelMeta) -> str:
+    if meta.modality in ("rgb", "ms"):
+        return str(meta.modality)
+    return "rgb" if [b.upper() for b in meta.band_names] == ["R", "G", "B"] else "ms"
 
 
-def load_eval_data(meta: dict[str, Any], data_dir: str | Path, events: Events = NULL_EVENTS) -> PatchSet:
+def load_eval_data(meta: ModelMeta, data_dir: str | Path, events: Events = NULL_EVENTS) -> PatchSet:
     """A labeled folder dataset in the model's label order, checked against its bands."""
     modality = _model_modality(meta)
     # Bands are read as the files have them and checked before the model's names are given
     # to them, so a band-count mismatch is reported as such (not as a --bands error).
-    data = load_folder(data_dir, modality, class_names=meta["class_names"])
+    data = load_folder(data_dir, modality, class_names=meta.class_names)
     if not data.labeled.any():
         raise DataError(f"{data_dir} has no class folders, so there is nothing to score against",
                         "evaluate on a labeled folder laid out as root/<Class>/<image files>")
     check_bands(meta, data.num_bands, f"dataset {data_dir}")
     file_names = [b.upper() for b in data.band_names]
-    if modality == "ms" and file_names != [b.upper() for b in meta["band_names"]] \
+    if modality == "ms" and file_names != [b.upper() for b in meta.band_names] \
             and not all(b.startswith("BAND") for b in file_names):
         events.warning(f"band names in {data_dir} ({', '.join(data.band_names)}) differ from the "
-                       f"model's ({', '.join(meta['band_names'])}); bands are used in file order")
-    data.band_names = list(meta["band_names"])
-    patch = meta.get("patch_size")
-    if patch and data.size != int(patch):
+                       f"model's ({', '.join(meta.band_names)}); bands are used in file order")
+    data.band_names = list(meta.band_names)
+    patch = meta.patch_size
+    if data.size != patch:
         events.warning(f"patches in {data_dir} are {data.size} px, the model was trained on "
                        f"{patch} px; scores may suffer")
     absent = [c for c, n in data.class_counts().items() if n == 0]

@@ -25,6 +25,7 @@ from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_write_text, read_json, read_regular
 from ..models.files import save_state
 from ..models.losses import masked_info_nce
+from ..models.metadata import MatcherMeta
 from . import common, distributed, loop
 from .evaluate import write_metrics_json
 
@@ -101,11 +102,11 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
         same_class = float((labels[(zr_all @ zm_all.T).argmax(1)] == labels).float().mean())
     summary = {"positives": source, "pairs": len(ms_idx), "retrieval_top1": retrieval,
                "retrieval_same_class": same_class}
-    meta = {"kind": "matcher", "ms_backbone": mc.backbone_ms, "rgb_backbone": mc.backbone_rgb, "ms_chans": ms.num_bands,
-            "embed_dim": mc.embed_dim, "ms_mean": ms_mean, "ms_std": ms_std, "rgb_mean": rgb_mean,
-            "rgb_std": rgb_std, "band_names": ms.band_names, "summary": summary}
+    meta = MatcherMeta(ms_backbone=mc.backbone_ms, rgb_backbone=mc.backbone_rgb, ms_chans=ms.num_bands,
+                       embed_dim=mc.embed_dim, ms_mean=ms_mean, ms_std=ms_std, rgb_mean=rgb_mean, rgb_std=rgb_std,
+                       band_names=ms.band_names, summary=summary)
     save_state(out_dir / layout.WEIGHTS, model.cpu().state_dict())
-    atomic_write_text(out_dir / layout.META, json.dumps(meta, indent=2))
+    atomic_write_text(out_dir / layout.META, json.dumps(meta.to_json(), indent=2))
     metrics = {"step": "matcher", "history": history, "summary": summary}
     write_metrics_json(out_dir / layout.METRICS, metrics)
     checkpoint.remove()
@@ -119,19 +120,17 @@ def embed(encoder: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
     return torch.cat([encoder(xb.to(device)).cpu() for xb in common.iterate_eval(x, batch_size)])
 
 
-MATCHER_META_KEYS = ("ms_backbone", "rgb_backbone", "ms_chans", "embed_dim", "ms_mean", "ms_std")
-
-
-def load_matcher(folder: Path) -> tuple[Matcher, dict]:
+def load_matcher(folder: Path) -> tuple[Matcher, MatcherMeta]:
     """The trained matcher of a run's matcher folder; ModelFileError (exit 2) naming the
     file and `asymkd matcher` when it is missing or damaged."""
     from safetensors.torch import load
     folder = Path(folder)
     if not (folder / layout.META).is_file():
         raise ModelFileError(f"{folder} holds no trained matcher", "run `asymkd matcher` first")
-    meta = read_json(folder, layout.META, MATCHER_META_KEYS)
+    doc = read_json(folder, layout.META, MatcherMeta.REQUIRED)
+    meta = MatcherMeta.from_json(doc, str(folder / layout.META), layout.remake_hint(folder))
     try:
-        model = Matcher(meta["ms_backbone"], meta["rgb_backbone"], meta["ms_chans"], meta["embed_dim"])
+        model = Matcher(meta.ms_backbone, meta.rgb_backbone, meta.ms_chans, meta.embed_dim)
         model.load_state_dict(load(read_regular(folder, layout.WEIGHTS)))
     except AsymKDError:
         raise

@@ -23,6 +23,7 @@ from ..events import NULL_EVENTS, Events
 from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text, read_npz
 from ..models.backbones import SceneClassifier, weights_source
 from ..models.files import save_model
+from ..models.metadata import ModelMeta
 from . import common, distributed, loop
 from .classifier import ClassifierTask
 from .evaluate import classification_metrics, predict_probs, write_metrics_json
@@ -170,10 +171,9 @@ def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = 
     summary = {"ms_samples": len(ms), "classes": k, "folds": tc.folds,
                "out_of_fold_accuracy": oof_acc if folds else None,
                "soft_label_confidence": float(soft.max(1).mean())}
-    meta = {"class_names": ms.class_names, "band_names": ms.band_names,
-            "mean": mean, "std": std, "patch_size": ms.size, "role": "teacher", "kind": "teacher",
-            "weights_source": start_source(tc),
-            "gsd": ms.gsd, "summary": summary}
+    meta = ModelMeta(backbone=fit.model.backbone_name, class_names=ms.class_names, band_names=ms.band_names,
+                     mean=mean, std=std, patch_size=ms.size, gsd=ms.gsd, role="teacher", kind="teacher",
+                     weights_source=start_source(tc), summary=summary)
     save_model(out_dir, fit.model.cpu(), meta)
     atomic_save_npy(out_dir / layout.SOFT_LABELS, soft)
     atomic_write_text(out_dir / layout.MS_INDEX, json.dumps({"stems": ms.stems, "paths": ms.paths,
