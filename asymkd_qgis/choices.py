@@ -22,6 +22,7 @@ class EngineChoices:
     backbones: dict[str, dict[str, str]]           # name -> {"source", "about"}
     config: dict[str, dict[str, str]] = field(default_factory=dict)  # config key -> {name: about}
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # teacher/distill -> defaults
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. classify.batch_size -> {default}
     note: str = ""
     fallback: bool = False                          # the engine was not asked
 
@@ -31,6 +32,10 @@ class EngineChoices:
 
     def default(self, section: str, key: str, fallback: Any = None) -> Any:
         return (self.defaults.get(section) or {}).get(key, fallback)
+
+    def setting_default(self, key: str) -> Any:
+        """The engine's default of one setting (e.g. 'classify.batch_size'); None when not named."""
+        return (self.settings.get(key) or {}).get("default")
 
     def source(self, backbone: str, pretrained: bool = True, weights: bool = False) -> str:
         """Where a backbone's starting weights come from: file, scratch, bundled or hub."""
@@ -68,7 +73,9 @@ def from_report(report: dict[str, Any]) -> EngineChoices:
     # command options with named choices, e.g. classify --uncertain-by, as "classify.uncertain_by"
     for key, table in (report.get("classify") or {}).items():
         config[f"classify.{key}"] = {str(n): str(a) for n, a in table.items()}
-    return EngineChoices(backbones, config, dict(report.get("defaults") or {}), str(report.get("backbone_note", "")))
+    settings = {str(key): dict(spec) for key, spec in (report.get("settings") or {}).items() if isinstance(spec, dict)}
+    return EngineChoices(backbones, config, dict(report.get("defaults") or {}), settings,
+                         str(report.get("backbone_note", "")))
 
 
 def engine_choices(engine: Engine, refresh: bool = False) -> EngineChoices:

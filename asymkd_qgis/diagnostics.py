@@ -22,7 +22,8 @@ from qgis.PyQt.QtWidgets import (
 
 from . import paths, settings
 from .engine import Engine
-from .tasks import EngineCommand, EngineJob
+from .runner import EngineCommand
+from .tasks import EngineJob
 from .widgets import plain_label
 
 

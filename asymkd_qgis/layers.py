@@ -31,7 +31,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import Qt
 
-from .validation import InputError
+from .errors import InputError
 
 # The layers of a classification GeoPackage (the engine's names).
 TILES, AREAS, REGIONS = "tiles", "class_areas", "regions"

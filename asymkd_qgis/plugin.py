@@ -15,7 +15,7 @@ try:  # Qt6 (QGIS 4) has QAction in QtGui, Qt5 in QtWidgets
 except ImportError:
     from qgis.PyQt.QtWidgets import QAction
 
-from . import envsetup, paths
+from . import envbuilder, envsetup, paths
 from .engine import EngineUnavailable
 from .notify import Notifier
 
@@ -28,7 +28,7 @@ class AsymKDPlugin:
         self.provider = None
         self.dock = None
         self.actions: list[QAction] = []
-        self.builder: envsetup.EnvironmentBuilder | None = None
+        self.builder: envbuilder.EnvironmentBuilder | None = None
         self.diagnostics = None
         self.notifier = Notifier(iface, create_environment=self.create_environment)
 
@@ -73,7 +73,7 @@ class AsymKDPlugin:
         """The review panel for the active (or last classified) AsymKD tile layer."""
         if self.dock is None:
             return None
-        panel = self.dock.open_review()
+        panel = self.dock.forms["classify"].open_review()
         if panel is None:
             self.notifier.warning("AsymKD", "No AsymKD tile layer to review: classify a raster first, or load "
                                   "a classified GeoPackage and select its tile layer in the Layers panel.")
@@ -90,10 +90,11 @@ class AsymKDPlugin:
     def unload(self) -> None:
         if self.dock is not None:
             self._stop_jobs(list(self.dock.jobs.values()))
-            if self.dock.review is not None:
-                self.iface.removeDockWidget(self.dock.review)
-                self.dock.review.release()
-                self.dock.review = None
+            classify = self.dock.forms["classify"]
+            if classify.review is not None:
+                self.iface.removeDockWidget(classify.review)
+                classify.review.release()
+                classify.review = None
             self.iface.removeDockWidget(self.dock)
             self.dock.setParent(None)
             self.dock.deleteLater()
@@ -128,7 +129,8 @@ class AsymKDPlugin:
             time.sleep(0.02)
 
     # -- engine environment ------------------------------------------------------------------
-    def create_environment(self, confirm: bool = True, wheels: str | None = None) -> envsetup.EnvironmentBuilder | None:
+    def create_environment(self, confirm: bool = True,
+                           wheels: str | None = None) -> envbuilder.EnvironmentBuilder | None:
         """Create (or repair) the engine environment, from the package registry or, with
         `wheels`, from a folder of wheels / an unpacked offline bundle without downloading."""
         if self.builder is not None and not self.builder.done:
@@ -149,7 +151,7 @@ class AsymKDPlugin:
                 "QGIS's own Python is not changed.")
             if answer != QMessageBox.StandardButton.Yes:
                 return None
-        self.builder = envsetup.EnvironmentBuilder(plan)
+        self.builder = envbuilder.EnvironmentBuilder(plan)
         self.builder.builderFinished.connect(self._environment_done)
         if self.dock is not None:
             self.dock.track_builder(self.builder)
@@ -157,12 +159,12 @@ class AsymKDPlugin:
                            "of the AsymKD dock and in the task bar).")
         return self.builder.start()
 
-    def create_environment_from_folder(self) -> envsetup.EnvironmentBuilder | None:
+    def create_environment_from_folder(self) -> envbuilder.EnvironmentBuilder | None:
         folder = QFileDialog.getExistingDirectory(self.iface.mainWindow(),
                                                   "Folder of wheels or unpacked AsymKD offline bundle")
         return self.create_environment(wheels=folder) if folder else None
 
-    def _environment_done(self, builder: envsetup.EnvironmentBuilder) -> None:
+    def _environment_done(self, builder: envbuilder.EnvironmentBuilder) -> None:
         if builder.ok:
             self.notifier.success("AsymKD engine", builder.message, key="engine")
         elif builder.cancelled:

@@ -48,7 +48,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import layers
-from .validation import InputError
+from .errors import InputError
 from .widgets import ERROR_STYLE, guard_form, plain_label, wrap_labels
 
 # What makes a layer an AsymKD tile layer, and the fields a review writes.

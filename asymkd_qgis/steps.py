@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle, QgsVectorLayer
 
 from . import layers, layout, results
+from .errors import InputError
 from .layout import RunLayout
-from .tasks import EngineCommand, PreStep
-from .validation import InputError, check_labels, check_rgb_raster
+from .modelinfo import ModelInfoError, read_model_info
+from .runner import EngineCommand, Prepared, PreStep
+from .validation import check_labels, check_rgb_raster
 
 # The device choices of the forms (the engine also takes cuda:N, e.g. in More settings).
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,22 +29,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PAIR_METHODS = ("balanced", "nearest")
 DOMAIN_LOSSES = ("coral", "coral_rel", "mmd")
 UNCERTAINTY_MEASURES = ("confidence", "margin", "entropy")  # classify --uncertain-by
-
-
-@dataclass
-class Prepared:
-    """What one step runs: exports in the job's worker thread, then the engine commands.
-    Preparing writes nothing (a form's inputs can be checked with it)."""
-
-    name: str
-    commands: list[EngineCommand] = field(default_factory=list)
-    pre_steps: list[PreStep] = field(default_factory=list)
-    output: Path | None = None  # the file the step writes, when the form loads it
-
-    def add(self, other: "Prepared") -> "Prepared":
-        self.commands += other.commands
-        self.pre_steps += other.pre_steps
-        return self
 
 
 @dataclass(frozen=True)
@@ -287,58 +273,101 @@ def export_command(model: Path, out: Path) -> EngineCommand:
     return EngineCommand(["export", str(model), "--out", str(out), "--overwrite"], "exporting the model", weight=0.3)
 
 
+# -- classify ---------------------------------------------------------------------------------
+# The classify options are the engine's (asymkd.classify.ClassifyOptions, by its names): the
+# forms send only what the user set, so the engine's defaults apply to the rest.
+def engine_flags(chosen: dict[str, Any]) -> list[str]:
+    """`--name value` for each option set (True: the flag alone); None, "" and False are not sent."""
+    args: list[str] = []
+    for name, value in chosen.items():
+        if value is None or value is False or value == "":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
+def _applicable(chosen: dict[str, Any]) -> dict[str, Any]:
+    """Drop what the other choices make moot, as the forms grey it out (the engine refuses some)."""
+    chosen = dict(chosen)
+    if chosen.get("xyz_zoom") is not None:
+        chosen.pop("tile", None)
+        chosen.pop("stride", None)
+    if not chosen.get("uncertain_below"):
+        chosen.pop("uncertain_by", None)
+    if not chosen.get("regions"):
+        chosen.pop("min_region_ha", None)
+    if chosen.get("device") == "auto":  # the forms' "auto" is the engine's own choice
+        chosen.pop("device")
+    if chosen.get("bands"):
+        chosen["bands"] = str(chosen["bands"]).replace(" ", "")
+    return chosen
+
+
 @dataclass
-class ClassifyOptions:
-    bands: str = ""
-    tile: int = 0
-    stride: int = 0
-    xyz_zoom: int | None = None
-    batch_size: int = 0
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str = ""
-    mask: str = ""
-    device: str = "auto"
-    overwrite: bool = True
-    uncertain_below: float = 0.0  # mark tiles whose certainty is below this as uncertain; 0: none
-    uncertain_by: str = ""        # the certainty measure; empty: the engine's default
-    regions: bool = False         # also dissolve neighbouring tiles of a class into regions
-    min_region_ha: float = 0.0    # with regions: drop smaller ones; 0: the engine's default
+class Area:
+    """Where to classify: its engine flags (none: the whole raster) and the extent and CRS
+    that an export of the raster covers."""
 
-    def output_args(self) -> list[str]:
-        """The flags of the optional outputs: uncertain tiles and merged regions."""
-        args: list[str] = []
-        if self.uncertain_below > 0:
-            args += ["--uncertain-below", f"{float(self.uncertain_below):g}"]
-            args += ["--uncertain-by", self.uncertain_by] if self.uncertain_by else []
-        if self.regions:
-            args.append("--regions")
-            args += ["--min-region-ha", f"{float(self.min_region_ha):g}"] if self.min_region_ha > 0 else []
-        return args
+    flags: list[str]
+    extent: QgsRectangle
+    crs: QgsCoordinateReferenceSystem
 
 
-def classify_command(model: Path, raster: str, out: Path, options: ClassifyOptions) -> EngineCommand:
-    args = ["classify", str(model), str(raster), "--out", str(out)]
-    if options.bands:
-        args += ["--bands", options.bands.replace(" ", "")]
-    if options.bbox is not None:
+def classify_area(raster: QgsRasterLayer, folder: Path, prepared: Prepared,
+                  box: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None,
+                  mask: QgsVectorLayer | None = None, selected: bool = False) -> Area:
+    """A box, polygons (with `selected`, the selected ones: written by the job, not now), or
+    with neither the whole raster."""
+    if box is not None:
+        extent, crs = box
+        corners = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
         # one token: a box with a negative minx would otherwise read as an option
-        args.append("--bbox=" + ",".join(f"{v:.10g}" for v in options.bbox))
-        if options.bbox_crs:
-            args += ["--bbox-crs", options.bbox_crs]
-    elif options.mask:
-        args += ["--mask", options.mask]
-    if options.xyz_zoom is not None:
-        args += ["--xyz-zoom", str(int(options.xyz_zoom))]
-    else:
-        if options.tile:
-            args += ["--tile", str(int(options.tile))]
-        if options.stride:
-            args += ["--stride", str(int(options.stride))]
-    if options.batch_size:
-        args += ["--batch-size", str(int(options.batch_size))]
-    if options.device and options.device != "auto":
-        args += ["--device", options.device]
-    args += options.output_args()
-    if options.overwrite:
-        args.append("--overwrite")
+        flags = ["--bbox=" + ",".join(f"{v:.10g}" for v in corners)]
+        return Area(flags + (["--bbox-crs", crs.authid()] if crs.authid() else []), extent, crs)
+    if mask is not None:
+        if selected and mask.selectedFeatureCount() == 0:
+            raise InputError(f"No polygons are selected in '{mask.name()}': select the area's polygons first.")
+        source = vector_file(mask, folder, prepared, only_selected=selected)
+        flags = ["--mask", source.path] + (["--mask-layer", source.layer_name] if source.layer_name else [])
+        return Area(flags, mask.boundingBoxOfSelected() if selected else mask.extent(), mask.crs())
+    return Area([], raster.extent(), raster.crs())
+
+
+def classify_model(model: Path, prepared: Prepared, missing: str) -> Path:
+    """`model`; when it is a run's student.onnx and the student beside it is newer (or not
+    exported yet), the export runs first. InputError(`missing`) when there is neither."""
+    run = RunLayout(model.parent)
+    weights = run.student_weights
+    if model == run.student_onnx and weights.is_file() and (
+            not model.is_file() or model.stat().st_mtime < weights.stat().st_mtime):
+        prepared.commands.append(export_command(run.student, model))
+    elif not model.is_file():
+        raise InputError(missing)
+    return model
+
+
+def model_gsd(model: Path, strict: bool = False) -> float | None:
+    """The ground resolution the model was trained at (web layers are exported at it), read
+    from the model or else the student folder beside it (a model not exported yet). None when
+    unknown; with `strict`, a model file that neither explains is an InputError."""
+    try:
+        return read_model_info(model).gsd
+    except ModelInfoError as exc:
+        error = exc
+    try:
+        return read_model_info(RunLayout(model.parent).student).gsd
+    except ModelInfoError:
+        if strict and model.is_file():
+            raise InputError(str(error)) from error
+        return None
+
+
+def classify_command(model: Path, raster: str, out: Path, area: Area, chosen: dict[str, Any]) -> EngineCommand:
+    """`chosen`: the classify options the user set, by the engine's names (tile, batch_size,
+    uncertain_below, overwrite, ...); None leaves the engine's default."""
+    args = ["classify", str(model), str(raster), "--out", str(out), *area.flags, *engine_flags(_applicable(chosen))]
     return EngineCommand(args, "classifying tiles", weight=2.0)

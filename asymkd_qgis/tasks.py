@@ -1,22 +1,21 @@
-"""Background jobs: a QgsTask runs engine commands one after another in a worker thread.
+"""Background jobs of the dock: a QgsTask runs one prepared step (runner.py) in a worker thread.
 
 `EngineJob` is the Python-side record of a job (state, outcomes, signals for the dock); it
-outlives its `EngineTask`, which the task manager deletes when it ends. Events reach the
-GUI through queued signals; log lines go to the QGIS log panel (thread-safe).
+outlives its `EngineTask`, which the task manager deletes when it ends. Progress reaches the
+GUI through a queued signal; log lines go to the QGIS log panel (thread-safe).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from qgis.core import Qgis, QgsApplication, QgsFeedback, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
-from .engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
-from .validation import InputError
+from .engine import Engine, Outcome
+from .runner import CANCELLED, FAILED, OK, EngineCommand, Prepared, PreStep, Runner, RunRecord
 
 LOG_TAG = "AsymKD"
 
@@ -24,78 +23,15 @@ _LOG_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, 
                "error": Qgis.MessageLevel.Critical}
 
 
-@dataclass
-class PreStep:
-    """Work in the job's worker thread before the engine starts (e.g. exporting a web layer):
-    `run(feedback)` may raise InputError; a cancel sets the feedback."""
-
-    label: str
-    run: Callable[[QgsFeedback], Any]
-
-
-@dataclass
-class EngineCommand:
-    """One engine command line (without the program) and what to call it in the GUI.
-
-    `phases`: the progress steps the command reports one after the other (e.g. distill, then
-    baseline), so that one bar covers them all.
-    """
-
-    args: list[str]
-    label: str = ""
-    weight: float = 1.0
-    phases: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.args = [str(a) for a in self.args]
-        if not self.label:
-            self.label = self.args[0] if self.args else "engine"
-
-
-class ProgressMapper:
-    """One fraction for a command whose progress events come from several sub-steps.
-
-    Sub-steps named 'k/n' (e.g. 'teacher fold 2/5', followed by the final 'teacher') take
-    equal shares; so do the command's known phases; anything else (an evaluation pass) keeps
-    the bar where it is. The fraction never goes back.
-    """
-
-    def __init__(self, phases: tuple[str, ...] = ()):
-        self.phases = tuple(phases)
-        self.folds = 0
-        self.value = 0.0
-
-    def __call__(self, event: dict[str, Any]) -> float:
-        step = str(event.get("step", ""))
-        fraction = max(0.0, min(1.0, float(event.get("fraction") or 0.0)))
-        numbered = re.search(r"(\d+)\s*/\s*(\d+)\s*$", step)
-        phase = next((i for i, name in enumerate(self.phases) if step.startswith(name)), None)
-        if numbered and int(numbered.group(2)) > 0:
-            done, count = int(numbered.group(1)), int(numbered.group(2))
-            self.folds = count
-            value = (done - 1 + fraction) / (count + 1)
-        elif self.folds:
-            value = (self.folds + fraction) / (self.folds + 1)
-        elif self.phases:
-            if phase is None:
-                return self.value
-            value = (phase + fraction) / len(self.phases)
-        else:
-            value = fraction
-        self.value = max(self.value, value)
-        return self.value
-
-
 def log(message: str, level: Any = Qgis.MessageLevel.Info) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, level)
 
 
 class EngineJob(QObject):
-    """A sequence of engine commands run by one QgsTask; emits events and the end state."""
+    """A sequence of engine commands run by one QgsTask; emits progress and the end state."""
 
-    PENDING, RUNNING, OK, FAILED, CANCELLED = "pending", "running", "ok", "failed", "cancelled"
+    PENDING, RUNNING, OK, FAILED, CANCELLED = "pending", "running", OK, FAILED, CANCELLED
 
-    eventReceived = pyqtSignal(dict)
     progressChanged = pyqtSignal(float, str)  # percent, text
     jobFinished = pyqtSignal(object)  # the job
 
@@ -106,10 +42,8 @@ class EngineJob(QObject):
         self.commands = commands
         self.pre_steps = list(pre_steps or [])
         self.engine = engine or Engine.from_settings()
-        self.outcomes: list[Outcome] = []
+        self.record = RunRecord()
         self.state = self.PENDING
-        self.failure: str | None = None  # why it did not run (e.g. engine missing)
-        self.engine_unavailable = False
         self.task: EngineTask | None = None
         self.pid: int | None = None
 
@@ -131,34 +65,62 @@ class EngineJob(QObject):
 
     # -- results ---------------------------------------------------------------------
     @property
+    def outcomes(self) -> list[Outcome]:
+        return self.record.outcomes
+
+    @property
+    def engine_unavailable(self) -> bool:
+        return self.record.engine_unavailable
+
+    @property
     def results(self) -> dict[str, str]:
-        merged: dict[str, str] = {}
-        for outcome in self.outcomes:
-            merged.update(outcome.results)
-        return merged
+        return self.record.results
 
     @property
     def metrics(self) -> dict[str, dict[str, Any]]:
-        merged: dict[str, dict[str, Any]] = {}
-        for outcome in self.outcomes:
-            merged.update(outcome.metrics)
-        return merged
+        return self.record.metrics
 
     def message(self) -> str:
         """Why the job failed or was cancelled, in the engine's words."""
-        if self.failure:
-            return self.failure
         if self.state == self.CANCELLED:
             return f"{self.name} was cancelled; nothing was added."
-        for outcome in reversed(self.outcomes):
-            if not outcome.ok:
-                return outcome.message()
-        return f"{self.name} finished."
+        return self.record.message() or f"{self.name} finished."
+
+    def environment_broken(self) -> bool:
+        """Whether a crash came from the environment (a module missing or failing to import)
+        rather than from the engine: the user is then offered to repair it."""
+        if self.engine_unavailable:
+            return True
+        crashed = [o for o in self.outcomes if o.returncode == 1]
+        for outcome in crashed:
+            text = "\n".join(outcome.stderr_tail) + (outcome.error.message if outcome.error else "")
+            modules = re.findall(r"No module named '([^']+)'", text)
+            if any(name.split(".")[0] != "asymkd" for name in modules) or "_ARRAY_API not found" in text:
+                return True
+        # Judge by what the engine needs, never by the wording of the error.
+        return bool(crashed) and not self.engine.state().working
 
     def _finish(self, state: str) -> None:
         self.state = state
         self.task = None
         self.jobFinished.emit(self)
+
+
+class _TaskSink:
+    """The runner's sink for a job: the task's bar, the job's signal, the QGIS log."""
+
+    def __init__(self, task: "EngineTask"):
+        self.task = task
+
+    def progress(self, percent: float, label: str) -> None:
+        self.task.setProgress(percent)
+        self.task.job.progressChanged.emit(percent, label)
+
+    def log(self, message: str, level: str) -> None:
+        log(message, _LOG_LEVELS.get(level, Qgis.MessageLevel.Info))
+
+    def cancelled(self) -> bool:
+        return self.task.isCanceled()
 
 
 class EngineTask(QgsTask):
@@ -175,72 +137,16 @@ class EngineTask(QgsTask):
 
     def run(self) -> bool:  # worker thread
         job = self.job
-        total_weight = sum(c.weight for c in job.commands) + 0.5 * len(job.pre_steps) or 1.0
-        done_weight = 0.0
+        runner = Runner(job.engine, _TaskSink(self), self.feedback, on_start=lambda pid: setattr(job, "pid", pid))
+        job.record = runner.record
         try:
-            for step in job.pre_steps:
-                if self.isCanceled():
-                    return False
-                log(f"{job.name}: {step.label}")
-                job.progressChanged.emit(100.0 * done_weight / total_weight, f"{step.label}...")
-                step.run(self.feedback)
-                done_weight += 0.5
-                self.setProgress(100.0 * done_weight / total_weight)
-            for command in job.commands:
-                if self.isCanceled():
-                    return False
-                log(f"{job.name}: {command.label}: asymkd {' '.join(command.args)}")
-                base = 100.0 * done_weight / total_weight
-                span = 100.0 * command.weight / total_weight
-                mapper = ProgressMapper(command.phases)
-
-                def on_event(event: dict[str, Any], base=base, span=span, label=command.label, mapper=mapper) -> None:
-                    self._on_event(event, base, span, label, mapper)
-
-                outcome = run_engine(job.engine, command.args, on_event=on_event,
-                                     on_stderr=lambda line: log(line, Qgis.MessageLevel.Info),
-                                     is_cancelled=self.isCanceled,
-                                     on_start=lambda pid: setattr(job, "pid", pid))
-                job.outcomes.append(outcome)
-                if not outcome.ok:
-                    return False
-                done_weight += command.weight
-                self.setProgress(100.0 * done_weight / total_weight)
-            return True
-        except EngineUnavailable as exc:
-            job.failure = str(exc)
-            job.engine_unavailable = True
-            return False
-        except InputError as exc:
-            job.failure = None if self.isCanceled() else str(exc)
-            return False
+            runner.run(Prepared(job.name, job.commands, job.pre_steps))
         except Exception as exc:  # a plugin bug must not take QGIS down
-            job.failure = f"{type(exc).__name__}: {exc}"
-            return False
-
-    def _on_event(self, event: dict[str, Any], base: float, span: float, label: str,
-                  mapper: ProgressMapper) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            percent = base + span * mapper(event)
-            self.setProgress(percent)
-            self.job.progressChanged.emit(percent, f"{label} - {describe_progress(event)}")
-        elif kind == "log":
-            log(str(event.get("message", "")), _LOG_LEVELS.get(str(event.get("level")), Qgis.MessageLevel.Info))
-        elif kind == "warning":
-            log(str(event.get("message", "")), Qgis.MessageLevel.Warning)
-        elif kind == "error":
-            log(f"{event.get('kind')}: {event.get('message')} {event.get('hint') or ''}".strip(),
-                Qgis.MessageLevel.Critical)
-        elif kind == "step" and event.get("status") == "started":
-            self.job.progressChanged.emit(base, f"{label} - {event.get('step')}")
-        self.job.eventReceived.emit(event)
+            runner.record.end(FAILED, runner.label, f"{type(exc).__name__}: {exc}")
+        return runner.record.state == OK
 
     def finished(self, result: bool) -> None:  # main thread
-        job = self.job
-        if result:
-            job._finish(EngineJob.OK)
-        elif self.isCanceled() or any(o.cancelled for o in job.outcomes):
-            job._finish(EngineJob.CANCELLED)
-        else:
-            job._finish(EngineJob.FAILED)
+        state = self.job.record.state or FAILED  # empty: the task was cancelled before it ran
+        if not result and self.isCanceled():
+            state = CANCELLED
+        self.job._finish(state)

@@ -22,11 +22,9 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
+from .errors import InputError
+
 MIN_CLASSES = 2
-
-
-class InputError(Exception):
-    """Bad input from the user; the message is meant for the message bar as is."""
 
 
 def require_layer(layer: QgsMapLayer | None, what: str) -> QgsMapLayer:

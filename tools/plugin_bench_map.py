@@ -79,21 +79,21 @@ def fill_dock(dock, layer: dict, run_dir: Path, args: argparse.Namespace) -> Non
     """Every step's inputs and options, and a progress line per 10 % of each step."""
     from asymkd_qgis.dock import STEPS
     fill_data_step(dock, layer, run_dir, layer["rgb_overlap"])
-    dock.chip_size.setValue(64)
-    dock.teacher_bands.setCurrentText("sentinel2")
-    dock.teacher_epochs.setValue(args.teacher_epochs)
-    dock.matcher_epochs.setValue(args.matcher_epochs)
-    dock.distill_epochs.setValue(args.distill_epochs)
-    for edit in (dock.teacher_settings, dock.matcher_settings, dock.distill_settings):
+    dock.forms["data"].chip_size.setValue(64)
+    dock.forms["teacher"].bands.setCurrentText("sentinel2")
+    dock.forms["teacher"].epochs.setValue(args.teacher_epochs)
+    dock.forms["matcher"].epochs.setValue(args.matcher_epochs)
+    dock.forms["distill"].epochs.setValue(args.distill_epochs)
+    for edit in (dock.forms["teacher"].settings, dock.forms["matcher"].settings, dock.forms["distill"].settings):
         edit.setText(args.settings)
-    dock.device.setCurrentText(args.device)
-    dock.distill_device.setCurrentText(args.device)
-    dock.baseline.setChecked(True)
-    dock.classify_layer.setLayer(layer["rgb_test_scene"])
-    dock.area.setCurrentText("Whole layer")
-    dock.grid.setCurrentIndex(0)
-    dock.tile.setValue(64)
-    dock.stride.setValue(64)
+    dock.forms["teacher"].device.setCurrentText(args.device)
+    dock.forms["distill"].device.setCurrentText(args.device)
+    dock.forms["distill"].baseline.setChecked(True)
+    dock.forms["classify"].layer.setLayer(layer["rgb_test_scene"])
+    dock.forms["classify"].area.setCurrentText("Whole layer")
+    dock.forms["classify"].grid.setCurrentIndex(0)
+    dock.forms["classify"].tile.setValue(64)
+    dock.forms["classify"].stride.setValue(64)
     for step in STEPS:
         dock.panels[step].progress.valueChanged.connect(
             lambda value, s=step: print(f"  {s}: {value}% {dock.panels[s].status.text()}", flush=True)
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(state != "ok" for _, state, _ in finished):
             print(f"failed: {dock.notifier.last.text if dock.notifier.last else ''}", file=sys.stderr)
             return 1
-        report = bench_report(data, out / "run", args, finished, dock.loaded_layers[-1], layer["rgb_test_labels"])
+        report = bench_report(data, out / "run", args, finished, dock.forms["classify"].loaded_layers[-1],
+                              layer["rgb_test_labels"])
         (out / "plugin-map-bench.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         QgsProject.instance().removeAllMapLayers()

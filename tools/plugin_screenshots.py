@@ -123,11 +123,11 @@ def add_layers(paths: dict) -> dict:
 def run_loop(app, dock, layer: dict, run_dir: Path, epochs: int) -> None:
     """The five steps from the dock, with a few epochs each."""
     fill_data_step(dock, layer, run_dir, layer["rgb_scene"])
-    for spin in (dock.teacher_epochs, dock.matcher_epochs, dock.distill_epochs):
+    for spin in (dock.forms["teacher"].epochs, dock.forms["matcher"].epochs, dock.forms["distill"].epochs):
         spin.setValue(epochs)
-    dock.teacher_settings.setText("teacher.folds=0")
-    dock.classify_layer.setLayer(layer["rgb_test_scene"])
-    dock.uncertain_below.setValue(0.6)  # the review screenshots show the tiles marked uncertain
+    dock.forms["teacher"].settings.setText("teacher.folds=0")
+    dock.forms["classify"].layer.setLayer(layer["rgb_test_scene"])
+    dock.forms["classify"].uncertain_below.setValue(0.6)  # the review screenshots show the tiles marked uncertain
     finished = run_all_steps(app, dock, 1800)
     print(f"all steps: {[(step, state) for step, state, _ in finished]} in {finished[-1][2]:.0f} s")
     if any(state != "ok" for _, state, _ in finished):
@@ -202,15 +202,15 @@ def review_screenshots(app, out: Path, gpkg: Path, scene) -> None:
     window.resize(1500, 1000)
     window.show()
     tiles = layers.load_vector_result(gpkg, name=f"{Path(gpkg).stem} tiles")
-    dock.loaded_layers.append(tiles)
-    dock.show_classified(gpkg)
+    dock.forms["classify"].loaded_layers.append(tiles)
+    dock.forms["classify"].show_classified(gpkg)
     dock.show_step("classify")
     dock.setFloating(True)
     grab_whole_dock(app, dock, out / "dock-6-areas.png")
     dock.hide()
     render_map([tiles, scene], tiles.extent(), out / "map-uncertain.png", legend_layer=tiles)
     print(out / "map-uncertain.png")
-    panel = dock.open_review(tiles)
+    panel = dock.forms["classify"].open_review(tiles)
     if panel is None:
         raise SystemExit(f"{gpkg} is not a tile layer the review panel takes")
     panel.setFloating(True)
@@ -246,8 +246,8 @@ def loop_screenshots(app, out: Path, work: Path, args: argparse.Namespace) -> No
     run_loop(app, dock, layer, work / "run", args.epochs)
     out.mkdir(parents=True, exist_ok=True)
     step_screenshots(app, dock, out)
-    if dock.loaded_layers:
-        classified = dock.loaded_layers[-1]
+    if dock.forms["classify"].loaded_layers:
+        classified = dock.forms["classify"].loaded_layers[-1]
         map_screenshots(app, window, iface.mapCanvas(), classified, layer["rgb_test_scene"], out)
         window.close()
         review_screenshots(app, out, Path(classified.source().split("|")[0]), layer["rgb_test_scene"])

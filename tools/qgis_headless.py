@@ -90,13 +90,13 @@ def fill_data_step(dock, layer: dict, run_dir: Path, pair_layer) -> None:
     """Point the dock's Data step at map layers keyed ms_scene, ms_labels, rgb_scene,
     rgb_labels, rgb_test_scene, rgb_test_labels (label field `class`)."""
     dock.run_dir.setFilePath(str(run_dir))
-    dock.ms_source.set_layer(layer["ms_scene"])
-    dock.ms_labels.set(layer["ms_labels"], "class")
-    dock.pair_raster.setLayer(pair_layer)
-    dock.rgb_source.set_layer(layer["rgb_scene"])
-    dock.rgb_labels.set(layer["rgb_labels"], "class")
-    dock.test_source.set_layer(layer["rgb_test_scene"])
-    dock.test_labels.set(layer["rgb_test_labels"], "class")
+    dock.forms["data"].ms_source.set_layer(layer["ms_scene"])
+    dock.forms["data"].ms_labels.set(layer["ms_labels"], "class")
+    dock.forms["data"].pair_raster.setLayer(pair_layer)
+    dock.forms["data"].rgb_source.set_layer(layer["rgb_scene"])
+    dock.forms["data"].rgb_labels.set(layer["rgb_labels"], "class")
+    dock.forms["data"].test_source.set_layer(layer["rgb_test_scene"])
+    dock.forms["data"].test_labels.set(layer["rgb_test_labels"], "class")
 
 
 def run_all_steps(app, dock, timeout: float) -> list[tuple[str, str, float]]:

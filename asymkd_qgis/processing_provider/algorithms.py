@@ -1,7 +1,8 @@
 """Processing algorithms: Train teacher, Train matcher and pair, Distill student, Export
 model, Classify scene tiles. Each turns its parameters into the options and inputs of the
-step's spec that the dock uses too (steps.py), and runs it with progress and cancel through
-the feedback object: exports of layers that are not files first, then the engine.
+step's spec that the dock uses too (steps.py), and runs it through the runner the dock uses
+too (runner.py), with the feedback object as its sink: exports of layers that are not files
+first, then the engine.
 
 Checking the parameters and preparing write nothing; the exports run once, in
 processAlgorithm (the worker thread in the toolbox), and a cancel stops them."""
@@ -45,12 +46,11 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QIcon
 
 from .. import choices, layers, layout, paths, steps
-from ..engine import Engine, EngineUnavailable, Outcome, describe_progress, run_engine
+from ..engine import Engine, EngineUnavailable, Outcome
+from ..errors import InputError
 from ..layout import RunLayout
-from ..modelinfo import ModelInfoError, read_model_info
-from ..steps import Prepared
-from ..tasks import ProgressMapper
-from ..validation import InputError, check_ms_raster, check_rgb_raster, require_folder
+from ..runner import CANCELLED, OK, Prepared, Runner
+from ..validation import check_ms_raster, check_rgb_raster, require_folder
 
 _LABEL_TYPES = [QgsProcessing.SourceType.TypeVectorPolygon, QgsProcessing.SourceType.TypeVectorPoint]
 
@@ -77,6 +77,30 @@ class _StyleLoader(QgsProcessingLayerPostProcessorInterface):
         if isinstance(layer, QgsVectorLayer):
             layer.loadNamedStyle(self.qml)
             layer.triggerRepaint()
+
+
+class _FeedbackSink:
+    """The runner's sink for an algorithm: the Processing feedback's bar, log and cancel."""
+
+    def __init__(self, feedback: QgsProcessingFeedback):
+        self.feedback = feedback
+
+    def progress(self, percent: float, label: str) -> None:
+        self.feedback.setProgress(percent)
+        self.feedback.setProgressText(label)
+
+    def log(self, message: str, level: str) -> None:
+        if level == "debug":
+            self.feedback.pushDebugInfo(message)
+        elif level == "warning":
+            self.feedback.pushWarning(message)
+        elif level == "error":
+            self.feedback.reportError(message)
+        else:
+            self.feedback.pushInfo(message)
+
+    def cancelled(self) -> bool:
+        return self.feedback.isCanceled()
 
 
 class EngineAlgorithm(QgsProcessingAlgorithm):
@@ -113,59 +137,16 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         engine = Engine.from_settings()
         try:
             engine.check()
-            self.run_exports(prepared, feedback)
-            return self.run_commands(engine, prepared, feedback)
         except EngineUnavailable as exc:  # missing, broken, or another event protocol
             raise QgsProcessingException(str(exc)) from exc
-        except InputError as exc:  # an export failed or was cancelled
-            raise QgsProcessingException(str(exc)) from exc
-
-    @staticmethod
-    def run_exports(prepared: Prepared, feedback: QgsProcessingFeedback) -> None:
-        for step in prepared.pre_steps:
-            if feedback.isCanceled():
-                raise InputError("Cancelled: nothing was written.")
-            feedback.pushInfo(f"{step.label}...")
-            step.run(feedback)
-
-    def run_commands(self, engine: Engine, prepared: Prepared, feedback: QgsProcessingFeedback) -> list[Outcome]:
-        commands = prepared.commands
-        total = sum(c.weight for c in commands) or 1.0
-        done = 0.0
-        outcomes = []
-        for command in commands:
-            if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled: nothing was written.")
-            feedback.pushInfo(f"{command.label}: asymkd {' '.join(command.args)}")
-            base, span = 100.0 * done / total, 100.0 * command.weight / total
-            mapper = ProgressMapper(command.phases)
-            outcome = run_engine(engine, command.args,
-                                 on_event=lambda e, b=base, s=span, m=mapper: self._event(e, feedback, b, s, m),
-                                 on_stderr=feedback.pushDebugInfo, is_cancelled=feedback.isCanceled)
-            outcomes.append(outcome)
-            if outcome.cancelled:
-                raise QgsProcessingException(f"Cancelled during {command.label}: nothing was written.")
-            if not outcome.ok:
-                raise QgsProcessingException(outcome.message())
-            done += command.weight
-            feedback.setProgress(100.0 * done / total)
-        return outcomes
-
-    @staticmethod
-    def _event(event: dict[str, Any], feedback: QgsProcessingFeedback, base: float, span: float,
-               mapper: ProgressMapper) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            feedback.setProgress(base + span * mapper(event))
-            feedback.setProgressText(describe_progress(event))
-        elif kind == "log":
-            feedback.pushInfo(str(event.get("message", "")))
-        elif kind == "warning":
-            feedback.pushWarning(str(event.get("message", "")))
-        elif kind == "metrics":
-            feedback.pushInfo(f"{event.get('step')}: {json.dumps(event.get('metrics'))}")
-        elif kind == "error":
-            feedback.reportError(f"{event.get('message')}" + (f" ({event['hint']})" if event.get("hint") else ""))
+        record = Runner(engine, _FeedbackSink(feedback), feedback).run(prepared)
+        self.last_outcomes = tuple(record.outcomes)
+        if record.state == CANCELLED:
+            during = f" during {record.stopped_in}" if record.stopped_in else ""
+            raise QgsProcessingException(f"Cancelled{during}: nothing was written.")
+        if record.state != OK:
+            raise QgsProcessingException(record.message())
+        return record.outcomes
 
     def checkParameterValues(self, parameters, context):
         """Bad input is refused before the run: a message box in the toolbox, an exception
@@ -228,6 +209,11 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             return None
         return self.parameterAsDouble(parameters, key, context)
 
+    def optional_int(self, parameters, context, key: str) -> int | None:
+        if parameters.get(key) in (None, ""):
+            return None
+        return self.parameterAsInt(parameters, key, context)
+
     def add_chip_parameters(self) -> None:
         self.addParameter(QgsProcessingParameterNumber("CHIP_SIZE", "Chip size (pixels)",
                                                        QgsProcessingParameterNumber.Type.Integer, 64, minValue=8,
@@ -273,10 +259,8 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
                                                      optional=True))
 
     def model_options(self, parameters, context, section: str, feedback: QgsProcessingFeedback) -> steps.ModelOptions:
-        size = parameters.get("INPUT_SIZE")
         model = steps.ModelOptions(backbone=self.parameterAsString(parameters, "BACKBONE", context).strip(),
-                                   input_size=(None if size in (None, "")
-                                               else self.parameterAsInt(parameters, "INPUT_SIZE", context)),
+                                   input_size=self.optional_int(parameters, context, "INPUT_SIZE"),
                                    pretrained=self.parameterAsBoolean(parameters, "PRETRAINED", context),
                                    weights=self.parameterAsFile(parameters, "WEIGHTS", context) or "")
         found = choices.cached()
@@ -468,7 +452,9 @@ class ClassifyTiles(EngineAlgorithm):
     _help = ("Classifies the tiles of a raster with an exported model: one polygon per tile with class, "
              "confidence, runner-up class and entropy, styled by class. The grid is tiles of the "
              "model's size (or a given tile and stride in pixels) or the XYZ web-map grid at a zoom "
-             "level. A raster layer that is not a local file is exported for the area first.")
+             "level. A raster layer that is not a local file is exported for the area first; a run's "
+             "student.onnx is exported again first when its student is newer. Empty options take the "
+             "engine's defaults.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterFile("MODEL", "Model (.onnx)", extension="onnx"))
@@ -478,94 +464,95 @@ class ClassifyTiles(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource("MASK", "Area: polygons",
                                                               [QgsProcessing.SourceType.TypeVectorPolygon],
                                                               optional=True))
+        self._add_grid_parameters()
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
+        self._add_output_parameters()
+        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
+                                                                  QgsProcessing.SourceType.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
+
+    def _add_grid_parameters(self) -> None:
+        integer = QgsProcessingParameterNumber.Type.Integer
         self.addParameter(QgsProcessingParameterEnum("GRID", "Grid",
                                                      ["Pixels (tile and stride)", "XYZ tiles (zoom level)"],
                                                      defaultValue=0))
         self.addParameter(QgsProcessingParameterNumber("TILE", "Tile size in pixels (0 = the model's)",
-                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
+                                                       integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterNumber("STRIDE", "Stride in pixels (0 = tile size)",
-                                                       QgsProcessingParameterNumber.Type.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level",
-                                                       QgsProcessingParameterNumber.Type.Integer, 16, minValue=0,
+                                                       integer, 0, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber("ZOOM", "XYZ zoom level", integer, 16, minValue=0,
                                                        maxValue=24))
-        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size",
-                                                       QgsProcessingParameterNumber.Type.Integer, 64, minValue=1))
-        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", list(steps.DEVICES), defaultValue=0))
-        # optional: models saved before these parameters existed must still validate and run
+        self.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", "Batch size (empty = the engine default)",
+                                                       integer, None, optional=True, minValue=1))
+
+    def _add_output_parameters(self) -> None:
+        """Optional: models saved before these parameters existed must still validate and run."""
+        double = QgsProcessingParameterNumber.Type.Double
         self.addParameter(QgsProcessingParameterNumber("UNCERTAIN_BELOW",
                                                        "Mark tiles uncertain below this certainty (0 = none)",
-                                                       QgsProcessingParameterNumber.Type.Double, 0.0, optional=True,
-                                                       minValue=0.0, maxValue=1.0))
+                                                       double, 0.0, optional=True, minValue=0.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterEnum("UNCERTAIN_BY", "Certainty measure",
                                                      list(steps.UNCERTAINTY_MEASURES), defaultValue=0,
                                                      optional=True))
         self.addParameter(QgsProcessingParameterBoolean("REGIONS", "Also merge tiles into regions (layer 'regions')",
                                                         False, optional=True))
         self.addParameter(QgsProcessingParameterNumber("MIN_REGION_HA", "Smallest region in hectares (0 = default)",
-                                                       QgsProcessingParameterNumber.Type.Double, 0.0, optional=True,
-                                                       minValue=0.0))
-        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", "Classified tiles",
-                                                                  QgsProcessing.SourceType.TypeVectorPolygon))
-        self.addOutput(QgsProcessingOutputNumber("TILES", "Number of tiles"))
+                                                       double, 0.0, optional=True, minValue=0.0))
 
     def plan(self, parameters, context, feedback) -> Plan:
-        model = Path(self.parameterAsFile(parameters, "MODEL", context))
-        if not model.is_file():
-            raise InputError(f"The model file {model} does not exist: export a student first (Export model).")
-        raster = check_rgb_raster(self.parameterAsRasterLayer(parameters, "INPUT", context), "raster layer to classify")
-        try:
-            gsd = read_model_info(model).gsd
-        except ModelInfoError as exc:
-            raise InputError(str(exc)) from exc
-        options = steps.ClassifyOptions(bands=self.parameterAsString(parameters, "BANDS", context).strip(),
-                                       batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
-                                       device=_device(self, parameters, context),
-                                       uncertain_below=self.parameterAsDouble(parameters, "UNCERTAIN_BELOW", context),
-                                       uncertain_by=steps.UNCERTAINTY_MEASURES[
-                                           self.parameterAsEnum(parameters, "UNCERTAIN_BY", context)],
-                                       regions=self.parameterAsBool(parameters, "REGIONS", context),
-                                       min_region_ha=self.parameterAsDouble(parameters, "MIN_REGION_HA", context))
-        if self.parameterAsEnum(parameters, "GRID", context) == 1:
-            options.xyz_zoom = self.parameterAsInt(parameters, "ZOOM", context)
-        else:
-            options.tile = self.parameterAsInt(parameters, "TILE", context)
-            options.stride = self.parameterAsInt(parameters, "STRIDE", context)
-        temp = Path(QgsProcessingUtils.tempFolder())
         prepared = Prepared(self._name)
-        extent, extent_crs = raster.extent(), raster.crs()
-        if parameters.get("EXTENT"):
-            extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
-            extent = self.parameterAsExtent(parameters, "EXTENT", context, extent_crs)
-            options.bbox = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
-            options.bbox_crs = extent_crs.authid()
-        elif parameters.get("MASK"):
-            extent, extent_crs = self._mask(parameters, context, options, temp, prepared)
-        raster_file = steps.raster_file(raster, temp, extent, extent_crs, gsd, prepared)
+        model = Path(self.parameterAsFile(parameters, "MODEL", context))
+        model = steps.classify_model(model, prepared, f"The model file {model} does not exist: export a student "
+                                     "first (Export model).")
+        raster = check_rgb_raster(self.parameterAsRasterLayer(parameters, "INPUT", context), "raster layer to classify")
+        gsd = steps.model_gsd(model, strict=True)
+        temp = Path(QgsProcessingUtils.tempFolder())
+        area = steps.classify_area(raster, temp, prepared, **self._area(parameters, context))
+        raster_file = steps.raster_file(raster, temp, area.extent, area.crs, gsd, prepared)
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        prepared.commands.append(steps.classify_command(model, raster_file, Path(out), area,
+                                                        self._chosen(parameters, context)))
+        return Plan(prepared, lambda outcomes: self._outputs(out, context))
 
-        def finish(outcomes: list[Outcome]) -> dict:
-            result_layer = QgsVectorLayer(out, Path(out).stem, "ogr")
-            if not result_layer.isValid():
-                raise QgsProcessingException(f"The engine did not write a readable layer at {out}.")
-            qml = layers.style_beside(out)
-            if qml is not None and context.willLoadLayerOnCompletion(out):
-                context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
-            return {"OUTPUT": out, "TILES": result_layer.featureCount()}
-        prepared.commands.append(steps.classify_command(model, raster_file, Path(out), options))
-        return Plan(prepared, finish)
+    def _chosen(self, parameters, context) -> dict[str, Any]:
+        """The options set, by the engine's names; unset ones are None (the engine's default)."""
+        xyz = self.parameterAsEnum(parameters, "GRID", context) == 1
+        return {"bands": self.parameterAsString(parameters, "BANDS", context).strip(),
+                "xyz_zoom": self.parameterAsInt(parameters, "ZOOM", context) if xyz else None,
+                "tile": self.parameterAsInt(parameters, "TILE", context) or None,
+                "stride": self.parameterAsInt(parameters, "STRIDE", context) or None,
+                "batch_size": self.optional_int(parameters, context, "BATCH_SIZE"),
+                "device": _device(self, parameters, context),
+                "uncertain_below": self.parameterAsDouble(parameters, "UNCERTAIN_BELOW", context) or None,
+                "uncertain_by": steps.UNCERTAINTY_MEASURES[self.parameterAsEnum(parameters, "UNCERTAIN_BY", context)],
+                "regions": self.parameterAsBool(parameters, "REGIONS", context),
+                "min_region_ha": self.parameterAsDouble(parameters, "MIN_REGION_HA", context) or None,
+                # QGIS's file dialog has confirmed replacing the destination (or it is a new temporary file)
+                "overwrite": True}
 
-    def _mask(self, parameters, context, options: steps.ClassifyOptions, folder: Path, prepared: Prepared):
-        """The MASK polygons as a file for --mask (exported by the run when they are not one);
-        returns their extent and CRS."""
+    def _area(self, parameters, context) -> dict[str, Any]:
+        """steps.classify_area's box or polygons from EXTENT or MASK (neither: the whole raster)."""
+        if parameters.get("EXTENT"):
+            crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
+            return {"box": (self.parameterAsExtent(parameters, "EXTENT", context, crs), crs)}
+        if not parameters.get("MASK"):
+            return {}
         mask = self.parameterAsVectorLayer(parameters, "MASK", context)
         if mask is None:
             raise InputError("The polygon layer for the area cannot be read: choose a polygon layer.")
         value = parameters.get("MASK")
         selected = isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly
-        if selected and mask.selectedFeatureCount() == 0:
-            raise InputError(f"No polygons are selected in '{mask.name()}': select the area's polygons first.")
-        options.mask = steps.vector_file(mask, folder, prepared, only_selected=selected).path
-        return (mask.boundingBoxOfSelected() if selected else mask.extent()), mask.crs()
+        return {"mask": mask, "selected": selected}
+
+    @staticmethod
+    def _outputs(out: str, context: QgsProcessingContext) -> dict:
+        result_layer = QgsVectorLayer(out, Path(out).stem, "ogr")
+        if not result_layer.isValid():
+            raise QgsProcessingException(f"The engine did not write a readable layer at {out}.")
+        qml = layers.style_beside(out)
+        if qml is not None and context.willLoadLayerOnCompletion(out):
+            context.layerToLoadOnCompletionDetails(out).setPostProcessor(_StyleLoader(str(qml)))
+        return {"OUTPUT": out, "TILES": result_layer.featureCount()}
 
 
 ALGORITHMS = (TrainTeacher, TrainMatcher, DistillStudent, ExportModel, ClassifyTiles)

@@ -38,9 +38,8 @@ from qgis.core import (
 
 from .. import layers, steps
 from ..engine import Outcome
-from ..steps import Prepared
-from ..tasks import EngineCommand
-from ..validation import InputError
+from ..errors import InputError
+from ..runner import EngineCommand, Prepared
 from .algorithms import EngineAlgorithm, Plan
 
 # The engine's names (backend/asymkd/assess): sampling designs, layers, fields, output files.

@@ -23,37 +23,39 @@ def _refused(dock, step: str) -> str:
 
 
 def _ms_ready(dock, layers, labels="labels"):
-    dock.ms_source.set_layer(layers["ms"])
-    dock.ms_labels.set(layers[labels], "class")
-    dock.rgb_source.set_layer(layers["rgb"])
-    dock.rgb_labels.set(layers["labels"], "class")
+    data = dock.forms["data"]
+    data.ms_source.set_layer(layers["ms"])
+    data.ms_labels.set(layers[labels], "class")
+    data.rgb_source.set_layer(layers["rgb"])
+    data.rgb_labels.set(layers["labels"], "class")
 
 
 # -- dock ------------------------------------------------------------------------------
 def test_no_layer_chosen(dock, layers):
     assert "No multispectral (MS) raster layer chosen" in _refused(dock, "data")
     _ms_ready(dock, layers)
-    dock.rgb_source.set_layer(None)
+    data = dock.forms["data"]
+    data.rgb_source.set_layer(None)
     assert "No RGB raster layer chosen" in _refused(dock, "data")
     assert "No raster layer to classify chosen" in _refused(dock, "classify")
-    dock.ms_labels.set(None)
-    dock.rgb_source.set_layer(layers["rgb"])
+    data.ms_labels.set(None)
+    data.rgb_source.set_layer(layers["rgb"])
     assert "No label layer chosen" in _refused(dock, "data")
 
 
 def test_ms_layer_with_three_bands_or_fewer(dock, layers):
     _ms_ready(dock, layers)
-    dock.ms_source.set_layer(layers["rgb"])
+    dock.forms["data"].ms_source.set_layer(layers["rgb"])
     text = _refused(dock, "data")
     assert "has 3 band(s)" in text and "more than 3 bands" in text
 
 
 def test_rgb_layer_with_fewer_than_three_bands(dock, layers):
     _ms_ready(dock, layers)
-    dock.rgb_source.set_layer(layers["gray"])
+    dock.forms["data"].rgb_source.set_layer(layers["gray"])
     assert "The RGB raster layer 'gray' has 1 band(s)" in _refused(dock, "data")
-    dock.rgb_source.set_layer(layers["rgb"])
-    dock.classify_layer.setLayer(layers["gray"])
+    dock.forms["data"].rgb_source.set_layer(layers["rgb"])
+    dock.forms["classify"].layer.setLayer(layers["gray"])
     assert "has 1 band(s)" in _refused(dock, "classify")
 
 
@@ -103,8 +105,8 @@ def test_engine_missing_a_package_at_run_time_offers_to_create_it(dock, layers, 
 
 def test_bad_extra_settings(dock, tmp_path):
     (tmp_path / "ms").mkdir()
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
-    dock.teacher_settings.setText("teacher.folds 0")
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
+    dock.forms["teacher"].settings.setText("teacher.folds 0")
     assert "is not KEY=VALUE" in _refused(dock, "teacher")
 
 

@@ -52,7 +52,7 @@ def test_the_offer_to_create_the_environment_asks_first(plugin, dock, monkeypatc
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *a: asked.append(text) or QMessageBox.No)
     (tmp_path / "ms").mkdir()
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
     assert dock.run_step("teacher") is None
     item = qgis_iface.messageBar().currentItem()
     [button] = [b for b in item.findChildren(QPushButton) if b.text() == "Create engine environment"]
@@ -66,9 +66,9 @@ def test_unload_cancels_running_jobs(plugin, layers, tmp_path, fake_engine):
     dock.engine_factory = lambda: fake_engine("stubborn")
     model = tmp_path / "m.onnx"
     model.write_bytes(b"")
-    dock.model_file.setFilePath(str(model))
+    dock.forms["classify"].model_file.setFilePath(str(model))
     dock.run_dir.setFilePath(str(tmp_path / "run"))
-    dock.classify_layer.setLayer(layers["rgb"])
+    dock.forms["classify"].layer.setLayer(layers["rgb"])
     job = dock.run_step("classify")
     wait_for(lambda: job.pid is not None, 30, "engine start")
     plugin.unload()

@@ -187,23 +187,24 @@ def test_full_dock_job_teacher_matcher_distill_classify(dock, real_engine, synth
         project.addMapLayer(item)
     dock.engine_factory = lambda: real_engine
     dock.run_dir.setFilePath(str(tmp_path / "run with space"))
-    dock.ms_source.set_layer(layer["ms_scene"])
-    dock.ms_labels.set(layer["ms_labels"], "class")
-    dock.pair_raster.setLayer(layer["rgb_scene"])  # overlaps the MS scene in part: co-located pairs
-    dock.rgb_source.set_layer(layer["rgb_scene"])
-    dock.rgb_labels.set(layer["rgb_labels"], "class")
-    dock.test_source.set_layer(layer["rgb_test_scene"])
-    dock.test_labels.set(layer["rgb_test_labels"], "class")
-    dock.chip_size.setValue(TILE)
-    dock.teacher_epochs.setValue(1)
-    dock.teacher_settings.setText("teacher.folds=0")
-    dock.device.setCurrentText("cpu")
-    dock.distill_device.setCurrentText("cpu")
-    dock.matcher_epochs.setValue(1)
-    dock.distill_epochs.setValue(1)
-    dock.baseline.setChecked(False)
-    dock.classify_layer.setLayer(layer["rgb_test_scene"])
-    dock.area.setCurrentText("Whole layer")
+    data, teacher, distill, classify = (dock.forms[s] for s in ("data", "teacher", "distill", "classify"))
+    data.ms_source.set_layer(layer["ms_scene"])
+    data.ms_labels.set(layer["ms_labels"], "class")
+    data.pair_raster.setLayer(layer["rgb_scene"])  # overlaps the MS scene in part: co-located pairs
+    data.rgb_source.set_layer(layer["rgb_scene"])
+    data.rgb_labels.set(layer["rgb_labels"], "class")
+    data.test_source.set_layer(layer["rgb_test_scene"])
+    data.test_labels.set(layer["rgb_test_labels"], "class")
+    data.chip_size.setValue(TILE)
+    teacher.epochs.setValue(1)
+    teacher.settings.setText("teacher.folds=0")
+    teacher.device.setCurrentText("cpu")
+    distill.device.setCurrentText("cpu")
+    dock.forms["matcher"].epochs.setValue(1)
+    distill.epochs.setValue(1)
+    distill.baseline.setChecked(False)
+    classify.layer.setLayer(layer["rgb_test_scene"])
+    classify.area.setCurrentText("Whole layer")
     finished = []
     dock.jobFinished.connect(lambda step, job: finished.append((step, job.state, job.message())))
     dock.run_all()
@@ -214,7 +215,7 @@ def test_full_dock_job_teacher_matcher_distill_classify(dock, real_engine, synth
     assert (run / "report.html").is_file() and (run / "student.onnx").is_file()
     assert "report.html" in dock.panels["distill"].results.text()
     assert dock.panels["distill"].image.isVisibleTo(dock.panels["distill"])
-    [classified] = dock.loaded_layers
+    [classified] = classify.loaded_layers
     assert project.mapLayer(classified.id()) is classified
     assert classified.featureCount() > 0
     assert isinstance(classified.renderer(), QgsCategorizedSymbolRenderer)

@@ -104,7 +104,7 @@ def test_parse_line_and_progress_text():
 
 
 def test_progress_of_several_sub_steps_maps_onto_one_bar():
-    from asymkd_qgis.tasks import ProgressMapper
+    from asymkd_qgis.runner import ProgressMapper
 
     def p(step, fraction):
         return {"event": "progress", "step": step, "fraction": fraction}

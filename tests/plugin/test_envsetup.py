@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import wheels
-from asymkd_qgis import envsetup, paths, settings
+from asymkd_qgis import envbuilder, envsetup, paths, settings
 from asymkd_qgis.engine import REQUIRED_MODULES, Engine
 from conftest import REPO, wait_for
 
@@ -61,10 +61,10 @@ def test_plan_takes_cuda_torch_with_a_gpu_and_cpu_torch_without(tmp_path):
 def test_windows_gpu_users_are_told_how_to_get_cuda(tmp_path):
     plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, None, gpu="RTX 4090", platform="win32")
     assert "no CUDA build of torch for Windows" in plan.describe()
-    [note] = envsetup.torch_notes("torch 2.14.1+cpu (CPU build)", plan)
+    [note] = envbuilder.torch_notes("torch 2.14.1+cpu (CPU build)", plan)
     assert "CPU-only" in note and "--index-url https://download.pytorch.org/whl/cu" in note and "RTX 4090" in note
     linux = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, None, gpu=None, platform="linux")
-    assert "runs on the CPU" in envsetup.torch_notes("torch 2.14.1 (CUDA 12.8 build)", linux)[0]
+    assert "runs on the CPU" in envbuilder.torch_notes("torch 2.14.1 (CUDA 12.8 build)", linux)[0]
 
 
 def test_default_plan_reads_the_settings(tmp_path, qgis_app):
@@ -176,8 +176,9 @@ def offline(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def _build(plan: envsetup.EnvPlan, timeout: float = 240) -> tuple[envsetup.EnvironmentBuilder, list[tuple[float, str]]]:
-    builder = envsetup.EnvironmentBuilder(plan)
+def _build(plan: envsetup.EnvPlan,
+           timeout: float = 240) -> tuple[envbuilder.EnvironmentBuilder, list[tuple[float, str]]]:
+    builder = envbuilder.EnvironmentBuilder(plan)
     progress: list[tuple[float, str]] = []
     builder.progressChanged.connect(lambda percent, text: progress.append((percent, text)))
     builder.start()
@@ -265,7 +266,7 @@ def test_a_folder_that_is_not_an_environment_is_left_alone(tmp_path, qgis_app):
 def test_cancelled_creation_removes_the_partial_environment(bundle_dir, tmp_path, offline, qgis_app):
     plan = envsetup.make_plan(tmp_path / "env", SYSTEM_PYTHON, bundle_dir / "requirements.txt", gpu=None,
                               wheels=bundle_dir)
-    builder = envsetup.EnvironmentBuilder(plan).start()
+    builder = envbuilder.EnvironmentBuilder(plan).start()
     wait_for(lambda: (plan.venv / "pyvenv.cfg").exists(), 60, "the venv")
     builder.cancel()
     wait_for(lambda: builder.done, 60, "the cancel")

@@ -67,7 +67,7 @@ def test_partial_environment_is_broken_and_offers_repair(dock, partial_env):
 def test_partial_environment_is_refused_before_a_step_runs(dock, partial_env, tmp_path):
     dock.engine_factory = lambda: _engine(partial_env)
     (tmp_path / "ms").mkdir()
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
     assert dock.run_step("teacher") is None
     assert "broken" in dock.panels["teacher"].status.text() and dock.panels["teacher"].has_error
     assert "Create engine environment" in dock.notifier.last.actions
@@ -76,7 +76,8 @@ def test_partial_environment_is_refused_before_a_step_runs(dock, partial_env, tm
 def test_a_crash_in_a_broken_environment_offers_repair_whatever_its_wording(fake_engine):
     """The environment is judged by what the engine needs, not by the error text (an error
     that mentions asymkd.commands used to hide a missing numpy)."""
-    from asymkd_qgis.tasks import EngineCommand, EngineJob
+    from asymkd_qgis.runner import EngineCommand
+    from asymkd_qgis.tasks import EngineJob
 
     def engine() -> Engine:
         fake = fake_engine("crash")
@@ -86,8 +87,8 @@ def test_a_crash_in_a_broken_environment_offers_repair_whatever_its_wording(fake
     for job in (ok_env, broken_env):
         job.start()
         wait_for(lambda job=job: job.done, 30, "the crash")
-    assert not dock_module.AsymKDDock._env_broken(ok_env)
-    assert dock_module.AsymKDDock._env_broken(broken_env)
+    assert not ok_env.environment_broken()
+    assert broken_env.environment_broken()
 
 
 def test_working_engine_hides_the_banner(dock, real_engine):
@@ -151,14 +152,14 @@ def test_engine_subprocesses_leave_no_unclosed_files(fake_engine):
 
 def test_a_later_success_clears_the_old_red_error(dock, fake_engine, tmp_path, qgis_iface):
     dock.engine_factory = lambda: fake_engine("ok")
-    dock.ms_source.set_folder(str(tmp_path / "not there"))
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "not there"))
     assert dock.run_step("teacher") is None
     panel = dock.panels["teacher"]
     bar = qgis_iface.messageBar()
     assert panel.has_error and bar.currentItem() is not None
     error_item = bar.currentItem()
     (tmp_path / "ms").mkdir()
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
     dock.run_dir.setFilePath(str(tmp_path / "run"))
     job = dock.run_step("teacher")
     wait_for(lambda: job.done, 30, "the job")
@@ -217,7 +218,7 @@ def test_the_dock_fits_the_default_dock_width(docked):
 def test_the_wheel_scrolls_the_form_and_leaves_unfocused_fields_alone(docked):
     docked.show_step("distill")
     QApplication.processEvents()
-    spin = docked.w_feat
+    spin = docked.forms["distill"].w_feat
     before = spin.value()
     assert spin.focusPolicy() == Qt.FocusPolicy.StrongFocus
     event = QWheelEvent(QPointF(5, 5), QPointF(spin.mapToGlobal(QPoint(5, 5))), QPoint(0, 0), QPoint(0, -120),
@@ -229,20 +230,21 @@ def test_the_wheel_scrolls_the_form_and_leaves_unfocused_fields_alone(docked):
 
 
 def test_rows_that_do_not_apply_are_disabled(dock, tmp_path):
-    dock.ms_source.set_folder(str(tmp_path))
-    assert not dock.ms_labels.isEnabled() and not dock.pair_raster.isEnabled()
-    dock.rgb_source.set_folder(str(tmp_path))
-    assert not dock.rgb_labels.isEnabled() and not dock.chip_size.isEnabled()
-    dock.rgb_source.mode.setCurrentText("Raster layer")
-    assert dock.rgb_labels.isEnabled() and dock.chip_size.isEnabled()
-    dock.area.setCurrentText("Whole layer")
-    assert not dock.mask_layer.isEnabled()
-    dock.area.setCurrentText("Selected polygons")
-    assert dock.mask_layer.isEnabled()
-    dock.grid.setCurrentIndex(1)
-    assert dock.zoom.isEnabled() and not dock.tile.isEnabled() and not dock.stride.isEnabled()
-    dock.grid.setCurrentIndex(0)
-    assert not dock.zoom.isEnabled() and dock.tile.isEnabled()
+    data, classify = dock.forms["data"], dock.forms["classify"]
+    data.ms_source.set_folder(str(tmp_path))
+    assert not data.ms_labels.isEnabled() and not data.pair_raster.isEnabled()
+    data.rgb_source.set_folder(str(tmp_path))
+    assert not data.rgb_labels.isEnabled() and not data.chip_size.isEnabled()
+    data.rgb_source.mode.setCurrentText("Raster layer")
+    assert data.rgb_labels.isEnabled() and data.chip_size.isEnabled()
+    classify.area.setCurrentText("Whole layer")
+    assert not classify.mask_layer.isEnabled()
+    classify.area.setCurrentText("Selected polygons")
+    assert classify.mask_layer.isEnabled()
+    classify.grid.setCurrentIndex(1)
+    assert classify.zoom.isEnabled() and not classify.tile.isEnabled() and not classify.stride.isEnabled()
+    classify.grid.setCurrentIndex(0)
+    assert not classify.zoom.isEnabled() and classify.tile.isEnabled()
 
 
 def test_qt6_check_finds_qt5_only_code(tmp_path):

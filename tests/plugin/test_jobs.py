@@ -22,8 +22,9 @@ def _classify_ready(dock, layers, tmp_path):
     model = tmp_path / "model.onnx"
     model.write_bytes(b"not read by the fake engine")
     dock.run_dir.setFilePath(str(tmp_path / "run"))
-    dock.classify_layer.setLayer(layers["rgb"])
-    dock.model_file.setFilePath(str(model))
+    form = dock.forms["classify"]
+    form.layer.setLayer(layers["rgb"])
+    form.model_file.setFilePath(str(model))
 
 
 def _styled_result(tmp_path):
@@ -57,7 +58,7 @@ def test_cancel_stops_the_subprocess_within_5_seconds_and_adds_no_layer(dock, la
     assert stopped < 5.0, f"the engine stopped only after {stopped:.1f} s"
     assert job.state == job.CANCELLED
     assert len(QgsProject.instance().mapLayers()) == layer_count
-    assert dock.loaded_layers == []
+    assert dock.forms["classify"].loaded_layers == []
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
     assert "cancelled" in dock.notifier.last.text
 
@@ -85,7 +86,7 @@ def test_engine_crash_shows_its_last_error_and_qgis_keeps_running(dock, layers, 
     monkeypatch.setenv("FAKE_ENGINE_RESULT", json.dumps({"gpkg": str(result)}))
     job = dock.run_step("classify")
     wait_for(lambda: job.done, 30, "job after the crash")
-    assert job.state == job.OK and len(dock.loaded_layers) == 1
+    assert job.state == job.OK and len(dock.forms["classify"].loaded_layers) == 1
 
 
 def test_result_layer_is_loaded_with_its_style(dock, layers, tmp_path, fake_engine, monkeypatch):
@@ -100,7 +101,7 @@ def test_result_layer_is_loaded_with_its_style(dock, layers, tmp_path, fake_engi
     assert job.state == job.OK
     assert progress and max(progress) <= 100
     assert dock.panels["classify"].progress.value() == 100
-    [layer] = dock.loaded_layers
+    [layer] = dock.forms["classify"].loaded_layers
     assert QgsProject.instance().mapLayer(layer.id()) is layer
     assert layer.featureCount() == 3
     assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
@@ -128,11 +129,11 @@ def test_web_layer_is_exported_by_the_job_before_the_engine_runs(dock, layers, t
     xyz = QgsRasterLayer(uri, "web", "wms")
     QgsProject.instance().addMapLayer(xyz)
     _classify_ready(dock, layers, tmp_path)
-    dock.classify_layer.setLayer(xyz)
+    dock.forms["classify"].layer.setLayer(xyz)
     canvas = qgis_iface.mapCanvas()
     canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
     canvas.setExtent(QgsRectangle(minx + 100, maxy - 400, minx + 500, maxy - 100))
-    dock.area.setCurrentText("Canvas extent")
+    dock.forms["classify"].area.setCurrentText("Canvas extent")
     dock.engine_factory = lambda: fake_engine("echo")
     job = dock.run_step("classify")
     wait_for(lambda: job.done, 60, "export and engine")

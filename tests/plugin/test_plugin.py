@@ -103,11 +103,11 @@ def test_metadata_is_complete():
 
 def test_settings_persist_between_docks(plugin, qgis_iface):
     from asymkd_qgis.dock import AsymKDDock
-    plugin.dock.teacher_epochs.setValue(7)
-    plugin.dock.pair_method.setCurrentText("nearest")
-    plugin.dock.classify_bands.setText("3,2,1")
+    plugin.dock.forms["teacher"].epochs.setValue(7)
+    plugin.dock.forms["matcher"].pair_method.setCurrentText("nearest")
+    plugin.dock.forms["classify"].bands.setText("3,2,1")
     again = AsymKDDock(qgis_iface)
-    assert again.teacher_epochs.value() == 7
-    assert again.pair_method.currentText() == "nearest"
-    assert again.classify_bands.text() == "3,2,1"
+    assert again.forms["teacher"].epochs.value() == 7
+    assert again.forms["matcher"].pair_method.currentText() == "nearest"
+    assert again.forms["classify"].bands.text() == "3,2,1"
     again.deleteLater()

@@ -212,7 +212,7 @@ def test_reviewed_labels_feed_the_data_steps_chips(panel, tiles, tmp_path, real_
 
 
 def test_the_dock_shows_the_area_table_and_loads_the_regions(dock, tiles, qgis_new_project):
-    dock.show_classified(tiles)
+    dock.forms["classify"].show_classified(tiles)
     panel = dock.panels["classify"]
     assert not panel.areas.isHidden() and "scene regions" in panel.areas_note.text()
     # 16 tiles of 160 m x 160 m (2.56 ha): class, tiles, hectares, share, mean confidence
@@ -227,17 +227,18 @@ def test_the_dock_shows_the_area_table_and_loads_the_regions(dock, tiles, qgis_n
 
 def test_an_older_output_shows_no_area_table(dock, tmp_path, qgis_new_project):
     path = mapdata.write_tiles(tmp_path / "old.gpkg", current=False)
-    dock.show_classified(path)
+    dock.forms["classify"].show_classified(path)
     assert dock.panels["classify"].areas.isHidden() and dock.panels["classify"].areas_note.isHidden()
     assert layers.read_class_areas(path) == [] and layers.load_regions(path) is None
 
 
 def test_the_dock_opens_the_review_of_a_loaded_tile_layer(dock, tiles, qgis_new_project):
-    assert dock.open_review() is None and dock.panels["classify"].has_error  # nothing to review yet
+    classify = dock.forms["classify"]
+    assert classify.open_review() is None and dock.panels["classify"].has_error  # nothing to review yet
     layer = _tile_layer(tiles)
-    panel = dock.open_review(layer)
+    panel = classify.open_review(layer)
     assert panel is not None and panel.layer() is layer and panel.queue.count() == 8
-    assert dock.review is panel
+    assert classify.review is panel
 
 
 def _engine_marks_uncertain() -> None:
@@ -256,25 +257,26 @@ def test_a_classification_from_the_dock_shows_its_areas_and_feeds_the_review(doc
     QgsProject.instance().addMapLayer(scene)
     dock.engine_factory = lambda: real_engine
     dock.run_dir.setFilePath(str(tmp_path / "run"))
-    dock.model_file.setFilePath(str(tiny_model))
-    dock.classify_layer.setLayer(scene)
-    dock.uncertain_below.setValue(0.99)  # a fresh model is unsure of every tile
-    dock.regions.setChecked(True)
+    classify = dock.forms["classify"]
+    classify.model_file.setFilePath(str(tiny_model))
+    classify.layer.setLayer(scene)
+    classify.uncertain_below.setValue(0.99)  # a fresh model is unsure of every tile
+    classify.regions.setChecked(True)
     finished = []
     dock.jobFinished.connect(lambda step, job: finished.append(job))
     assert dock.run_step("classify") is not None
     wait_for(lambda: finished, 300, "the classification")
     assert finished[0].state == finished[0].OK, finished[0].message()
-    [tiles] = dock.loaded_layers
+    [tiles] = classify.loaded_layers
     counts: dict[str, int] = {}
     for feature in tiles.getFeatures():
         counts[feature["class_name"]] = counts.get(feature["class_name"], 0) + 1
     shown = {row[0]: int(row[1]) for row in dock.panels["classify"].areas.cell_texts()}
     assert {k: v for k, v in shown.items() if v} == counts and sum(counts.values()) == 12
-    [regions] = dock.region_layers
+    [regions] = classify.region_layers
     assert regions.isValid() and sum(f["tiles"] for f in regions.getFeatures()) == 12
     assert regions.name() in dock.panels["classify"].areas_note.text()
-    panel = dock.open_review()
+    panel = classify.open_review()
     assert panel.layer() is tiles and panel.rule.currentText() == panel.MARKED
     assert len(panel.items) == 12
     assert [i.confidence for i in panel.items] == sorted(i.confidence for i in panel.items)

@@ -49,13 +49,14 @@ def test_without_an_engine_the_forms_fall_back_to_names_only(dock, tmp_path):
     assert found is choices.FALLBACK and found.fallback
     assert "efficientnet_lite0" in found.backbones
     dock.apply_choices(found)
-    dock.teacher_model.backbone.setCurrentText("efficientnet_lite0")
-    assert dock.teacher_model.source.text() == "Weights: built-in list of names (the engine could not be asked)"
+    picker = dock.forms["teacher"].model
+    picker.backbone.setCurrentText("efficientnet_lite0")
+    assert picker.source.text() == "Weights: built-in list of names (the engine could not be asked)"
 
 
 def test_the_dock_offers_the_engine_backbones_with_their_source(dock, engine_choices, tmp_path):
     dock.apply_choices(engine_choices)
-    picker = dock.teacher_model
+    picker = dock.forms["teacher"].model
     names = [picker.backbone.itemText(i) for i in range(picker.backbone.count())]
     assert names == list(engine_choices.backbones)
     picker.backbone.setCurrentText("efficientnet_lite0")
@@ -64,12 +65,13 @@ def test_the_dock_offers_the_engine_backbones_with_their_source(dock, engine_cho
     assert "timm hub" in picker.source.text()
     picker.pretrained.setChecked(False)
     assert picker.source.text() == "Weights: from scratch"
-    dock.teacher_settings.setText("teacher.weights=/data/w.safetensors")
+    dock.forms["teacher"].settings.setText("teacher.weights=/data/w.safetensors")
     assert picker.source.text() == "Weights: weights file"
     # the dock's own copy of the names is gone: the combos hold what the engine says
-    methods = [dock.pair_method.itemText(i) for i in range(dock.pair_method.count())]
+    method, loss = dock.forms["matcher"].pair_method, dock.forms["distill"].domain_loss
+    methods = [method.itemText(i) for i in range(method.count())]
     assert methods == list(engine_choices.names("pairing.method"))
-    losses = [dock.domain_loss.itemData(i) for i in range(dock.domain_loss.count())]
+    losses = [loss.itemData(i) for i in range(loss.count())]
     assert losses == [""] + list(engine_choices.names("distill.domain_loss"))
 
 
@@ -78,23 +80,24 @@ def test_backbone_input_size_and_pretrained_reach_the_engine(dock, engine_choice
     (tmp_path / "ms").mkdir()
     run = tmp_path / "run"
     dock.run_dir.setFilePath(str(run))
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
-    dock.teacher_model.backbone.setCurrentText("resnet18_w32")
-    dock.teacher_model.pretrained.setChecked(False)
-    dock.teacher_input_size.setValue(0)
-    args = dock.prepare_teacher().commands[0].args
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
+    teacher, distill = dock.forms["teacher"], dock.forms["distill"]
+    teacher.model.backbone.setCurrentText("resnet18_w32")
+    teacher.model.pretrained.setChecked(False)
+    teacher.input_size.setValue(0)
+    args = dock.prepare("teacher").commands[0].args
     assert _value(args, "--backbone") == "resnet18_w32" and _value(args, "--input-size") == "0"
     assert "--no-pretrained" in args
-    dock.teacher_model.backbone.setCurrentText("")
-    dock.teacher_model.pretrained.setChecked(True)
-    dock.teacher_input_size.setValue(-1)
-    args = dock.prepare_teacher().commands[0].args
+    teacher.model.backbone.setCurrentText("")
+    teacher.model.pretrained.setChecked(True)
+    teacher.input_size.setValue(-1)
+    args = dock.prepare("teacher").commands[0].args
     assert not {"--backbone", "--input-size", "--no-pretrained"} & set(args)  # the engine's defaults
     (run / "pairs").mkdir(parents=True)
-    dock.distill_model.backbone.setCurrentText("efficientnet_lite0")
-    dock.distill_input_size.setValue(128)
-    dock.domain_loss.setCurrentIndex(dock.domain_loss.findData("mmd"))
-    args = dock.prepare_distill().commands[0].args
+    distill.model.backbone.setCurrentText("efficientnet_lite0")
+    distill.input_size.setValue(128)
+    distill.domain_loss.setCurrentIndex(distill.domain_loss.findData("mmd"))
+    args = dock.prepare("distill").commands[0].args
     assert _value(args, "--backbone") == "efficientnet_lite0" and _value(args, "--input-size") == "128"
     assert _value(args, "--domain-loss") == "mmd"
 
@@ -176,7 +179,7 @@ def test_the_dock_refuses_an_engine_of_another_protocol(dock, fake_engine, tmp_p
     monkeypatch.setenv("FAKE_ENGINE_PROTOCOL", "2.0")
     (tmp_path / "ms").mkdir()
     dock.run_dir.setFilePath(str(tmp_path / "run"))
-    dock.ms_source.set_folder(str(tmp_path / "ms"))
+    dock.forms["data"].ms_source.set_folder(str(tmp_path / "ms"))
     dock.engine_factory = lambda: fake_engine("ok")
     job = dock.run_step("teacher")
     wait_for(lambda: job.done, 30, "the job")
