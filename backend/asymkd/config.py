@@ -18,6 +18,7 @@ import yaml
 
 from . import choices, settings
 from .errors import ConfigError
+from .models.metadata import MAX_EMBED_DIM, MAX_INPUT_SIZE
 from .settings import BOTH, setting
 
 
@@ -48,7 +49,7 @@ class ClassifierConfig:
                                "not from random weights")
     weights: str | None = setting(None, path=True, help="local backbone weights file to start from")
     # Small patches gain detail for the pretrained filters (docs/benchmarks.md).
-    input_size: int = setting(96, metavar="PX", range=(0, 1024, "0 = the patches as they are"),
+    input_size: int = setting(96, metavar="PX", range=(0, MAX_INPUT_SIZE, "0 = the patches as they are"),
                               help="resize patches to PX inside the model (0 = as they are; default {default})")
     epochs: int = setting(0, range=(0, 100_000, "0 = automatic for the teacher and the student"),
                           help="training epochs (0 = auto: 30 pretrained / 80 from scratch, or enough for min_steps)")
@@ -72,7 +73,7 @@ class TeacherConfig(ClassifierConfig):
 class MatcherConfig:
     backbone_ms: str = setting("resnet18_w16", flag=False, help="backbone of the MS branch")
     backbone_rgb: str = setting("resnet18_w16", flag=False, help="backbone of the RGB branch")
-    embed_dim: int = setting(64, range=(1, 4096, ""), help="size of the shared embedding (default {default})")
+    embed_dim: int = setting(64, range=(1, MAX_EMBED_DIM, ""), help="size of the shared embedding (default {default})")
     epochs: int = setting(60, range=(0, 100_000, ""), help="training epochs (default {default})")
     batch_size: int = setting(64, flag=False, range=(2, 65_536, ""), help="pairs per optimiser step")
     lr: float = setting(2e-3, flag=False, help="learning rate")

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from asymkd import __version__, choices, layout
+from asymkd import __version__, choices, config, layout
 from asymkd.commands.choices import choices_report
 from asymkd.config import DistillConfig, TeacherConfig
 from asymkd.events import PROTOCOL_VERSION, Events
@@ -30,7 +30,7 @@ def test_choices_json_matches_the_engine_tables():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["engine"] == __version__ and report["protocol"] == PROTOCOL_VERSION
-    assert report["config"] == {key: dict(table) for key, table in choices.CONFIG_CHOICES.items()}
+    assert report["config"] == {key: dict(table) for key, table in config.CONFIG_CHOICES.items()}
     assert set(report["config"]) >= {"distill.domain_loss", "pairing.method", "distill.pseudo",
                                      "distill.semi_supervised", "matcher.positives"}
     assert report["backbones"] == {name: {"source": spec.source, "about": spec.about}

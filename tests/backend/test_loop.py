@@ -146,7 +146,7 @@ def test_random_pairing_keeps_classes():
 
 def test_choices_tables_match_their_implementations_and_validate_config():
     assert set(DOMAIN_LOSSES) == set(choices.DOMAIN_LOSSES)
-    for key, table in choices.CONFIG_CHOICES.items():
+    for key, table in config_mod.CONFIG_CHOICES.items():
         config_mod.from_dict(config_mod.parse_set([f"{key}={next(iter(table))}"]))
     with pytest.raises(ConfigError) as info:
         config_mod.from_dict(config_mod.parse_set(["distill.domain_loss=wasserstein"]))

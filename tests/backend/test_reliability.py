@@ -352,7 +352,7 @@ def test_sigterm_after_success_keeps_exit_0(tmp_path):
 
 # -- weights files -----------------------------------------------------------------------------
 def test_unreadable_weights_files_are_model_file_errors(tmp_path):
-    from asymkd.models.files import read_state_dict
+    from asymkd.models.statefile import read_state_dict
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     torch.save({"a": 1}, tmp_path / "nontensor.pth")
     (tmp_path / "garbage.safetensors").write_bytes(os.urandom(64))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from . import ClassifyOptions
+    from .options import ClassifyOptions
 
 # Keep in step with backend/requirements-dask.txt (a test checks it).
 DASK_REQUIREMENT = "dask[distributed]==2026.8.0"

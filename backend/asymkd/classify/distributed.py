@@ -6,7 +6,7 @@ rows of the plan, about `shard_tiles` tiles each, by default about SHARDS_PER_WO
 worker; tile keys are the grid's, unchanged).
 Each shard is one Dask task: the worker opens the raster itself (a local path it sees, or
 a GDAL path such as /vsicurl/ or /vsis3/), runs the one read -> infer loop of the engine
-(`run.classify_plan`) and writes the shard's per-tile summaries to a shard file in a
+(`stream.classify_plan`) and writes the shard's per-tile summaries to a shard file in a
 hidden scratch folder beside the output (a shared file system when the workers are on
 other hosts). The client merges the shards in shard order into the same writer a single
 process uses, so the GeoPackage, its fields, style and class raster are the same.
@@ -39,12 +39,12 @@ from ..errors import AsymKDError, DataError
 from ..events import Events
 from ..fileio import staged_dir
 from ..tempnames import temp_name
-from . import ClassifyOptions
 from .area import TilePlan
 from .cluster import Cluster
 from .grid import Grid
 from .infer import OnnxClassifier, Summary, available_cores, summarize
-from .run import Counts, Job, TileSink, classify_plan, deliver
+from .options import ClassifyOptions
+from .stream import Counts, Job, TileSink, classify_plan, deliver, open_raster
 from .writer import ClassRaster
 
 _SEEN_BY_WORKERS = ("every worker must see it at the same path: a shared file system, or a GDAL network path "
@@ -211,7 +211,6 @@ def _worker_name() -> str:
 
 def _open_on_worker(task: ShardTask, worker: str) -> OnnxClassifier:
     """The model, and a check that the raster opens here: errors name this worker and the path."""
-    from .run import _open_raster
     try:
         model = _model(task)
     except (errors.ModelFileError, OSError) as exc:
@@ -222,7 +221,7 @@ def _open_on_worker(task: ShardTask, worker: str) -> OnnxClassifier:
     if task.raster in _RASTERS_OK:
         return model
     try:
-        with _open_raster(Path(task.raster)):
+        with open_raster(Path(task.raster)):
             _RASTERS_OK.add(task.raster)
     except AsymKDError as exc:
         raise DataError(f"worker {worker} cannot open the raster {task.raster}: {getattr(exc, 'message', exc)}",

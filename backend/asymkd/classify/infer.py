@@ -21,7 +21,7 @@ from ..models.onnx_file import (
     resolve_model_path,
     session_metadata,
 )
-from . import MAX_STREAMS
+from .options import MAX_STREAMS
 
 DEVICES = choices.ONNX_DEVICES
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .. import choices
-from .infer import Summary
+
+if TYPE_CHECKING:  # a type only: infer's Summary is what the measures read
+    from .infer import Summary
 
 AREAS_LAYER = "class_areas"
 AREA_COLUMNS = ("class_id", "class_name", "tiles", "hectares", "share", "mean_confidence", "uncertain_tiles")

