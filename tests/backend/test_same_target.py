@@ -50,3 +50,16 @@ def test_without_pairs_true_colour_takes_the_reference_rgb_scale(tmp_path):
     # no reference: the bands stay on the MS scale (the matcher standardises each side itself)
     raw = same_target_rgb(ms, None, "pseudo-rgb", events=NULL_EVENTS)
     assert np.array_equal(raw.images, pseudo_rgb(ms))
+
+
+def test_pairs_of_another_sensor_with_larger_patches_take_true_colour_to_their_size(tmp_path):
+    """Paired RGB of a finer camera (2x the pixels of the MS patches): the unpaired MS samples'
+    true colour is resampled to the pairs' size, so the positives are one stack."""
+    paths = make_dataset(tmp_path)
+    ms = load_folder(paths["ms"], "ms", bands="sentinel2")
+    paired = load_folder(paths["rgb_paired"], "rgb", class_names=ms.class_names)
+    half = paired.subset(np.arange(0, len(paired), 2))
+    half.images = np.repeat(np.repeat(half.images, 2, axis=2), 2, axis=3)  # the same ground, finer pixels
+    got = same_target_rgb(ms, half, "auto", events=NULL_EVENTS)
+    assert got.source == "pairs+pseudo-rgb" and got.images.shape[-2:] == half.images.shape[-2:]
+    assert sorted(got.ms_index.tolist()) == list(range(len(ms)))

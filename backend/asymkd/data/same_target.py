@@ -80,7 +80,8 @@ def _apply(pseudo: np.ndarray, gain: np.ndarray, offset: np.ndarray, fitted_to: 
 def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto",
                     reference: PatchSet | None = None, events: Events = NULL_EVENTS,
                     size: int | None = None) -> SameTarget:
-    """An RGB image of each labeled MS sample's own target, at `size` pixels when given.
+    """An RGB image of each labeled MS sample's own target, at `size` pixels when given (else
+    the paired RGB's size where there are pairs: another sensor's patches may be larger).
 
     mode "pairs": the explicit pairs alone; "pseudo-rgb": true colour for every sample; "auto":
     the pairs, plus calibrated true colour for the samples without one. True colour is
@@ -93,6 +94,7 @@ def same_target_rgb(ms: PatchSet, rgb_paired: PatchSet | None, mode: str = "auto
                         "give --rgb-paired DIR (same file stems as the MS set) or use positives=auto")
     idx = np.flatnonzero(ms.labeled)
     if rgb_paired is not None and mode != "pseudo-rgb":
+        size = size or rgb_paired.size  # the RGB sensor's patches, which true colour joins
         ms_idx, rgb_idx = match_pairs(ms, rgb_paired)
         keep = ms.labels[ms_idx] >= 0
         ms_idx, rgb_images = ms_idx[keep], resample(rgb_paired.images[rgb_idx[keep]], size)
