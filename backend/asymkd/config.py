@@ -18,7 +18,7 @@ import yaml
 
 from . import choices, settings
 from .errors import ConfigError
-from .models.metadata import MAX_EMBED_DIM, MAX_INPUT_SIZE
+from .models.metadata import MAX_EMBED_DIM, MAX_GSD, MAX_INPUT_SIZE, MIN_GSD
 from .settings import BOTH, setting
 
 
@@ -38,6 +38,11 @@ class DataConfig:
     rgb_limit_per_class: int = setting(0, flag=False, range=(0, 10**9, "0 = all"),
                                        help="use at most N labeled RGB per class")
     rgb_rest_unlabeled: bool = setting(False, flag=False, help="labeled RGB beyond that limit join as unlabeled")
+    # JPEG and PNG patches carry no ground resolution; a model needs one to tile a map at the
+    # scale it was trained on (classify resamples rasters to it).
+    rgb_gsd: float = setting(0.0, metavar="M", help="ground resolution of RGB patches without a georeference "
+                             "(JPEG, PNG), in metres per pixel (0 = that of georeferenced RGB patches, else "
+                             "of the MS patches)")
 
 
 @dataclass
@@ -291,6 +296,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_settings(cfg)
     checks = [
         (0 <= cfg.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
+        (cfg.data.rgb_gsd == 0 or MIN_GSD <= cfg.data.rgb_gsd <= MAX_GSD,
+         f"data.rgb_gsd must be 0 (unset) or from {MIN_GSD:g} to {MAX_GSD:g} metres per pixel"),
         (min(cfg.teacher.lr, cfg.distill.lr, cfg.matcher.lr) > 0, "lr must be > 0"),
         (min(cfg.distill.w_feat, cfg.distill.w_pseudo, cfg.distill.w_gt) >= 0, "loss weights must be >= 0"),
         (cfg.distill.temperature > 0 and cfg.matcher.temperature > 0, "temperatures must be > 0"),

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import layout
 from .events import NULL_EVENTS, Events
+from .fileio import read_json
 from .layout import RunFolder
 
 # Small epochs: the demo shows the whole loop in minutes on 2 CPU cores.
@@ -19,13 +20,16 @@ DEMO_CONFIG: dict[str, Any] = {
 
 def demo_world(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Any]:
     """Write the synthetic world into RUN/world once; return the data section for the config."""
-    from .data.synth import SynthConfig, make_world
+    from .data.synth import GSD, SynthConfig, make_world
     world = Path(run_dir) / "world"
     if not (world / "world.json").is_file():
         make_world(world, SynthConfig(), events)
+    # the RGB camera's PNG patches carry no ground resolution: the world says it (a world
+    # written before it had another camera is the MS sensor's true colour, at its 10 m)
+    rgb_gsd = read_json(world, "world.json").get("rgb_gsd_m", GSD)
     return {"ms": str(world / "ms"), "rgb": str(world / "rgb_train"),
             "rgb_unlabeled": str(world / "rgb_unlabeled"), "rgb_paired": str(world / "rgb_paired"),
-            "rgb_test": str(world / "rgb_test"), "bands": "sentinel2"}
+            "rgb_test": str(world / "rgb_test"), "bands": "sentinel2", "rgb_gsd": float(rgb_gsd)}
 
 
 
@@ -33,7 +37,6 @@ def demo_classify(run_dir: Path, events: Events = NULL_EVENTS) -> dict[str, Path
     """Export the student to ONNX and classify the synthetic RGB test scene with it."""
     from .classify import classify
     from .export import export_onnx
-    from .fileio import read_json
     from .models.files import read_meta
     from .pipeline import load_rgb_test, resolve_config
     run_dir = Path(run_dir)

@@ -8,7 +8,7 @@ from ._options import add_config_flags, add_run_options, run_step
 
 def add_arguments(p) -> None:
     add_run_options(p)
-    add_config_flags(p, "data", "ms", "bands", "rgb", "rgb_unlabeled", "rgb_test")
+    add_config_flags(p, "data", "ms", "bands", "rgb", "rgb_unlabeled", "rgb_test", "rgb_gsd")
     add_config_flags(p, "distill")
 
 

@@ -339,6 +339,7 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
                                  dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
                                  fingerprint={"config": asdict(cfg), "data": rgb.identity(ms), "baseline": baseline,
                                               "ms_rows": None if rows is None else rows.ms_index.tolist()})
+    gsd = student_gsd(cfg, rgb, ms, events)
     started = time.time()
     history = loop.fit(task, len(data.train_index), settings, gen, events)
     if not distributed.is_main():  # rank 0 evaluates and writes
@@ -352,14 +353,28 @@ def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: boo
     meta = ModelMeta(backbone=task.model.backbone_name, class_names=rgb.class_names, band_names=rgb.band_names,
                      mean=data.mean, std=data.std, patch_size=rgb.size, role=metrics["step"], kind="student",
                      weights_source=source,
-                     # RGB patches without georeference (JPEG) take the MS sensor's ground resolution
-                     gsd=rgb.gsd or (ms.gsd if ms is not None else None), summary=metrics["summary"],
+                     gsd=gsd, summary=metrics["summary"],
                      metrics=scores)
     save_model(out_dir, task.model, meta)
     write_metrics_json(out_dir / layout.METRICS, metrics)
     checkpoint.remove()
     events.metrics(metrics["step"], {**metrics["summary"], **scores})
     return metrics
+
+
+def student_gsd(cfg: RunConfig, rgb: PatchSet, ms: PatchSet | None, events: Events = NULL_EVENTS) -> float | None:
+    """The ground resolution the student's model file states, which classification tiles maps
+    at: the RGB patches' own (georeferenced), else `data.rgb_gsd`, else the MS patches'."""
+    if rgb.gsd:
+        return rgb.gsd
+    if cfg.data.rgb_gsd:
+        return cfg.data.rgb_gsd
+    ms_gsd = ms.gsd if ms is not None else None
+    if ms_gsd and ms is not None and rgb.size != ms.size:  # another sensor, most likely
+        events.warning(f"the RGB patches ({rgb.size} px) carry no ground resolution; the student takes the MS "
+                       f"patches' {ms_gsd:g} m per pixel ({ms.size} px), so maps are tiled at that scale: give "
+                       "the RGB sensor's with --rgb-gsd M (data.rgb_gsd)")
+    return ms_gsd
 
 
 def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet, cache: TeacherCache | None,
