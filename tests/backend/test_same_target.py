@@ -63,3 +63,35 @@ def test_pairs_of_another_sensor_with_larger_patches_take_true_colour_to_their_s
     got = same_target_rgb(ms, half, "auto", events=NULL_EVENTS)
     assert got.source == "pairs+pseudo-rgb" and got.images.shape[-2:] == half.images.shape[-2:]
     assert sorted(got.ms_index.tolist()) == list(range(len(ms)))
+
+
+def test_with_a_reference_the_pairs_too_take_its_colour_statistics(tmp_path):
+    """Pairs show the MS samples' own places; the student's RGB set another place and light:
+    given it as the reference, every row (pairs and true colour) takes its band statistics."""
+    paths = make_dataset(tmp_path)
+    ms = load_folder(paths["ms"], "ms", bands="sentinel2")
+    paired = load_folder(paths["rgb_paired"], "rgb", class_names=ms.class_names)
+    rgb = load_folder(paths["rgb_train"], "rgb", class_names=ms.class_names)
+    rgb.images = np.clip(rgb.images * 0.8 + 30, 0, 255)  # another place: hazier, flatter light
+    got = same_target_rgb(ms, paired, "auto", reference=rgb, events=NULL_EVENTS)
+    mean = got.images.transpose(1, 0, 2, 3).reshape(3, -1).mean(1)
+    assert np.allclose(mean, rgb.images.transpose(1, 0, 2, 3).reshape(3, -1).mean(1), rtol=0.05)
+    plain = same_target_rgb(ms, paired, "auto", events=NULL_EVENTS)  # the matcher's positives: as they are
+    assert not np.allclose(plain.images.mean(), got.images.mean(), rtol=0.05)
+
+
+def test_another_cameras_band_mix_and_tone_curve_are_fitted_from_the_pairs():
+    """A red that reaches the red edge and a concave tone curve: the fit on every MS band
+    reproduces held-out pairs far better than scaling the true-colour bands."""
+    from asymkd.data.same_target import fit_spectral, fit_to_pairs
+    rng = np.random.default_rng(0)
+    ms = rng.uniform(200, 3000, (40, 13, 8, 8))
+    red, green, blue = ms[:, 3], ms[:, 2], ms[:, 1]
+    camera = np.stack([0.75 * red + 0.25 * ms[:, 4], green, blue], 1)  # B05 leaks into red
+    rgb = 255 * np.sqrt(camera / 3000)
+    fit, held = np.arange(30), np.arange(30, 40)
+    spectral = fit_spectral(ms[fit], rgb[fit])(ms[held])
+    gain, offset = fit_to_pairs(ms[fit][:, [3, 2, 1]], rgb[fit])
+    per_band = ms[held][:, [3, 2, 1]] * gain[None, :, None, None] + offset[None, :, None, None]
+    err = np.sqrt(((spectral - rgb[held]) ** 2).mean())
+    assert err < 0.25 * np.sqrt(((per_band - rgb[held]) ** 2).mean())
