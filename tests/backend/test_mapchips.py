@@ -279,10 +279,11 @@ def test_real_eurosat_map(tmp_path):
 
 def test_synthetic_world_map_round_trip(tmp_path):
     """Chips of the synthetic MS scene are its MS patches; the RGB scene's overlap gives pairs."""
-    from asymkd.data.synth import SynthConfig, make_world, render_rgb
+    from asymkd.data.landcover import render_rgb
+    from asymkd.data.synth import SynthConfig, make_world
     world = make_world(tmp_path / "w", SynthConfig(size=16, ms_per_class=3, rgb_per_class=2,
                                                    test_per_class=1, unlabeled_per_class=0,
-                                                   paired=0, classes=3))
+                                                   paired=0, classes=3, rgb_sensor="sentinel2"))
     res = chip_map(world["ms_scene"], world["ms_labels"], tmp_path / "ms", ChipConfig(size=16),
                    pair_raster=world["rgb_scene"], pair_out=tmp_path / "rgb")
     info = json.loads(Path(world["world"]).read_text())

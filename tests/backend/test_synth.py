@@ -60,8 +60,8 @@ def test_folders_read_by_load_folder(world):
     assert ms.class_counts() == {n: 4 for n in names}
     assert ms.images.min() >= 1 and ms.images.max() < 10000
     for key, count in (("rgb_train", 9), ("rgb_test", 6)):
-        rgb = load_folder(world[key], "rgb")
-        assert rgb.images.shape == (count, 3, 16, 16) and rgb.class_names == names
+        rgb = load_folder(world[key], "rgb")  # another camera: 2x the pixels over the same ground
+        assert rgb.images.shape == (count, 3, 32, 32) and rgb.class_names == names
     unlabeled = load_folder(world["rgb_unlabeled"], "rgb")
     assert len(unlabeled) == 3 and (unlabeled.labels == -1).all()
     # RGB sets come from other places: no stem shared with the MS set (no accidental pairs)
@@ -86,8 +86,36 @@ def test_paired_are_the_same_target(world):
     assert sorted(set(paired.labels.tolist())) == [0, 1, 2]
     for i, j in zip(ms_idx, rgb_idx, strict=True):
         assert ms.labels[i] == paired.labels[j]
+        expected = landcover.sensor_rgb(ms.images[i].astype(np.uint16), landcover.AERIAL,
+                                        synth._same_target_rng(0, ms.stems[i]))
+        assert np.array_equal(paired.images[j], expected.astype(np.float32))
+
+
+def test_the_ms_sensors_own_true_colour_on_request(tmp_path):
+    world = synth.make_world(tmp_path / "s2", synth.SynthConfig(**{**TINY, "rgb_sensor": "sentinel2"}))
+    ms = load_folder(world["ms"], "ms")
+    paired = load_folder(world["rgb_paired"], "rgb")
+    ms_idx, rgb_idx = match_pairs(ms, paired)
+    for i, j in zip(ms_idx, rgb_idx, strict=True):
         expected = landcover.render_rgb(ms.images[i].astype(np.uint16))
         assert np.array_equal(paired.images[j], expected.astype(np.float32))
+    assert load_folder(world["rgb_train"], "rgb").images.shape[-1] == 16
+    with rasterio.open(world["rgb_scene"]) as src:
+        assert src.res == (10.0, 10.0)
+    with pytest.raises(ConfigError, match="--rgb-sensor"):
+        synth.SynthConfig(rgb_sensor="drone").validate()
+
+
+def test_another_camera_sees_other_colours_of_the_same_ground():
+    rng = np.random.default_rng(0)
+    ms = landcover.render_patch("Forest", rng, 16, landcover.MS_PLACE)
+    aerial = landcover.sensor_rgb(ms, landcover.AERIAL).astype(float)
+    true_colour = landcover.render_rgb(ms).astype(float)
+    assert aerial.shape == (3, 32, 32)
+    # the same ground: a 2x2 block of fine pixels averages to about one coarse pixel's colour
+    coarse = aerial.reshape(3, 16, 2, 16, 2).mean((2, 4))
+    assert np.corrcoef(coarse[1].ravel(), true_colour[1].ravel())[0, 1] > 0.9
+    assert abs(coarse.mean((1, 2)) - true_colour.mean((1, 2))).max() > 5  # but not its colours
 
 
 def test_render_rgb_uses_true_colour_bands_and_eurosat_scale():
@@ -130,22 +158,27 @@ def test_scenes_georeferenced_with_labels(world):
 
 
 def test_rgb_scene_overlaps_ms_scene_with_same_content(world):
-    with rasterio.open(world["ms_scene"]) as ms, rasterio.open(world["rgb_scene"]) as rgb:
-        left, bottom = max(ms.bounds.left, rgb.bounds.left), max(ms.bounds.bottom, rgb.bounds.bottom)
-        right, top = min(ms.bounds.right, rgb.bounds.right), min(ms.bounds.top, rgb.bounds.top)
-        assert left < right and bottom < top  # a partial overlap ...
-        assert rgb.bounds.right > ms.bounds.right  # ... not a copy
-        ms_part = ms.read(window=ms.window(left, bottom, right, top))
-        rgb_part = rgb.read(window=rgb.window(left, bottom, right, top))
-    valid = ms_part[0] > 0
-    assert valid.any()
-    assert np.array_equal(landcover.render_rgb(ms_part)[:, valid], rgb_part[:, valid])
-    with rasterio.open(world["rgb_test_scene"]) as test:
-        assert test.bounds.top <= ms.bounds.bottom  # elsewhere
-    info = json.loads(Path(world["world"]).read_text())
-    assert info["map"]["rgb_scene"]["overlap_cells"] == int(valid.sum()) // TINY["size"] ** 2
+    ms_stems = set(load_folder(world["ms"], "ms").stems)
     geoms, fields, _ = _labels(world["rgb_labels"])
-    assert len(geoms) == 9 + info["map"]["rgb_scene"]["overlap_cells"]
+    overlap = 0
+    with rasterio.open(world["ms_scene"]) as ms, rasterio.open(world["rgb_scene"]) as rgb:
+        assert rgb.res == (5.0, 5.0)  # the other camera's pixels
+        assert ms.bounds.left < rgb.bounds.left < ms.bounds.right < rgb.bounds.right  # a partial overlap
+        for g, stem in zip(geoms, fields["source"], strict=True):
+            if stem not in ms_stems:
+                continue
+            overlap += 1  # a cell over the MS scene shows that cell's target, as the camera sees it
+            ms_cell = ms.read(window=ms.window(*g.bounds))
+            rgb_cell = rgb.read(window=rgb.window(*g.bounds))
+            assert ms_cell.shape[1:] == (16, 16) and rgb_cell.shape[1:] == (32, 32)
+            expected = landcover.sensor_rgb(ms_cell, landcover.AERIAL, synth._same_target_rng(0, stem))
+            assert np.array_equal(rgb_cell, expected)
+    with rasterio.open(world["rgb_test_scene"]) as test:
+        assert test.bounds.top <= ms.bounds.bottom and test.res == (5.0, 5.0)  # elsewhere
+    info = json.loads(Path(world["world"]).read_text())
+    assert overlap > 0 and info["map"]["rgb_scene"]["overlap_cells"] == overlap
+    assert len(geoms) == 9 + overlap
+    assert info["rgb_gsd_m"] == 5.0 and info["rgb_patch_size"] == 32
 
 
 def test_world_json_counts(world):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..data.landcover import RGB_SENSORS
 from ..data.synth import SynthConfig, make_world
 
 
@@ -27,13 +28,17 @@ def add_arguments(parser) -> None:
                         help="columns of MS-scene cells that the RGB scene also covers (default %(default)s)")
     parser.add_argument("--classes", default="all", metavar="all|N",
                         help="all 10 EuroSAT classes or the first N (default %(default)s)")
+    parser.add_argument("--rgb-sensor", default=d.rgb_sensor, choices=list(RGB_SENSORS),
+                        help="the RGB layers' camera: aerial (another sensor than the MS one: other bands and "
+                             "colours, 2x finer pixels) or sentinel2 (the MS sensor's own true colour, as "
+                             "EuroSAT's RGB; default %(default)s)")
 
 
 def run(args, events) -> int:
     cfg = SynthConfig(seed=args.seed, size=args.size, ms_per_class=args.ms_per_class,
                       rgb_per_class=args.rgb_per_class, test_per_class=args.test_per_class,
                       unlabeled_per_class=args.unlabeled_per_class, paired=args.paired,
-                      classes=args.classes, overlap_cols=args.overlap_cols)
+                      classes=args.classes, overlap_cols=args.overlap_cols, rgb_sensor=args.rgb_sensor)
     paths = make_world(args.out, cfg, events)
     if args.events != "-":
         print(json.dumps(paths, indent=2))

@@ -316,6 +316,66 @@ def render_rgb(ms: np.ndarray, band_names: list[str] = BAND_NAMES) -> np.ndarray
     return np.clip(np.rint(rgb), 1, 255).astype(np.uint8)
 
 
+# -- another RGB sensor ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RgbSensor:
+    """An RGB camera other than Sentinel-2's true colour: what an analyst's orthophoto or
+    aerial mosaic is. It sees the same ground through broader bands (red reaching into the
+    red edge), its own white balance and tone curve, at `scale` times finer pixels."""
+
+    name: str
+    response: dict[str, dict[str, float]]  # output channel R/G/B -> {MS band: weight}
+    black: tuple[float, float, float]       # top-of-atmosphere reflectance shown as 0 (haze removed)
+    white: tuple[float, float, float]       # ... and as 255, per channel
+    gamma: float                            # tone curve exponent (1/2.2 for an sRGB-like camera)
+    scale: int                              # pixels per MS pixel along each axis
+    noise: float                            # 8-bit sensor noise at the fine pixels (sd)
+
+    def gsd(self, ms_gsd: float) -> float:
+        return ms_gsd / self.scale
+
+
+AERIAL = RgbSensor(
+    "aerial",
+    response={"R": {"B04": 0.75, "B05": 0.15, "B03": 0.10},
+              "G": {"B02": 0.15, "B03": 0.70, "B04": 0.15},
+              "B": {"B01": 0.20, "B02": 0.70, "B03": 0.10}},
+    black=(0.05, 0.06, 0.08), white=(0.28, 0.28, 0.30), gamma=1 / 1.8, scale=2, noise=2.0)
+# `synth --rgb-sensor`: "sentinel2" is the MS sensor's own true colour (EuroSAT's RGB)
+RGB_SENSORS = {"sentinel2": None, "aerial": AERIAL}
+
+
+def _upsample(image: np.ndarray, scale: int) -> np.ndarray:
+    """(C, H, W) float to (C, H*scale, W*scale), bilinear with pixel centres aligned."""
+    if scale == 1:
+        return image
+    c, h, w = image.shape
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n * scale) + 0.5) / scale - 0.5, 0, n - 1)
+        lo = np.floor(pos).astype(np.int64)
+        return lo, np.minimum(lo + 1, n - 1), pos - lo
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    rows = image[:, y0] * (1 - fy)[None, :, None] + image[:, y1] * fy[None, :, None]
+    return rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
+
+
+def sensor_rgb(ms: np.ndarray, sensor: RgbSensor | None, rng: np.random.Generator | None = None,
+               band_names: list[str] = BAND_NAMES) -> np.ndarray:
+    """8-bit RGB (3, H*scale, W*scale) of the target an MS patch (DN) shows, as `sensor` sees
+    it (None: Sentinel-2's own true colour, `render_rgb`). Values stay >= 1 (0 is nodata)."""
+    if sensor is None:
+        return render_rgb(ms, band_names)
+    toa = ms.astype(np.float64) / 10000.0
+    channels = [sum(w * toa[band_names.index(b)] for b, w in sensor.response[ch].items()) for ch in "RGB"]
+    fine = _upsample(np.stack(channels), sensor.scale)
+    black, white = (np.asarray(v)[:, None, None] for v in (sensor.black, sensor.white))
+    out = 255.0 * np.clip((fine - black) / (white - black), 0.0, 1.0) ** sensor.gamma
+    if rng is not None and sensor.noise:
+        out = out + sensor.noise * rng.standard_normal(out.shape)
+    return np.clip(np.rint(out), 1, 255).astype(np.uint8)
+
+
 # -- a quick separability check --------------------------------------------------------
 def patch_mean_features(images: np.ndarray) -> np.ndarray:
     """Per-band patch means (N, C) of (N, C, H, W) images."""

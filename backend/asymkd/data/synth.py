@@ -33,7 +33,18 @@ from ..fileio import (
     staged_dir,
     write_gpkg_layer,
 )
-from .landcover import BAND_NAMES, CLASSES, MS_PLACE, RGB_MAX_DN, RGB_PLACE, Place, render_patch, render_rgb
+from .landcover import (
+    BAND_NAMES,
+    CLASSES,
+    MS_PLACE,
+    RGB_MAX_DN,
+    RGB_PLACE,
+    RGB_SENSORS,
+    Place,
+    RgbSensor,
+    render_patch,
+    sensor_rgb,
+)
 
 CRS = "EPSG:32632"
 GSD = 10.0
@@ -61,6 +72,18 @@ class SynthConfig:
     paired: int = 30  # total number of MS patches also rendered as same-target RGB
     classes: int | str = "all"  # "all" or the first N EuroSAT classes
     overlap_cols: int = 1  # columns of MS-scene cells the RGB scene also covers
+    # the RGB layers' camera (landcover.RGB_SENSORS): "aerial" is another sensor than the MS
+    # one (other bands and colours, 5 m pixels), the setting the method is for; "sentinel2"
+    # renders the MS sensor's own true colour, as EuroSAT's RGB is
+    rgb_sensor: str = "aerial"
+
+    @property
+    def sensor(self) -> RgbSensor | None:
+        return RGB_SENSORS[self.rgb_sensor]
+
+    @property
+    def rgb_scale(self) -> int:
+        return self.sensor.scale if self.sensor else 1
 
     def class_names(self) -> list[str]:
         if self.classes in ("all", None):
@@ -76,6 +99,9 @@ class SynthConfig:
 
     def validate(self) -> None:
         self.class_names()
+        if self.rgb_sensor not in RGB_SENSORS:
+            raise ConfigError(f"--rgb-sensor {self.rgb_sensor!r} is not one of {', '.join(RGB_SENSORS)}",
+                              "e.g. --rgb-sensor aerial")
         if not 8 <= self.size <= 512:
             raise ConfigError(f"--size {self.size} is out of range", "use 8..512 pixels (EuroSAT: 64)")
         counts = {"--ms-per-class": self.ms_per_class, "--rgb-per-class": self.rgb_per_class,
@@ -98,11 +124,18 @@ class SynthConfig:
 
 
 # -- writing ---------------------------------------------------------------------------
-_SET_CODES = {"ms": 1, "rgb_train": 2, "rgb_test": 3, "rgb_unlabeled": 4, "shuffle": 10}
+_SET_CODES = {"ms": 1, "rgb_train": 2, "rgb_test": 3, "rgb_unlabeled": 4, "same_target": 5, "shuffle": 10}
 
 
 def _rng(seed: int, set_name: str, class_index: int = 0, index: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, _SET_CODES[set_name], class_index, index])
+
+
+def _same_target_rng(seed: int, stem: str) -> np.random.Generator:
+    """The RGB camera's noise on an MS patch's own target (rgb_paired, the scenes' overlap):
+    the same for both, so the overlap cells are the paired images."""
+    class_name, index = stem.rsplit("_", 1)
+    return _rng(seed, "same_target", CLASSES.index(class_name), int(index))
 
 
 @dataclasses.dataclass
@@ -117,8 +150,9 @@ def _patches(cfg: SynthConfig, set_name: str, per_class: int, first_index: int,
     for name in cfg.class_names():
         ci = CLASSES.index(name)
         for i in range(per_class):
-            ms = render_patch(name, _rng(cfg.seed, set_name, ci, i), cfg.size, place)
-            data = ms if set_name == "ms" else render_rgb(ms)
+            rng = _rng(cfg.seed, set_name, ci, i)
+            ms = render_patch(name, rng, cfg.size, place)
+            data = ms if set_name == "ms" else sensor_rgb(ms, cfg.sensor, rng)
             yield _Patch(name, f"{name}_{first_index + i}", data)
 
 
@@ -145,16 +179,17 @@ class _SceneGrid:
     rows: int
     cols: int
     size: int
+    gsd: float = GSD  # metres per pixel
 
     @property
     def cell_m(self) -> float:
-        return self.size * GSD
+        return self.size * self.gsd
 
     def transform(self) -> Affine:
-        return Affine(GSD, 0.0, self.origin[0], 0.0, -GSD, self.origin[1])
+        return Affine(self.gsd, 0.0, self.origin[0], 0.0, -self.gsd, self.origin[1])
 
     def cell_transform(self, row: int, col: int) -> Affine:
-        return Affine(GSD, 0.0, self.origin[0] + col * self.cell_m, 0.0, -GSD,
+        return Affine(self.gsd, 0.0, self.origin[0] + col * self.cell_m, 0.0, -self.gsd,
                       self.origin[1] - row * self.cell_m)
 
     def cell_polygon_wkb(self, row: int, col: int) -> bytes:
@@ -279,8 +314,9 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
 
     Layout (as ../shared/data/eurosat and ../shared/data/eurosat_map):
       ms/<Class>/<Class>_<i>.tif            13-band uint16 GeoTIFF, B01..B12,B8A, EPSG:32632, 10 m
-      rgb_paired/<Class>/<same stem>.png    the same target as an MS patch, true colour
+      rgb_paired/<Class>/<same stem>.png    the same target as an MS patch, as the RGB camera sees it
       rgb_train|rgb_test/<Class>/*.png      RGB of other places; rgb_unlabeled/*.png unlabeled
+                                            (camera: `rgb_sensor`; "aerial": 2x the pixels, 5 m)
       map/ms_scene.tif + ms_labels.gpkg     the MS patches as cells of a scene (nodata 0)
       map/rgb_scene.tif + rgb_labels.gpkg   rgb_train cells, plus `overlap_cols` columns over
                                             the MS scene showing the same targets (co-registered)
@@ -307,9 +343,9 @@ def make_world(out_dir: str | Path, cfg: SynthConfig | None = None,
         unlabeled = []
         for i in range(len(names) * cfg.unlabeled_per_class):
             name = names[i % len(names)]
-            ms = render_patch(name, _rng(cfg.seed, "rgb_unlabeled", CLASSES.index(name), i),
-                              cfg.size, RGB_PLACE)
-            unlabeled.append(_Patch(name, f"unlabeled_{i}", render_rgb(ms)))
+            rng = _rng(cfg.seed, "rgb_unlabeled", CLASSES.index(name), i)
+            ms = render_patch(name, rng, cfg.size, RGB_PLACE)
+            unlabeled.append(_Patch(name, f"unlabeled_{i}", sensor_rgb(ms, cfg.sensor, rng)))
             next(progress, None)
         for _ in progress:  # finish the progress stream
             pass
@@ -330,11 +366,11 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
     ms_grid = _SceneGrid(SCENE_ORIGIN, rows, cols, cfg.size)
     ms_cells = _layout(ms_patches, _rng(cfg.seed, "shuffle", 0), rows, cols)
     paired = _paired_stems(ms_patches, names, cfg.paired)
-    _write_patches(out, sets, unlabeled, ms_grid, ms_cells, paired)
+    _write_patches(out, cfg, sets, unlabeled, ms_grid, ms_cells, paired)
     rgb_grid, rgb_cells, overlap = _rgb_scene(cfg, sets["rgb_train"], ms_grid, ms_cells)
     t_rows, t_cols = _square_grid(len(sets["rgb_test"]))
     test_origin = (SCENE_ORIGIN[0], ms_grid.bounds()[1] - 10 * ms_grid.cell_m)
-    test_grid = _SceneGrid(test_origin, t_rows, t_cols, cfg.size)
+    test_grid = _SceneGrid(test_origin, t_rows, t_cols, cfg.size * cfg.rgb_scale, GSD / cfg.rgb_scale)
     test_cells = _layout(sets["rgb_test"], _rng(cfg.seed, "shuffle", 2), t_rows, t_cols)
 
     m = out / "map"
@@ -350,7 +386,9 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
     world = {
         "generator": "asymkd synth", "config": dataclasses.asdict(cfg), "classes": names,
         "band_names": BAND_NAMES, "crs": CRS, "gsd_m": GSD, "patch_size": cfg.size,
-        "rgb_scale": f"8-bit = DN * 255 / {RGB_MAX_DN:g} of B04, B03, B02",
+        "rgb_sensor": cfg.rgb_sensor, "rgb_gsd_m": GSD / cfg.rgb_scale, "rgb_patch_size": cfg.size * cfg.rgb_scale,
+        "rgb_scale": (f"8-bit = DN * 255 / {RGB_MAX_DN:g} of B04, B03, B02" if cfg.sensor is None else
+                      f"another camera: {cfg.rgb_sensor} (landcover.RgbSensor), {cfg.rgb_scale}x finer pixels"),
         "counts": {"ms": per_class(ms_patches), "rgb_train": per_class(sets["rgb_train"]),
                    "rgb_test": per_class(sets["rgb_test"]), "rgb_unlabeled": len(unlabeled),
                    "rgb_paired": len(paired)},
@@ -368,8 +406,8 @@ def _write_all(out: Path, cfg: SynthConfig, names: list[str], sets: dict[str, li
     return paths
 
 
-def _write_patches(out: Path, sets: dict[str, list[_Patch]], unlabeled: list[_Patch], ms_grid: _SceneGrid,
-                   ms_cells: dict[tuple[int, int], _Patch], paired: set[str]) -> None:
+def _write_patches(out: Path, cfg: SynthConfig, sets: dict[str, list[_Patch]], unlabeled: list[_Patch],
+                   ms_grid: _SceneGrid, ms_cells: dict[tuple[int, int], _Patch], paired: set[str]) -> None:
     """The patch folders: ms/ (GeoTIFF), rgb_train/, rgb_test/, rgb_unlabeled/, rgb_paired/ (PNG)."""
     # MS patches carry the georeference of their scene cell (the scene is made of them).
     cell_of = {p.stem: rc for rc, p in ms_cells.items()}
@@ -383,7 +421,8 @@ def _write_patches(out: Path, sets: dict[str, list[_Patch]], unlabeled: list[_Pa
         _write_png(out / "rgb_unlabeled" / f"{p.stem}.png", p.data)
     for p in sets["ms"]:
         if p.stem in paired:
-            _write_png(out / "rgb_paired" / p.class_name / f"{p.stem}.png", render_rgb(p.data))
+            rgb = sensor_rgb(p.data, cfg.sensor, _same_target_rng(cfg.seed, p.stem))
+            _write_png(out / "rgb_paired" / p.class_name / f"{p.stem}.png", rgb)
 
 
 def _rgb_scene(cfg: SynthConfig, rgb_train: list[_Patch], ms_grid: _SceneGrid,
@@ -395,8 +434,9 @@ def _rgb_scene(cfg: SynthConfig, rgb_train: list[_Patch], ms_grid: _SceneGrid,
     k = min(cfg.overlap_cols, cols)
     rgb_cols = k + max(1, int(np.ceil(len(rgb_train) / rows)))
     rgb_grid = _SceneGrid((SCENE_ORIGIN[0] + (cols - k) * ms_grid.cell_m, SCENE_ORIGIN[1]),
-                          rows, rgb_cols, cfg.size)
-    overlap = {(r, c - (cols - k)): _Patch(p.class_name, p.stem, render_rgb(p.data))
+                          rows, rgb_cols, cfg.size * cfg.rgb_scale, GSD / cfg.rgb_scale)
+    overlap = {(r, c - (cols - k)): _Patch(p.class_name, p.stem,
+                                           sensor_rgb(p.data, cfg.sensor, _same_target_rng(cfg.seed, p.stem)))
                for (r, c), p in ms_cells.items() if c >= cols - k}
     rgb_cells = _layout(rgb_train, _rng(cfg.seed, "shuffle", 1), rows, rgb_cols,
                         skip={(r, c) for r in range(rows) for c in range(k)})
