@@ -118,6 +118,11 @@ class DistillConfig(ClassifierConfig):
     fixmatch_ratio: int = setting(2, flag=False, range=(1, 16, ""), help="unlabeled samples per labeled sample "
                                   "in a batch")
     w_unlabeled: float = setting(1.0, flag=False, help="weight of the consistency term")
+    # Re-pairing gives an unlabeled sample the MS partner whose soft label is closest to the
+    # student's own guess: on top of FixMatch that reinforces the guess, and across sensors
+    # it collapsed the 40-label aid8 student (docs/benchmarks.md).
+    teacher_on_unlabeled: bool = setting(False, flag=False, help="with semi-supervision, the unlabeled RGB also "
+                                         "take their MS partner's soft label (without it they always do)")
     shift: int = setting(-1, flag=False, range=(-1, 64, "-1 = automatic"),
                          help="random translation of labeled patches, pixels (-1 = auto: an eighth of the patch "
                               "from scratch, 0 for a pretrained start)")

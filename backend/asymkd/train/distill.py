@@ -302,6 +302,10 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
     if dc.ms_rows_jitter and data.ms_rows is not None:
         kwargs["jitter_rows"] = torch.as_tensor(fixed)  # the MS rows
     objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
+    if data.consistency is not None and not dc.teacher_on_unlabeled:  # FixMatch alone teaches those
+        taught = torch.ones(len(data.y), dtype=torch.bool)
+        taught[data.consistency.index] = False
+        objective.taught = taught
     per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
     return DistillTask(student, objective=objective, cache=cache, rgb_labels=data.y.numpy(),
                        repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), fixed=fixed,

@@ -52,16 +52,19 @@ class DistillObjective(SupervisedObjective):
     `partners` (N_rgb,) is the current MS partner of every RGB sample (re-pairing updates it
     in place); `soft`, `features` and `trust` are the frozen teacher's cache per MS sample;
     `row_trust` (N_rgb,) weighs each RGB sample's pseudo-label (pairing confidence); `gate`
-    lowers every pseudo-label term once the student nears the teacher.
+    lowers every pseudo-label term once the student nears the teacher; `taught` (N_rgb,
+    bool, default all) names the samples that take a soft label at all.
     """
 
     def __init__(self, *, soft: torch.Tensor, features: torch.Tensor, trust: torch.Tensor,
                  partners: torch.Tensor, row_trust: torch.Tensor, attention: CrossModalAttention | None,
                  w_gt: float, w_pseudo: float, w_feat: float, temperature: float, pseudo: str,
-                 domain_loss: str, use_trust: bool, label_smoothing: float = 0.0):
+                 domain_loss: str, use_trust: bool, label_smoothing: float = 0.0,
+                 taught: torch.Tensor | None = None):
         super().__init__(w_gt, label_smoothing)
         self.soft, self.features, self.trust = soft, features, trust
         self.partners, self.row_trust = partners, row_trust
+        self.taught = taught
         self.attention = attention
         self.w_pseudo, self.w_feat = w_pseudo, w_feat
         self.temperature, self.pseudo, self.use_trust = temperature, pseudo, use_trust
@@ -75,8 +78,13 @@ class DistillObjective(SupervisedObjective):
         weights = None
         if self.use_trust:
             weights = self.trust[j] * self.row_trust[batch.index].to(device) * self.gate
+        share: float | torch.Tensor = 1.0  # of the batch taught: the term is a mean over those samples
+        if self.taught is not None:
+            taught = self.taught[batch.index].to(device).float()
+            weights = taught if weights is None else weights * taught
+            share = taught.mean().clamp_min(1.0 / len(taught))
         terms["pseudo"] = self.w_pseudo * kd_loss(batch.logits, self.soft[j], self.temperature, self.pseudo,
-                                                  weights=weights, teacher_kind="probs")
+                                                  weights=weights, teacher_kind="probs") / share
         if self.w_feat > 0 and self.attention is not None:
             s_tok, t_tok = self.attention(batch.feats.float(), self.features[j])
             terms["feat"] = self.w_feat * self.domain(s_tok.reshape(-1, s_tok.shape[-1]),
