@@ -8,7 +8,7 @@ killed mid-way continues from its last epoch checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,11 @@ from .errors import DataError
 from .events import NULL_EVENTS, Events
 from .fileio import atomic_save_npz, read_npz
 from .layout import RunFolder
-from .train import distributed
+from .train import distributed, seeds
+from .train.common import TrainContext, resolve_device
+
+if TYPE_CHECKING:
+    from .train.distill import StudentInputs
 
 CONFIG_FILE = layout.CONFIG
 
@@ -176,16 +180,26 @@ def check_inputs(cfg: RunConfig, step: str, events: Events = NULL_EVENTS) -> Non
 
 
 # -- steps ---------------------------------------------------------------------------
+def train_context(cfg: RunConfig, events: Events = NULL_EVENTS, resume: bool = False) -> TrainContext:
+    """What every trainer shares, from the run's config (the trainers take their own
+    sections besides)."""
+    return TrainContext(device=resolve_device(cfg.device), amp=cfg.amp, seed=cfg.seed,
+                        checkpoint_every=cfg.checkpoint_every, resume=resume, events=events)
+
+
 def step_teacher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     check_inputs(cfg, "teacher", events)
+    from .train.outputs import write_outputs
     from .train.teacher import train_teacher
+    folder = RunFolder(run_dir).teacher
     with events.step("teacher"):
         ms = load_ms(cfg)
         events.log(f"teacher: {len(ms)} MS patches, {ms.num_bands} bands, classes {ms.class_counts()}")
-        metrics = train_teacher(cfg, ms, RunFolder(run_dir).teacher, events, resume)
-        events.result("teacher", model=RunFolder(run_dir).teacher)
+        trained = train_teacher(cfg.teacher, ms, folder, train_context(cfg, events, resume))
+        write_outputs(trained, folder, events)
+        events.result("teacher", model=folder)
     distributed.barrier()  # under torchrun: the teacher's files exist for every rank
-    return metrics
+    return trained.metrics
 
 
 def load_rgb_paired(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
@@ -198,13 +212,16 @@ def load_rgb_paired(cfg: RunConfig, class_names: list[str]) -> PatchSet | None:
 def step_matcher(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> dict:
     check_inputs(cfg, "matcher", events)
     from .train.matcher import train_matcher
+    from .train.outputs import write_outputs
+    folder = RunFolder(run_dir).matcher
     with events.step("matcher"):
         ms = load_ms(cfg)
         paired = load_rgb_paired(cfg, ms.class_names)
-        metrics = train_matcher(cfg, ms, paired, RunFolder(run_dir).matcher, events, resume)
-        events.result("matcher", model=RunFolder(run_dir).matcher)
+        trained = train_matcher(cfg.matcher, ms, paired, folder, train_context(cfg, events, resume))
+        write_outputs(trained, folder, events)
+        events.result("matcher", model=folder)
     distributed.barrier()
-    return metrics
+    return trained.metrics
 
 
 def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> dict:
@@ -214,25 +231,24 @@ def step_pair(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS) -> di
 
 
 def _pair(cfg: RunConfig, run_dir: Path, events: Events) -> dict:
-
     from .train import common
     from .train.evaluate import write_metrics_json
     from .train.matcher import embed, load_matcher
-    from .train.pairing import assign_pairs, pairing_stats
+    from .train.pairing import PAIRING, PairingOptions, pairing_stats
     run = RunFolder(run_dir)
     with events.step("pair"):
         teacher_ms = load_ms(cfg)
         rgb = load_student_rgb(cfg, teacher_ms)
         ms = teacher_ms.restrict_classes(rgb.class_names)  # partners of the student's classes only
         model, meta = load_matcher(run.matcher)
-        device = common.resolve_device(cfg.device)
-        model = model.to(device)
-        z_ms = embed(model.ms, common.normalize(ms.images, meta.ms_mean, meta.ms_std), device)
+        ctx = train_context(cfg, events)
+        model = model.to(ctx.device)
+        z_ms = embed(model.ms, common.normalize(ms.images, meta.ms_mean, meta.ms_std), ctx.device)
         rgb_mean, rgb_std = common.band_stats(rgb.images)  # each RGB set standardised on itself
-        z_rgb = embed(model.rgb, common.normalize(rgb.images, rgb_mean, rgb_std), device)
+        z_rgb = embed(model.rgb, common.normalize(rgb.images, rgb_mean, rgb_std), ctx.device)
         sim = (z_rgb @ z_ms.T).numpy()
-        assign = assign_pairs(sim, rgb.labels, ms.labels, method=cfg.pairing.method,
-                              sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
+        options = PairingOptions(cfg.pairing.sinkhorn_iters, cfg.pairing.epsilon, seed=ctx.seed_for(seeds.PAIRING))
+        assign = PAIRING[cfg.pairing.method].assign(sim, rgb.labels, ms.labels, options)
         probs = matcher_class_probs(sim, ms.labels, len(ms.class_names))
         lab = rgb.labels >= 0
         # Labeled samples are paired in their own class: full confidence. Unlabeled ones are
@@ -282,31 +298,39 @@ def step_distill(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, re
                  skip_done: bool = False) -> dict:
     check_inputs(cfg, "distill", events)
     from .report import write_report
-    from .train.distill import train_student
+    from .train.distill import StudentInputs
     run = RunFolder(run_dir)
     ms = load_ms(cfg)
     rgb = load_student_rgb(cfg, ms, events)
     test = load_rgb_test(cfg, rgb.class_names)
+    ctx = train_context(cfg, events, resume)
     results = {}
     if not (skip_done and run.metrics(layout.STUDENT).is_file()):
         with events.step("distill"):
             pairs, confidence = load_pairs(run.root, rgb)
-            results[layout.STUDENT] = train_student(cfg, rgb, run.student, baseline=False,
-                                                    teacher_dir=run.teacher, ms=ms, pairs=pairs,
-                                                    pair_confidence=confidence,
-                                                    rgb_paired=load_rgb_paired(cfg, ms.class_names)
-                                                    if cfg.distill.ms_rows else None,
-                                                    rgb_test=test, events=events, resume=resume)
+            paired = load_rgb_paired(cfg, ms.class_names) if cfg.distill.ms_rows else None
+            inputs = StudentInputs(rgb, ms, run.teacher, pairs, confidence, paired, test)
+            results[layout.STUDENT] = _student(cfg, inputs, run.student, ctx, baseline=False)
             events.result("distill", model=run.student)
     if cfg.distill.baseline and not (skip_done and run.metrics(layout.BASELINE).is_file()):
         with events.step("baseline"):
-            results[layout.BASELINE] = train_student(cfg, rgb, run.baseline, baseline=True, ms=ms,
-                                                     rgb_test=test, events=events, resume=resume)
+            inputs = StudentInputs(rgb, ms, rgb_test=test)
+            results[layout.BASELINE] = _student(cfg, inputs, run.baseline, ctx, baseline=True)
             events.result("baseline", model=run.baseline)
-    if distributed.is_main():  # rank 0 alone writes
-        events.result("report", report=write_report(run.root))
-    distributed.barrier()
+    # rank 0 alone writes the report; every rank returns once it is there
+    distributed.on_main(lambda: events.result("report", report=write_report(run.root)))
     return results
+
+
+def _student(cfg: RunConfig, inputs: StudentInputs, folder: Path, ctx: TrainContext, baseline: bool) -> dict:
+    """Train one student (distilled or baseline) into `folder`; its metrics."""
+    from .train.distill import student_gsd, train_student
+    from .train.outputs import write_outputs
+    gsd = student_gsd(inputs.rgb, inputs.ms, cfg.data.rgb_gsd, ctx.events)
+    trained = train_student(cfg.distill, inputs, folder, ctx, baseline=baseline, pairing=cfg.pairing,
+                            val_fraction=cfg.data.val_fraction, gsd=gsd)
+    write_outputs(trained, folder, ctx.events)
+    return trained.metrics
 
 
 def run_all(cfg: RunConfig, run_dir: Path, events: Events = NULL_EVENTS, resume: bool = False) -> Path:

@@ -80,15 +80,12 @@ def test_the_students_ground_resolution_for_rgb_patches_without_a_georeference(t
     from asymkd.train.distill import student_gsd
     ms = load_folder(dataset["ms"], "ms", bands="sentinel2")
     rgb = load_folder(dataset["rgb_train"], "rgb", class_names=ms.class_names)  # PNG: no georeference
-    cfg = config_mod.RunConfig()
     assert ms.gsd and rgb.gsd is None
-    assert student_gsd(cfg, rgb, ms) == ms.gsd  # same patch size: the MS sensor's, quietly
-    cfg.data.rgb_gsd = 0.5
-    assert student_gsd(cfg, rgb, ms) == 0.5
-    cfg.data.rgb_gsd = 0.0
+    assert student_gsd(rgb, ms) == ms.gsd  # same patch size: the MS sensor's, quietly
+    assert student_gsd(rgb, ms, rgb_gsd=0.5) == 0.5
     rgb.images = np.repeat(np.repeat(rgb.images, 2, axis=2), 2, axis=3)  # another camera's larger patches
     stream = io.StringIO()
-    assert student_gsd(cfg, rgb, ms, Events(stream=stream, progress_bars=False)) == ms.gsd
+    assert student_gsd(rgb, ms, 0.0, Events(stream=stream, progress_bars=False)) == ms.gsd
     assert "--rgb-gsd" in stream.getvalue()
     with pytest.raises(ConfigError, match="rgb_gsd"):
         config_mod.from_dict({"data": {"rgb_gsd": -1.0}})

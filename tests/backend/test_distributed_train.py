@@ -292,7 +292,8 @@ def test_teacher_and_distillation_on_two_ranks_match_one_process(tmp_path, paire
     assert got["teacher"] == ref["teacher"]
     # the student's domain-shift term (CORAL over a batch's tokens) is computed per rank over
     # its half-batch: not a per-sample mean, so the student differs by more than rounding
-    for step, atol in (("teacher", 1e-5), ("student", 1e-2)):  # measured: 9e-7, 4e-3
+    # measured: teacher 9e-7; student 4e-3 to 1.04e-2 over six seeds of its stream
+    for step, atol in (("teacher", 1e-5), ("student", 2e-2)):
         w1, w2 = load_file(str(one / step / "model.safetensors")), load_file(str(two / step / "model.safetensors"))
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < atol, step
     assert got["student"]["overall_accuracy"] == pytest.approx(ref["student"]["overall_accuracy"], abs=1 / 12)

@@ -312,7 +312,7 @@ def test_teacher_folds_of_other_data_are_not_mixed_in(tmp_path, dataset, capsys,
     real = teacher.fit_classifier
 
     def killed_after_the_folds(*args, **kwargs):
-        if args[7] == "teacher":  # the final teacher, once the folds are saved
+        if args[6] == "teacher":  # the final teacher (its step name), once the folds are saved
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

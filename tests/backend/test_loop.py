@@ -14,7 +14,7 @@ from asymkd.models.losses import DOMAIN_LOSSES, coral_loss, relative_coral_loss
 from asymkd.train import common, loop
 from asymkd.train.classifier import Consistency, consistency_terms
 from asymkd.train.objectives import Batch, SupervisedObjective
-from asymkd.train.pairing import assign_pairs
+from asymkd.train.pairing import PAIRING, assign_pairs
 
 
 class _Linear(loop.Task):
@@ -146,6 +146,7 @@ def test_random_pairing_keeps_classes():
 
 def test_choices_tables_match_their_implementations_and_validate_config():
     assert set(DOMAIN_LOSSES) == set(choices.DOMAIN_LOSSES)
+    assert set(PAIRING) == set(choices.PAIRING_METHODS)
     for key, table in config_mod.CONFIG_CHOICES.items():
         config_mod.from_dict(config_mod.parse_set([f"{key}={next(iter(table))}"]))
     with pytest.raises(ConfigError) as info:

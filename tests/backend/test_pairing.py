@@ -237,19 +237,31 @@ def test_bench_train_times_repairing(capsys):
 
 
 def test_random_pairing_re_pairs_randomly_within_the_class():
-    from asymkd.config import from_dict
-    from asymkd.train.distill import _repair_function
-    from asymkd.train.pairing import repair_by_kl_balanced
+    from asymkd.train.pairing import PairingOptions, repairer
     rgb_labels, ms_labels = np.repeat([0, 1], 50), np.repeat([0, 1], 10)
     # the student agrees with one MS sample per class only: KL re-pairing would pick it for every row
     teacher = np.full((20, 2), 0.5)
     teacher[0], teacher[10] = [0.99, 0.01], [0.01, 0.99]
     student = np.log(np.where(rgb_labels[:, None] == 0, [0.99, 0.01], [0.01, 0.99]))
-    repair = _repair_function(from_dict({"pairing": {"method": "random"}}))
+    repair = repairer("random", PairingOptions(seed=3))
     first, second = (repair(student, teacher, rgb_labels, ms_labels) for _ in range(2))
     for assign in (first, second):
         assert (ms_labels[assign] == rgb_labels).all()  # same class
         assert len(set(assign[:50])) > 5  # spread over the class, not the KL nearest
     assert (first != second).any()  # drawn anew at each re-pairing
+    again = repairer("random", PairingOptions(seed=3))
+    assert np.array_equal(again(student, teacher, rgb_labels, ms_labels), first)  # from its seed
     balanced = repair_by_kl_balanced(student, teacher, rgb_labels, ms_labels)
     assert not np.array_equal(balanced, first)
+    assert np.array_equal(repairer("balanced", PairingOptions())(student, teacher, rgb_labels, ms_labels), balanced)
+    nearest = repairer("nearest", PairingOptions())(student, teacher, rgb_labels, ms_labels)
+    assert np.array_equal(nearest, repair_by_kl(student, teacher, rgb_labels, ms_labels))
+
+
+def test_every_pairing_method_assigns_within_the_class():
+    from asymkd import choices
+    sim = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+    rgb, ms = np.array([0, 1, -1] * 4), np.array([0, 1] * 3)
+    for method in choices.PAIRING_METHODS:  # assign_pairs finds each method in the registry
+        assign = assign_pairs(sim, rgb, ms, method=method, seed=1)
+        assert (ms[assign[rgb >= 0]] == rgb[rgb >= 0]).all(), method

@@ -112,6 +112,43 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, dataset):
     assert not (killed / "student" / "checkpoint.pt").exists()  # cleaned up once finished
 
 
+def test_the_student_resumes_after_checkpoint_spacing_device_or_test_folder_changed(tmp_path, dataset):
+    """What a resumed student must share is its own section, the pairing, the split and the
+    data: not how often the run checkpoints, where it runs, or the folder it is tested on."""
+    import dataclasses
+    import io
+    import shutil
+
+    from asymkd.errors import ConfigError
+    extra = {"distill": {**TINY_CONFIG["distill"], "epochs": 4, "baseline": False}}
+    ref = tmp_path / "ref"
+    cfg = _cfg(ref, dataset, **extra)
+    for step in (step_teacher, step_matcher, step_pair, step_distill):
+        step(cfg, ref)
+    killed = tmp_path / "killed"
+    shutil.copytree(ref, killed, ignore=shutil.ignore_patterns("student", "report.html"))  # its teacher and pairs
+    cfg_k = _cfg(killed, dataset, **extra)
+    with pytest.raises(KeyboardInterrupt):
+        step_distill(cfg_k, killed, _KillAfter("distill", 3))
+    assert (killed / "student" / "checkpoint.pt").is_file()
+    other_lr = dataclasses.replace(cfg_k, distill=dataclasses.replace(cfg_k.distill, lr=cfg_k.distill.lr / 2))
+    with pytest.raises(ConfigError, match="other settings"):  # its own settings still count
+        step_distill(other_lr, killed, resume=True)
+    test_copy = tmp_path / "test_elsewhere"
+    shutil.copytree(dataset["rgb_test"], test_copy)
+    moved = dataclasses.replace(cfg_k, checkpoint_every=3, device="cpu",
+                                data=dataclasses.replace(cfg_k.data, rgb_test=str(test_copy)))
+    stream = io.StringIO()
+    step_distill(moved, killed, Events(stream, progress_bars=False), resume=True)
+    logs = [e["message"] for e in map(json.loads, stream.getvalue().splitlines()) if e["event"] == "log"]
+    assert "distill: resumed at epoch 2" in logs
+    a = load_file(str(ref / "student" / "model.safetensors"))
+    b = load_file(str(killed / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_test = json.loads((ref / "student" / "metrics.json").read_text())["test"]
+    assert json.loads((killed / "student" / "metrics.json").read_text())["test"] == ref_test
+
+
 def test_teacher_training_is_deterministic_on_cpu(tmp_path, dataset):
     weights = []
     for name in ("a", "b"):

@@ -145,7 +145,8 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
     from ..models.backbones import SceneClassifier
     from ..models.files import save_model
     from ..models.metadata import ModelMeta
-    from ..train.distill import train_student
+    from ..pipeline import train_context
+    from ..train.distill import StudentInputs, train_student
 
     rng = np.random.default_rng(args.seed)
     k, n, size = 10, args.epoch_samples, args.epoch_size
@@ -172,10 +173,11 @@ def epoch_ratio(args: argparse.Namespace, events: Events) -> dict[str, float] | 
         (teacher / layout.MS_INDEX).write_text(json.dumps({"stems": ms.stems, "labels": ms.labels.tolist()}))
         pairs = np.array([rng.choice(np.flatnonzero(ms.labels == c)) for c in labels])
         seconds = {}
+        ctx = train_context(cfg, events)
         for name, baseline in (("plain", True), ("distill", False)):
-            m = train_student(cfg, rgb, Path(tmp) / name, baseline=baseline, teacher_dir=teacher, ms=ms,
-                              pairs=pairs, events=events)
-            times = [h["epoch_seconds"] for h in m["history"]]
+            m = train_student(cfg.distill, StudentInputs(rgb, ms, teacher, pairs), Path(tmp) / name, ctx,
+                              baseline=baseline, pairing=cfg.pairing, val_fraction=cfg.data.val_fraction)
+            times = [h["epoch_seconds"] for h in m.metrics["history"]]
             seconds[name] = statistics.median(times[1:] if len(times) > 1 else times)
     ratio = seconds["distill"] / seconds["plain"]
     return {"ratio": ratio, "target": EPOCH_RATIO_TARGET, "plain_epoch_s": seconds["plain"],

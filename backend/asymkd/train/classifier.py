@@ -4,17 +4,14 @@ teacher, the baseline and the distilled student fill into the one training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from ..models.backbones import SceneClassifier
-from ..models.files import save_state
 from . import common, distributed
 from .loop import Task
 from .objectives import Batch, SupervisedObjective
@@ -43,13 +40,14 @@ def trained_rows(train_index: np.ndarray, consistency: Consistency | None) -> np
 class ClassifierTask(Task):
     """Trains `model` on `x[train_index]` (normalised) with `objective`.
 
-    With a validation index the best epoch by validation accuracy is kept (in `best_path`,
-    so a resumed run keeps it too); without one, the last epoch is the model.
+    With a validation index the best epoch by validation accuracy is kept (on every rank,
+    and in the checkpoint, so a resumed run keeps it too); without one, the last epoch is
+    the model.
     """
 
     def __init__(self, model: SceneClassifier, objective: SupervisedObjective, x: torch.Tensor,
                  y: torch.Tensor, train_index: np.ndarray, device: torch.device, amp: bool,
-                 val_index: np.ndarray | None = None, best_path: Path | None = None,
+                 val_index: np.ndarray | None = None,
                  consistency: Consistency | None = None, shift: int = 0,
                  jitter_rows: torch.Tensor | None = None):
         self.model, self.objective = model, objective
@@ -63,8 +61,8 @@ class ClassifierTask(Task):
         self.train_index = torch.as_tensor(train_index, dtype=torch.int64)
         self.val_index = val_index if val_index is not None and len(val_index) else None
         self.device, self.amp = device, amp
-        self.best_path = best_path
         self.best_acc = -1.0
+        self.best: dict[str, torch.Tensor] | None = None  # the weights of the best epoch so far
         self.consistency = consistency if consistency is not None and len(consistency.index) else None
         self._rows = torch.as_tensor(trained_rows(train_index, self.consistency), dtype=torch.int64)
 
@@ -123,22 +121,22 @@ class ClassifierTask(Task):
         if val_acc is None:
             return
         record["val_accuracy"] = val_acc
-        if val_acc >= self.best_acc and self.best_path is not None:  # select on validation, never on test
+        if val_acc >= self.best_acc:  # select on validation, never on test
             self.best_acc = val_acc
-            if distributed.is_main():
-                save_state(self.best_path, self.model.state_dict())
+            self.best = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def state(self) -> dict[str, Any]:
-        return {"best_acc": self.best_acc}
+        # the best weights travel with the checkpoint: a resumed run selects among all epochs
+        return {"best_acc": self.best_acc, **({"best": self.best} if self.best is not None else {})}
 
     def load_state(self, extra: dict[str, Any]) -> None:
         self.best_acc = float(extra.get("best_acc", -1.0))
+        self.best = extra.get("best")
 
     def final_model(self) -> SceneClassifier:
         """The selected model (best validation epoch, else the last), on the CPU in eval mode."""
-        if self.val_index is not None and self.best_path is not None and self.best_path.is_file():
-            self.model.load_state_dict(load_file(str(self.best_path)))
-            self.best_path.unlink()
+        if self.val_index is not None and self.best is not None:
+            self.model.load_state_dict(self.best)
         return self.model.cpu().eval()
 
 

@@ -1,9 +1,10 @@
-"""Shared training pieces: device, seeding, normalisation, splits, augmentation, batches,
-optimisers, and resumable checkpoints."""
+"""Shared training pieces: the training context, device, seeding, normalisation, splits,
+augmentation, batches, optimisers, and resumable checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
+from ..events import NULL_EVENTS, Events
 from ..fileio import temp_path
-from . import distributed
+from . import distributed, seeds
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,6 +34,29 @@ def generator(seed: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What every trainer takes besides its own config section: where it runs and at which
+    precision, the run's seed, how often it checkpoints, whether it resumes, and where it
+    reports. None of it is part of a resume fingerprint: a run resumes on another device or
+    with other checkpoint spacing."""
+
+    device: torch.device = torch.device("cpu")
+    amp: bool = True              # bfloat16 autocast on CUDA
+    seed: int = 0                 # the run's seed; each random use takes a stream of it (`seeds`)
+    checkpoint_every: int = 1     # epochs between resumable checkpoints
+    resume: bool = False          # continue from the step's checkpoint where there is one
+    events: Events = NULL_EVENTS
+
+    def seed_for(self, name: str, *keys: int) -> int:
+        """The seed of one named use of the run's seed (see `seeds.stream`)."""
+        return seeds.stream(self.seed, name, *keys)
+
+    def generator(self, name: str, *keys: int) -> torch.Generator:
+        """A generator (and torch's global seed) for one named use of the run's seed."""
+        return generator(self.seed_for(name, *keys))
 
 
 def band_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import layout
-from ..config import RunConfig
+from ..config import DistillConfig, PairingConfig
 from ..data.patches import PatchSet
 from ..data.same_target import SameTarget, same_target_rgb
 from ..errors import DataError
@@ -37,13 +36,15 @@ from ..events import NULL_EVENTS, Events
 from ..fileio import read_json, read_npy
 from ..models.attention import CrossModalAttention
 from ..models.backbones import SceneClassifier
-from ..models.files import check_bands, load_model, save_model
+from ..models.files import check_bands, load_model
 from ..models.metadata import ModelMeta
-from . import common, distributed, loop
+from . import common, distributed, loop, seeds
 from .classifier import ClassifierTask, Consistency, trained_rows
-from .evaluate import classification_metrics, predict_probs, save_confusion_png, write_metrics_json
+from .common import TrainContext
+from .evaluate import classification_metrics, predict_probs
 from .objectives import DistillObjective, SupervisedObjective
-from .pairing import pairing_stats, repair_by_kl, repair_by_kl_balanced, repair_randomly
+from .outputs import Confusion, Trained
+from .pairing import PairingOptions, pairing_stats, repairer
 from .teacher import auto_epochs, auto_shift, build_classifier, start_source
 
 
@@ -97,10 +98,10 @@ def teacher_gate(teacher_acc: float, student_val_acc: float | None) -> float:
     return float(np.clip((teacher_acc + 0.10 - student_val_acc) / 0.15, 0.0, 1.0))
 
 
-def _split(rgb: PatchSet, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    if cfg.data.val_fraction <= 0:  # every label trains; the last epoch is the model
+def _split(rgb: PatchSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if val_fraction <= 0:  # every label trains; the last epoch is the model
         return np.arange(len(rgb)), np.zeros(0, np.int64)
-    return common.stratified_split(rgb.labels, cfg.data.val_fraction, cfg.seed)
+    return common.stratified_split(rgb.labels, val_fraction, seed)
 
 
 class DistillTask(ClassifierTask):
@@ -152,7 +153,7 @@ class DistillTask(ClassifierTask):
         t = self.trained_rows()
         t = t[~self.fixed[t]]
         pairs = torch.zeros(len(t), dtype=torch.int64)
-        if distributed.is_main() or self.shard.world == 1:
+        if self.shard.rank == 0:
             pairs = torch.as_tensor(self.repair(
                 self.logp_table[t].numpy(), self.cache.soft.cpu().numpy(), self.rgb_labels[t.numpy()],
                 self.cache.labels.numpy()), dtype=torch.int64)
@@ -177,19 +178,9 @@ class DistillTask(ClassifierTask):
         self.logp_table = extra["logp_table"]
 
 
-def _repair_function(cfg: RunConfig) -> Callable[..., Any]:
-    """Step 5 for the configured pairing method: `random` stays random when re-pairing."""
-    if cfg.pairing.method == "nearest":
-        return repair_by_kl
-    if cfg.pairing.method == "random":
-        return partial(repair_randomly, gen=torch.Generator().manual_seed(cfg.seed + 211))
-    return partial(repair_by_kl_balanced, sinkhorn_iters=cfg.pairing.sinkhorn_iters, epsilon=cfg.pairing.epsilon)
-
-
-def _distill_objective(cfg: RunConfig, cache: TeacherCache, student: SceneClassifier, x: torch.Tensor,
+def _distill_objective(dc: DistillConfig, cache: TeacherCache, student: SceneClassifier, x: torch.Tensor,
                        pairs: np.ndarray, pair_confidence: np.ndarray | None,
                        device: torch.device) -> DistillObjective:
-    dc = cfg.distill
     with torch.no_grad():
         student_channels = student.forward_features(x[:2].to(device)).shape[1]
     attention = CrossModalAttention(student_channels, cache.features.shape[1], dc.attention_dim,
@@ -222,11 +213,11 @@ class StudentData:
     ms_rows: SameTarget | None = None  # rows len(rgb) onwards
 
 
-def ms_rows(cfg: RunConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | None,
+def ms_rows(section: DistillConfig, ms: PatchSet, rgb: PatchSet, rgb_paired: PatchSet | None,
             events: Events = NULL_EVENTS) -> SameTarget | None:
     """The MS samples as RGB rows for the distilled student, resampled to the RGB patch size,
     or None where they cannot be (no true-colour bands: a warning says so)."""
-    if not cfg.distill.ms_rows:
+    if not section.ms_rows:
         return None
     try:
         rows = same_target_rgb(ms, rgb_paired, "auto", reference=rgb, size=rgb.size)
@@ -254,10 +245,11 @@ def attainable_confidence(label_smoothing: float, num_classes: int) -> float:
     return 1.0 - label_smoothing + label_smoothing / max(num_classes, 1)
 
 
-def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget | None = None,
-                 ms_labels: np.ndarray | None = None) -> StudentData:
-    dc = cfg.distill
-    train_idx, val_idx = _split(rgb, cfg)
+def student_data(dc: DistillConfig, rgb: PatchSet, baseline: bool, rows: SameTarget | None = None,
+                 ms_labels: np.ndarray | None = None, *, val_fraction: float = 0.0, seed: int = 0) -> StudentData:
+    """The student's rows and their split: `val_fraction` of the labeled RGB held back (a
+    split drawn from `seed`, the run's seed)."""
+    train_idx, val_idx = _split(rgb, val_fraction, seed)
     images, labels = rgb.images, rgb.labels
     if rows is not None and not baseline:
         assert ms_labels is not None
@@ -281,14 +273,13 @@ def student_data(cfg: RunConfig, rgb: PatchSet, baseline: bool, rows: SameTarget
                        consistency, mean, std, rows)
 
 
-def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, out_dir: Path, device: torch.device,
-                  cache: TeacherCache | None, pairs: np.ndarray | None,
-                  pair_confidence: np.ndarray | None) -> ClassifierTask:
-    """The baseline's task (ground truth alone) or, with a teacher cache, the distillation's."""
-    dc = cfg.distill
-    kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=device, amp=cfg.amp,
-                                  val_index=data.val_index, best_path=out_dir / "best.safetensors",
-                                  consistency=data.consistency,
+def _student_task(dc: DistillConfig, data: StudentData, student: SceneClassifier, ctx: TrainContext,
+                  cache: TeacherCache | None, pairs: np.ndarray | None, pair_confidence: np.ndarray | None,
+                  pairing: PairingConfig | None = None) -> ClassifierTask:
+    """The baseline's task (ground truth alone) or, with a teacher cache, the distillation's,
+    re-pairing by `pairing`'s method."""
+    kwargs: dict[str, Any] = dict(x=data.x, y=data.y, train_index=data.train_index, device=ctx.device,
+                                  amp=ctx.amp, val_index=data.val_index, consistency=data.consistency,
                                   shift=auto_shift(dc, int(data.x.shape[-1])))
     if cache is None:
         return ClassifierTask(student, objective=SupervisedObjective(dc.w_gt, dc.label_smoothing), **kwargs)
@@ -301,78 +292,100 @@ def _student_task(cfg: RunConfig, data: StudentData, student: SceneClassifier, o
         pairs = np.concatenate([pairs, data.ms_rows.ms_index])
     if dc.ms_rows_jitter and data.ms_rows is not None:
         kwargs["jitter_rows"] = torch.as_tensor(fixed)  # the MS rows
-    objective = _distill_objective(cfg, cache, student, data.x, pairs, pair_confidence, device)
+    objective = _distill_objective(dc, cache, student, data.x, pairs, pair_confidence, ctx.device)
     if data.consistency is not None and not dc.teacher_on_unlabeled:  # FixMatch alone teaches those
         taught = torch.ones(len(data.y), dtype=torch.bool)
         taught[data.consistency.index] = False
         objective.taught = taught
     per_epoch = loop.steps_per_epoch(len(data.train_index), dc.batch_size)
+    pairing = pairing or PairingConfig()
+    repair = repairer(pairing.method, PairingOptions(pairing.sinkhorn_iters, pairing.epsilon,
+                                                     seed=ctx.seed_for(seeds.REPAIR)))
     return DistillTask(student, objective=objective, cache=cache, rgb_labels=data.y.numpy(),
-                       repair_every=dc.repair_every or per_epoch, repair=_repair_function(cfg), fixed=fixed,
-                       **kwargs)
+                       repair_every=dc.repair_every or per_epoch, repair=repair, fixed=fixed, **kwargs)
 
 
-def train_student(cfg: RunConfig, rgb: PatchSet, out_dir: Path, *, baseline: bool,
-                  teacher_dir: Path | None = None, ms: PatchSet | None = None,
-                  pairs: np.ndarray | None = None, pair_confidence: np.ndarray | None = None,
-                  rgb_paired: PatchSet | None = None, rgb_test: PatchSet | None = None,
-                  events: Events = NULL_EVENTS, resume: bool = False) -> dict:
-    """Train the RGB student (distilled, or the baseline) and evaluate it; returns metrics."""
-    dc = cfg.distill
-    out_dir = Path(out_dir)
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    device = common.resolve_device(cfg.device)
+@dataclass
+class StudentInputs:
+    """The data a student trains on: the RGB set (in the student's classes) and, to distil,
+    the MS set, the teacher's folder and each RGB sample's MS partner."""
+
+    rgb: PatchSet
+    ms: PatchSet | None = None
+    teacher_dir: Path | None = None
+    pairs: np.ndarray | None = None              # the pair step's partners (rows of the student's MS)
+    pair_confidence: np.ndarray | None = None
+    rgb_paired: PatchSet | None = None           # the MS targets in RGB, for the MS rows
+    rgb_test: PatchSet | None = None             # scored, never trained on
+
+
+def _teacher_cache(inputs: StudentInputs, ctx: TrainContext) -> TeacherCache:
+    if inputs.teacher_dir is None or inputs.ms is None or inputs.pairs is None:
+        raise ValueError("distillation needs the teacher, the MS set and the pairs")
+    cache = teacher_cache(inputs.teacher_dir, inputs.ms, ctx.device, ctx.amp, inputs.rgb.class_names)
+    distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
+    return cache
+
+
+def train_student(section: DistillConfig, inputs: StudentInputs, work_dir: Path, ctx: TrainContext, *,
+                  baseline: bool, pairing: PairingConfig | None = None, val_fraction: float = 0.0,
+                  gsd: float | None = None) -> Trained:
+    """Train the RGB student (distilled, or the baseline) and evaluate it. `work_dir` holds
+    its checkpoint; `pairing` is how the distilled student re-pairs, `val_fraction` the share
+    of labeled RGB held back, `gsd` the ground resolution its model states (`student_gsd`)."""
+    rgb, ms = inputs.rgb, inputs.ms
     # the MS samples of the student's classes (the RGB set's): the rows `pairs` index
     student_ms = None if ms is None else ms.restrict_classes(rgb.class_names)
-    rows = None if baseline or student_ms is None else ms_rows(cfg, student_ms, rgb, rgb_paired, events)
-    data = student_data(cfg, rgb, baseline, rows, None if student_ms is None else student_ms.labels)
-    gen = common.generator(cfg.seed + 101)
-    source = start_source(dc)
-    student = build_classifier(dc, 3, len(rgb.class_names), rgb.band_names, device)
-    cache = None
-    if not baseline:
-        if teacher_dir is None or ms is None or pairs is None:
-            raise ValueError("distillation needs the teacher, the MS set and the pairs")
-        cache = teacher_cache(teacher_dir, ms, device, cfg.amp, rgb.class_names)
-        distributed.broadcast_(cache.features, cache.soft, cache.trust)  # rank 0's, bit for bit
-    task = _student_task(cfg, data, student, out_dir, device, cache, pairs, pair_confidence)
-    epochs = auto_epochs(dc, len(data.train_index))
-    checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
-    settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, dc.batch_size, dc.lr,
-                                 dc.weight_decay, checkpoint, cfg.checkpoint_every, resume,
-                                 fingerprint={"config": asdict(cfg), "data": rgb.identity(ms), "baseline": baseline,
-                                              "ms_rows": None if rows is None else rows.ms_index.tolist()})
-    gsd = student_gsd(cfg, rgb, ms, events)
+    rows = None if baseline or student_ms is None else ms_rows(section, student_ms, rgb, inputs.rgb_paired,
+                                                                ctx.events)
+    data = student_data(section, rgb, baseline, rows, None if student_ms is None else student_ms.labels,
+                        val_fraction=val_fraction, seed=ctx.seed)
+    gen = ctx.generator(seeds.STUDENT)  # before the network: the baseline starts where the student does
+    student = build_classifier(section, 3, len(rgb.class_names), rgb.band_names, ctx.device)
+    cache = None if baseline else _teacher_cache(inputs, ctx)
+    task = _student_task(section, data, student, ctx, cache, inputs.pairs, inputs.pair_confidence, pairing)
+    epochs = auto_epochs(section, len(data.train_index))
+    # what a resumed run must share: this section, the pairing, the split and the data (not
+    # where it runs, how often it checkpoints, or what it is tested on)
+    fingerprint = {"config": asdict(section), "pairing": None if baseline else asdict(pairing or PairingConfig()),
+                   "split": {"val_fraction": val_fraction, "seed": ctx.seed}, "data": rgb.identity(ms),
+                   "baseline": baseline, "ms_rows": None if rows is None else rows.ms_index.tolist()}
+    settings = loop.LoopSettings("baseline" if baseline else "distill", epochs, section.batch_size, section.lr,
+                                 section.weight_decay, common.Checkpoint(Path(work_dir) / layout.CHECKPOINT),
+                                 ctx.checkpoint_every, ctx.resume, fingerprint=fingerprint)
     started = time.time()
-    history = loop.fit(task, len(data.train_index), settings, gen, events)
-    if not distributed.is_main():  # rank 0 evaluates and writes
-        return {}
-    metrics = _evaluate(task.final_model(), rgb, data.val_index, rgb_test, data.mean, data.std, history, out_dir,
-                        "baseline" if baseline else "student")
-    metrics["summary"] = _summary(cfg, task, data, rgb, cache, epochs, time.time() - started, source)
+    history = loop.fit(task, len(data.train_index), settings, gen, ctx.events)
+    step = "baseline" if baseline else "student"
+    metrics = _evaluate(task.final_model(), rgb, data.val_index, inputs.rgb_test, data.mean, data.std, history, step)
+    metrics["summary"] = _summary(section, task, data, rgb, cache, epochs, time.time() - started)
     if ms is not None:  # the classes the student knows, and the teacher's it was not taught
         metrics["summary"]["teacher_classes_left_out"] = [c for c in ms.class_names if c not in rgb.class_names]
+    return _student_outputs(section, task, data, rgb, metrics, gsd)
+
+
+def _student_outputs(section: DistillConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet,
+                     metrics: dict[str, Any], gsd: float | None) -> Trained:
+    step = metrics["step"]
     scores = {s: {m: metrics[s][m] for m in ("overall_accuracy", "macro_f1")} for s in ("val", "test") if s in metrics}
     meta = ModelMeta(backbone=task.model.backbone_name, class_names=rgb.class_names, band_names=rgb.band_names,
-                     mean=data.mean, std=data.std, patch_size=rgb.size, role=metrics["step"], kind="student",
-                     weights_source=source,
-                     gsd=gsd, summary=metrics["summary"],
-                     metrics=scores)
-    save_model(out_dir, task.model, meta)
-    write_metrics_json(out_dir / layout.METRICS, metrics)
-    checkpoint.remove()
-    events.metrics(metrics["step"], {**metrics["summary"], **scores})
-    return metrics
+                     mean=data.mean, std=data.std, patch_size=rgb.size, role=step, kind="student",
+                     weights_source=start_source(section), gsd=gsd, summary=metrics["summary"], metrics=scores)
+    confusion = None
+    if "test" in metrics:
+        confusion = Confusion(metrics["test"]["confusion"], rgb.class_names,
+                              f"{step}: test OA {metrics['test']['overall_accuracy']:.3f}")
+    return Trained(step, task.model, meta, metrics, {**metrics["summary"], **scores}, confusion=confusion)
 
 
-def student_gsd(cfg: RunConfig, rgb: PatchSet, ms: PatchSet | None, events: Events = NULL_EVENTS) -> float | None:
+def student_gsd(rgb: PatchSet, ms: PatchSet | None, rgb_gsd: float = 0.0,
+                events: Events = NULL_EVENTS) -> float | None:
     """The ground resolution the student's model file states, which classification tiles maps
-    at: the RGB patches' own (georeferenced), else `data.rgb_gsd`, else the MS patches'."""
+    at: the RGB patches' own (georeferenced), else `rgb_gsd` (data.rgb_gsd), else the MS
+    patches'."""
     if rgb.gsd:
         return rgb.gsd
-    if cfg.data.rgb_gsd:
-        return cfg.data.rgb_gsd
+    if rgb_gsd:
+        return rgb_gsd
     ms_gsd = ms.gsd if ms is not None else None
     if ms_gsd and ms is not None and rgb.size != ms.size:  # another sensor, most likely
         events.warning(f"the RGB patches ({rgb.size} px) carry no ground resolution; the student takes the MS "
@@ -381,16 +394,16 @@ def student_gsd(cfg: RunConfig, rgb: PatchSet, ms: PatchSet | None, events: Even
     return ms_gsd
 
 
-def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet, cache: TeacherCache | None,
-             epochs: int, seconds: float, source: str) -> dict[str, Any]:
+def _summary(section: DistillConfig, task: ClassifierTask, data: StudentData, rgb: PatchSet,
+             cache: TeacherCache | None, epochs: int, seconds: float) -> dict[str, Any]:
     rows = task.trained_rows().numpy()
     rows = rows[rows < len(rgb)]  # the RGB set's (the MS rows are counted apart)
     summary: dict[str, Any] = {
         "rgb_train": int(len(rows)), "rgb_val": int(len(data.val_index)),
         "labeled_train": int((rgb.labels[rows] >= 0).sum()), "epochs": epochs,
-        "semi_supervised": cfg.distill.semi_supervised if data.consistency is not None else "none",
+        "semi_supervised": section.semi_supervised if data.consistency is not None else "none",
         "best_val_accuracy": task.best_acc if len(data.val_index) else None, "train_seconds": round(seconds, 1),
-        "backbone": cfg.distill.backbone, "weights_source": source, "input_size": cfg.distill.input_size,
+        "backbone": section.backbone, "weights_source": start_source(section), "input_size": section.input_size,
         "shift": task.shift, "ms_rows": len(data.ms_rows) if data.ms_rows is not None else 0,
         "ms_rows_source": data.ms_rows.source if data.ms_rows is not None else None}
     if cache is not None and isinstance(task, DistillTask):
@@ -401,7 +414,7 @@ def _summary(cfg: RunConfig, task: ClassifierTask, data: StudentData, rgb: Patch
 
 
 def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_test: PatchSet | None,
-              mean: list[float], std: list[float], history: list[dict], out_dir: Path, step: str) -> dict:
+              mean: list[float], std: list[float], history: list[dict], step: str) -> dict:
     """Validation (when held back) and test scores of the trained student."""
     metrics: dict = {"step": step, "history": history}
     if len(val_idx):
@@ -410,6 +423,4 @@ def _evaluate(student: SceneClassifier, rgb: PatchSet, val_idx: np.ndarray, rgb_
     if rgb_test is not None:
         pred = predict_probs(student, rgb_test.images, mean, std).argmax(1)
         metrics["test"] = classification_metrics(rgb_test.labels, pred, rgb.class_names)
-        save_confusion_png(metrics["test"]["confusion"], rgb.class_names, out_dir / layout.CONFUSION,
-                           f"{step}: test OA {metrics['test']['overall_accuracy']:.3f}")
     return metrics

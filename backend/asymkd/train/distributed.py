@@ -16,7 +16,8 @@ The rules the trainers follow:
   torch has no SyncBatchNorm, so each rank normalises with the statistics of its own slice;
   the running statistics are rank 0's (broadcast before each forward and every epoch end).
 - Rank 0 alone writes files and events; the others wait for it where a later step reads
-  what it wrote (`barrier`, `on_main`).
+  what it wrote (`barrier`, `on_main`), and take its reading of a file it may alone see
+  (`main_value`).
 - Collectives time out after ASYMKD_DIST_TIMEOUT_MIN minutes (default 30): a rank that
   died or hangs ends the job with `RankFailure` instead of a silent hang.
 """
@@ -213,6 +214,12 @@ def sync_buffers(modules: dict[str, nn.Module]) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank."""
     if active():
         broadcast_(*[b for m in modules.values() for b in m.buffers()])
+
+
+def main_value(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn`'s result on rank 0, on every rank: rank 0 alone runs it (e.g. reads a file that
+    only it is sure to see), so every rank decides alike."""
+    return from_main(fn(*args, **kwargs) if is_main() else None)  # type: ignore[return-value]
 
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:

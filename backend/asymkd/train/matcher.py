@@ -8,7 +8,6 @@ classes; same-class non-targets are masked out, since they may look alike for go
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,17 +16,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import layout
-from ..config import RunConfig
+from ..config import MatcherConfig
 from ..data.patches import PatchSet
 from ..data.same_target import same_target_rgb
 from ..errors import AsymKDError, ModelFileError
-from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_write_text, read_json, read_regular
-from ..models.files import save_state
+from ..fileio import read_json, read_regular
 from ..models.losses import masked_info_nce
 from ..models.metadata import MatcherMeta
-from . import common, distributed, loop
-from .evaluate import write_metrics_json
+from . import common, loop, seeds
+from .common import TrainContext
+from .outputs import Trained
 
 
 class Encoder(nn.Module):
@@ -70,31 +68,29 @@ class ContrastiveTask(loop.Task):
         return {"loss": masked_info_nce(zr, zm, lb, lb, temperature=self.temperature)}
 
 
-def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out_dir: Path,
-                  events: Events = NULL_EVENTS, resume: bool = False) -> dict:
-    out_dir = Path(out_dir)
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    mc = cfg.matcher
-    device = common.resolve_device(cfg.device)
-    positives = same_target_rgb(ms, rgb_paired, mc.positives, events=events)
+def train_matcher(section: MatcherConfig, ms: PatchSet, rgb_paired: PatchSet | None, work_dir: Path,
+                  ctx: TrainContext) -> Trained:
+    """Train the matcher on the same-target positives; `work_dir` holds its checkpoint, the
+    model, its metadata and metrics are returned for `outputs.write_outputs`."""
+    device = ctx.device
+    positives = same_target_rgb(ms, rgb_paired, section.positives, events=ctx.events)
     ms_idx, rgb_images, source = positives.ms_index, positives.images, positives.source
-    events.log(f"matcher: {len(ms_idx)} positives ({source})")
+    ctx.events.log(f"matcher: {len(ms_idx)} positives ({source})")
     ms_mean, ms_std = common.band_stats(ms.images)
     rgb_mean, rgb_std = common.band_stats(rgb_images)
     x_ms = common.normalize(ms.images[ms_idx], ms_mean, ms_std)
     x_rgb = common.normalize(rgb_images, rgb_mean, rgb_std)
     labels = torch.as_tensor(ms.labels[ms_idx])
-    gen = common.generator(cfg.seed + 7)  # seeds torch before the network is built: reproducible
-    model = common.prepare_model(Matcher(mc.backbone_ms, mc.backbone_rgb, ms.num_bands, mc.embed_dim), device)
-    task = ContrastiveTask(model, x_ms, x_rgb, labels, mc.temperature, device)
-    checkpoint = common.Checkpoint(out_dir / layout.CHECKPOINT)
-    settings = loop.LoopSettings("matcher", mc.epochs, mc.batch_size, mc.lr, 1e-4, checkpoint, resume=resume,
-                                 fingerprint={"config": asdict(mc), "pairs": len(ms_idx), "source": source,
+    gen = ctx.generator(seeds.MATCHER)  # seeds torch before the network is built: reproducible
+    model = common.prepare_model(Matcher(section.backbone_ms, section.backbone_rgb, ms.num_bands,
+                                         section.embed_dim), device)
+    task = ContrastiveTask(model, x_ms, x_rgb, labels, section.temperature, device)
+    settings = loop.LoopSettings("matcher", section.epochs, section.batch_size, section.lr, 1e-4,
+                                 common.Checkpoint(Path(work_dir) / layout.CHECKPOINT), ctx.checkpoint_every,
+                                 resume=ctx.resume,
+                                 fingerprint={"config": asdict(section), "pairs": len(ms_idx), "source": source,
                                               "data": ms.identity(rgb_paired)})
-    history = loop.fit(task, len(x_ms), settings, gen, events)
-    if not distributed.is_main():  # rank 0 evaluates and writes
-        return {}
+    history = loop.fit(task, len(x_ms), settings, gen, ctx.events)
     # Top-1 retrieval of the true partner among all positives: how well the matcher matches.
     with torch.no_grad():
         zm_all, zr_all = embed(model.ms, x_ms, device), embed(model.rgb, x_rgb, device)
@@ -102,16 +98,11 @@ def train_matcher(cfg: RunConfig, ms: PatchSet, rgb_paired: PatchSet | None, out
         same_class = float((labels[(zr_all @ zm_all.T).argmax(1)] == labels).float().mean())
     summary = {"positives": source, "pairs": len(ms_idx), "retrieval_top1": retrieval,
                "retrieval_same_class": same_class}
-    meta = MatcherMeta(ms_backbone=mc.backbone_ms, rgb_backbone=mc.backbone_rgb, ms_chans=ms.num_bands,
-                       embed_dim=mc.embed_dim, ms_mean=ms_mean, ms_std=ms_std, rgb_mean=rgb_mean, rgb_std=rgb_std,
-                       band_names=ms.band_names, summary=summary)
-    save_state(out_dir / layout.WEIGHTS, model.cpu().state_dict())
-    atomic_write_text(out_dir / layout.META, json.dumps(meta.to_json(), indent=2))
+    meta = MatcherMeta(ms_backbone=section.backbone_ms, rgb_backbone=section.backbone_rgb, ms_chans=ms.num_bands,
+                       embed_dim=section.embed_dim, ms_mean=ms_mean, ms_std=ms_std, rgb_mean=rgb_mean,
+                       rgb_std=rgb_std, band_names=ms.band_names, summary=summary)
     metrics = {"step": "matcher", "history": history, "summary": summary}
-    write_metrics_json(out_dir / layout.METRICS, metrics)
-    checkpoint.remove()
-    events.metrics("matcher", summary)
-    return metrics
+    return Trained("matcher", model.cpu(), meta, metrics, summary)
 
 
 @torch.no_grad()

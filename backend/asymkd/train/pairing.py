@@ -5,7 +5,8 @@ when it is unlabeled (label -1). The constraint makes the problem split into one
 per class (labeled RGB rows of class c x MS columns of class c) plus one block of the
 unlabeled rows against every MS column; nothing outside these blocks is ever computed.
 
-- `assign_pairs`: from a matcher similarity matrix, by nearest neighbour or balanced.
+- `PAIRING`: the pairing methods by name, each a first assignment and a re-pairing.
+- `assign_pairs`: from a matcher similarity matrix, by nearest neighbour, balanced or random.
 - `repair_by_kl`: argmin_j KL(t_j || s_i) as one GEMM per block chunk.
 - `repair_by_kl_balanced`: the same costs fed to the balanced assignment.
 - Balanced = entropic optimal transport (Sinkhorn, log domain): each RGB row has mass 1,
@@ -245,6 +246,19 @@ def _balanced_from_scores(blocks: list[Block], scores: list[torch.Tensor], n_row
 
 
 # --------------------------------------------------------------------------- public API
+@dataclass(frozen=True)
+class PairingOptions:
+    """The settings of the pairing methods (each reads those it uses)."""
+
+    sinkhorn_iters: int = 100       # balanced
+    epsilon: float = 0.05           # balanced: entropic regularisation, relative to the scores' std
+    tol: float = 1e-3               # balanced: Sinkhorn's stopping tolerance
+    rounding: str = "argmax"        # balanced: a row's partner is its plan's argmax, or a 'sample' of it
+    seed: int = 0                   # random draws (random pairing; balanced with rounding='sample')
+    chunk: int | None = None        # rows per GEMM (default: about 2 MB of scores)
+    workers: int | None = None      # CPU threads (default: torch's)
+
+
 def assign_pairs(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
                  method: str = "balanced", sinkhorn_iters: int = 100, epsilon: float = 0.05,
                  tol: float = 1e-3, rounding: str = "argmax", seed: int = 0,
@@ -256,25 +270,42 @@ def assign_pairs(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
     Sinkhorn transport plan with equal MS mass within each class, rounded per row by
     argmax (or by sampling the plan's row with rounding='sample'); `epsilon` is the
     entropic regularisation relative to the std of the allowed similarities (smaller =
-    closer to a hard matching, needs more iterations).
+    closer to a hard matching, needs more iterations). 'random': a random allowed column.
     """
+    options = PairingOptions(sinkhorn_iters, epsilon, tol, rounding, seed, chunk, workers)
+    return pairing_method(method).assign(sim, rgb_labels, ms_labels, options)
+
+
+def _assign_blocks(sim: ArrayLike, rgb_labels: ArrayLike,
+                   ms_labels: ArrayLike) -> tuple[torch.Tensor, np.ndarray, list[Block]]:
+    """The similarities as float, the MS labels and the allowed blocks of one assignment."""
     sim_t = _as_float(sim)
     rgb, ms = _labels(rgb_labels, "rgb_labels"), _labels(ms_labels, "ms_labels")
     if sim_t.shape != (len(rgb), len(ms)):
         raise ValueError(f"sim must be (N_rgb, N_ms) = ({len(rgb)}, {len(ms)}), got {tuple(sim_t.shape)}")
-    blocks = class_blocks(rgb, ms)
-    if method == "nearest":
-        def score(block: Block) -> Callable[[int, int], torch.Tensor]:
-            sub = sim_t[block.rows][:, block.cols]
-            return lambda start, stop: sub[start:stop]
-        return _blockwise_argmax(blocks, len(rgb), score, chunk, workers)[0]
-    if method == "balanced":
-        scores = [sim_t[b.rows][:, b.cols] for b in blocks]
-        return _balanced_from_scores(blocks, scores, len(rgb), ms, epsilon, sinkhorn_iters, tol, rounding,
-                                     seed, workers)
-    if method == "random":
-        return random_pairs(blocks, len(rgb), seed)
-    raise ValueError(f"pairing method must be one of {', '.join(PAIRING_METHODS)}, got {method!r}")
+    return sim_t, ms, class_blocks(rgb, ms)
+
+
+def _assign_nearest(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike, o: PairingOptions) -> np.ndarray:
+    sim_t, _, blocks = _assign_blocks(sim, rgb_labels, ms_labels)
+
+    def score(block: Block) -> Callable[[int, int], torch.Tensor]:
+        sub = sim_t[block.rows][:, block.cols]
+        return lambda start, stop: sub[start:stop]
+
+    return _blockwise_argmax(blocks, len(sim_t), score, o.chunk, o.workers)[0]
+
+
+def _assign_balanced(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike, o: PairingOptions) -> np.ndarray:
+    sim_t, ms, blocks = _assign_blocks(sim, rgb_labels, ms_labels)
+    scores = [sim_t[b.rows][:, b.cols] for b in blocks]
+    return _balanced_from_scores(blocks, scores, len(sim_t), ms, o.epsilon, o.sinkhorn_iters, o.tol, o.rounding,
+                                 o.seed, o.workers)
+
+
+def _assign_random(sim: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike, o: PairingOptions) -> np.ndarray:
+    sim_t, _, blocks = _assign_blocks(sim, rgb_labels, ms_labels)
+    return random_pairs(blocks, len(sim_t), o.seed)
 
 
 def random_pairs(blocks: list[Block], n_rows: int, seed: int = 0) -> np.ndarray:
@@ -375,6 +406,61 @@ def repair_by_kl_balanced(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_lab
     scores = [left[b.rows] @ right[b.cols].T for b in blocks]
     return _balanced_from_scores(blocks, scores, len(rgb), ms, epsilon, sinkhorn_iters, tol, rounding, seed,
                                  workers)
+
+
+def _repair_nearest(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
+                    o: PairingOptions, gen: torch.Generator) -> np.ndarray:
+    assign = repair_by_kl(student_logp, teacher_p, rgb_labels, ms_labels, chunk=o.chunk, workers=o.workers)
+    assert isinstance(assign, np.ndarray)  # without return_kl: the partners alone
+    return assign
+
+
+def _repair_balanced(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
+                     o: PairingOptions, gen: torch.Generator) -> np.ndarray:
+    return repair_by_kl_balanced(student_logp, teacher_p, rgb_labels, ms_labels, o.sinkhorn_iters, o.epsilon,
+                                 o.tol, o.rounding, o.seed, workers=o.workers)
+
+
+def _repair_random(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike,
+                   o: PairingOptions, gen: torch.Generator) -> np.ndarray:
+    return repair_randomly(student_logp, teacher_p, rgb_labels, ms_labels, gen)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A pairing method: the first assignment from the matcher's similarities
+    (sim, rgb_labels, ms_labels, options), and step 5's re-pairing from the student's
+    predictions (student_logp, teacher_p, rgb_labels, ms_labels, options, generator)."""
+
+    assign: Callable[[ArrayLike, ArrayLike, ArrayLike, PairingOptions], np.ndarray]
+    repair: Callable[[ArrayLike, ArrayLike, ArrayLike, ArrayLike, PairingOptions, torch.Generator], np.ndarray]
+
+
+# Implementations of choices.PAIRING_METHODS, by the same names (a test checks they agree).
+PAIRING: dict[str, Pairing] = {
+    "balanced": Pairing(assign=_assign_balanced, repair=_repair_balanced),
+    "nearest": Pairing(assign=_assign_nearest, repair=_repair_nearest),
+    "random": Pairing(assign=_assign_random, repair=_repair_random),  # the control stays random
+}
+
+
+def pairing_method(name: str) -> Pairing:
+    if name not in PAIRING:
+        raise ValueError(f"pairing method must be one of {', '.join(PAIRING_METHODS)}, got {name!r}")
+    return PAIRING[name]
+
+
+def repairer(method: str, options: PairingOptions) -> Callable[[ArrayLike, ArrayLike, ArrayLike, ArrayLike],
+                                                                 np.ndarray]:
+    """Step 5 of `method` as a function of (student_logp, teacher_p, rgb_labels, ms_labels);
+    its random draws (random pairing) go on from call to call, from `options.seed`."""
+    repair = pairing_method(method).repair
+    gen = torch.Generator().manual_seed(options.seed)
+
+    def run(student_logp: ArrayLike, teacher_p: ArrayLike, rgb_labels: ArrayLike, ms_labels: ArrayLike) -> np.ndarray:
+        return repair(student_logp, teacher_p, rgb_labels, ms_labels, options, gen)
+
+    return run
 
 
 def pairing_stats(assign: ArrayLike, ms_labels: ArrayLike) -> dict[str, float | int]:

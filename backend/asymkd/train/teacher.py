@@ -11,23 +11,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import layout
-from ..config import ClassifierConfig, DistillConfig, RunConfig
+from ..config import ClassifierConfig, DistillConfig, TeacherConfig
 from ..data.patches import PatchSet, content_identity, require_classes
-from ..errors import ConfigError
-from ..events import NULL_EVENTS, Events
-from ..fileio import atomic_save_npy, atomic_save_npz, atomic_write_text, read_npz
+from ..fileio import atomic_save_npz, read_npz
 from ..models.backbones import SceneClassifier, weights_source
-from ..models.files import save_model
 from ..models.metadata import ModelMeta
-from . import common, distributed, loop
+from . import common, distributed, loop, seeds
 from .classifier import ClassifierTask
-from .evaluate import classification_metrics, predict_probs, write_metrics_json
+from .common import TrainContext
+from .evaluate import classification_metrics, predict_probs
 from .objectives import SupervisedObjective
+from .outputs import Trained
 
 
 @dataclass
@@ -66,35 +66,38 @@ def build_classifier(section: ClassifierConfig, in_chans: int, num_classes: int,
     return common.prepare_model(model, device)
 
 
-def fit_classifier(x: torch.Tensor, y: torch.Tensor, cfg: ClassifierConfig, num_classes: int,
-                   device: torch.device, gen: torch.Generator, events: Events, step: str,
-                   amp: bool = True, checkpoint: common.Checkpoint | None = None,
-                   resume: bool = False, band_names: list[str] | None = None,
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, section: ClassifierConfig, num_classes: int,
+                   ctx: TrainContext, gen: torch.Generator, step: str,
+                   checkpoint: common.Checkpoint | None = None, band_names: list[str] | None = None,
                    data_parallel: bool = True) -> FitResult:
     """Plain supervised training with dihedral augmentation and label smoothing (under
     torchrun over all ranks, or with `data_parallel=False` on this rank alone)."""
-    model = build_classifier(cfg, x.shape[1], num_classes, band_names, device)
-    task = ClassifierTask(model, SupervisedObjective(1.0, cfg.label_smoothing), x, y, np.arange(len(x)),
-                          device, amp)
-    epochs = auto_epochs(cfg, len(x))
+    model = build_classifier(section, x.shape[1], num_classes, band_names, ctx.device)
+    task = ClassifierTask(model, SupervisedObjective(1.0, section.label_smoothing), x, y, np.arange(len(x)),
+                          ctx.device, ctx.amp)
+    epochs = auto_epochs(section, len(x))
     data = content_identity(x, y) if checkpoint is not None else None  # what a resumed run trains on
-    settings = loop.LoopSettings(step, epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, checkpoint,
-                                 resume=resume, fingerprint={"config": asdict(cfg), "samples": len(x), "data": data},
+    settings = loop.LoopSettings(step, epochs, section.batch_size, section.lr, section.weight_decay, checkpoint,
+                                 ctx.checkpoint_every, resume=ctx.resume,
+                                 fingerprint={"config": asdict(section), "samples": len(x), "data": data},
                                  data_parallel=data_parallel)
-    history = loop.fit(task, len(x), settings, gen, events)
-    return FitResult(task.final_model().to(device), history, epochs)
+    history = loop.fit(task, len(x), settings, gen, ctx.events)
+    return FitResult(task.final_model().to(ctx.device), history, epochs)
 
 
-def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Tensor, folds: list[np.ndarray],
-                      stats: tuple[list[float], list[float]], device: torch.device, fold_file: Path,
-                      events: Events, resume: bool) -> np.ndarray:
+def _finished_folds(fold_file: Path) -> dict[str, np.ndarray]:
+    return read_npz(fold_file.parent, fold_file.name) if fold_file.is_file() else {}
+
+
+def _fold_soft_labels(section: TeacherConfig, ms: PatchSet, x: torch.Tensor, y: torch.Tensor,
+                      folds: list[np.ndarray], stats: tuple[list[float], list[float]], fold_file: Path,
+                      ctx: TrainContext) -> np.ndarray:
     """Out-of-fold soft labels. Under torchrun the folds go one per rank (each trained as
     one process would, so the soft labels are the one process's); folds left over when the
     ranks outnumber them are trained data-parallel."""
     mean, std = stats
     # rank 0's finished folds (read there alone: the others take its copy)
-    done = distributed.from_main(read_npz(fold_file.parent, fold_file.name)
-                                 if distributed.is_main() and resume and fold_file.is_file() else {})
+    done = distributed.main_value(_finished_folds, fold_file) if ctx.resume else {}
     data = content_identity(x, y)
     if done and str(done.get("data", "")) != data:  # folds of other data are not mixed in
         raise common.data_changed(fold_file)
@@ -103,16 +106,15 @@ def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Te
     def train_fold(f: int, data_parallel: bool) -> np.ndarray:
         held = folds[f]
         train_idx = np.setdiff1d(np.arange(len(ms)), held)
-        gen = common.generator(cfg.seed * 1000 + f + 1)
-        fit = fit_classifier(x[train_idx], y[train_idx], cfg.teacher, len(ms.class_names), device, gen, events,
-                             f"teacher fold {f + 1}/{len(folds)}", cfg.amp, band_names=ms.band_names,
-                             data_parallel=data_parallel)
-        return np.asarray(predict_probs(fit.model, ms.images[held], mean, std, device, tta=True), np.float32)
+        fit = fit_classifier(x[train_idx], y[train_idx], section, len(ms.class_names), ctx,
+                             ctx.generator(seeds.TEACHER_FOLD, f), f"teacher fold {f + 1}/{len(folds)}",
+                             band_names=ms.band_names, data_parallel=data_parallel)
+        return np.asarray(predict_probs(fit.model, ms.images[held], mean, std, ctx.device, tta=True), np.float32)
 
     def keep(new: dict[str, np.ndarray]) -> None:
         done.update(new)
-        if new and distributed.is_main():
-            atomic_save_npz(fold_file, **done)  # a killed run keeps the folds it finished
+        if new:  # every rank alike; a killed run keeps the folds it finished
+            distributed.on_main(atomic_save_npz, fold_file, **done)
 
     world = distributed.world()
     solo = len(folds) - len(folds) % world if world > 1 else 0
@@ -129,62 +131,51 @@ def _fold_soft_labels(cfg: RunConfig, ms: PatchSet, x: torch.Tensor, y: torch.Te
     return soft
 
 
-def train_teacher(cfg: RunConfig, ms: PatchSet, out_dir: Path, events: Events = NULL_EVENTS,
-                  resume: bool = False) -> dict:
-    """Train the teacher (and out-of-fold teachers) on all labeled MS patches; write
-    out_dir/{model.safetensors, meta.json, soft_labels.npy, metrics.json}."""
+def _refuse_other_data(checkpoint: common.Checkpoint, data: str) -> None:
+    """Refuse, before the folds train rather than after them, a checkpoint of other data
+    (rank 0 reads it; every rank refuses alike)."""
+    stored = distributed.main_value(checkpoint.stored_data)
+    if stored is not None and stored != data:
+        raise common.data_changed(checkpoint.path)
+
+
+def train_teacher(section: TeacherConfig, ms: PatchSet, work_dir: Path, ctx: TrainContext) -> Trained:
+    """Train the teacher (and out-of-fold teachers) on all labeled MS patches. `work_dir`
+    holds the resumable state (checkpoint, finished folds); the model, its metadata, the
+    soft labels, the MS index and the metrics are returned for `outputs.write_outputs`."""
     require_classes(ms)
-    out_dir = Path(out_dir)
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    device = common.resolve_device(cfg.device)
-    labeled = np.flatnonzero(ms.labeled)
-    ms = ms.subset(labeled)
+    work_dir = Path(work_dir)
+    ms = ms.subset(np.flatnonzero(ms.labeled))
     if distributed.world() > 1:  # before any fold trains
-        loop.check_ranks(len(ms), cfg.teacher.batch_size, "teacher")
+        loop.check_ranks(len(ms), section.batch_size, "teacher")
     mean, std = common.band_stats(ms.images)
     x = common.normalize(ms.images, mean, std)
     y = torch.as_tensor(ms.labels)
-    k = len(ms.class_names)
-    tc = cfg.teacher
-    folds = common.kfold_indices(ms.labels, tc.folds, cfg.seed) if tc.folds >= 2 else []
-    fold_file = out_dir / layout.FOLDS
-    if resume:  # before the folds train: a checkpoint of other data is refused now, not after them
-        refusal = None
-        if distributed.is_main():
-            stored = common.Checkpoint(out_dir / layout.CHECKPOINT).stored_data()
-            if stored is not None and stored != content_identity(x, y):
-                error = common.data_changed(out_dir / layout.CHECKPOINT)
-                refusal = (error.message, error.hint)
-        refusal = distributed.from_main(refusal)  # every rank alike
-        if refusal is not None:
-            raise ConfigError(*refusal)
-    soft = _fold_soft_labels(cfg, ms, x, y, folds, (mean, std), device, fold_file, events, resume)
-    gen = common.generator(cfg.seed)
-    fit = fit_classifier(x, y, tc, k, device, gen, events, "teacher", cfg.amp,
-                         common.Checkpoint(out_dir / layout.CHECKPOINT), resume, band_names=ms.band_names)
-    if not distributed.is_main():  # rank 0 writes the teacher
-        return {}
+    folds = common.kfold_indices(ms.labels, section.folds, ctx.seed) if section.folds >= 2 else []
+    checkpoint = common.Checkpoint(work_dir / layout.CHECKPOINT)
+    if ctx.resume:
+        _refuse_other_data(checkpoint, content_identity(x, y))
+    soft = _fold_soft_labels(section, ms, x, y, folds, (mean, std), work_dir / layout.FOLDS, ctx)
+    # the final teacher draws from the run's seed itself (see `seeds`)
+    fit = fit_classifier(x, y, section, len(ms.class_names), ctx, common.generator(ctx.seed), "teacher",
+                         checkpoint, band_names=ms.band_names)
     if not folds:  # no folds: in-sample soft labels (memorised, weaker)
-        soft = predict_probs(fit.model, ms.images, mean, std, device, tta=True)
-    oof_acc = float((soft.argmax(1) == ms.labels).mean())
-    summary = {"ms_samples": len(ms), "classes": k, "folds": tc.folds,
-               "out_of_fold_accuracy": oof_acc if folds else None,
-               "soft_label_confidence": float(soft.max(1).mean())}
+        soft = predict_probs(fit.model, ms.images, mean, std, ctx.device, tta=True)
+    return _teacher_outputs(section, ms, fit, soft, bool(folds), (mean, std))
+
+
+def _teacher_outputs(section: TeacherConfig, ms: PatchSet, fit: FitResult, soft: np.ndarray, out_of_fold: bool,
+                     stats: tuple[list[float], list[float]]) -> Trained:
+    mean, std = stats
+    summary: dict[str, Any] = {"ms_samples": len(ms), "classes": len(ms.class_names), "folds": section.folds,
+                               "out_of_fold_accuracy": float((soft.argmax(1) == ms.labels).mean())
+                               if out_of_fold else None,
+                               "soft_label_confidence": float(soft.max(1).mean())}
     meta = ModelMeta(backbone=fit.model.backbone_name, class_names=ms.class_names, band_names=ms.band_names,
                      mean=mean, std=std, patch_size=ms.size, gsd=ms.gsd, role="teacher", kind="teacher",
-                     weights_source=start_source(tc), summary=summary)
-    save_model(out_dir, fit.model.cpu(), meta)
-    atomic_save_npy(out_dir / layout.SOFT_LABELS, soft)
-    atomic_write_text(out_dir / layout.MS_INDEX, json.dumps({"stems": ms.stems, "paths": ms.paths,
-                                                            "labels": ms.labels.tolist()}))
-    val = None
-    if folds:
-        val = classification_metrics(ms.labels, soft.argmax(1), ms.class_names)
+                     weights_source=start_source(section), summary=summary)
+    val = classification_metrics(ms.labels, soft.argmax(1), ms.class_names) if out_of_fold else None
     metrics = {"step": "teacher", "val": val, "history": fit.history, "summary": summary}
-    write_metrics_json(out_dir / layout.METRICS, metrics)
-    common.Checkpoint(out_dir / layout.CHECKPOINT).remove()
-    fold_file.unlink(missing_ok=True)
-    events.metrics("teacher", summary)
-    return metrics
-
+    index = json.dumps({"stems": ms.stems, "paths": ms.paths, "labels": ms.labels.tolist()})
+    return Trained("teacher", fit.model.cpu(), meta, metrics, summary,
+                   files={layout.SOFT_LABELS: np.asarray(soft), layout.MS_INDEX: index}, scratch=(layout.FOLDS,))
