@@ -88,18 +88,10 @@ class DataForm(StepForm):
 
     # -- what the training steps read ------------------------------------------------------
     def ms_dir(self, run: RunLayout) -> Path:
-        if self.ms_source.kind() == SourcePicker.FOLDER:
-            return require_folder(self.ms_source.folder(), "MS folder")
-        if not run.ms.is_dir():
-            raise InputError("The MS chips do not exist yet: run the Data step first (or choose an MS folder).")
-        return run.ms
+        return _folder_or_chips(self.ms_source, run.ms, "MS")
 
     def rgb_dir(self, run: RunLayout) -> Path:
-        if self.rgb_source.kind() == SourcePicker.FOLDER:
-            return require_folder(self.rgb_source.folder(), "RGB folder")
-        if not run.rgb.is_dir():
-            raise InputError("The RGB chips do not exist yet: run the Data step first (or choose an RGB folder).")
-        return run.rgb
+        return _folder_or_chips(self.rgb_source, run.rgb, "RGB")
 
     def test_dir(self, run: RunLayout) -> Path | None:
         kind = self.test_source.kind()
@@ -108,3 +100,12 @@ class DataForm(StepForm):
         if kind == SourcePicker.LAYER and run.rgb_test.is_dir():
             return run.rgb_test
         return None
+
+
+def _folder_or_chips(source: SourcePicker, chips: Path, what: str) -> Path:
+    """The folder the user chose, else the chips the Data step cut from the map layer."""
+    if source.kind() == SourcePicker.FOLDER:
+        return require_folder(source.folder(), f"{what} folder")
+    if not chips.is_dir():
+        raise InputError(f"The {what} chips do not exist yet: run the Data step first (or choose an {what} folder).")
+    return chips
