@@ -10,7 +10,7 @@ from asymkd import choices
 from asymkd import config as config_mod
 from asymkd.errors import ConfigError, DataError
 from asymkd.events import NULL_EVENTS
-from asymkd.models.losses import DOMAIN_LOSSES, coral_loss, relative_coral_loss
+from asymkd.models.losses import DOMAIN_LOSSES, KD_MODES, coral_loss, relative_coral_loss
 from asymkd.train import common, loop
 from asymkd.train.classifier import Consistency, consistency_terms
 from asymkd.train.objectives import Batch, SupervisedObjective
@@ -146,6 +146,7 @@ def test_random_pairing_keeps_classes():
 
 def test_choices_tables_match_their_implementations_and_validate_config():
     assert set(DOMAIN_LOSSES) == set(choices.DOMAIN_LOSSES)
+    assert set(KD_MODES) == set(choices.PSEUDO_MODES)
     assert set(PAIRING) == set(choices.PAIRING_METHODS)
     for key, table in config_mod.CONFIG_CHOICES.items():
         config_mod.from_dict(config_mod.parse_set([f"{key}={next(iter(table))}"]))
