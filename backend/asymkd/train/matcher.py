@@ -20,6 +20,7 @@ from ..config import MatcherConfig
 from ..data.patches import PatchSet
 from ..data.same_target import same_target_rgb
 from ..errors import AsymKDError, ModelFileError
+from ..events import Events
 from ..fileio import read_json, read_regular
 from ..models.losses import masked_info_nce
 from ..models.metadata import MatcherMeta
@@ -98,11 +99,22 @@ def train_matcher(section: MatcherConfig, ms: PatchSet, rgb_paired: PatchSet | N
         same_class = float((labels[(zr_all @ zm_all.T).argmax(1)] == labels).float().mean())
     summary = {"positives": source, "pairs": len(ms_idx), "retrieval_top1": retrieval,
                "retrieval_same_class": same_class}
+    warn_near_chance(same_class, len(torch.unique(labels)), ctx.events)
     meta = MatcherMeta(ms_backbone=section.backbone_ms, rgb_backbone=section.backbone_rgb, ms_chans=ms.num_bands,
                        embed_dim=section.embed_dim, ms_mean=ms_mean, ms_std=ms_std, rgb_mean=rgb_mean,
                        rgb_std=rgb_std, band_names=ms.band_names, summary=summary)
     metrics = {"step": "matcher", "history": history, "summary": summary}
     return Trained("matcher", model.cpu(), meta, metrics, summary)
+
+
+def warn_near_chance(same_class: float, classes: int, events: Events) -> None:
+    """Say so when the matcher finds a partner of the right class hardly more often than a
+    random pick would: pairing by its similarity is then close to random pairing."""
+    chance = 1.0 / max(classes, 1)
+    if same_class < min(2 * chance, 0.5 + chance / 2):
+        events.warning(f"matcher: a partner of the same class for {same_class:.0%} of the positives, near chance "
+                       f"({chance:.0%} for {classes} classes): its pairing is close to random; check that the "
+                       "paired RGB and the MS patches show the same targets, or train it for more epochs")
 
 
 @torch.no_grad()
