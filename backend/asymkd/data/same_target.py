@@ -56,10 +56,14 @@ MIN_SPECTRAL_PAIRS = 8      # pairs needed to fit the RGB camera's response from
 _SPECTRAL_PIXELS = 200_000  # pixels the fit samples (plenty for 2 x bands + 1 weights per channel)
 
 
-def _spectral_features(ms: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) MS pixels as (N*H*W, 2C+1) features: each band standardised, its square
-    root (a camera's tone curve is concave) and a constant."""
-    x = ms.transpose(0, 2, 3, 1).reshape(-1, ms.shape[1]).astype(np.float64)
+def _pixels(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) images as (N*H*W, C) pixels."""
+    return images.transpose(0, 2, 3, 1).reshape(-1, images.shape[1]).astype(np.float64)
+
+
+def _spectral_features(x: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(n, C) MS pixels as (n, 2C+1) features: each band standardised, its square root (a
+    camera's tone curve is concave) and a constant."""
     z = (x - centre) / scale
     return np.hstack([z, np.sqrt(np.clip(x, 0, None) / scale), np.ones((len(x), 1))])
 
@@ -69,16 +73,16 @@ def fit_spectral(ms: np.ndarray, rgb: np.ndarray, seed: int = 0) -> Callable[[np
     resampled to the RGB size): another sensor's bands mix the MS ones (a red that reaches
     the red edge) and pass them through its tone curve, which true colour alone cannot show.
     Ridge least squares on a sample of pixels; returns MS (N, C, H, W) -> RGB (N, 3, H, W)."""
-    x = ms.transpose(0, 2, 3, 1).reshape(-1, ms.shape[1]).astype(np.float64)
+    x = _pixels(ms)
     centre, scale = x.mean(0), np.maximum(x.std(0), 1e-6)
     pick = np.random.default_rng(seed).choice(len(x), size=min(len(x), _SPECTRAL_PIXELS), replace=False)
-    a = _spectral_features(ms, centre, scale)[pick]
-    y = rgb.transpose(0, 2, 3, 1).reshape(-1, 3).astype(np.float64)[pick]
+    a = _spectral_features(x[pick], centre, scale)  # features of the sampled pixels only
+    y = _pixels(rgb)[pick]
     weights = np.linalg.solve(a.T @ a + 1e-3 * len(a) * np.eye(a.shape[1]), a.T @ y)
 
     def predict(images: np.ndarray) -> np.ndarray:
         n, _, h, w = images.shape
-        out = np.concatenate([_spectral_features(images[i:i + 64], centre, scale) @ weights
+        out = np.concatenate([_spectral_features(_pixels(images[i:i + 64]), centre, scale) @ weights
                               for i in range(0, n, 64)]) if n else np.zeros((0, 3))
         return out.reshape(n, h, w, 3).transpose(0, 3, 1, 2)
     return predict
